@@ -1,0 +1,478 @@
+"""Sparse dictionaries over paired activations: BatchTopK and L1 crosscoders, and the BatchTopK SAE.
+
+All three follow DESIGN §3. Layout is latent-major so a latent's weights are contiguous:
+``W_enc, W_dec: [dict_size, n_sources, d_model]``, ``b_enc: [dict_size]``, ``b_dec: [n_sources, d_model]``.
+Source order is part of the config; for diffing, 0 = base and 1 = chat.
+
+The public API is raw-in / raw-out: ``encode``, ``decode`` and ``forward`` apply the stored per-source
+normalisation ``x_n = (x - input_mean) * input_scale`` internally. Training works in the normalised space
+(``normalize`` once, then ``training_forward``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from crosscoder.kernels import batch_topk_mask
+
+FORMAT_NAME = "crosscoder"
+FORMAT_VERSION = 1
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ description }}
+
+Trained with `crosscoder`, a model-diffing toolkit (pip package `crosscoder`).
+
+## Configuration
+
+| field | value |
+|---|---|
+{{ config_table }}
+
+## Training metrics
+
+{{ metrics }}
+
+## Usage
+
+```python
+import crosscoder
+
+dictionary = crosscoder.load_dictionary("{{ repo_id }}")
+{{ usage }}
+```
+
+Inputs and outputs are raw model activations: the dictionary applies its stored normalisation itself.
+"""
+
+
+class DictionaryFormatError(ValueError):
+    """A saved dictionary cannot be read: unknown format, newer format version, or inconsistent tensors."""
+
+
+@dataclass
+class TrainingOutput:
+    """What one training forward pass returns (normalised space).
+
+    codes: [batch, dict_size] sparse codes after selection (unscaled values).
+    activations: [batch, dict_size] ReLU activations before selection (AuxK picks dead latents from them).
+    reconstruction: [batch, n_sources, d_model].
+    min_kept_score: smallest kept ``f · c`` (a 0-d tensor; BatchTopK only, else None) for the θ EMA.
+    """
+
+    codes: torch.Tensor
+    activations: torch.Tensor
+    reconstruction: torch.Tensor
+    min_kept_score: torch.Tensor | None
+
+
+class SparseDictionary(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="crosscoder",
+    tags=["crosscoder", "model-diffing", "sparse-dictionary", "interpretability"],
+    model_card_template=MODEL_CARD_TEMPLATE,
+):
+    """Shared encoder over ``n_sources`` stacked activations, one decoder per source (DESIGN §3).
+
+    Subclasses choose the sparsity (``uses_batch_topk``) and whether ``b_dec`` is subtracted before encoding.
+    """
+
+    uses_batch_topk: ClassVar[bool] = True
+    subtracts_decoder_bias: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        n_sources: int,
+        k: int | None,
+        init_decoder_norm: float,
+        source_names: list[str] | None,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("dict_size", dict_size)
+        _check_positive_int("n_sources", n_sources)
+        if self.uses_batch_topk:
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < dict_size:
+                raise ValueError(
+                    f"k={k!r} is invalid: BatchTopK keeps k latents per token on average, so k must be an "
+                    f"integer with 0 < k < dict_size={dict_size}"
+                )
+        if source_names is not None and len(source_names) != n_sources:
+            raise ValueError(
+                f"source_names has {len(source_names)} entries but n_sources={n_sources}: name every source"
+            )
+        if not init_decoder_norm > 0:
+            raise ValueError(f"init_decoder_norm must be positive, got {init_decoder_norm}")
+        self.d_model = d_model
+        self.dict_size = dict_size
+        self.n_sources = n_sources
+        self.k = k
+        self.init_decoder_norm = float(init_decoder_norm)
+        self.source_names = list(source_names) if source_names is not None else None
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+        self.W_enc = nn.Parameter(torch.empty(dict_size, n_sources, d_model))
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.W_dec = nn.Parameter(torch.empty(dict_size, n_sources, d_model))
+        self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
+        self.register_buffer("input_scale", torch.ones(n_sources))
+        self.register_buffer("input_mean", torch.zeros(n_sources, d_model))
+        # θ < 0 means "not estimated yet": inference then keeps every positive activation.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit directions scaled to ``init_decoder_norm`` per latent and source; encoder = decoder."""
+        directions = torch.randn(self.W_dec.shape, generator=generator)
+        directions = directions / directions.norm(dim=-1, keepdim=True) * self.init_decoder_norm
+        self.W_dec.copy_(directions)
+        self.W_enc.copy_(directions)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ shapes and normalisation
+    def _to_sources(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate raw input and view it as [batch, n_sources, d_model]."""
+        expected = (self.n_sources, self.d_model)
+        if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected activations of shape [batch, n_sources={self.n_sources}, d_model={self.d_model}], "
+                f"got {list(x.shape)}: stack the sources on dim 1 in the order of the dictionary's config"
+            )
+        return x
+
+    def _from_sources(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_to_sources`` for outputs."""
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations → training space. x: raw input (see ``encode``) → [batch, n_sources, d_model]."""
+        x = self._to_sources(x).to(self.W_enc.dtype)
+        return (x - self.input_mean) * self.input_scale[:, None]
+
+    def denormalize(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """Training space → raw activations. x_normalized: [batch, n_sources, d_model]."""
+        return self._from_sources(x_normalized / self.input_scale[:, None] + self.input_mean)
+
+    # ------------------------------------------------------------------ the dictionary
+    def decoder_norms(self) -> torch.Tensor:
+        """Per-source decoder norms ``‖W_dec[j, s]‖₂``: [dict_size, n_sources]."""
+        return self.W_dec.norm(dim=-1)
+
+    def code_norms(self) -> torch.Tensor:
+        """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (DESIGN §3): [dict_size]."""
+        return self.decoder_norms().sum(dim=-1)
+
+    def activations_normalized(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """ReLU activations before any selection. x_normalized: [batch, n_sources, d_model] → [batch, dict_size]."""
+        if self.subtracts_decoder_bias:
+            x_normalized = x_normalized - self.b_dec
+        pre = x_normalized.flatten(1) @ self.W_enc.flatten(1).T + self.b_enc
+        return F.relu(pre)
+
+    def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [batch, dict_size] → reconstruction [batch, n_sources, d_model] in training space."""
+        flat = codes.to(self.W_dec.dtype) @ self.W_dec.flatten(1)
+        return flat.view(-1, self.n_sources, self.d_model) + self.b_dec
+
+    def select_with_threshold(self, activations: torch.Tensor) -> torch.Tensor:
+        """Inference sparsity: keep ``f_j`` where ``f_j · c_j > θ``. activations: [batch, dict_size]."""
+        if not self.uses_batch_topk:
+            return activations
+        return activations * (activations * self.code_norms() > self.threshold)
+
+    def select_batch_topk(self, activations: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training sparsity: keep the ``k · batch`` largest scores ``f · c`` of the whole batch.
+
+        activations: [batch, dict_size]. Returns the codes (unscaled kept values) and the smallest kept
+        positive score (0-d; 0 when nothing positive was kept).
+        """
+        scores = activations * self.code_norms()
+        kept = batch_topk_mask(scores.detach(), k * activations.shape[0]) & (scores.detach() > 0)
+        codes = activations * kept
+        kept_scores = scores.detach()[kept]
+        min_kept = kept_scores.min() if kept_scores.numel() else scores.new_zeros(())
+        return codes, min_kept
+
+    def training_forward(self, x_normalized: torch.Tensor, k: int | None = None) -> TrainingOutput:
+        """Training-time pass in normalised space. x_normalized: [batch, n_sources, d_model]; ``k`` overrides
+        the configured k (k-annealing)."""
+        activations = self.activations_normalized(x_normalized)
+        if self.uses_batch_topk:
+            codes, min_kept = self.select_batch_topk(activations, k or self.k)
+        else:
+            codes, min_kept = activations, None
+        return TrainingOutput(codes, activations, self.decode_normalized(codes), min_kept)
+
+    def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
+        """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
+
+        ``use_threshold=True`` (inference, the default) keeps ``f_j`` where ``f_j · c_j > θ``;
+        ``False`` applies training-time BatchTopK over this batch (``k · batch`` entries).
+        """
+        activations = self.activations_normalized(self.normalize(x))
+        if not self.uses_batch_topk:
+            return activations
+        if use_threshold:
+            return self.select_with_threshold(activations)
+        return self.select_batch_topk(activations, self.k)[0]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [batch, dict_size] → raw reconstruction (same layout as the input of ``encode``)."""
+        if codes.dim() != 2 or codes.shape[1] != self.dict_size:
+            raise ValueError(f"expected codes of shape [batch, dict_size={self.dict_size}], got {list(codes.shape)}")
+        return self.denormalize(self.decode_normalized(codes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw reconstruction ``decode(encode(x))`` with the inference threshold."""
+        return self.decode(self.encode(x, use_threshold=True))
+
+    # ------------------------------------------------------------------ training hooks (no-ops by default)
+    def before_optimizer_step(self) -> None:
+        """Adjust gradients before the optimizer step (the SAE removes the decoder-parallel component)."""
+
+    def after_optimizer_step(self) -> None:
+        """Re-impose constraints after the optimizer step (the SAE renormalises its decoder)."""
+
+    # ------------------------------------------------------------------ saving
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this dictionary (written as ``config.json``)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dict_class": type(self).__name__,
+            **self._init_kwargs(),
+        }
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {
+            "d_model": self.d_model,
+            "dict_size": self.dict_size,
+            "n_sources": self.n_sources,
+            "k": self.k,
+            "init_decoder_norm": self.init_decoder_norm,
+            "source_names": self.source_names,
+            "metadata": self.metadata,
+        }
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write ``config.json``, ``model.safetensors`` and a model card (``README.md``) to a folder.
+
+        The config is always derived from the dictionary; ``config`` exists only for the Hub mixin's
+        signature and must be None or equal to ``self.config()``.
+        """
+        if config is not None and config != self.config():
+            raise ValueError("a dictionary's config is derived from the dictionary itself; do not pass one")
+        (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card is derived: regenerate it
+        card = {**self._model_card_fields(repo_id or Path(save_directory).name), **(model_card_kwargs or {})}
+        return super().save_pretrained(
+            save_directory,
+            config=self.config(),
+            repo_id=repo_id,
+            push_to_hub=push_to_hub,
+            model_card_kwargs=card,
+            **push_to_hub_kwargs,
+        )
+
+    def _model_card_fields(self, repo_id: str) -> dict[str, str]:
+        fields = self._init_kwargs()
+        fields.pop("metadata")
+        rows = [f"| `{key}` | `{value}` |" for key, value in fields.items()]
+        rows.append(f"| `class` | `{type(self).__name__}` |")
+        metrics = self.metadata.get("metrics")
+        metric_text = (
+            "\n".join(f"- **{name}**: {_format_number(value)}" for name, value in metrics.items())
+            if isinstance(metrics, dict) and metrics
+            else "No metrics recorded."
+        )
+        extra = {key: value for key, value in self.metadata.items() if key != "metrics"}
+        description = self._describe()
+        if extra:
+            description += "\n\n" + "\n".join(f"- {key}: `{value}`" for key, value in extra.items())
+        return {
+            "title": f"{type(self).__name__} ({self.dict_size} latents, d_model={self.d_model})",
+            "description": description,
+            "config_table": "\n".join(rows),
+            "metrics": metric_text,
+            "repo_id": repo_id,
+            "usage": self._usage(),
+        }
+
+    def _describe(self) -> str:
+        names = self.source_names or [f"source {s}" for s in range(self.n_sources)]
+        return f"A crosscoder over {self.n_sources} sources (in order: {', '.join(names)})."
+
+    def _usage(self) -> str:
+        return (
+            f"x = ...  # raw activations [batch, {self.n_sources}, {self.d_model}]\n"
+            "codes = dictionary.encode(x)         # [batch, dict_size], inference threshold\n"
+            "x_hat = dictionary.decode(codes)     # [batch, n_sources, d_model]\n"
+            "norms = dictionary.decoder_norms()   # [dict_size, n_sources]"
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> SparseDictionary:  # type: ignore[override]
+        """Load a dictionary of this class from a local folder or a Hub repo id (see ``load_dictionary``)."""
+        from crosscoder.hub import load_dictionary
+
+        dictionary = load_dictionary(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(dictionary, cls):
+            raise DictionaryFormatError(
+                f"{pretrained_model_name_or_path} holds a {type(dictionary).__name__}, not a {cls.__name__}: "
+                "use crosscoder.load_dictionary to load whatever class it holds"
+            )
+        return dictionary
+
+
+class BatchTopKCrossCoder(SparseDictionary):
+    """Crosscoder with BatchTopK sparsity ranked by ``f · c`` and an inference threshold θ (DESIGN §3).
+
+    x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        k: int,
+        n_sources: int = 2,
+        init_decoder_norm: float = 1.0,
+        source_names: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(d_model, dict_size, n_sources, k, init_decoder_norm, source_names, metadata)
+
+
+class L1CrossCoder(SparseDictionary):
+    """Crosscoder with ReLU codes and an L1 penalty ``λ · mean_b Σ_j f_j c_j`` (DESIGN §3).
+
+    x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
+    """
+
+    uses_batch_topk = False
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        n_sources: int = 2,
+        init_decoder_norm: float = 0.05,
+        source_names: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(d_model, dict_size, n_sources, None, init_decoder_norm, source_names, metadata)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._init_kwargs()
+        del kwargs["k"]
+        return kwargs
+
+
+class BatchTopKSAE(SparseDictionary):
+    """SAE with BatchTopK on ``f = ReLU(W_enc (x − b_dec) + b_enc)`` and unit-norm decoder rows (DESIGN §3).
+
+    Used for difference SAEs (input ``x_chat − x_base``) and single-model SAEs.
+    x: [batch, d_model] raw activations; codes: [batch, dict_size]. Stored as one source (``n_sources = 1``).
+    """
+
+    subtracts_decoder_bias = True
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        k: int,
+        input_description: str = "chat - base",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(d_model, dict_size, 1, k, 1.0, [input_description], metadata)
+        self.input_description = input_description
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {
+            "d_model": self.d_model,
+            "dict_size": self.dict_size,
+            "k": self.k,
+            "input_description": self.input_description,
+            "metadata": self.metadata,
+        }
+
+    def _to_sources(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ValueError(
+                f"expected activations of shape [batch, d_model={self.d_model}], got {list(x.shape)}: "
+                "a BatchTopKSAE takes one vector per token (for a diff-SAE, x_chat − x_base)"
+            )
+        return x[:, None, :]
+
+    def _from_sources(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, :]
+
+    def code_norms(self) -> torch.Tensor:
+        """Decoder rows are unit-norm, so BatchTopK ranks the activations themselves: ``c_j = 1``."""
+        return torch.ones(self.dict_size, dtype=self.W_dec.dtype, device=self.W_dec.device)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row (keeps rows on the unit sphere)."""
+        if self.W_dec.grad is not None:
+            rows = self.W_dec.flatten(1)
+            grad = self.W_dec.grad.flatten(1)
+            grad -= (grad * rows).sum(-1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
+
+    def _describe(self) -> str:
+        return f"A BatchTopK SAE on `{self.input_description}` activations."
+
+    def _usage(self) -> str:
+        return (
+            f"x = ...  # raw activations [batch, {self.d_model}] ({self.input_description})\n"
+            "codes = dictionary.encode(x)         # [batch, dict_size], inference threshold\n"
+            "x_hat = dictionary.decode(codes)     # [batch, d_model]"
+        )
+
+
+DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
+    cls.__name__: cls for cls in (BatchTopKCrossCoder, L1CrossCoder, BatchTopKSAE)
+}
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+
+def _format_number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,253 @@
+"""Loading dictionaries from local folders, the Hugging Face Hub (or its offline cache) and the
+science-of-finetuning / ``dictionary_learning`` formats (DESIGN §8).
+
+Only safetensors and ``torch.load(weights_only=True)`` are used: nothing untrusted is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from crosscoder.dictionary import (
+    DICTIONARY_CLASSES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    BatchTopKCrossCoder,
+    BatchTopKSAE,
+    DictionaryFormatError,
+    L1CrossCoder,
+    SparseDictionary,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def load_dictionary(
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> SparseDictionary:
+    """Load any dictionary: a folder written by ``save_pretrained``, a Hub repo id (offline from the HF
+    cache when ``HF_HUB_OFFLINE=1``), or a science-of-finetuning / ``dictionary_learning`` checkpoint
+    (a folder or repo with its ``config.json`` + ``model.safetensors``, or its ``checkpoint.pt``).
+
+    The class is picked from the config.
+    """
+    path = Path(path_or_repo_id)
+    if path.is_file():
+        return _load_legacy_checkpoint(path, map_location)
+    fetch = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    config_path = _resolve(path_or_repo_id, CONFIG_FILE, fetch)
+    config = _read_config(config_path)
+    weights_path = _resolve(path_or_repo_id, WEIGHTS_FILE, fetch)
+    state_dict = _read_safetensors(weights_path, map_location)
+    if config.get("format") == FORMAT_NAME:
+        return _build_native(config, state_dict, source=str(path_or_repo_id))
+    if "dict_class" in config and "activation_dim" in config:
+        return from_dictionary_learning(state_dict, config)
+    raise DictionaryFormatError(
+        f"{config_path} is neither a crosscoder dictionary (no 'format': '{FORMAT_NAME}') nor a "
+        "dictionary_learning one (no 'dict_class' and 'activation_dim'): point at a folder written by "
+        "save_pretrained"
+    )
+
+
+def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) -> Path:
+    """Local folder file, or the file downloaded from (or found in the cache of) the Hub."""
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        if not (local / filename).is_file():
+            raise FileNotFoundError(f"{local} has no {filename}: is it a folder written by save_pretrained?")
+        return local / filename
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either")
+    try:
+        return Path(hf_hub_download(repo_id, filename, **fetch))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"'{repo_id}' is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE=1): download it where there is network (`hf download {repo_id}`) and copy "
+            "the cache (HF_HOME) here, or pass a local folder"
+        ) from error
+    except (RepositoryNotFoundError, EntryNotFoundError) as error:
+        raise FileNotFoundError(f"Hub repo '{repo_id}' has no {filename}: is it a dictionary repo?") from error
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DictionaryFormatError(f"{path} is not valid JSON ({error}): the file is corrupt or truncated") from error
+    if not isinstance(config, dict):
+        raise DictionaryFormatError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise DictionaryFormatError(
+            f"{path} cannot be read as safetensors ({error}): the file is corrupt or truncated; save or "
+            "download it again"
+        ) from error
+
+
+def _build_native(config: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> SparseDictionary:
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DictionaryFormatError(
+            f"{source} was written in crosscoder format version {version!r}, but this crosscoder reads versions "
+            f"up to {FORMAT_VERSION}: upgrade crosscoder (pip install -U crosscoder)"
+        )
+    class_name = config.get("dict_class")
+    if class_name not in DICTIONARY_CLASSES:
+        raise DictionaryFormatError(
+            f"{source} holds an unknown dictionary class {class_name!r}; known: {sorted(DICTIONARY_CLASSES)}"
+        )
+    kwargs = {key: value for key, value in config.items() if key not in ("format", "format_version", "dict_class")}
+    try:
+        dictionary = DICTIONARY_CLASSES[class_name](**kwargs)
+    except TypeError as error:
+        raise DictionaryFormatError(f"{source}: config.json does not fit {class_name} ({error})") from error
+    load_state_dict_checked(dictionary, state_dict, source)
+    return dictionary.eval()
+
+
+def load_state_dict_checked(dictionary: SparseDictionary, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with an error that names missing, unexpected and mis-shaped tensors."""
+    expected = dictionary.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{key} {list(state_dict[key].shape)} (config says {list(value.shape)})"
+        for key, value in expected.items()
+        if key in state_dict and state_dict[key].shape != value.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise DictionaryFormatError(
+            f"{source}: weights do not match config.json (missing {missing}, unexpected {unexpected}, "
+            f"wrong shape {wrong_shape}); the files come from different dictionaries or are corrupt"
+        )
+    dictionary.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------- dictionary_learning interop
+def from_dictionary_learning(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> SparseDictionary:
+    """Convert a science-of-finetuning / ``dictionary_learning`` dictionary (DESIGN §8 layout).
+
+    Crosscoders: ``encoder.weight [L, d, F]``, ``encoder.bias [F]``, ``decoder.weight [L, F, d]``,
+    ``decoder.bias [L, d]``; SAEs: ``encoder.weight [F, d]``, ``decoder.weight [d, F]``, ``b_dec [d]``.
+    Optional normalisation buffers ``activation_mean`` / ``activation_std`` (NaN = off) and
+    ``activation_global_scale`` map onto ``input_mean`` and ``input_scale``: the converted dictionary gives
+    the same outputs on raw activations.
+    """
+    class_name = config.get("dict_class")
+    metadata = {"converted_from": f"dictionary_learning {class_name}"}
+    try:
+        if class_name in ("BatchTopKCrossCoder", "CrossCoder"):
+            return _crosscoder_from_dictionary_learning(state_dict, config, class_name, metadata)
+        if class_name == "BatchTopKSAE":
+            return _sae_from_dictionary_learning(state_dict, config, metadata)
+    except KeyError as error:
+        raise DictionaryFormatError(
+            f"dictionary_learning {class_name} checkpoint lacks the tensor {error}: it is truncated or not a "
+            f"{class_name}"
+        ) from error
+    raise DictionaryFormatError(
+        f"dictionary_learning class {class_name!r} is not supported; supported: BatchTopKCrossCoder, CrossCoder, "
+        "BatchTopKSAE"
+    )
+
+
+def _crosscoder_from_dictionary_learning(
+    state_dict: dict[str, torch.Tensor], config: dict[str, Any], class_name: str, metadata: dict[str, Any]
+) -> SparseDictionary:
+    mode = config.get("code_normalization", "CROSSCODER")
+    if mode != "CROSSCODER":
+        raise DictionaryFormatError(
+            f"code_normalization={mode!r} is not supported: only CROSSCODER (c_j = Σ_s ‖W_dec[j, s]‖) is"
+        )
+    for option in ("encoder_layers", "num_decoder_layers", "latent_processor"):
+        if config.get(option) is not None:
+            raise DictionaryFormatError(f"dictionary_learning option {option}={config[option]!r} is not supported")
+    encoder = state_dict["encoder.weight"]  # [L, d, F]
+    n_sources, d_model, dict_size = encoder.shape
+    dictionary: SparseDictionary
+    if class_name == "BatchTopKCrossCoder":
+        dictionary = BatchTopKCrossCoder(d_model, dict_size, int(state_dict["k"]), n_sources, metadata=metadata)
+        dictionary.threshold.copy_(state_dict["threshold"].reshape(()))
+    else:
+        dictionary = L1CrossCoder(d_model, dict_size, n_sources, metadata=metadata)
+    with torch.no_grad():
+        dictionary.W_enc.copy_(encoder.permute(2, 0, 1))
+        dictionary.b_enc.copy_(state_dict["encoder.bias"])
+        dictionary.W_dec.copy_(state_dict["decoder.weight"].permute(1, 0, 2))
+        dictionary.b_dec.copy_(state_dict["decoder.bias"])
+    _copy_normalisation(dictionary, state_dict)
+    return dictionary.eval()
+
+
+def _sae_from_dictionary_learning(
+    state_dict: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, Any]
+) -> SparseDictionary:
+    dict_size, d_model = state_dict["encoder.weight"].shape
+    dictionary = BatchTopKSAE(d_model, dict_size, int(state_dict["k"]), metadata=metadata)
+    with torch.no_grad():
+        dictionary.W_enc.copy_(state_dict["encoder.weight"][:, None, :])
+        dictionary.b_enc.copy_(state_dict["encoder.bias"])
+        dictionary.W_dec.copy_(state_dict["decoder.weight"].T[:, None, :])
+        dictionary.b_dec.copy_(state_dict["b_dec"][None, :])
+        dictionary.threshold.copy_(state_dict["threshold"].reshape(()))
+    _copy_normalisation(dictionary, state_dict)
+    return dictionary.eval()
+
+
+@torch.no_grad()
+def _copy_normalisation(dictionary: SparseDictionary, state_dict: dict[str, torch.Tensor]) -> None:
+    """dictionary_learning normalises ``(x − mean) · global_scale`` when mean and std are both finite."""
+    mean, std = state_dict.get("activation_mean"), state_dict.get("activation_std")
+    if mean is None or std is None or mean.isnan().any() or std.isnan().any():
+        return
+    dictionary.input_mean.copy_(mean.reshape(dictionary.input_mean.shape))
+    dictionary.input_scale.copy_(state_dict["activation_global_scale"].reshape(dictionary.input_scale.shape))
+
+
+def _load_legacy_checkpoint(path: Path, map_location: str | torch.device) -> SparseDictionary:
+    """A dictionary_learning ``checkpoint.pt`` (a ``torch.save``d state dict), with its ``config.json`` if present."""
+    try:
+        state_dict = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or hostile pickles
+        raise DictionaryFormatError(
+            f"{path} cannot be read as a weights-only torch checkpoint ({error}); it is corrupt, truncated, or "
+            "holds objects other than tensors (which are never unpickled)"
+        ) from error
+    if not isinstance(state_dict, dict):
+        raise DictionaryFormatError(f"{path} does not hold a state dict")
+    config_path = path.with_name(CONFIG_FILE)
+    config = _read_config(config_path) if config_path.is_file() else {}
+    if "dict_class" not in config:
+        config["dict_class"] = _guess_dictionary_learning_class(state_dict, path)
+    return from_dictionary_learning(state_dict, config)
+
+
+def _guess_dictionary_learning_class(state_dict: dict[str, Any], path: Path) -> str:
+    if "b_dec" in state_dict:
+        return "BatchTopKSAE"
+    if "encoder.weight" in state_dict and state_dict["encoder.weight"].dim() == 3:
+        return "BatchTopKCrossCoder" if "threshold" in state_dict else "CrossCoder"
+    raise DictionaryFormatError(f"{path} is not a dictionary_learning crosscoder or BatchTopK SAE state dict")
