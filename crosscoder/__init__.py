@@ -7,7 +7,9 @@ from crosscoder.dictionary import (
     L1CrossCoder,
     SparseDictionary,
 )
+from crosscoder.config import TrainConfig
 from crosscoder.hub import load_dictionary
+from crosscoder.training import train
 
 __all__ = [
     "BatchTopKCrossCoder",
@@ -15,5 +17,7 @@ __all__ = [
     "DictionaryFormatError",
     "L1CrossCoder",
     "SparseDictionary",
+    "TrainConfig",
     "load_dictionary",
+    "train",
 ]

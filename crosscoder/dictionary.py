@@ -149,7 +149,7 @@ class SparseDictionary(
         self.b_dec.zero_()
 
     # ------------------------------------------------------------------ shapes and normalisation
-    def _to_sources(self, x: torch.Tensor) -> torch.Tensor:
+    def as_sources(self, x: torch.Tensor) -> torch.Tensor:
         """Validate raw input and view it as [batch, n_sources, d_model]."""
         expected = (self.n_sources, self.d_model)
         if x.dim() != 3 or tuple(x.shape[1:]) != expected:
@@ -159,18 +159,18 @@ class SparseDictionary(
             )
         return x
 
-    def _from_sources(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``_to_sources`` for outputs."""
+    def from_sources(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``as_sources`` for outputs."""
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations → training space. x: raw input (see ``encode``) → [batch, n_sources, d_model]."""
-        x = self._to_sources(x).to(self.W_enc.dtype)
+        x = self.as_sources(x).to(self.W_enc.dtype)
         return (x - self.input_mean) * self.input_scale[:, None]
 
     def denormalize(self, x_normalized: torch.Tensor) -> torch.Tensor:
         """Training space → raw activations. x_normalized: [batch, n_sources, d_model]."""
-        return self._from_sources(x_normalized / self.input_scale[:, None] + self.input_mean)
+        return self.from_sources(x_normalized / self.input_scale[:, None] + self.input_mean)
 
     # ------------------------------------------------------------------ the dictionary
     def decoder_norms(self) -> torch.Tensor:
@@ -424,7 +424,7 @@ class BatchTopKSAE(SparseDictionary):
             "metadata": self.metadata,
         }
 
-    def _to_sources(self, x: torch.Tensor) -> torch.Tensor:
+    def as_sources(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(
                 f"expected activations of shape [batch, d_model={self.d_model}], got {list(x.shape)}: "
@@ -432,7 +432,7 @@ class BatchTopKSAE(SparseDictionary):
             )
         return x[:, None, :]
 
-    def _from_sources(self, x: torch.Tensor) -> torch.Tensor:
+    def from_sources(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0, :]
 
     def code_norms(self) -> torch.Tensor:

@@ -55,7 +55,7 @@ def load_dictionary(
     weights_path = _resolve(path_or_repo_id, WEIGHTS_FILE, fetch)
     state_dict = _read_safetensors(weights_path, map_location)
     if config.get("format") == FORMAT_NAME:
-        return _build_native(config, state_dict, source=str(path_or_repo_id))
+        return dictionary_from_state(config, state_dict, source=str(path_or_repo_id))
     if "dict_class" in config and "activation_dim" in config:
         return from_dictionary_learning(state_dict, config)
     raise DictionaryFormatError(
@@ -107,7 +107,7 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         ) from error
 
 
-def _build_native(config: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> SparseDictionary:
+def dictionary_from_state(config: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> SparseDictionary:
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DictionaryFormatError(

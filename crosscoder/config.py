@@ -1,0 +1,223 @@
+"""The one training configuration: CLI flags, checkpoints and saved dictionaries all derive from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Architecture = Literal["batchtopk", "l1", "diff_sae"]
+
+#: Saved-dictionary name of each architecture (a run folder holds one subfolder per dictionary).
+DICTIONARY_NAMES: dict[str, str] = {
+    "batchtopk": "batchtopk_crosscoder",
+    "l1": "l1_crosscoder",
+    "diff_sae": "diff_sae",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train sparse dictionaries (crosscoders, difference SAEs) on paired base/chat activations."""
+
+    # ---------------------------------------------------------------- what to train
+    architectures: tuple[Architecture, ...] = ("batchtopk",)
+    """Dictionaries trained side by side on the same batches: batchtopk (BatchTopK crosscoder), l1 (L1
+    crosscoder), diff_sae (BatchTopK SAE on chat − base)."""
+    expansion_factor: int = 32
+    """Latents per activation dimension: dict_size = expansion_factor · d_model (unless dict_size is set)."""
+    dict_size: int | None = None
+    """Number of latents; overrides expansion_factor."""
+    k: int = 100
+    """BatchTopK: average active latents per token (the batch keeps k · batch_size entries)."""
+    k_max: int | None = None
+    """k-annealing: start at k_max and decrease linearly to k over k_anneal_steps (None = no annealing)."""
+    k_anneal_steps: int = 0
+    """Steps over which k anneals from k_max to k."""
+    init_decoder_norm: float | None = None
+    """Initial per-latent per-source decoder norm (None: 1.0 for BatchTopK, 0.05 for L1)."""
+    diff_direction: Literal["chat_minus_base", "base_minus_chat"] = "chat_minus_base"
+    """Input of the difference SAE (source 0 = base, 1 = chat)."""
+    source_names: tuple[str, ...] | None = None
+    """Names of the sources in order (recorded in the dictionaries' configs); default: base, chat."""
+
+    # ---------------------------------------------------------------- data
+    activations: Path | None = None
+    """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt);
+    with none, a synthetic planted-dictionary stream is used (a self-check of the pipeline)."""
+    batch_size: int = 4096
+    """Tokens per training batch."""
+    num_tokens: int = 100_000_000
+    """Training length in tokens (steps = num_tokens // batch_size)."""
+    normalization_tokens: int = 100_000
+    """Tokens used to estimate the per-source input scale E‖scale · x‖ = √d_model."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Decoder bias initialisation from the first (normalised) batch."""
+
+    # ---------------------------------------------------------------- optimisation
+    lr: float = 1e-4
+    """Adam learning rate (β = 0.9, 0.999)."""
+    warmup_steps: int = 1000
+    """Linear learning-rate warm-up steps."""
+    decay_fraction: float = 0.0
+    """Decay the learning rate linearly to 0 over this final fraction of training (0 = constant)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (per dictionary)."""
+    loss: Literal["mse", "l2"] = "mse"
+    """Reconstruction loss: mse (squared error summed over sources and d, mean over batch) or l2 (unsquared
+    norm, mean over batch and sources)."""
+    l1_coefficient: float = 4.1e-2
+    """L1 crosscoder sparsity coefficient λ in λ · mean_b Σ_j f_j c_j."""
+    l1_warmup_steps: int = 0
+    """Steps over which λ ramps linearly from 0."""
+    aux_k: int | None = None
+    """AuxK: dead latents decoded per token (None = d_model // 2; 0 disables AuxK)."""
+    aux_coefficient: float = 1 / 32
+    """AuxK loss coefficient."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    threshold_start_step: int = 1000
+    """Step from which the inference threshold θ is estimated."""
+    threshold_beta: float = 0.999
+    """EMA factor of θ (smallest kept score per batch)."""
+
+    # ---------------------------------------------------------------- run
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    device: str = "auto"
+    """Torch device (auto = cuda when available)."""
+    output_dir: Path = Path("runs")
+    """Folder of runs; a run writes output_dir/run_name/{checkpoints,<dictionary>}."""
+    run_name: str = "run"
+    """Name of this run's folder (and wandb run)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is written)."""
+    resume: bool = False
+    """Continue from the latest checkpoint of output_dir/run_name."""
+    log_every: int = 50
+    """Steps between logged metrics (and the finiteness check)."""
+    validate_every: int = 0
+    """Steps between validation passes when a validation stream is given (0 = only at the end)."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project (None = no wandb)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """wandb mode; offline writes the run locally for a later `wandb sync`."""
+    push_to_hub: str | None = None
+    """Push the final dictionaries to this Hub repo id (several dictionaries: REPO-<name>)."""
+    progress: bool = True
+    """Show progress bars."""
+    preset: str | None = None
+    """Preset the config started from (recorded; select presets with --preset NAME on the CLI)."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Human-readable reasons this config cannot run (empty when valid)."""
+        problems = []
+        if not self.architectures:
+            problems.append("architectures is empty: name at least one of batchtopk, l1, diff_sae")
+        if len(set(self.architectures)) != len(self.architectures):
+            problems.append(f"architectures {self.architectures} lists one twice")
+        for name in ("batch_size", "num_tokens", "normalization_tokens", "expansion_factor"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.k <= 0:
+            problems.append(f"k must be positive, got {self.k}")
+        if self.dict_size is not None and self.dict_size <= self.k:
+            problems.append(f"k={self.k} must be smaller than dict_size={self.dict_size}")
+        if self.k_max is not None and self.k_max < self.k:
+            problems.append(f"k_max={self.k_max} must be at least k={self.k}")
+        if self.num_tokens < self.batch_size:
+            problems.append(f"num_tokens={self.num_tokens} is less than one batch of {self.batch_size}")
+        if not 0 <= self.decay_fraction <= 1:
+            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if not 0 < self.threshold_beta < 1:
+            problems.append(f"threshold_beta must be in (0, 1), got {self.threshold_beta}")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.keep_checkpoints < 1:
+            problems.append("keep_checkpoints must be at least 1 (resume needs a checkpoint)")
+        if self.log_every <= 0:
+            problems.append(f"log_every must be positive, got {self.log_every}")
+        return problems
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_tokens // self.batch_size
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON- and checkpoint-safe dict (paths as strings, tuples as lists)."""
+        return {key: _plain(value) for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}: the config comes from another version")
+        converted = dict(values)
+        for name in ("output_dir", "activations"):
+            if converted.get(name) is not None:
+                converted[name] = Path(converted[name])
+        for name in ("architectures", "source_names"):
+            if converted.get(name) is not None:
+                converted[name] = tuple(converted[name])
+        return cls(**converted)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+#: Fields that may differ between a run and its resumption (they do not change what is trained).
+RUN_CONTROL_FIELDS = frozenset(
+    {"resume", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "wandb_project", "wandb_mode",
+     "push_to_hub", "progress", "device", "activations", "output_dir"}
+)
+
+PRESETS: dict[str, tuple[str, TrainConfig]] = {
+    "paper-batchtopk": (
+        "BatchTopK crosscoder of Minder et al. (Gemma-2-2B vs -it, L13): k=100, 32x expansion, l2 loss, lr 1e-4",
+        TrainConfig(
+            architectures=("batchtopk",), k=100, expansion_factor=32, loss="l2", lr=1e-4, batch_size=2048,
+            num_tokens=100_000_000, warmup_steps=1000, threshold_start_step=1000, preset="paper-batchtopk",
+            run_name="paper-batchtopk",
+        ),
+    ),
+    "paper-l1": (
+        "L1 crosscoder of Minder et al.: λ=4.1e-2, 32x expansion, lr 1e-4, decoder init norm 0.05",
+        TrainConfig(
+            architectures=("l1",), expansion_factor=32, l1_coefficient=4.1e-2, lr=1e-4, batch_size=2048,
+            num_tokens=100_000_000, init_decoder_norm=0.05, l1_warmup_steps=5000, preset="paper-l1", run_name="paper-l1",
+        ),
+    ),
+    "paper-diff-sae": (
+        "Difference SAE (BatchTopK SAE on chat − base activations): k=100, 32x expansion, lr 1e-4",
+        TrainConfig(
+            architectures=("diff_sae",), k=100, expansion_factor=32, lr=1e-4, batch_size=2048, num_tokens=100_000_000,
+            preset="paper-diff-sae", run_name="paper-diff-sae",
+        ),
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """The config of a named preset; an unknown name is an error listing the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name][1]

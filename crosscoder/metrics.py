@@ -1,0 +1,69 @@
+"""Reconstruction statistics accumulated over batches without host-device syncs (training logs, validation,
+evaluation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReconstructionStats:
+    """Running FVE (total and per source), L0 and latent firing counts over any number of batches.
+
+    ``update`` takes x, x_hat: [batch, n_sources, d_model] and codes: [batch, dict_size]. FVE is
+    ``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²`` with x̄ the mean over all tokens seen, per source and in total.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self._residual: torch.Tensor | None = None  # [n_sources]
+        self._sum: torch.Tensor | None = None  # [n_sources, d_model]
+        self._sum_squares: torch.Tensor | None = None  # [n_sources]
+        self._active: torch.Tensor | None = None  # [dict_size]
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+        x, x_hat = x.detach().double(), x_hat.detach().double()
+        residual = (x - x_hat).pow(2).sum(dim=(0, 2))
+        batch_sum = x.sum(dim=0)
+        batch_squares = x.pow(2).sum(dim=(0, 2))
+        active = (codes.detach() != 0).sum(dim=0)
+        if self._residual is None:
+            self._residual, self._sum, self._sum_squares, self._active = residual, batch_sum, batch_squares, active
+        else:
+            self._residual += residual
+            self._sum += batch_sum
+            self._sum_squares += batch_squares
+            self._active += active
+        self.tokens += x.shape[0]
+
+    def _require_data(self) -> None:
+        if self._residual is None:
+            raise ValueError("no batches were accumulated: nothing to report")
+
+    def _total_variance(self) -> torch.Tensor:
+        return self._sum_squares - self._sum.pow(2).sum(dim=-1) / self.tokens
+
+    def fve_per_source(self) -> torch.Tensor:
+        """[n_sources] fraction of variance explained per source."""
+        self._require_data()
+        return 1 - self._residual / self._total_variance().clamp_min(1e-12)
+
+    def fve(self) -> torch.Tensor:
+        """0-d fraction of variance explained over all sources together."""
+        self._require_data()
+        return 1 - self._residual.sum() / self._total_variance().sum().clamp_min(1e-12)
+
+    def latent_frequencies(self) -> torch.Tensor:
+        """[dict_size] fraction of tokens on which each latent fired."""
+        self._require_data()
+        return self._active.double() / self.tokens
+
+    def l0(self) -> torch.Tensor:
+        """0-d mean number of active latents per token."""
+        return self.latent_frequencies().sum()
+
+    def summary(self) -> dict[str, float]:
+        """Python floats (one host sync): fve, fve_source_<s>, l0."""
+        values = {"fve": self.fve(), "l0": self.l0()}
+        values.update({f"fve_source_{s}": value for s, value in enumerate(self.fve_per_source())})
+        return {name: float(value) for name, value in values.items()}

@@ -1,0 +1,496 @@
+"""The training loop (DESIGN §4): one batch stream feeding one or more dictionaries, with exact resume.
+
+Read ``train`` top to bottom: pick up or start the run, then for each batch every dictionary takes one
+step (``Trainee.step``); metrics, checkpoints and validation happen every so many steps; at the end each
+dictionary is saved with ``save_pretrained`` (and pushed to the Hub when asked).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from crosscoder.config import DICTIONARY_NAMES, RUN_CONTROL_FIELDS, Architecture, TrainConfig
+from crosscoder.data import ResumableBatches, TensorActivations
+from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary
+from crosscoder.hub import dictionary_from_state
+from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
+from crosscoder.metrics import ReconstructionStats
+from crosscoder.normalization import estimate_input_scale, geometric_median
+from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+
+
+class NonFiniteError(RuntimeError):
+    """A batch or a loss became NaN/Inf; training stopped without writing a checkpoint."""
+
+
+# ---------------------------------------------------------------------------- one dictionary being trained
+@dataclass
+class Trainee:
+    """A dictionary with its optimizer, schedule and dead-latent counters (tokens since each latent fired)."""
+
+    name: str
+    architecture: Architecture
+    dictionary: SparseDictionary
+    optimizer: torch.optim.Adam
+    scheduler: LambdaLR
+    tokens_since_fired: torch.Tensor  # [dict_size] int64
+    window: ReconstructionStats = field(default_factory=ReconstructionStats)
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def input_of(self, x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+        """The dictionary's raw input from a paired batch x: [batch, n_sources, d_model]."""
+        return dictionary_input(self.architecture, x, config)
+
+    def step(self, x: torch.Tensor, step: int, k: int, config: TrainConfig) -> torch.Tensor:
+        """One optimisation step on raw paired activations x; returns the (detached) total loss."""
+        dictionary = self.dictionary
+        x_normalized = dictionary.normalize(self.input_of(x, config))
+        out = dictionary.training_forward(x_normalized, k)
+        reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
+        losses = {"reconstruction_loss": reconstruction}
+        if dictionary.uses_batch_topk:
+            dead = self.tokens_since_fired >= config.dead_tokens
+            k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
+            residual = x_normalized - out.reconstruction
+            losses["aux_loss"] = auxk_loss(residual, out.activations, dictionary.code_norms(), dead, k_aux,
+                                           dictionary.W_dec)
+            loss = reconstruction + config.aux_coefficient * losses["aux_loss"]
+        else:
+            losses["l1_penalty"] = l1_penalty(out.codes, dictionary.code_norms())
+            loss = reconstruction + l1_coefficient(config, step) * losses["l1_penalty"]
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dictionary.before_optimizer_step()
+        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        dictionary.after_optimizer_step()
+
+        with torch.no_grad():
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired.masked_fill_((out.codes > 0).any(dim=0), 0)
+            if out.min_kept_score is not None and step >= config.threshold_start_step:
+                theta, beta = dictionary.threshold, config.threshold_beta
+                theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))
+            self.window.update(x_normalized, out.reconstruction, out.codes)
+            for name, value in {"loss": loss, **losses}.items():
+                self.loss_sums[name] = self.loss_sums.get(name, 0) + value.detach()
+        return loss.detach()
+
+    def read_window(self, steps: int, config: TrainConfig) -> dict[str, float]:
+        """Metrics averaged since the last read (one host sync), then reset."""
+        metrics = self.window.summary()
+        metrics.update({name: float(value) / steps for name, value in self.loss_sums.items()})
+        metrics["dead_fraction"] = float((self.tokens_since_fired >= config.dead_tokens).float().mean())
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self.dictionary.uses_batch_topk:
+            metrics["threshold"] = float(self.dictionary.threshold)
+        self.window, self.loss_sums = ReconstructionStats(), {}
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.dictionary.config(),
+            "state_dict": self.dictionary.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+        }
+
+
+def dictionary_input(architecture: Architecture, x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Crosscoders read the paired batch x: [batch, 2, d]; a diff-SAE reads x_chat − x_base: [batch, d]."""
+    if architecture != "diff_sae":
+        return x
+    if x.shape[1] != 2:
+        raise ValueError(f"a difference SAE needs exactly two sources (base, chat), got {x.shape[1]}")
+    base, chat = x[:, 0], x[:, 1]
+    return chat - base if config.diff_direction == "chat_minus_base" else base - chat
+
+
+def l1_coefficient(config: TrainConfig, step: int) -> float:
+    """λ, ramped linearly from 0 over ``l1_warmup_steps``."""
+    if config.l1_warmup_steps <= 0:
+        return config.l1_coefficient
+    return config.l1_coefficient * min(1.0, step / config.l1_warmup_steps)
+
+
+def current_k(config: TrainConfig, step: int) -> int:
+    """k, annealed linearly from ``k_max`` to ``k`` over ``k_anneal_steps``."""
+    if config.k_max is None or step >= config.k_anneal_steps:
+        return config.k
+    return round(config.k_max - (config.k_max - config.k) * step / config.k_anneal_steps)
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant, with an optional linear decay to 0 over the final fraction."""
+    factor = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    total = config.total_steps
+    decay_start = total * (1 - config.decay_fraction)
+    if config.decay_fraction > 0 and step >= decay_start:
+        factor *= max(0.0, (total - step) / (total - decay_start))
+    return factor
+
+
+# ---------------------------------------------------------------------------- building and restoring
+def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int, n_sources: int) -> SparseDictionary:
+    """A freshly initialised dictionary of the given architecture for activations of this shape."""
+    dict_size = config.dict_size or config.expansion_factor * d_model
+    names = list(config.source_names) if config.source_names else (["base", "chat"] if n_sources == 2 else None)
+    norm = {} if config.init_decoder_norm is None else {"init_decoder_norm": config.init_decoder_norm}
+    if architecture == "batchtopk":
+        return BatchTopKCrossCoder(d_model, dict_size, config.k, n_sources, source_names=names, **norm)
+    if architecture == "l1":
+        return L1CrossCoder(d_model, dict_size, n_sources, source_names=names, **norm)
+    direction = "chat - base" if config.diff_direction == "chat_minus_base" else "base - chat"
+    return BatchTopKSAE(d_model, dict_size, config.k, input_description=direction)
+
+
+def _optimizer_and_schedule(dictionary: SparseDictionary, config: TrainConfig) -> tuple[torch.optim.Adam, LambdaLR]:
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=(0.9, 0.999))
+    return optimizer, LambdaLR(optimizer, lambda step: lr_factor(config, step))
+
+
+def start_trainees(config: TrainConfig, first_batches: list[torch.Tensor], device: torch.device) -> list[Trainee]:
+    """New dictionaries, normalised on the first batches (per-source scale, b_dec from the first batch)."""
+    sample = torch.cat(first_batches)[: config.normalization_tokens].to(device)
+    trainees = []
+    for index, architecture in enumerate(config.architectures):
+        torch.manual_seed(config.seed * 1_000 + index)
+        raw = dictionary_input(architecture, sample, config)
+        dictionary = new_dictionary(architecture, config, sample.shape[-1], sample.shape[1]).to(device)
+        with torch.no_grad():
+            dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw)))
+            first = dictionary.normalize(raw[: first_batches[0].shape[0]])
+            if config.b_dec_init == "geometric_median":
+                dictionary.b_dec.copy_(geometric_median(first))
+            elif config.b_dec_init == "mean":
+                dictionary.b_dec.copy_(first.mean(dim=0))
+        dictionary.train()
+        optimizer, scheduler = _optimizer_and_schedule(dictionary, config)
+        counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=device)
+        name = DICTIONARY_NAMES[architecture]
+        trainees.append(Trainee(name, architecture, dictionary, optimizer, scheduler, counters))
+    return trainees
+
+
+def restore_trainees(config: TrainConfig, saved: dict[str, Any], device: torch.device) -> list[Trainee]:
+    """Dictionaries, optimizers, schedules and counters exactly as checkpointed."""
+    trainees = []
+    for architecture in config.architectures:
+        name = DICTIONARY_NAMES[architecture]
+        state = saved[name]
+        dictionary = dictionary_from_state(state["config"], state["state_dict"], source=f"checkpoint[{name}]")
+        dictionary = dictionary.to(device).train()
+        optimizer, scheduler = _optimizer_and_schedule(dictionary, config)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        counters = state["tokens_since_fired"].to(device)
+        trainees.append(Trainee(name, architecture, dictionary, optimizer, scheduler, counters))
+    return trainees
+
+
+# ---------------------------------------------------------------------------- data position
+class PositionedBatches:
+    """Wraps a batch source; yields (batch, position after it). Resumable sources report their own state;
+    other iterables are fast-forwarded by counting batches."""
+
+    def __init__(self, source: Iterable[torch.Tensor]) -> None:
+        self.source = source
+        self.consumed = 0
+        self._skip = 0
+
+    def restore(self, position: dict[str, Any]) -> None:
+        if isinstance(self.source, ResumableBatches) and "source" in position:
+            self.source.load_state_dict(position["source"])
+        else:
+            self._skip = int(position["batches"])
+        self.consumed = int(position["batches"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        iterator = iter(self.source)
+        for _ in itertools.islice(iterator, self._skip):
+            pass
+        for batch in iterator:
+            self.consumed += 1
+            position: dict[str, Any] = {"batches": self.consumed}
+            if isinstance(self.source, ResumableBatches):
+                position["source"] = self.source.state_dict()
+            yield batch, position
+
+
+def default_batches(config: TrainConfig) -> Iterable[torch.Tensor]:
+    """Batches named by the config: an activation file, or (none given) a planted-dictionary stream."""
+    if config.activations is not None:
+        return TensorActivations.from_file(config.activations, config.batch_size, config.seed)
+    return PlantedActivations(PlantedDictionary.random(seed=config.seed), config.batch_size, config.seed)
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(
+    config: TrainConfig,
+    batches: Iterable[torch.Tensor] | None = None,
+    validation_batches: Iterable[torch.Tensor] | None = None,
+) -> dict[str, SparseDictionary]:
+    """Train the configured dictionaries on batches x: [batch, n_sources, d_model] (raw activations).
+
+    ``batches`` defaults to what the config names. ``validation_batches`` (re-iterable) are evaluated with
+    the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
+    by name; each is also saved to ``config.run_dir / name``.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else torch.device(config.device)
+    run_dir = config.run_dir
+    stream = PositionedBatches(batches if batches is not None else default_batches(config))
+    checkpoint = _checkpoint_to_resume(config)
+
+    if checkpoint is not None:
+        trainees = restore_trainees(config, checkpoint["dictionaries"], device)
+        stream.restore(checkpoint["data"])
+        step, tokens = checkpoint["step"], checkpoint["tokens"]
+        _set_rng_state(checkpoint["rng"])
+        iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]] = iter(stream)
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        iterator = iter(stream)
+        first = _take_tokens(iterator, config.normalization_tokens)
+        trainees = start_trainees(config, [batch for batch, _ in first], device)
+        iterator = itertools.chain(first, iterator)
+        step, tokens = 0, 0
+    shape = _expected_shape(trainees)
+
+    logger = RunLogger(config, run_dir, checkpoint.get("wandb_run_id") if checkpoint else None)
+    guard = FiniteGuard(device)
+    position: dict[str, Any] = checkpoint["data"] if checkpoint else {"batches": 0}
+    last_checkpoint = list_checkpoints(run_dir)[-1] if checkpoint else None
+    total = config.total_steps
+    progress = tqdm(total=total, initial=step, disable=not config.progress, unit="step", desc=config.run_name)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < total:
+            item = next(iterator, None)
+            if item is None:
+                raise RuntimeError(
+                    f"the batch source ran out after {step} of {total} steps: provide more data or lower num_tokens"
+                )
+            x, position = item
+            if tuple(x.shape[1:]) != shape:
+                raise ValueError(
+                    f"batch at step {step} has shape {list(x.shape)} but the dictionaries take "
+                    f"[batch, {shape[0]}, {shape[1]}]: every batch must come from the same sources and layer"
+                )
+            x = x.to(device, non_blocking=True)
+            guard.watch("batch", ~torch.isfinite(x).all(), step)
+            k = current_k(config, step)
+            for trainee in trainees:
+                guard.watch(f"{trainee.name} loss", ~torch.isfinite(trainee.step(x, step, k, config)), step)
+            step += 1
+            tokens += x.shape[0]
+            window_steps += 1
+            progress.update(1)
+
+            if step % config.log_every == 0 or step == total:
+                guard.check(last_checkpoint)
+                elapsed = time.perf_counter() - window_start
+                metrics = {t.name: t.read_window(window_steps, config) for t in trainees}
+                logger.log(step, tokens, metrics, tokens_per_second=window_steps * x.shape[0] / elapsed)
+                progress.set_postfix({f"{t.name[:8]} fve": f"{metrics[t.name]['fve']:.3f}" for t in trainees})
+                window_start, window_steps = time.perf_counter(), 0
+            if validation_batches is not None and config.validate_every and step % config.validate_every == 0:
+                logger.log(step, tokens, {f"{t.name}/val": validate(t, validation_batches, config, device)
+                                          for t in trainees})
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                guard.check(last_checkpoint)
+                last_checkpoint = _write_checkpoint(config, trainees, step, tokens, position, logger)
+    finally:
+        progress.close()
+    guard.check(last_checkpoint)
+    _write_checkpoint(config, trainees, step, tokens, position, logger)
+    final_metrics = {t.name: validate(t, validation_batches, config, device) for t in trainees} if validation_batches else logger.last
+    logger.finish()
+    return _save_dictionaries(config, trainees, step, tokens, final_metrics)
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
+    existing = list_checkpoints(config.run_dir)
+    if not config.resume:
+        if existing:
+            raise FileExistsError(
+                f"{config.run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to continue "
+                "that run, or choose another --run-name / --output-dir; nothing was overwritten"
+            )
+        return None
+    if not existing:
+        raise CheckpointError(
+            f"--resume was given but {config.run_dir / 'checkpoints'} holds no checkpoint: start without --resume"
+        )
+    checkpoint = load_checkpoint(existing[-1])
+    saved = TrainConfig.from_dict(checkpoint["config"])
+    differing = sorted(
+        name for name, value in config.to_dict().items()
+        if name not in RUN_CONTROL_FIELDS and saved.to_dict()[name] != value
+    )
+    if differing:
+        raise ValueError(
+            f"cannot resume {existing[-1]} with a different config: {', '.join(differing)} differ from the "
+            "checkpoint's; resume with the original settings (only logging, checkpointing and device may change)"
+        )
+    return checkpoint
+
+
+def _take_tokens(iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]], n_tokens: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The first batches holding at least ``n_tokens`` tokens (they are trained on afterwards too)."""
+    taken, count = [], 0
+    for item in iterator:
+        taken.append(item)
+        count += item[0].shape[0]
+        if count >= n_tokens:
+            break
+    if not taken:
+        raise ValueError("the batch source is empty: there is nothing to train on")
+    return taken
+
+
+def _expected_shape(trainees: list[Trainee]) -> tuple[int, int]:
+    first = trainees[0]
+    if first.architecture == "diff_sae":
+        return (2, first.dictionary.d_model)
+    return (first.dictionary.n_sources, first.dictionary.d_model)
+
+
+@torch.no_grad()
+def validate(trainee: Trainee, batches: Iterable[torch.Tensor], config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """FVE (total, per source), L0 and dead fraction on held-out batches with the inference threshold."""
+    dictionary, stats = trainee.dictionary, ReconstructionStats()
+    for x in batches:
+        x_normalized = dictionary.normalize(trainee.input_of(x.to(device), config))
+        codes = dictionary.select_with_threshold(dictionary.activations_normalized(x_normalized))
+        stats.update(x_normalized, dictionary.decode_normalized(codes), codes)
+    metrics = stats.summary()
+    metrics["dead_fraction"] = float((stats.latent_frequencies() == 0).double().mean())
+    return metrics
+
+
+class FiniteGuard:
+    """Records, without host syncs, the first step whose batch or loss was not finite; ``check`` raises."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad: dict[str, torch.Tensor] = {}
+        self.device = device
+
+    def watch(self, what: str, bad: torch.Tensor, step: int) -> None:
+        first = self.first_bad.setdefault(what, torch.full((), -1, dtype=torch.long, device=self.device))
+        first.copy_(torch.where((first < 0) & bad, step, first))
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        for what, first in self.first_bad.items():
+            bad_step = int(first)
+            if bad_step >= 0:
+                kept = f"the last good checkpoint {last_checkpoint} is intact" if last_checkpoint else "no checkpoint was written yet"
+                raise NonFiniteError(
+                    f"{what} at step {bad_step} contains NaN or Inf; training stopped and {kept}. "
+                    "Fix the data (for example drop outlier tokens) or lower the learning rate, then resume"
+                )
+
+
+def _write_checkpoint(
+    config: TrainConfig, trainees: list[Trainee], step: int, tokens: int, position: dict[str, Any], logger: RunLogger
+) -> Path:
+    state = {
+        "config": config.to_dict(),
+        "step": step,
+        "tokens": tokens,
+        "data": position,
+        "rng": _rng_state(),
+        "dictionaries": {trainee.name: trainee.state_dict() for trainee in trainees},
+        "wandb_run_id": logger.wandb_run_id,
+    }
+    return save_checkpoint(state, config.run_dir, step, config.keep_checkpoints)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_dictionaries(
+    config: TrainConfig, trainees: list[Trainee], step: int, tokens: int, metrics: dict[str, dict[str, float]]
+) -> dict[str, SparseDictionary]:
+    saved = {}
+    for trainee in trainees:
+        dictionary = trainee.dictionary.eval()
+        dictionary.metadata.update(
+            {
+                "architecture": trainee.architecture,
+                "training_steps": step,
+                "training_tokens": tokens,
+                "metrics": metrics.get(trainee.name, {}),
+                "train_config": config.to_dict(),
+            }
+        )
+        folder = config.run_dir / trainee.name
+        dictionary.save_pretrained(folder)
+        if config.push_to_hub:
+            repo_id = config.push_to_hub if len(trainees) == 1 else f"{config.push_to_hub}-{trainee.name}"
+            dictionary.push_to_hub(repo_id)
+        saved[trainee.name] = dictionary
+    return saved
+
+
+class RunLogger:
+    """Metrics to ``run_dir/metrics.jsonl`` and, when configured, to Weights & Biases."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, wandb_run_id: str | None) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.last: dict[str, dict[str, float]] = {}
+        self.run = None
+        if config.wandb_project:
+            import wandb
+
+            self.run = wandb.init(
+                project=config.wandb_project,
+                name=config.run_name,
+                id=wandb_run_id,
+                resume="allow",
+                mode=config.wandb_mode,
+                dir=str(run_dir),
+                config=config.to_dict(),
+            )
+        self.wandb_run_id = self.run.id if self.run is not None else None
+
+    def log(self, step: int, tokens: int, metrics: dict[str, dict[str, float]], **extra: float) -> None:
+        self.last.update(metrics)
+        flat = {f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()}
+        flat.update(extra)
+        flat["tokens"] = tokens
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **flat}) + "\n")
+        if self.run is not None:
+            self.run.log(flat, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
