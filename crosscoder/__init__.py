@@ -1,5 +1,6 @@
 """Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders and difference SAEs (see DESIGN.md)."""
 
+from crosscoder.config import TrainConfig
 from crosscoder.dictionary import (
     BatchTopKCrossCoder,
     BatchTopKSAE,
@@ -7,7 +8,6 @@ from crosscoder.dictionary import (
     L1CrossCoder,
     SparseDictionary,
 )
-from crosscoder.config import TrainConfig
 from crosscoder.hub import load_dictionary
 from crosscoder.training import train
 

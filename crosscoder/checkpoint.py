@@ -66,7 +66,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {path} does not exist") from error
     except Exception as error:  # torch raises several types for truncated or corrupt archives
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({error}); {fallback}") from error
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}); {fallback}"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a crosscoder training checkpoint; {fallback}")
     version = state.get("format_version")

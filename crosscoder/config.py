@@ -186,31 +186,85 @@ def _plain(value: Any) -> Any:
 
 #: Fields that may differ between a run and its resumption (they do not change what is trained).
 RUN_CONTROL_FIELDS = frozenset(
-    {"resume", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "wandb_project", "wandb_mode",
-     "push_to_hub", "progress", "device", "activations", "output_dir"}
+    {
+        "resume",
+        "log_every",
+        "validate_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "wandb_project",
+        "wandb_mode",
+        "push_to_hub",
+        "progress",
+        "device",
+        "activations",
+        "output_dir",
+    }
 )
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
+    "demo": (
+        "Offline self-check: a BatchTopK crosscoder and a diff-SAE on a planted synthetic dictionary (about a minute "
+        "on 2 CPU cores)",
+        TrainConfig(
+            architectures=("batchtopk", "diff_sae"),
+            k=4,
+            dict_size=128,
+            batch_size=512,
+            num_tokens=512 * 2000,
+            lr=1e-3,
+            warmup_steps=50,
+            threshold_start_step=200,
+            dead_tokens=100_000,
+            normalization_tokens=4096,
+            checkpoint_every=500,
+            log_every=100,
+            preset="demo",
+            run_name="demo",
+        ),
+    ),
     "paper-batchtopk": (
         "BatchTopK crosscoder of Minder et al. (Gemma-2-2B vs -it, L13): k=100, 32x expansion, l2 loss, lr 1e-4",
         TrainConfig(
-            architectures=("batchtopk",), k=100, expansion_factor=32, loss="l2", lr=1e-4, batch_size=2048,
-            num_tokens=100_000_000, warmup_steps=1000, threshold_start_step=1000, preset="paper-batchtopk",
+            architectures=("batchtopk",),
+            k=100,
+            expansion_factor=32,
+            loss="l2",
+            lr=1e-4,
+            batch_size=2048,
+            num_tokens=100_000_000,
+            warmup_steps=1000,
+            threshold_start_step=1000,
+            preset="paper-batchtopk",
             run_name="paper-batchtopk",
         ),
     ),
     "paper-l1": (
         "L1 crosscoder of Minder et al.: λ=4.1e-2, 32x expansion, lr 1e-4, decoder init norm 0.05",
         TrainConfig(
-            architectures=("l1",), expansion_factor=32, l1_coefficient=4.1e-2, lr=1e-4, batch_size=2048,
-            num_tokens=100_000_000, init_decoder_norm=0.05, l1_warmup_steps=5000, preset="paper-l1", run_name="paper-l1",
+            architectures=("l1",),
+            expansion_factor=32,
+            l1_coefficient=4.1e-2,
+            lr=1e-4,
+            batch_size=2048,
+            num_tokens=100_000_000,
+            init_decoder_norm=0.05,
+            l1_warmup_steps=5000,
+            preset="paper-l1",
+            run_name="paper-l1",
         ),
     ),
     "paper-diff-sae": (
         "Difference SAE (BatchTopK SAE on chat − base activations): k=100, 32x expansion, lr 1e-4",
         TrainConfig(
-            architectures=("diff_sae",), k=100, expansion_factor=32, lr=1e-4, batch_size=2048, num_tokens=100_000_000,
-            preset="paper-diff-sae", run_name="paper-diff-sae",
+            architectures=("diff_sae",),
+            k=100,
+            expansion_factor=32,
+            lr=1e-4,
+            batch_size=2048,
+            num_tokens=100_000_000,
+            preset="paper-diff-sae",
+            run_name="paper-diff-sae",
         ),
     ),
 }

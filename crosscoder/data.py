@@ -35,9 +35,7 @@ class TensorActivations:
 
     def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0) -> None:
         if activations.dim() != 3:
-            raise ValueError(
-                f"activations must have shape [tokens, n_sources, d_model], got {list(activations.shape)}"
-            )
+            raise ValueError(f"activations must have shape [tokens, n_sources, d_model], got {list(activations.shape)}")
         if activations.shape[0] < batch_size:
             raise ValueError(
                 f"only {activations.shape[0]} tokens of activations for a batch of {batch_size}: "
@@ -92,7 +90,10 @@ def read_activation_file(path: Path) -> torch.Tensor:
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt files
-        raise ValueError(f"{path} cannot be read as a weights-only torch file ({error})") from error
+        raise ValueError(
+            f"{path} cannot be read as a weights-only torch file ({type(error).__name__}): corrupt, truncated, or "
+            "holding objects other than one tensor"
+        ) from error
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{path} must hold one tensor [tokens, n_sources, d_model], got {type(tensor).__name__}")
     return tensor

@@ -107,12 +107,11 @@ class SparseDictionary(
         _check_positive_int("d_model", d_model)
         _check_positive_int("dict_size", dict_size)
         _check_positive_int("n_sources", n_sources)
-        if self.uses_batch_topk:
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < dict_size:
-                raise ValueError(
-                    f"k={k!r} is invalid: BatchTopK keeps k latents per token on average, so k must be an "
-                    f"integer with 0 < k < dict_size={dict_size}"
-                )
+        if self.uses_batch_topk and (not isinstance(k, int) or isinstance(k, bool) or not 0 < k < dict_size):
+            raise ValueError(
+                f"k={k!r} is invalid: BatchTopK keeps k latents per token on average, so k must be an "
+                f"integer with 0 < k < dict_size={dict_size}"
+            )
         if source_names is not None and len(source_names) != n_sources:
             raise ValueError(
                 f"source_names has {len(source_names)} entries but n_sources={n_sources}: name every source"
@@ -301,6 +300,17 @@ class SparseDictionary(
             **push_to_hub_kwargs,
         )
 
+    def push_to_hub(  # type: ignore[override]
+        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> str:
+        """Upload to the Hub (token from the ``huggingface_hub`` login or ``HF_TOKEN``).
+
+        The mixin saves into ``<tmp>/<owner>/<name>`` without passing ``repo_id`` on, so the card's usage
+        snippet would name the folder ("name"), not the repo ("owner/name"): pass it here.
+        """
+        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+
     def _model_card_fields(self, repo_id: str) -> dict[str, str]:
         fields = self._init_kwargs()
         fields.pop("metadata")
@@ -471,7 +481,6 @@ DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
 
 
 def _format_number(value: object) -> str:

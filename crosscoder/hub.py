@@ -233,8 +233,8 @@ def _load_legacy_checkpoint(path: Path, map_location: str | torch.device) -> Spa
         state_dict = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or hostile pickles
         raise DictionaryFormatError(
-            f"{path} cannot be read as a weights-only torch checkpoint ({error}); it is corrupt, truncated, or "
-            "holds objects other than tensors (which are never unpickled)"
+            f"{path} cannot be read as a weights-only torch checkpoint ({type(error).__name__}); it is corrupt, "
+            "truncated, or holds objects other than tensors (which are never unpickled)"
         ) from error
     if not isinstance(state_dict, dict):
         raise DictionaryFormatError(f"{path} does not hold a state dict")

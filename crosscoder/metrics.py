@@ -28,7 +28,12 @@ class ReconstructionStats:
         batch_squares = x.pow(2).sum(dim=(0, 2))
         active = (codes.detach() != 0).sum(dim=0)
         if self._residual is None:
-            self._residual, self._sum, self._sum_squares, self._active = residual, batch_sum, batch_squares, active
+            self._residual, self._sum, self._sum_squares, self._active = (
+                residual,
+                batch_sum,
+                batch_squares,
+                active,
+            )
         else:
             self._residual += residual
             self._sum += batch_sum

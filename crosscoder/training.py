@@ -64,8 +64,9 @@ class Trainee:
             dead = self.tokens_since_fired >= config.dead_tokens
             k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
             residual = x_normalized - out.reconstruction
-            losses["aux_loss"] = auxk_loss(residual, out.activations, dictionary.code_norms(), dead, k_aux,
-                                           dictionary.W_dec)
+            losses["aux_loss"] = auxk_loss(
+                residual, out.activations, dictionary.code_norms(), dead, k_aux, dictionary.W_dec
+            )
             loss = reconstruction + config.aux_coefficient * losses["aux_loss"]
         else:
             losses["l1_penalty"] = l1_penalty(out.codes, dictionary.code_norms())
@@ -251,7 +252,11 @@ def train(
     the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name``.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else torch.device(config.device)
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if config.device == "auto"
+        else torch.device(config.device)
+    )
     run_dir = config.run_dir
     stream = PositionedBatches(batches if batches is not None else default_batches(config))
     checkpoint = _checkpoint_to_resume(config)
@@ -310,8 +315,11 @@ def train(
                 progress.set_postfix({f"{t.name[:8]} fve": f"{metrics[t.name]['fve']:.3f}" for t in trainees})
                 window_start, window_steps = time.perf_counter(), 0
             if validation_batches is not None and config.validate_every and step % config.validate_every == 0:
-                logger.log(step, tokens, {f"{t.name}/val": validate(t, validation_batches, config, device)
-                                          for t in trainees})
+                logger.log(
+                    step,
+                    tokens,
+                    {f"{t.name}/val": validate(t, validation_batches, config, device) for t in trainees},
+                )
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                 guard.check(last_checkpoint)
                 last_checkpoint = _write_checkpoint(config, trainees, step, tokens, position, logger)
@@ -319,7 +327,11 @@ def train(
         progress.close()
     guard.check(last_checkpoint)
     _write_checkpoint(config, trainees, step, tokens, position, logger)
-    final_metrics = {t.name: validate(t, validation_batches, config, device) for t in trainees} if validation_batches else logger.last
+    final_metrics = (
+        {t.name: validate(t, validation_batches, config, device) for t in trainees}
+        if validation_batches
+        else logger.last
+    )
     logger.finish()
     return _save_dictionaries(config, trainees, step, tokens, final_metrics)
 
@@ -340,7 +352,8 @@ def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
     checkpoint = load_checkpoint(existing[-1])
     saved = TrainConfig.from_dict(checkpoint["config"])
     differing = sorted(
-        name for name, value in config.to_dict().items()
+        name
+        for name, value in config.to_dict().items()
         if name not in RUN_CONTROL_FIELDS and saved.to_dict()[name] != value
     )
     if differing:
@@ -351,7 +364,9 @@ def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
     return checkpoint
 
 
-def _take_tokens(iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]], n_tokens: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+def _take_tokens(
+    iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]], n_tokens: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """The first batches holding at least ``n_tokens`` tokens (they are trained on afterwards too)."""
     taken, count = [], 0
     for item in iterator:
@@ -372,7 +387,9 @@ def _expected_shape(trainees: list[Trainee]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def validate(trainee: Trainee, batches: Iterable[torch.Tensor], config: TrainConfig, device: torch.device) -> dict[str, float]:
+def validate(
+    trainee: Trainee, batches: Iterable[torch.Tensor], config: TrainConfig, device: torch.device
+) -> dict[str, float]:
     """FVE (total, per source), L0 and dead fraction on held-out batches with the inference threshold."""
     dictionary, stats = trainee.dictionary, ReconstructionStats()
     for x in batches:
@@ -399,7 +416,11 @@ class FiniteGuard:
         for what, first in self.first_bad.items():
             bad_step = int(first)
             if bad_step >= 0:
-                kept = f"the last good checkpoint {last_checkpoint} is intact" if last_checkpoint else "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint {last_checkpoint} is intact"
+                    if last_checkpoint
+                    else "no checkpoint was written yet"
+                )
                 raise NonFiniteError(
                     f"{what} at step {bad_step} contains NaN or Inf; training stopped and {kept}. "
                     "Fix the data (for example drop outlier tokens) or lower the learning rate, then resume"
@@ -407,7 +428,12 @@ class FiniteGuard:
 
 
 def _write_checkpoint(
-    config: TrainConfig, trainees: list[Trainee], step: int, tokens: int, position: dict[str, Any], logger: RunLogger
+    config: TrainConfig,
+    trainees: list[Trainee],
+    step: int,
+    tokens: int,
+    position: dict[str, Any],
+    logger: RunLogger,
 ) -> Path:
     state = {
         "config": config.to_dict(),

@@ -1,0 +1,70 @@
+"""Command line of ``train.py``: ``--help`` is generated from ``TrainConfig``'s field docs; ``--preset NAME``
+starts from a named preset and any other flag overrides it. With no arguments, the offline demo runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tyro
+
+from crosscoder.checkpoint import CheckpointError
+from crosscoder.config import PRESETS, TrainConfig, preset
+from crosscoder.dictionary import DictionaryFormatError
+from crosscoder.training import NonFiniteError, train
+
+USER_ERRORS = (
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    CheckpointError,
+    NonFiniteError,
+    DictionaryFormatError,
+)
+
+
+@dataclass(frozen=True)
+class _PresetChoice:
+    preset: str | None = None
+
+
+def parse_config(argv: Sequence[str]) -> TrainConfig:
+    """TrainConfig from command-line arguments (no arguments: the ``demo`` preset in a fresh run folder)."""
+    if not argv:
+        demo = preset("demo")
+        return dataclasses.replace(demo, run_name=_unused_run_name(demo))
+    choice, rest = tyro.cli(_PresetChoice, args=list(argv), return_unknown_args=True, add_help=False)
+    base = preset(choice.preset) if choice.preset is not None else TrainConfig()
+    description = "Train sparse dictionaries on paired base/chat activations. Presets: " + "; ".join(
+        f"{name}: {text}" for name, (text, _) in PRESETS.items()
+    )
+    return tyro.cli(TrainConfig, args=rest, default=base, description=description)
+
+
+def _unused_run_name(config: TrainConfig) -> str:
+    name, suffix = config.run_name, 1
+    while (config.output_dir / name).exists():
+        name, suffix = f"{config.run_name}-{suffix}", suffix + 1
+    return name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = parse_config(argv)
+        dictionaries = train(config)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"\nRun folder: {config.run_dir}")
+    for name, dictionary in dictionaries.items():
+        metrics = dictionary.metadata.get("metrics", {})
+        summary = ", ".join(
+            f"{key}={metrics[key]:.4g}"
+            for key in ("fve", "fve_source_0", "fve_source_1", "l0", "dead_fraction")
+            if key in metrics
+        )
+        print(f"  {name}: {config.run_dir / name}  ({summary})")
+    return 0

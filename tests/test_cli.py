@@ -1,0 +1,72 @@
+"""The command line: ``python train.py`` with presets, overrides, --help and clean errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import crosscoder
+from crosscoder.cli import parse_config
+from crosscoder.config import PRESETS
+
+TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+
+
+def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_is_generated_from_the_config_field_docs(tmp_path):
+    result = run_train("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "average active latents per token" in result.stdout  # the doc of TrainConfig.k
+    assert "paper-batchtopk" in result.stdout  # presets are listed
+
+
+def test_preset_then_overrides():
+    config = parse_config(["--preset", "paper-batchtopk", "--lr", "3e-4", "--k", "50"])
+    assert (config.preset, config.loss, config.lr, config.k) == ("paper-batchtopk", "l2", 3e-4, 50)
+    assert config.architectures == ("batchtopk",)
+
+
+def test_every_preset_is_a_valid_config():
+    for name, (description, config) in PRESETS.items():
+        assert description and config.preset == name and not config.problems()
+
+
+def test_no_arguments_picks_the_demo_in_a_fresh_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    config = parse_config([])
+    assert config.preset == "demo" and config.run_name == "demo-1"
+
+
+def test_unknown_preset_exits_2_and_lists_the_known_ones(tmp_path):
+    result = run_train("--preset", "gemma-magic", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown preset 'gemma-magic'" in result.stderr and "paper-l1" in result.stderr
+
+
+def test_invalid_value_exits_with_the_reason(tmp_path):
+    result = run_train("--k", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "k must be positive" in result.stdout + result.stderr
+
+
+def test_config_round_trips_through_its_dict():
+    config = crosscoder.TrainConfig(architectures=("l1", "diff_sae"), activations=Path("a.pt"), source_names=("b", "c"))
+    assert crosscoder.TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['flux'\]"):
+        crosscoder.TrainConfig.from_dict({**config.to_dict(), "flux": 1})
+
+
+@pytest.mark.slow
+def test_train_py_runs_a_small_demo_end_to_end(tmp_path):
+    result = run_train(
+        "--preset", "demo", "--num-tokens", "51200", "--output-dir", str(tmp_path), "--no-progress", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "batchtopk_crosscoder" in result.stdout and "fve=" in result.stdout
+    for name in ("batchtopk_crosscoder", "diff_sae"):
+        assert crosscoder.load_dictionary(tmp_path / "demo" / name).metadata["training_steps"] == 100
