@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import crosscoder
 from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, relative_norm_difference
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 from crosscoder.training import NonFiniteError, current_k, lr_factor
 
@@ -52,11 +53,6 @@ def trained(tmp_path_factory):
     return crosscoder.train(config, PlantedActivations(PLANTED, config.batch_size, seed=1)), config
 
 
-def relative_norm_difference(norms: torch.Tensor) -> torch.Tensor:
-    """Δnorm of DESIGN §9 from raw-space decoder norms [F, 2] (0 = base, 1 = chat)."""
-    return 0.5 * ((norms[:, 1] - norms[:, 0]) / norms.max(dim=1).values + 1)
-
-
 def test_planted_latents_are_recovered_with_the_right_exclusivity(trained):
     dictionaries, _ = trained
     cc = dictionaries["batchtopk_crosscoder"]
@@ -66,12 +62,11 @@ def test_planted_latents_are_recovered_with_the_right_exclusivity(trained):
     best = (planted @ learned.T).max(dim=1)
 
     assert (best.values > 0.9).float().mean() >= 0.9
-    delta = relative_norm_difference(raw_decoder.norm(dim=-1))[best.indices]
-    base_only = slice(PLANTED.n_shared, PLANTED.n_shared + PLANTED.n_base_only)
-    chat_only = slice(PLANTED.n_shared + PLANTED.n_base_only, None)
-    assert (delta[base_only] < 0.1).all()
-    assert (delta[chat_only] > 0.9).all()
-    assert ((delta[: PLANTED.n_shared] - 0.5).abs() < 0.4).all()
+    classes = latent_classes(relative_norm_difference(cc)[best.indices])
+    n_shared, n_base_only = PLANTED.n_shared, PLANTED.n_base_only
+    assert classes[n_shared : n_shared + n_base_only] == [BASE_ONLY] * n_base_only
+    assert classes[n_shared + n_base_only :] == [CHAT_ONLY] * PLANTED.n_chat_only
+    assert BASE_ONLY not in classes[:n_shared] and CHAT_ONLY not in classes[:n_shared]
 
 
 def test_inference_threshold_selects_like_training_batchtopk_on_the_training_distribution(trained):

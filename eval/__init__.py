@@ -1,0 +1,2 @@
+"""Evaluation of trained dictionaries (installed as ``crosscoder.eval``): reads dictionaries and activations,
+never trains."""
