@@ -122,7 +122,7 @@ def dictionary_from_state(config: dict[str, Any], state_dict: dict[str, torch.Te
     kwargs = {key: value for key, value in config.items() if key not in ("format", "format_version", "dict_class")}
     try:
         dictionary = DICTIONARY_CLASSES[class_name](**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise DictionaryFormatError(f"{source}: config.json does not fit {class_name} ({error})") from error
     load_state_dict_checked(dictionary, state_dict, source)
     return dictionary.eval()

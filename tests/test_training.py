@@ -249,3 +249,13 @@ def test_k_out_of_range_is_refused_by_the_config():
         crosscoder.TrainConfig(k=64, dict_size=64)
     with pytest.raises(ValueError, match="k must be positive"):
         crosscoder.TrainConfig(k=0)
+
+
+def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
+    config = small_config(tmp_path, num_tokens=256 * 20)
+    crosscoder.train(config, PlantedActivations(PLANTED, 256))
+    latest = list_checkpoints(config.run_dir)[-1]
+    state = torch.load(latest, weights_only=True)
+    torch.save({**state, "format_version": 99}, latest)
+    with pytest.raises(CheckpointError, match="checkpoint format 99, newer than this crosscoder reads"):
+        crosscoder.train(dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, 256))
