@@ -42,10 +42,63 @@ class TrainConfig:
     source_names: tuple[str, ...] | None = None
     """Names of the sources in order (recorded in the dictionaries' configs); default: base, chat."""
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data: where batches come from (name one)
+    base_model: str | None = None
+    """Base model (Hub id or local folder); with chat_model, activations are streamed from both."""
+    chat_model: str | None = None
+    """Chat/finetuned model (Hub id or local folder); its tokenizer and chat template are used."""
+    base_revision: str | None = None
+    """Hub revision of the base model."""
+    chat_revision: str | None = None
+    """Hub revision of the chat model."""
+    cache: Path | None = None
+    """Read batches from an on-disk activation cache (built with `python -m crosscoder.cache build`)."""
     activations: Path | None = None
-    """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt);
-    with none, a synthetic planted-dictionary stream is used (a self-check of the pipeline)."""
+    """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt)."""
+    model_organism: bool = False
+    """Stream from the offline model organism (a tiny base LM and a narrowly finetuned chat copy, built and
+    cached on first use)."""
+    synthetic: bool = False
+    """Train on activations generated from a planted sparse dictionary (a self-check of the pipeline)."""
+
+    # ---------------------------------------------------------------- streaming
+    layers: tuple[int, ...] | None = None
+    """Layer(s) L: the residual stream output of block L (= hidden_states[L + 1]); None = the middle block.
+    Several layers give n_sources = 2 · len(layers) (base layers, then chat layers)."""
+    model_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """dtype the models run in (activations arrive in it)."""
+    base_device: str | None = None
+    """Device of the base model (None = device)."""
+    chat_device: str | None = None
+    """Device of the chat model (None = device)."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub (off unless you trust the repository)."""
+    datasets: tuple[str, ...] = ()
+    """Text sources: Hub dataset ids or local .jsonl/.json/.parquet/.csv/.txt files."""
+    dataset_weights: tuple[float, ...] | None = None
+    """Mixture weights, one per dataset (None = equal)."""
+    dataset_split: str = "train"
+    """Split of Hub datasets."""
+    dataset_streaming: bool = True
+    """Stream datasets instead of downloading them whole (local files are read the same way)."""
+    text_column: str = "text"
+    """Column holding plain text."""
+    messages_column: str = "messages"
+    """Column holding chat conversations (a list of {role, content}), rendered with the chat template."""
+    context_length: int = 1024
+    """Tokens per sequence (longer documents are truncated)."""
+    block_sequences: int = 256
+    """Sequences per shuffle block: a block's tokens are shuffled together before batching."""
+    model_batch_size: int = 16
+    """Sequences per model forward."""
+    drop_first_tokens: int = 1
+    """Drop the first n tokens of each sequence (the BOS token and attention-sink positions)."""
+    drop_token_ids: tuple[int, ...] = ()
+    """Drop tokens with these ids (e.g. chat-template special tokens)."""
+    outlier_norm_factor: float = 100.0
+    """Drop tokens whose activation norm exceeds this multiple of the block median in either model (0 = off)."""
+    prefetch_blocks: int = 1
+    """Blocks computed ahead in a background thread while the dictionaries train (0 = no prefetch)."""
     batch_size: int = 4096
     """Tokens per training batch."""
     num_tokens: int = 100_000_000
@@ -143,6 +196,25 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.keep_checkpoints < 1:
             problems.append("keep_checkpoints must be at least 1 (resume needs a checkpoint)")
+        named = [
+            name
+            for name, on in (
+                ("--base-model/--chat-model", bool(self.base_model or self.chat_model)),
+                ("--cache", self.cache is not None),
+                ("--activations", self.activations is not None),
+                ("--model-organism", self.model_organism),
+                ("--synthetic", self.synthetic),
+            )
+            if on
+        ]
+        if len(named) > 1:
+            problems.append(f"name one data source, not {' and '.join(named)}")
+        if bool(self.base_model) != bool(self.chat_model):
+            problems.append("--base-model and --chat-model go together")
+        if self.context_length < 2:
+            problems.append(f"context_length={self.context_length} is too short: a sequence needs at least 2 tokens")
+        if self.dataset_weights is not None and len(self.dataset_weights) != len(self.datasets):
+            problems.append(f"{len(self.dataset_weights)} dataset weights for {len(self.datasets)} datasets")
         if self.log_every <= 0:
             problems.append(f"log_every must be positive, got {self.log_every}")
         return problems
@@ -167,10 +239,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}: the config comes from another version")
         converted = dict(values)
-        for name in ("output_dir", "activations"):
+        for name in ("output_dir", "activations", "cache"):
             if converted.get(name) is not None:
                 converted[name] = Path(converted[name])
-        for name in ("architectures", "source_names"):
+        for name in ("architectures", "source_names", "layers", "datasets", "dataset_weights", "drop_token_ids"):
             if converted.get(name) is not None:
                 converted[name] = tuple(converted[name])
         return cls(**converted)
@@ -199,6 +271,10 @@ RUN_CONTROL_FIELDS = frozenset(
         "device",
         "activations",
         "output_dir",
+        "cache",
+        "base_device",
+        "chat_device",
+        "prefetch_blocks",
     }
 )
 
@@ -207,6 +283,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
         "Offline self-check: a BatchTopK crosscoder and a diff-SAE on a planted synthetic dictionary (about a minute "
         "on 2 CPU cores)",
         TrainConfig(
+            synthetic=True,
             architectures=("batchtopk", "diff_sae"),
             k=4,
             dict_size=128,

@@ -20,6 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from crosscoder.activations import resolve_device
 from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from crosscoder.config import DICTIONARY_NAMES, RUN_CONTROL_FIELDS, Architecture, TrainConfig
 from crosscoder.data import ResumableBatches, TensorActivations
@@ -113,8 +114,9 @@ class Trainee:
 
 
 def dictionary_input(architecture: Architecture, x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Crosscoders read the paired batch x: [batch, 2, d]; a diff-SAE reads x_chat − x_base: [batch, d]."""
-    if architecture != "diff_sae":
+    """Crosscoders read the paired batch x: [batch, 2, d]; a diff-SAE reads x_chat − x_base: [batch, d] (taken
+    from a paired batch, or as given when the source already yields differences)."""
+    if architecture != "diff_sae" or x.dim() == 2:  # a [batch, d] batch already is a difference
         return x
     if x.shape[1] != 2:
         raise ValueError(f"a difference SAE needs exactly two sources (base, chat), got {x.shape[1]}")
@@ -234,10 +236,28 @@ class PositionedBatches:
 
 
 def default_batches(config: TrainConfig) -> Iterable[torch.Tensor]:
-    """Batches named by the config: an activation file, or (none given) a planted-dictionary stream."""
+    """The batch source the config names: paired models, a cache, a tensor file, the model organism, or
+    planted synthetic data."""
+    if config.base_model:
+        from crosscoder.activations import PairedActivationStream
+
+        return PairedActivationStream.from_config(config)
+    if config.cache is not None:
+        from crosscoder.cache import ActivationCache
+
+        return ActivationCache(config.cache, config.batch_size, seed=config.seed)
     if config.activations is not None:
         return TensorActivations.from_file(config.activations, config.batch_size, config.seed)
-    return PlantedActivations(PlantedDictionary.random(seed=config.seed), config.batch_size, config.seed)
+    if config.model_organism:
+        from crosscoder.organism import organism_stream
+
+        return organism_stream(config)
+    if config.synthetic:
+        return PlantedActivations(PlantedDictionary.random(seed=config.seed), config.batch_size, config.seed)
+    raise ValueError(
+        "no training data named: pass --base-model and --chat-model (with --datasets), --cache DIR, "
+        "--activations FILE, --model-organism (offline demo models) or --synthetic (planted dictionary)"
+    )
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -252,11 +272,7 @@ def train(
     the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name``.
     """
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else torch.device(config.device)
-    )
+    device = torch.device(resolve_device(config.device))
     run_dir = config.run_dir
     stream = PositionedBatches(batches if batches is not None else default_batches(config))
     checkpoint = _checkpoint_to_resume(config)
@@ -275,7 +291,7 @@ def train(
         trainees = start_trainees(config, [batch for batch, _ in first], device)
         iterator = itertools.chain(first, iterator)
         step, tokens = 0, 0
-    shape = _expected_shape(trainees)
+    shapes = _accepted_shapes(trainees)
 
     logger = RunLogger(config, run_dir, checkpoint.get("wandb_run_id") if checkpoint else None)
     guard = FiniteGuard(device)
@@ -292,10 +308,11 @@ def train(
                     f"the batch source ran out after {step} of {total} steps: provide more data or lower num_tokens"
                 )
             x, position = item
-            if tuple(x.shape[1:]) != shape:
+            if tuple(x.shape[1:]) not in shapes:
+                accepted = " or ".join(str(["batch", *shape]).replace("'", "") for shape in sorted(shapes))
                 raise ValueError(
-                    f"batch at step {step} has shape {list(x.shape)} but the dictionaries take "
-                    f"[batch, {shape[0]}, {shape[1]}]: every batch must come from the same sources and layer"
+                    f"batch at step {step} has shape {list(x.shape)} but the dictionaries take {accepted}: every "
+                    "batch must come from the same sources and layer"
                 )
             x = x.to(device, non_blocking=True)
             guard.watch("batch", ~torch.isfinite(x).all(), step)
@@ -311,7 +328,8 @@ def train(
                 guard.check(last_checkpoint)
                 elapsed = time.perf_counter() - window_start
                 metrics = {t.name: t.read_window(window_steps, config) for t in trainees}
-                logger.log(step, tokens, metrics, tokens_per_second=window_steps * x.shape[0] / elapsed)
+                data = {f"data/{name}": value for name, value in getattr(stream.source, "statistics", dict)().items()}
+                logger.log(step, tokens, metrics, tokens_per_second=window_steps * x.shape[0] / elapsed, **data)
                 progress.set_postfix({f"{t.name[:8]} fve": f"{metrics[t.name]['fve']:.3f}" for t in trainees})
                 window_start, window_steps = time.perf_counter(), 0
             if validation_batches is not None and config.validate_every and step % config.validate_every == 0:
@@ -379,11 +397,15 @@ def _take_tokens(
     return taken
 
 
-def _expected_shape(trainees: list[Trainee]) -> tuple[int, int]:
-    first = trainees[0]
-    if first.architecture == "diff_sae":
-        return (2, first.dictionary.d_model)
-    return (first.dictionary.n_sources, first.dictionary.d_model)
+def _accepted_shapes(trainees: list[Trainee]) -> set[tuple[int, ...]]:
+    """Per-token batch shapes the dictionaries accept: paired [n_sources, d_model], or [d_model] differences
+    when every dictionary is a diff-SAE."""
+    first = trainees[0].dictionary
+    n_sources = 2 if trainees[0].architecture == "diff_sae" else first.n_sources
+    shapes = {(n_sources, first.d_model)}
+    if all(trainee.architecture == "diff_sae" for trainee in trainees):
+        shapes.add((first.d_model,))
+    return shapes
 
 
 @torch.no_grad()

@@ -1,0 +1,553 @@
+"""Paired activations streamed from a base and a chat model on the same tokens (DESIGN §6).
+
+Documents from a weighted mixture of datasets are tokenized once (chat data rendered with the chat
+model's template; the base model sees the same ids), run through each model once per micro-batch up to
+the deepest requested layer (a hook stops the forward there), filtered, and gathered into *blocks* of
+``block_sequences`` sequences. A block's kept tokens are shuffled together and cut into batches
+``x: [batch, n_sources, d_model]`` (sources: for each model in (base, chat), for each layer); the last
+incomplete batch of a block is dropped. A background thread computes the next blocks while the consumer
+trains. Everything is a function of the seed and the block index, so the position (block, batch in
+block, dataset cursors at the block's start) resumes exactly: the block is recomputed and the same
+batches follow.
+
+"Layer L" is the residual stream *output* of decoder block L, i.e. ``hidden_states[L + 1]`` (for the last
+block, transformers applies the final norm to ``hidden_states[-1]``; the stream returns the block output).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from crosscoder.chunks import ActivationChunk
+
+if TYPE_CHECKING:
+    from crosscoder.config import TrainConfig
+
+DifferenceMode = Literal["chat_minus_base", "base_minus_chat"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------- models
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_causal_lm(
+    name: str, *, revision: str | None, dtype: str, device: str, trust_remote_code: bool
+) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a local folder or a Hub id (offline: from the HF cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        if Path(name).is_dir():
+            raise
+        raise FileNotFoundError(
+            f"model '{name}' is neither a local folder nor in the Hugging Face cache, or the Hub cannot be reached "
+            f"({type(error).__name__}): download it where there is network (`hf download {name}`) and copy the cache "
+            "(HF_HOME) here, or pass a local folder"
+        ) from error
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a transformers causal LM (Llama, Gemma, Qwen, GPT-2, …)."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook after the deepest requested layer: the rest of the model is not run."""
+
+
+@torch.no_grad()
+def residual_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]):
+    """Residual stream outputs of the given blocks, stopping after the deepest.
+
+    input_ids, attention_mask: [batch, seq] → [batch, seq, len(layers), d_model] in the model's dtype.
+    """
+    blocks = decoder_blocks(model)
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def hook_for(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in set(layers)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[layer] for layer in layers], dim=2)
+
+
+# ---------------------------------------------------------------------------- documents
+@dataclass
+class DocumentCursor:
+    """Walks one dataset's documents epoch after epoch; ``(epoch, index)`` is its position."""
+
+    dataset: Any
+    name: str
+    epoch: int = 0
+    index: int = 0
+    _iterator: Iterator[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def next_document(self) -> dict[str, Any]:
+        for _attempt in range(2):
+            if self._iterator is None:
+                self._iterator = self._open()
+            try:
+                row = next(self._iterator)
+            except StopIteration:
+                if self.index == 0:
+                    raise ValueError(f"dataset {self.name} is empty: there are no documents to read") from None
+                self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+                continue
+            self.index += 1
+            return row
+        raise AssertionError("unreachable")
+
+    def _open(self) -> Iterator[dict[str, Any]]:
+        dataset = self.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.epoch)
+        return iter(dataset.skip(self.index)) if self.index else iter(dataset)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._iterator = int(state["epoch"]), int(state["index"]), None
+
+
+def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 0, world_size: int = 1) -> Any:
+    """A ``datasets`` dataset from a Hub id or a local file/folder (json, jsonl, parquet, csv, txt).
+
+    Local map-style datasets are shuffled with the seed; streaming ones are read in order.
+    """
+    import datasets
+
+    path = Path(spec)
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+    if path.is_file():
+        if path.suffix not in builders:
+            raise ValueError(f"cannot read {spec}: use a .json/.jsonl/.parquet/.csv/.txt file or a dataset id")
+        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", streaming=streaming)
+    else:
+        try:
+            dataset = datasets.load_dataset(spec, split=split, streaming=streaming)
+        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise FileNotFoundError(
+                f"dataset '{spec}' is neither a local file nor loadable ({type(error).__name__}: {error}); offline, "
+                "pass a local .jsonl/.parquet file or a dataset already in the HF datasets cache"
+            ) from error
+    if world_size > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if not streaming:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset
+
+
+# ---------------------------------------------------------------------------- the stream
+@dataclass(frozen=True)
+class StreamSettings:
+    """Everything that decides which activations a stream produces (recorded in caches and checkpoints)."""
+
+    layers: tuple[int, ...]
+    context_length: int = 1024
+    block_sequences: int = 256
+    model_batch_size: int = 16
+    drop_first_tokens: int = 1
+    drop_token_ids: tuple[int, ...] = ()
+    outlier_norm_factor: float = 100.0
+    text_column: str = "text"
+    messages_column: str = "messages"
+    seed: int = 0
+
+
+@dataclass
+class _Block:
+    """One block's kept tokens (document order) and the cursor states before and after it."""
+
+    index: int
+    chunk: ActivationChunk
+    start: list[dict[str, int]]
+    end: list[dict[str, int]]
+    dropped: dict[str, int]
+
+
+class PairedActivationStream:
+    """Iterable of paired activation batches ``x: [batch, n_sources, d_model]`` from two models.
+
+    Sources are ordered (base layers…, chat layers…): with one layer, 0 = base and 1 = chat. With
+    ``difference`` set, batches are ``x_chat − x_base`` (or the reverse): [batch, d_model] (one layer only).
+    Also a ``ChunkSource`` (``chunks()``: unshuffled blocks for the on-disk cache) and resumable
+    (``state_dict`` / ``load_state_dict``).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        chat_model: nn.Module,
+        tokenizer: Any,
+        datasets: list[Any],
+        settings: StreamSettings,
+        *,
+        batch_size: int,
+        weights: list[float] | None = None,
+        base_tokenizer: Any = None,
+        difference: DifferenceMode | None = None,
+        prefetch_blocks: int = 1,
+        description: dict[str, Any] | None = None,
+        dataset_names: list[str] | None = None,
+    ) -> None:
+        self.base_model, self.chat_model, self.tokenizer = base_model, chat_model, tokenizer
+        self.settings, self.batch_size, self.difference = settings, batch_size, difference
+        self.prefetch_blocks = prefetch_blocks
+        names = dataset_names or [f"dataset {i}" for i in range(len(datasets))]
+        self.cursors = [DocumentCursor(dataset, name) for dataset, name in zip(datasets, names, strict=True)]
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(datasets), dtype=torch.float64)
+        self._check(base_tokenizer)
+        self._description = dict(description or {})
+        self.block_index, self.batch_in_block = 0, 0
+        self.dropped: dict[str, int] = {"padding": 0, "first_tokens": 0, "token_ids": 0, "outliers": 0, "kept": 0}
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> PairedActivationStream:
+        """Load both models and the datasets named by a ``TrainConfig`` (rank/world_size: this process's
+        share of the documents in a distributed run)."""
+        if not (config.base_model and config.chat_model):
+            raise ValueError("a paired stream needs both --base-model and --chat-model")
+        if not config.datasets:
+            raise ValueError("name at least one dataset with --datasets (Hub ids or local .jsonl/.parquet/.txt files)")
+        loaded = {}
+        for role, name, revision, device in (
+            ("base", config.base_model, config.base_revision, config.base_device),
+            ("chat", config.chat_model, config.chat_revision, config.chat_device),
+        ):
+            device = device or resolve_device(config.device)
+            loaded[role] = load_causal_lm(
+                name,
+                revision=revision,
+                dtype=config.model_dtype,
+                device=device,
+                trust_remote_code=config.trust_remote_code,
+            )
+        (base_model, base_tokenizer), (chat_model, chat_tokenizer) = loaded["base"], loaded["chat"]
+        layers = config.layers or (base_model.config.get_text_config().num_hidden_layers // 2,)
+        settings = StreamSettings(
+            layers=tuple(layers),
+            context_length=config.context_length,
+            block_sequences=config.block_sequences,
+            model_batch_size=config.model_batch_size,
+            drop_first_tokens=config.drop_first_tokens,
+            drop_token_ids=tuple(config.drop_token_ids),
+            outlier_norm_factor=config.outlier_norm_factor,
+            text_column=config.text_column,
+            messages_column=config.messages_column,
+            seed=config.seed,
+        )
+        datasets = [
+            open_dataset(spec, config.dataset_split, config.dataset_streaming, config.seed, rank, world_size)
+            for spec in config.datasets
+        ]
+        description = {
+            "base_model": config.base_model,
+            "chat_model": config.chat_model,
+            "base_revision": getattr(base_model.config, "_commit_hash", None) or config.base_revision,
+            "chat_revision": getattr(chat_model.config, "_commit_hash", None) or config.chat_revision,
+            "dtype": config.model_dtype,
+            "datasets": list(config.datasets),
+        }
+        return cls(
+            base_model,
+            chat_model,
+            chat_tokenizer,
+            datasets,
+            settings,
+            batch_size=config.batch_size,
+            weights=list(config.dataset_weights) if config.dataset_weights else None,
+            base_tokenizer=base_tokenizer,
+            prefetch_blocks=config.prefetch_blocks,
+            description=description,
+            dataset_names=list(config.datasets),
+        )
+
+    # -------------------------------------------------------------- validation before any compute
+    def _check(self, base_tokenizer: Any) -> None:
+        settings = self.settings
+        if not self.cursors:
+            raise ValueError("no datasets given: name at least one dataset to read documents from")
+        if len(self.weights) != len(self.cursors) or (self.weights < 0).any() or self.weights.sum() <= 0:
+            raise ValueError(
+                f"dataset weights {self.weights.tolist()} must be one non-negative number per dataset, not all zero"
+            )
+        if settings.context_length < 2:
+            raise ValueError(f"context_length={settings.context_length} is too short: a sequence needs ≥ 2 tokens")
+        if self.batch_size <= 0 or settings.block_sequences <= 0 or settings.model_batch_size <= 0:
+            raise ValueError("batch_size, block_sequences and model_batch_size must be positive")
+        widths = {name: model.config.get_text_config().hidden_size for name, model in self._models()}
+        if len(set(widths.values())) != 1:
+            raise ValueError(
+                f"chat model has d_model={widths['chat']} but base has {widths['base']}: the two models must have "
+                "the same width"
+            )
+        for name, model in self._models():
+            n_layers = model.config.get_text_config().num_hidden_layers
+            bad = [layer for layer in settings.layers if not 0 <= layer < n_layers]
+            if bad or not settings.layers:
+                raise ValueError(
+                    f"layer(s) {bad or '[]'} out of range for the {name} model with {n_layers} layers: layers are "
+                    f"0-based block indices from 0 to {n_layers - 1} (layer L = hidden_states[L + 1])"
+                )
+        if self.difference is not None and len(settings.layers) != 1:
+            raise ValueError("difference batches need exactly one layer")
+        self.d_model = next(iter(widths.values()))
+        self._mismatched_ids = _tokenizer_mismatch(base_tokenizer, self.tokenizer) if base_tokenizer else set()
+
+    def _models(self) -> list[tuple[str, nn.Module]]:
+        return [("base", self.base_model), ("chat", self.chat_model)]
+
+    @property
+    def n_sources(self) -> int:
+        return 2 * len(self.settings.layers)
+
+    def description(self) -> dict[str, Any]:
+        """Models, layers, dtype and filters that produced these activations."""
+        settings = self.settings
+        return {
+            **self._description,
+            "layers": list(settings.layers),
+            "n_sources": self.n_sources,
+            "d_model": self.d_model,
+            "context_length": settings.context_length,
+            "drop_first_tokens": settings.drop_first_tokens,
+            "drop_token_ids": list(settings.drop_token_ids),
+            "outlier_norm_factor": settings.outlier_norm_factor,
+        }
+
+    # -------------------------------------------------------------- documents → token ids
+    def _token_ids(self, row: dict[str, Any], cursor: DocumentCursor) -> list[int]:
+        settings = self.settings
+        messages = row.get(settings.messages_column)
+        if messages is not None:
+            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        elif settings.text_column in row:
+            ids = self.tokenizer(row[settings.text_column], add_special_tokens=True)["input_ids"]
+        else:
+            raise ValueError(
+                f"{cursor.name} has neither a '{settings.text_column}' nor a '{settings.messages_column}' column "
+                f"(columns: {sorted(row)}): set --text-column / --messages-column"
+            )
+        return list(ids[: settings.context_length])
+
+    def _block_sequences(self, block_index: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + block_index)
+        choices = torch.multinomial(self.weights, self.settings.block_sequences, replacement=True, generator=generator)
+        sequences = []
+        for choice in choices.tolist():
+            cursor = self.cursors[choice]
+            for _ in range(100):  # skip empty documents
+                ids = self._token_ids(cursor.next_document(), cursor)
+                if len(ids) >= 2:
+                    break
+            else:
+                raise ValueError(f"{cursor.name}: 100 documents in a row have fewer than 2 tokens")
+            sequences.append(ids)
+        return sequences
+
+    # -------------------------------------------------------------- token ids → filtered activations
+    def _compute_block(self, block_index: int) -> _Block:
+        start = [cursor.state_dict() for cursor in self.cursors]
+        sequences = self._block_sequences(block_index)
+        end = [cursor.state_dict() for cursor in self.cursors]
+        settings = self.settings
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        activations, token_ids, norms = [], [], []
+        dropped = {"padding": 0, "first_tokens": 0, "token_ids": 0}
+        for first in range(0, len(sequences), settings.model_batch_size):
+            group = sequences[first : first + settings.model_batch_size]
+            length = max(len(ids) for ids in group)
+            input_ids = torch.full((len(group), length), pad_id, dtype=torch.long)
+            mask = torch.zeros(len(group), length, dtype=torch.long)
+            for row, ids in enumerate(group):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            self._check_ids(input_ids[mask.bool()])
+            per_model = [
+                residual_outputs(model, input_ids.to(model.device), mask.to(model.device), list(settings.layers))
+                for _, model in self._models()
+            ]
+            device = per_model[1].device
+            x = torch.cat([out.to(device, per_model[1].dtype) for out in per_model], dim=2)  # [b, T, S, d]
+            keep = mask.bool()
+            dropped["padding"] += int((~keep).sum())
+            positions = torch.arange(length)[None, :].expand_as(keep)
+            first_tokens = keep & (positions < settings.drop_first_tokens)
+            listed = (
+                keep & ~first_tokens & torch.isin(input_ids, torch.tensor(settings.drop_token_ids, dtype=torch.long))
+            )
+            dropped["first_tokens"] += int(first_tokens.sum())
+            dropped["token_ids"] += int(listed.sum())
+            keep &= ~first_tokens & ~listed
+            kept = x[keep.to(device)]
+            activations.append(kept)
+            token_ids.append(input_ids[keep])
+            norms.append(kept.float().norm(dim=-1))  # [tokens, S]
+        x, ids, norm = torch.cat(activations), torch.cat(token_ids), torch.cat(norms)
+        dropped["outliers"] = 0
+        if settings.outlier_norm_factor > 0 and len(norm):
+            outlier = (norm > settings.outlier_norm_factor * norm.median(dim=0).values).any(dim=-1)
+            dropped["outliers"] = int(outlier.sum())
+            x, ids = x[~outlier], ids[~outlier.to(ids.device)]
+        dropped["kept"] = len(ids)
+        return _Block(block_index, ActivationChunk(x, ids.cpu()), start, end, dropped)
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if self._mismatched_ids:
+            bad = set(ids.unique().tolist()) & self._mismatched_ids
+            if bad:
+                raise ValueError(
+                    f"token ids {sorted(bad)[:10]} mean different tokens for the base and the chat tokenizer: the "
+                    "models must share a tokenizer on the ids used"
+                )
+
+    # -------------------------------------------------------------- background production
+    def _blocks(self, first_block: int) -> Iterator[_Block]:
+        """Blocks from ``first_block`` on, computed ahead in a background thread."""
+        self._restore_cursors(self.state_dict()["cursors"])  # prefetching may have read ahead: rewind
+        if self.prefetch_blocks <= 0:
+            index = first_block
+            while True:
+                yield self._compute_block(index)
+                index += 1
+        results: queue.Queue = queue.Queue(maxsize=self.prefetch_blocks)
+        stop = threading.Event()
+
+        def produce() -> None:
+            index = first_block
+            try:
+                while not stop.is_set():
+                    block = self._compute_block(index)
+                    while not stop.is_set():
+                        try:
+                            results.put(block, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    index += 1
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                results.put(error)
+
+        worker = threading.Thread(target=produce, name="paired-activations", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def _restore_cursors(self, states: list[dict[str, int]]) -> None:
+        for cursor, state in zip(self.cursors, states, strict=True):
+            cursor.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        skip = self.batch_in_block
+        for block in self._blocks(self.block_index):
+            self._record(block)
+            generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + block.index)
+            order = torch.randperm(len(block.chunk.token_ids), generator=generator)
+            n_batches = len(order) // self.batch_size
+            for batch in range(skip, n_batches):
+                self.batch_in_block = batch + 1
+                rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+                yield self._output(block.chunk.activations[rows.to(block.chunk.activations.device)])
+            skip = 0
+            self._advance(block)
+
+    def chunks(self) -> Iterator[ActivationChunk]:
+        """Unshuffled blocks (document order) with token ids, for the on-disk cache."""
+        for block in self._blocks(self.block_index):
+            self._record(block)
+            self._advance(block)
+            yield block.chunk
+
+    def _record(self, block: _Block) -> None:
+        self._block_start = block.start
+        for name, count in block.dropped.items():
+            self.dropped[name] += count
+
+    def _advance(self, block: _Block) -> None:
+        self.block_index, self.batch_in_block, self._block_start = block.index + 1, 0, block.end
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        if self.difference is None:
+            return x
+        base, chat = x[:, 0], x[:, 1]
+        return chat - base if self.difference == "chat_minus_base" else base - chat
+
+    # -------------------------------------------------------------- position
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last yielded batch (or chunk): block, batch within it, cursors at its start."""
+        start = getattr(self, "_block_start", None) or [cursor.state_dict() for cursor in self.cursors]
+        return {"block": self.block_index, "batch_in_block": self.batch_in_block, "cursors": start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.block_index, self.batch_in_block = int(state["block"]), int(state["batch_in_block"])
+        self._restore_cursors(state["cursors"])
+        self._block_start = state["cursors"]
+
+    def statistics(self) -> dict[str, int]:
+        """Tokens dropped by each filter and kept, over the blocks produced so far."""
+        return dict(self.dropped)
+
+
+def _tokenizer_mismatch(base_tokenizer: Any, chat_tokenizer: Any) -> set[int]:
+    """Ids that name different tokens in the two tokenizers; an error when the tokenizers clearly differ."""
+    base_vocab = {index: token for token, index in base_tokenizer.get_vocab().items()}
+    chat_vocab = {index: token for token, index in chat_tokenizer.get_vocab().items()}
+    mismatched = {
+        index for index in base_vocab.keys() | chat_vocab.keys() if base_vocab.get(index) != chat_vocab.get(index)
+    }
+    if len(mismatched) > 0.01 * max(len(base_vocab), len(chat_vocab)):
+        example = sorted(mismatched)[:5]
+        raise ValueError(
+            f"the base and chat tokenizers differ on {len(mismatched)} ids (e.g. {example}: "
+            f"{[base_vocab.get(i) for i in example]} vs {[chat_vocab.get(i) for i in example]}): paired activations "
+            "need the same tokens in both models"
+        )
+    return mismatched
