@@ -1,5 +1,7 @@
 """Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders and difference SAEs (see DESIGN.md)."""
 
+from crosscoder.activations import PairedActivationStream
+from crosscoder.cache import ActivationCache
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import (
     BatchTopKCrossCoder,
@@ -12,10 +14,12 @@ from crosscoder.hub import load_dictionary
 from crosscoder.training import train
 
 __all__ = [
+    "ActivationCache",
     "BatchTopKCrossCoder",
     "BatchTopKSAE",
     "DictionaryFormatError",
     "L1CrossCoder",
+    "PairedActivationStream",
     "SparseDictionary",
     "TrainConfig",
     "load_dictionary",

@@ -1,0 +1,108 @@
+"""The on-disk cache filled from a real paired stream: collect once, train many times."""
+
+import dataclasses
+import filecmp
+
+import pytest
+from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, llama, save_pair, write_jsonl
+
+import crosscoder
+from crosscoder.activations import PairedActivationStream
+from crosscoder.cache import ActivationCache, CacheError
+
+
+class StopAfter:
+    """A paired stream whose chunk iteration dies after ``n`` chunks (an interrupted collection)."""
+
+    def __init__(self, stream: PairedActivationStream, n: int) -> None:
+        self.stream, self.n = stream, n
+
+    def chunks(self):
+        for index, chunk in enumerate(self.stream.chunks()):
+            if index == self.n:
+                raise KeyboardInterrupt
+            yield chunk
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer()
+    base = llama(len(tokenizer))
+    base_path, chat_path = save_pair(root, base, finetuned_copy(base), tokenizer)
+    general = write_jsonl(root / "general.jsonl", [{"text": text} for text in corpus()[:100]])
+    chats = write_jsonl(root / "chat.jsonl", chat_rows(100))
+    return crosscoder.TrainConfig(
+        base_model=str(base_path),
+        chat_model=str(chat_path),
+        datasets=(str(general), str(chats)),
+        layers=(1,),
+        model_dtype="float32",
+        context_length=24,
+        block_sequences=8,
+        model_batch_size=4,
+        batch_size=32,
+        num_tokens=1000,
+        k=4,
+        dict_size=64,
+        normalization_tokens=128,
+        warmup_steps=2,
+        progress=False,
+    )
+
+
+def test_an_interrupted_collection_continues_to_the_same_cache(config, tmp_path):
+    ActivationCache.build(
+        tmp_path / "straight", PairedActivationStream.from_config(config), 1000, shard_tokens=300, progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        ActivationCache.build(
+            tmp_path / "resumed",
+            StopAfter(PairedActivationStream.from_config(config), 3),
+            1000,
+            shard_tokens=300,
+            progress=False,
+        )
+    ActivationCache.build(
+        tmp_path / "resumed", PairedActivationStream.from_config(config), 1000, shard_tokens=300, progress=False
+    )
+    straight = sorted(path.name for path in (tmp_path / "straight").iterdir())
+    assert straight == sorted(path.name for path in (tmp_path / "resumed").iterdir())
+    for name in straight:
+        assert filecmp.cmp(tmp_path / "straight" / name, tmp_path / "resumed" / name, shallow=False), name
+
+    cache = ActivationCache(tmp_path / "straight", batch_size=32)
+    assert (cache.n_sources, cache.d_model, cache.num_tokens) == (2, 32, 1000)
+    assert cache.description["layers"] == [1] and cache.description["chat_model"] == config.chat_model
+
+
+def test_a_cache_of_another_layer_is_not_mixed_in(config, tmp_path):
+    ActivationCache.build(
+        tmp_path / "cache", PairedActivationStream.from_config(config), 300, shard_tokens=300, progress=False
+    )
+    before = {path.name: path.read_bytes() for path in (tmp_path / "cache").iterdir()}
+    other_layer = PairedActivationStream.from_config(dataclasses.replace(config, layers=(2,)))
+    with pytest.raises(CacheError, match="layers"):
+        ActivationCache.build(tmp_path / "cache", other_layer, 600, shard_tokens=300, progress=False)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "cache").iterdir()} == before
+
+
+def test_training_reads_the_cache_named_in_the_config(config, tmp_path):
+    ActivationCache.build(
+        tmp_path / "cache", PairedActivationStream.from_config(config), 1000, shard_tokens=300, progress=False
+    )
+    cached = dataclasses.replace(
+        config,
+        base_model=None,
+        chat_model=None,
+        cache=tmp_path / "cache",
+        num_tokens=32 * 40,
+        output_dir=tmp_path,
+        run_name="from-cache",
+        architectures=("batchtopk", "diff_sae"),
+    )
+    dictionaries = crosscoder.train(cached)
+    assert dictionaries["diff_sae"].metadata["training_steps"] == 40
