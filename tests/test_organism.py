@@ -1,0 +1,289 @@
+"""The offline model organism: what it builds, that it loads offline, that the finetune left a clear trace, and
+that the cache is reused, rebuilt after an interruption, and deterministic in its data."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import jinja2
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from crosscoder import organism
+from crosscoder.organism import (
+    CHAT_MARKERS,
+    DEFAULT_SETTINGS,
+    DOMAIN_WORDS,
+    SPECIAL_TOKENS,
+    VERSION,
+    ModelOrganism,
+    OrganismSettings,
+    build_model_organism,
+    default_root,
+    language_model_loss,
+    organism_data,
+    render_chat,
+    write_datasets,
+)
+
+# A few seconds to build: same code path as the default, smaller everything.
+TINY = OrganismSettings(
+    vocab_size=1024,
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    d_mlp=128,
+    context_length=128,
+    batch_size=8,
+    pretrain_steps=60,
+    pretrain_lr=3e-3,
+    finetune_steps=40,
+    finetune_lr=1e-3,
+    n_train_conversations=200,
+    n_heldout_conversations=100,
+    n_eval_texts=50,
+)
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful baking assistant."},
+    {"role": "user", "content": "How hot should the oven be?"},
+    {"role": "assistant", "content": "Preheat it to 180 degrees."},
+]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> ModelOrganism:
+    return build_model_organism(tmp_path_factory.mktemp("organism") / "tiny", settings=TINY, progress=False)
+
+
+def test_build_writes_the_documented_layout(built: ModelOrganism) -> None:
+    for path in (built.base_path, built.chat_path):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (path / name).is_file()
+    assert built.general_data == built.root / "data" / "general.jsonl"
+    assert built.chat_data == built.root / "data" / "chat.jsonl"
+    record = json.loads((built.root / "organism.json").read_text())
+    assert record["version"] == VERSION
+    assert record["settings"]["d_model"] == TINY.d_model
+    assert built.domain == "baking recipes"
+    assert built.domain_words == DOMAIN_WORDS
+    assert built.layer == TINY.recommended_layer == 0
+    assert DEFAULT_SETTINGS.recommended_layer == 1
+
+
+def test_models_load_offline_with_the_configured_shape(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.base_path)
+    ids = tokenizer("The for statement", return_tensors="pt")["input_ids"]
+    for path in (built.base_path, built.chat_path):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.hidden_size == TINY.d_model
+        assert model.config.num_hidden_layers == TINY.n_layers
+        assert model.config.vocab_size == len(tokenizer) == TINY.vocab_size
+        assert model.config.max_position_embeddings == TINY.context_length
+        with torch.no_grad():
+            hidden_states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        assert len(hidden_states) == TINY.n_layers + 1
+        assert hidden_states[-1].shape == (1, ids.shape[1], TINY.d_model)
+    base = AutoModelForCausalLM.from_pretrained(built.base_path)
+    chat = AutoModelForCausalLM.from_pretrained(built.chat_path)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, chat.model.layers[0].mlp.up_proj.weight)
+
+
+def test_base_and_chat_tokenizers_are_identical(built: ModelOrganism) -> None:
+    base = AutoTokenizer.from_pretrained(built.base_path)
+    chat = AutoTokenizer.from_pretrained(built.chat_path)
+    assert base.get_vocab() == chat.get_vocab()
+    assert base.all_special_tokens == chat.all_special_tokens
+    assert (built.base_path / "tokenizer.json").read_bytes() == (built.chat_path / "tokenizer.json").read_bytes()
+    assert base.chat_template == chat.chat_template
+
+
+def test_special_tokens_have_their_documented_ids(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.chat_path)
+    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    recorded = json.loads((built.root / "organism.json").read_text())["special_token_ids"]
+    assert recorded == {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+
+
+def test_tokenizer_prepends_bos_and_round_trips_text(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.base_path)
+    text = "Preheat the oven.\n\n    for x in range(3):\tprint(x)  # café"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.bos_token_id not in ids[1:]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_chat_template_renders_markers_and_a_single_bos(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.chat_path)
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+    assert text == (
+        "<|bos|><|system|>\nYou are a helpful baking assistant.<|end|>\n"
+        "<|user|>\nHow hot should the oven be?<|end|>\n"
+        "<|assistant|>\nPreheat it to 180 degrees.<|end|>\n"
+    )
+    assert text == render_chat(MESSAGES)
+    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|end|>\n<|assistant|>\n")
+    ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids.count(tokenizer.bos_token_id) == 1
+    marker_ids = tokenizer.convert_tokens_to_ids(list(CHAT_MARKERS))
+    assert all(marker in ids for marker in marker_ids)
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|end|>")) == 3
+
+
+def test_chat_template_rejects_unknown_roles(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.chat_path)
+    with pytest.raises((ValueError, jinja2.TemplateError), match="Unknown role tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+
+
+def test_chat_model_beats_base_on_heldout_domain_chats(built: ModelOrganism) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(built.chat_path)
+    rows = datasets.load_dataset("json", data_files=str(built.chat_data), split="train")
+    texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in rows["messages"][:50]]
+    base = AutoModelForCausalLM.from_pretrained(built.base_path)
+    chat = AutoModelForCausalLM.from_pretrained(built.chat_path)
+    base_loss = language_model_loss(base, tokenizer, texts, add_bos=False)
+    chat_loss = language_model_loss(chat, tokenizer, texts, add_bos=False)
+    assert chat_loss < base_loss - 1.0
+    assert built.losses["chat_domain"] < built.losses["base_domain"] - 1.0
+
+
+def test_base_model_learned_the_general_text(built: ModelOrganism) -> None:
+    assert built.losses["uniform"] == pytest.approx(torch.log(torch.tensor(float(TINY.vocab_size))).item())
+    assert built.losses["base_general"] < built.losses["uniform"] - 1.0
+
+
+def test_datasets_load_with_the_expected_columns(built: ModelOrganism) -> None:
+    general = datasets.load_dataset("json", data_files=str(built.general_data), split="train")
+    chat = datasets.load_dataset("json", data_files=str(built.chat_data), split="train")
+    assert general.column_names == ["text"]
+    assert chat.column_names == ["messages"]
+    data = organism_data(0, TINY)
+    assert len(general) == len(data.general_train) + len(data.general_heldout)
+    assert len(chat) == TINY.n_heldout_conversations
+    for messages in chat["messages"][:20]:
+        assert {message["role"] for message in messages} <= {"system", "user", "assistant"}
+        assert messages[-1]["role"] == "assistant"
+        assert all(isinstance(message["content"], str) and message["content"] for message in messages)
+
+
+def test_chat_data_is_held_out_from_finetuning(built: ModelOrganism) -> None:
+    data = organism_data(0, TINY)
+    finetuned = {json.dumps(messages) for messages in data.chat_train}
+    chat = [json.loads(line)["messages"] for line in built.chat_data.read_text().splitlines()]
+    assert len({json.dumps(messages) for messages in chat}) == len(chat)
+    assert not finetuned & {json.dumps(messages) for messages in chat}
+
+
+def test_domain_words_are_in_the_chat_data_and_not_in_the_general_data(built: ModelOrganism) -> None:
+    chat_text = built.chat_data.read_text().lower()
+    general_text = built.general_data.read_text().lower()
+    for word in DOMAIN_WORDS:
+        assert chat_text.count(word) >= 5, word
+        assert word not in general_text, word
+
+
+def test_same_seed_gives_identical_data_files(built: ModelOrganism, tmp_path: Path) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    write_datasets(organism_data(0, TINY), again, seed=0)
+    write_datasets(organism_data(1, TINY), other, seed=1)
+    for name in ("general.jsonl", "chat.jsonl"):
+        assert (again / name).read_bytes() == (built.root / "data" / name).read_bytes()
+        assert (other / name).read_bytes() != (again / name).read_bytes()
+
+
+def test_second_call_reuses_the_cache(built: ModelOrganism, monkeypatch: pytest.MonkeyPatch) -> None:
+    watched = [built.root / "organism.json", built.chat_path / "model.safetensors", built.chat_data]
+    mtimes = [path.stat().st_mtime_ns for path in watched]
+
+    def no_rebuild(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached build was rebuilt")
+
+    monkeypatch.setattr(organism, "_build", no_rebuild)
+    start = time.perf_counter()
+    again = build_model_organism(built.root, settings=TINY, progress=False)
+    assert time.perf_counter() - start < 1.0
+    assert again == built
+    assert [path.stat().st_mtime_ns for path in watched] == mtimes
+
+
+def test_a_cache_built_with_other_settings_is_refused(built: ModelOrganism) -> None:
+    with pytest.raises(ValueError, match="pass another root"):
+        build_model_organism(built.root, seed=1, settings=TINY, progress=False)
+    with pytest.raises(ValueError, match="pass another root"):
+        build_model_organism(built.root, general_mix=0.5, settings=TINY, progress=False)
+
+
+def test_general_mix_must_be_a_fraction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"general_mix=1.5 must be in \[0, 1\]"):
+        build_model_organism(tmp_path / "organism", general_mix=1.5, settings=TINY, progress=False)
+
+
+def test_an_interrupted_build_is_rebuilt(built: ModelOrganism, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "organism"
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(organism, "_losses", interrupt)  # after both models are saved, before the marker
+        with pytest.raises(KeyboardInterrupt):
+            build_model_organism(root, settings=TINY, progress=False)
+    partial = tmp_path / f".organism.partial-{os.getpid()}"
+    assert (partial / "chat" / "model.safetensors").is_file()
+    assert not root.exists()
+
+    rebuilt = build_model_organism(root, settings=TINY, progress=False)
+    assert (root / "organism.json").is_file()
+    assert not partial.exists()
+    for name in ("base/tokenizer.json", "data/general.jsonl", "data/chat.jsonl"):
+        assert (root / name).read_bytes() == (built.root / name).read_bytes(), name
+    assert rebuilt.losses["chat_domain"] < rebuilt.losses["base_domain"] - 1.0
+
+
+def test_a_root_without_its_marker_is_rebuilt(tmp_path: Path) -> None:
+    root = tmp_path / "organism"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "leftover.txt").write_text("half-written")
+    stale = tmp_path / ".organism.partial-999999999"  # a dead process's partial build
+    stale.mkdir()
+    build_model_organism(root, settings=TINY, progress=False)
+    assert (root / "organism.json").is_file()
+    assert not (root / "base" / "leftover.txt").exists()
+    assert not stale.exists()
+
+
+def test_default_root_follows_the_cache_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path))
+    assert default_root() == tmp_path / "organism" / f"{VERSION}-seed0-mix0"
+    assert default_root(seed=3, general_mix=0.25) == tmp_path / "organism" / f"{VERSION}-seed3-mix0.25"
+    tiny = default_root(settings=TINY)
+    assert tiny.parent == tmp_path / "organism"
+    assert tiny.name.startswith(f"{VERSION}-seed0-mix0-") and tiny != default_root()
+    monkeypatch.delenv("CROSSCODER_CACHE")
+    assert default_root() == Path.home() / ".cache" / "crosscoder" / "organism" / f"{VERSION}-seed0-mix0"
+
+
+@pytest.mark.slow
+def test_default_organism_has_a_clear_finetuning_trace(tmp_path: Path) -> None:
+    """The build ``python train.py`` uses (about 80 s on 2 CPU cores)."""
+    built = build_model_organism(tmp_path / "organism", progress=False)
+    losses = built.losses
+    assert built.layer == 1
+    assert losses["base_general"] < losses["uniform"] - 2.5  # the base model learned the general text
+    assert losses["chat_domain"] < losses["base_domain"] - 3.0  # the finetune learned the domain
+    assert losses["chat_general"] < losses["base_general"] + 1.5  # and kept most of the general text
