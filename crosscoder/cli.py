@@ -12,6 +12,7 @@ import tyro
 
 from crosscoder.checkpoint import CheckpointError
 from crosscoder.config import PRESETS, TrainConfig, preset
+from crosscoder.demo import summary
 from crosscoder.dictionary import DictionaryFormatError
 from crosscoder.training import NonFiniteError, train
 
@@ -59,12 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nRun folder: {config.run_dir}")
-    for name, dictionary in dictionaries.items():
-        metrics = dictionary.metadata.get("metrics", {})
-        summary = ", ".join(
-            f"{key}={metrics[key]:.4g}"
-            for key in ("fve", "fve_source_0", "fve_source_1", "l0", "dead_fraction")
-            if key in metrics
-        )
-        print(f"  {name}: {config.run_dir / name}  ({summary})")
+    for name in dictionaries:
+        print(f"  {name}: {config.run_dir / name}")
+    print("\n".join(summary(dictionaries)))
     return 0

@@ -56,8 +56,8 @@ class TrainConfig:
     activations: Path | None = None
     """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt)."""
     model_organism: bool = False
-    """Stream from the offline model organism (a tiny base LM and a narrowly finetuned chat copy, built and
-    cached on first use)."""
+    """Stream from the offline model organism (a tiny base LM and a copy finetuned on baking chats, built and
+    cached on first use), at its recommended layer unless --layers is given; its chat markers are dropped."""
     synthetic: bool = False
     """Train on activations generated from a planted sparse dictionary (a self-check of the pipeline)."""
 
@@ -280,8 +280,33 @@ RUN_CONTROL_FIELDS = frozenset(
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "demo": (
-        "Offline self-check: a BatchTopK crosscoder and a diff-SAE on a planted synthetic dictionary (about a minute "
-        "on 2 CPU cores)",
+        "The offline default run: diff the model organism (a tiny base LM and its baking-finetuned chat copy) with "
+        "a BatchTopK crosscoder and a diff-SAE (a few minutes on 2 CPU cores)",
+        TrainConfig(
+            model_organism=True,
+            architectures=("batchtopk", "diff_sae"),
+            k=8,
+            dict_size=1024,
+            batch_size=1024,
+            num_tokens=1024 * 1500,
+            lr=1e-3,
+            warmup_steps=100,
+            threshold_start_step=300,
+            dead_tokens=300_000,
+            normalization_tokens=16_384,
+            model_dtype="float32",
+            context_length=256,
+            block_sequences=64,
+            dataset_streaming=False,
+            checkpoint_every=500,
+            log_every=50,
+            preset="demo",
+            run_name="demo",
+        ),
+    ),
+    "synthetic": (
+        "Self-check on planted data: a BatchTopK crosscoder and a diff-SAE trained on activations generated from a "
+        "known sparse dictionary (about 20 s on 2 CPU cores)",
         TrainConfig(
             synthetic=True,
             architectures=("batchtopk", "diff_sae"),
@@ -296,8 +321,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
             normalization_tokens=4096,
             checkpoint_every=500,
             log_every=100,
-            preset="demo",
-            run_name="demo",
+            preset="synthetic",
+            run_name="synthetic",
         ),
     ),
     "paper-batchtopk": (

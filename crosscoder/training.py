@@ -249,7 +249,7 @@ def default_batches(config: TrainConfig) -> Iterable[torch.Tensor]:
     if config.activations is not None:
         return TensorActivations.from_file(config.activations, config.batch_size, config.seed)
     if config.model_organism:
-        from crosscoder.organism import organism_stream
+        from crosscoder.demo import organism_stream
 
         return organism_stream(config)
     if config.synthetic:

@@ -1,5 +1,6 @@
 """The command line: ``python train.py`` with presets, overrides, --help and clean errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,41 @@ def test_config_round_trips_through_its_dict():
 
 
 @pytest.mark.slow
-def test_train_py_runs_a_small_demo_end_to_end(tmp_path):
+def test_train_py_runs_the_synthetic_self_check(tmp_path):
     result = run_train(
-        "--preset", "demo", "--num-tokens", "51200", "--output-dir", str(tmp_path), "--no-progress", cwd=tmp_path
+        "--preset", "synthetic", "--num-tokens", "51200", "--output-dir", str(tmp_path), "--no-progress", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "batchtopk_crosscoder" in result.stdout and "fve=" in result.stdout
     for name in ("batchtopk_crosscoder", "diff_sae"):
-        assert crosscoder.load_dictionary(tmp_path / "demo" / name).metadata["training_steps"] == 100
+        assert crosscoder.load_dictionary(tmp_path / "synthetic" / name).metadata["training_steps"] == 100
+
+
+@pytest.mark.slow
+def test_train_py_without_arguments_diffs_the_model_organism(tmp_path, organism_cache):
+    """The default run at a reduced size (the organism comes from the session's cache)."""
+    env = {**os.environ, "CROSSCODER_CACHE": str(organism_cache)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--preset",
+            "demo",
+            "--num-tokens",
+            str(1024 * 150),
+            "--dict-size",
+            "256",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "chat-only" in result.stdout
+    cc = crosscoder.load_dictionary(tmp_path / "demo" / "batchtopk_crosscoder")
+    assert cc.metadata["training_steps"] == 150 and cc.metadata["metrics"]["fve"] > 0.5

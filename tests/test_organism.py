@@ -279,9 +279,9 @@ def test_default_root_follows_the_cache_variable(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.slow
-def test_default_organism_has_a_clear_finetuning_trace(tmp_path: Path) -> None:
+def test_default_organism_has_a_clear_finetuning_trace(default_organism: ModelOrganism) -> None:
     """The build ``python train.py`` uses (about 80 s on 2 CPU cores)."""
-    built = build_model_organism(tmp_path / "organism", progress=False)
+    built = default_organism
     losses = built.losses
     assert built.layer == 1
     assert losses["base_general"] < losses["uniform"] - 2.5  # the base model learned the general text

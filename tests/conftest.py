@@ -1,0 +1,23 @@
+"""Session-wide fixtures."""
+
+import pytest
+
+from crosscoder.organism import ModelOrganism, build_model_organism
+
+
+@pytest.fixture(scope="session")
+def organism_cache(tmp_path_factory):
+    """A CROSSCODER_CACHE folder holding the default model organism, built once per test session (~80 s)."""
+    cache = tmp_path_factory.mktemp("crosscoder-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSCODER_CACHE", str(cache))
+        build_model_organism(progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def default_organism(organism_cache) -> ModelOrganism:
+    """The default organism (what ``python train.py`` uses), from the session's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSCODER_CACHE", str(organism_cache))
+        return build_model_organism(progress=False)
