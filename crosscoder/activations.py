@@ -249,15 +249,15 @@ class PairedActivationStream:
         if not config.datasets:
             raise ValueError("name at least one dataset with --datasets (Hub ids or local .jsonl/.parquet/.txt files)")
         loaded = {}
-        for role, name, revision, device in (
-            ("base", config.base_model, config.base_revision, config.base_device),
-            ("chat", config.chat_model, config.chat_revision, config.chat_device),
+        for role, name, revision, device, dtype in (
+            ("base", config.base_model, config.base_revision, config.base_device, config.base_dtype),
+            ("chat", config.chat_model, config.chat_revision, config.chat_device, config.chat_dtype),
         ):
             device = device or resolve_device(config.device)
             loaded[role] = load_causal_lm(
                 name,
                 revision=revision,
-                dtype=config.model_dtype,
+                dtype=dtype or config.model_dtype,
                 device=device,
                 trust_remote_code=config.trust_remote_code,
             )
@@ -284,7 +284,7 @@ class PairedActivationStream:
             "chat_model": config.chat_model,
             "base_revision": getattr(base_model.config, "_commit_hash", None) or config.base_revision,
             "chat_revision": getattr(chat_model.config, "_commit_hash", None) or config.chat_revision,
-            "dtype": config.model_dtype,
+            "dtype": [config.base_dtype or config.model_dtype, config.chat_dtype or config.model_dtype],
             "datasets": list(config.datasets),
         }
         return cls(
@@ -363,7 +363,9 @@ class PairedActivationStream:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         elif settings.text_column in row:
-            ids = self.tokenizer(row[settings.text_column], add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(
+                row[settings.text_column], add_special_tokens=True, truncation=True, max_length=settings.context_length
+            )["input_ids"]
         else:
             raise ValueError(
                 f"{cursor.name} has neither a '{settings.text_column}' nor a '{settings.messages_column}' column "

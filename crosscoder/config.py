@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 Architecture = Literal["batchtopk", "l1", "diff_sae"]
 
@@ -62,11 +64,15 @@ class TrainConfig:
     """Train on activations generated from a planted sparse dictionary (a self-check of the pipeline)."""
 
     # ---------------------------------------------------------------- streaming
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...] | None, tyro.conf.arg(aliases=("--layer",))] = None
     """Layer(s) L: the residual stream output of block L (= hidden_states[L + 1]); None = the middle block.
     Several layers give n_sources = 2 · len(layers) (base layers, then chat layers)."""
     model_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """dtype the models run in (activations arrive in it)."""
+    base_dtype: Literal["bfloat16", "float32", "float16"] | None = None
+    """dtype of the base model (None = model_dtype)."""
+    chat_dtype: Literal["bfloat16", "float32", "float16"] | None = None
+    """dtype of the chat model (None = model_dtype)."""
     base_device: str | None = None
     """Device of the base model (None = device)."""
     chat_device: str | None = None
