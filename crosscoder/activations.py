@@ -395,7 +395,7 @@ class PairedActivationStream:
         end = [cursor.state_dict() for cursor in self.cursors]
         settings = self.settings
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        activations, token_ids, norms = [], [], []
+        activations, token_ids, sequence_ids, norms = [], [], [], []
         dropped = {"padding": 0, "first_tokens": 0, "token_ids": 0}
         for first in range(0, len(sequences), settings.model_batch_size):
             group = sequences[first : first + settings.model_batch_size]
@@ -425,15 +425,16 @@ class PairedActivationStream:
             kept = x[keep.to(device)]
             activations.append(kept)
             token_ids.append(input_ids[keep])
+            sequence_ids.append((first + torch.arange(len(group)))[:, None].expand_as(keep)[keep])
             norms.append(kept.float().norm(dim=-1))  # [tokens, S]
-        x, ids, norm = torch.cat(activations), torch.cat(token_ids), torch.cat(norms)
+        x, ids, sequence, norm = torch.cat(activations), torch.cat(token_ids), torch.cat(sequence_ids), torch.cat(norms)
         dropped["outliers"] = 0
         if settings.outlier_norm_factor > 0 and len(norm):
             outlier = (norm > settings.outlier_norm_factor * norm.median(dim=0).values).any(dim=-1)
             dropped["outliers"] = int(outlier.sum())
-            x, ids = x[~outlier], ids[~outlier.to(ids.device)]
+            x, ids, sequence = x[~outlier], ids[~outlier.cpu()], sequence[~outlier.cpu()]
         dropped["kept"] = len(ids)
-        return _Block(block_index, ActivationChunk(x, ids.cpu()), start, end, dropped)
+        return _Block(block_index, ActivationChunk(x, ids, sequence), start, end, dropped)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if self._mismatched_ids:

@@ -15,11 +15,14 @@ class ActivationChunk:
     """Kept tokens of a group of documents, in document order.
 
     activations: [tokens, n_sources, d_model] (source order as in the producing stream, 0 = base, 1 = chat);
-    token_ids: [tokens] int64, the token each row was computed on.
+    token_ids: [tokens] int64, the token each row was computed on;
+    sequence_ids: [tokens] int64 or None, which sequence of the chunk each row belongs to (so contexts can be
+    cut at document boundaries; the on-disk cache does not store it).
     """
 
     activations: torch.Tensor
     token_ids: torch.Tensor
+    sequence_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.activations.dim() != 3 or self.token_ids.shape != self.activations.shape[:1]:

@@ -72,6 +72,8 @@ def test_captured_activations_equal_the_models_hidden_states(pair, tokenizer):
         expected, ids = reference_rows(model, tokenizer, texts, layer, 24)
         torch.testing.assert_close(chunk.activations[:, source], expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(chunk.token_ids, ids)
+    lengths = [min(len(tokenizer(text)["input_ids"]), 24) - 1 for text in texts]
+    assert torch.equal(chunk.sequence_ids, torch.repeat_interleave(torch.arange(8), torch.tensor(lengths)))
     assert stream.n_sources == 4
 
 
