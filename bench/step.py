@@ -1,0 +1,205 @@
+"""One BatchTopK training step against a dense baseline and the floor (DESIGN §5).
+
+- dense: the peers' step — dense encoder GEMM, ``torch.topk`` over the flattened [B, F] scores, dense decode
+  ``codes @ W_dec``, autograd backward (dense ∂W_dec, ∂W_enc), Adam;
+- ours: ``BatchTopKCrossCoder.training_forward`` (sparse kernels: radix-select BatchTopK, sparse decode,
+  sparse encoder gradient), backward, Adam — what ``crosscoder.train`` runs;
+- floor: one encoder GEMM ``[B, S·d] × [S·d, F]``, the only dense work a step needs.
+Also the diff-SAE step (ours) and, when ``dictionary_learning`` is importable (an optional, separate
+environment: it pins a CUDA torch), its ``BatchTopKTrainer.update`` at the same diff-SAE shapes.
+Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth) is its
+own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor.
+
+    python bench/step.py                                   # CPU: d=512, 2 sources, F=16384, k=64, B=4096
+    python bench/step.py --d-model 2304 --dict-size 73728 --k 100 --batch 4096   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def dense_step(args, device):
+    """The dense baseline on the same parameters and data."""
+    S, d, F = args.sources, args.d_model, args.dict_size
+    W_enc = torch.nn.Parameter(torch.randn(F, S * d, device=device) / d**0.5)
+    W_dec = torch.nn.Parameter(W_enc.detach().clone())
+    b_enc = torch.nn.Parameter(torch.zeros(F, device=device))
+    b_dec = torch.nn.Parameter(torch.zeros(S * d, device=device))
+    optimizer = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+    x = torch.randn(args.batch, S * d, device=device)
+
+    def step():
+        f = torch.relu(x @ W_enc.T + b_enc)
+        c = W_dec.detach().view(F, S, d).norm(dim=-1).sum(-1)
+        kept = (f * c).flatten().topk(args.k * args.batch, sorted=False).indices
+        codes = torch.zeros_like(f).flatten().scatter(0, kept, f.flatten()[kept]).view_as(f)
+        loss = (x - (codes @ W_dec + b_dec)).pow(2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def our_step(args, device, architecture="batchtopk"):
+    """The library's training step (normalised input, sparse path)."""
+    import crosscoder
+    from crosscoder.losses import reconstruction_loss
+
+    if architecture == "batchtopk":
+        dictionary = crosscoder.BatchTopKCrossCoder(args.d_model, args.dict_size, args.k, args.sources)
+        x = torch.randn(args.batch, args.sources, args.d_model, device=device)
+    else:
+        dictionary = crosscoder.BatchTopKSAE(args.d_model, args.dict_size, args.k)
+        x = torch.randn(args.batch, args.d_model, device=device)
+    dictionary = dictionary.to(device).train()
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
+    x_normalized = dictionary.normalize(x)
+
+    def step():
+        out = dictionary.training_forward(x_normalized, args.k)
+        loss = reconstruction_loss(x_normalized, out.reconstruction, "mse")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dictionary.before_optimizer_step()
+        optimizer.step()
+        dictionary.after_optimizer_step()
+
+    return step
+
+
+def floor_step(args, device):
+    W_enc = torch.randn(args.dict_size, args.sources * args.d_model, device=device)
+    x = torch.randn(args.batch, args.sources * args.d_model, device=device)
+    return lambda: x @ W_enc.T
+
+
+def dictionary_learning_step(args, device):
+    """``dictionary_learning``'s BatchTopKTrainer (PyPI 0.1.0) at the diff-SAE shapes, if importable."""
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+
+    wanted = dict(
+        steps=10_000,
+        activation_dim=args.d_model,
+        dict_size=args.dict_size,
+        k=args.k,
+        layer=0,
+        lm_name="bench",
+        dict_class=BatchTopKSAE,
+        lr=1e-4,
+        device=device,
+        seed=0,
+        warmup_steps=0,
+    )
+    accepted = inspect.signature(BatchTopKTrainer.__init__).parameters
+    trainer = BatchTopKTrainer(**{key: value for key, value in wanted.items() if key in accepted})
+    x = torch.randn(args.batch, args.d_model, device=device)
+    counter = iter(range(10**9))
+    return lambda: trainer.update(next(counter), x)
+
+
+VARIANTS = {
+    "dense": dense_step,
+    "ours": our_step,
+    "floor": floor_step,
+    "ours_diff_sae": lambda args, device: our_step(args, device, "diff_sae"),
+    "dictionary_learning_diff_sae": dictionary_learning_step,
+}
+
+
+def run_variant(args) -> dict:
+    """Time one variant in this process: median of ``--repeats`` steps after warm-up, and peak memory."""
+    device = args.device
+    torch.manual_seed(0)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    step = VARIANTS[args.variant](args, device)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    )
+    return {"variant": args.variant, "seconds": sorted(times)[len(times) // 2], "peak_mb": round(peak_mb, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--sources", type=int, default=2)
+    parser.add_argument("--dict-size", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+
+    results = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            reason = (finished.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"{variant:>30}: not run ({reason})")
+            results[variant] = None
+            continue
+        results[variant] = json.loads(finished.stdout.strip().splitlines()[-1])
+        print(
+            f"{variant:>30}: {results[variant]['seconds'] * 1e3:9.1f} ms   peak {results[variant]['peak_mb']:9.1f} MB"
+        )
+
+    def seconds(name):
+        return results[name]["seconds"] if results.get(name) else None
+
+    summary = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "shape": {
+            "batch": args.batch,
+            "sources": args.sources,
+            "d_model": args.d_model,
+            "dict_size": args.dict_size,
+            "k": args.k,
+        },
+        **{f"{name}_ms": round(value["seconds"] * 1e3, 2) for name, value in results.items() if value},
+        **{f"{name}_peak_mb": value["peak_mb"] for name, value in results.items() if value},
+        "speedup_vs_dense": round(seconds("dense") / seconds("ours"), 3),
+        "ratio_to_floor": round(seconds("ours") / seconds("floor"), 3),
+        "dictionary_learning_vs_ours_diff_sae": (
+            round(seconds("dictionary_learning_diff_sae") / seconds("ours_diff_sae"), 3)
+            if seconds("dictionary_learning_diff_sae")
+            else None
+        ),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
