@@ -12,7 +12,7 @@ import tyro
 
 from crosscoder.checkpoint import CheckpointError
 from crosscoder.config import PRESETS, TrainConfig, preset
-from crosscoder.demo import summary
+from crosscoder.demo import explain_chat_latents, summary
 from crosscoder.dictionary import DictionaryFormatError
 from crosscoder.training import NonFiniteError, train
 
@@ -62,5 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nRun folder: {config.run_dir}")
     for name in dictionaries:
         print(f"  {name}: {config.run_dir / name}")
-    print("\n".join(summary(dictionaries)))
+    lines = summary(dictionaries)
+    if config.model_organism and "batchtopk_crosscoder" in dictionaries:
+        lines += explain_chat_latents(dictionaries["batchtopk_crosscoder"], config)
+    print("\n".join(lines))
     return 0

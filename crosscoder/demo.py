@@ -9,6 +9,7 @@ are trained side by side, and a summary says what the diff found.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import Counter
 
 from transformers import AutoTokenizer
@@ -17,6 +18,8 @@ from crosscoder.activations import PairedActivationStream
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, SHARED, latent_classes, relative_norm_difference
+from crosscoder.eval.inspection import PAD, top_contexts
+from crosscoder.eval.latent_scaling import compute_betas
 from crosscoder.organism import CHAT_MARKERS, ModelOrganism, build_model_organism
 
 
@@ -57,4 +60,39 @@ def summary(dictionaries: dict[str, SparseDictionary]) -> list[str]:
                 f"  latents: {counts[CHAT_ONLY]} chat-only, {counts[BASE_ONLY]} base-only, {counts[SHARED]} shared "
                 f"of {dictionary.dict_size} (by relative decoder norm)"
             )
+    return lines
+
+
+def explain_chat_latents(
+    crosscoder: SparseDictionary, config: TrainConfig, n_blocks: int = 6, n_latents: int = 6
+) -> list[str]:
+    """What the diff found, in words: the chat-only latents (or, if none passes Δnorm > 0.9, the most
+    chat-leaning ones), each with its Δnorm, Latent Scaling verdict and the tokens it fires most on."""
+    organism = build_model_organism(seed=config.seed, progress=config.progress)
+    stream_config = dataclasses.replace(organism_config(config, organism), prefetch_blocks=0)
+    stream = PairedActivationStream.from_config(stream_config)
+    chunks = list(itertools.islice(stream.chunks(), n_blocks))
+    delta = relative_norm_difference(crosscoder)
+    chat_only = (delta > 0.9).nonzero().flatten()
+    chosen = chat_only if len(chat_only) else delta.argsort(descending=True)[:n_latents]
+    title = (
+        f"{len(chat_only)} chat-only latents (Δnorm > 0.9)"
+        if len(chat_only)
+        else f"no latent passes Δnorm > 0.9; the {len(chosen)} most chat-leaning"
+    )
+    scaling = compute_betas(crosscoder, [chunk.activations.float() for chunk in chunks], chosen)
+    examples = top_contexts(crosscoder, chunks, chosen, n_top=12)
+    tokenizer = AutoTokenizer.from_pretrained(organism.chat_path)
+    lines = [f"{title} (over {sum(len(c.token_ids) for c in chunks)} tokens of general text and baking chats):"]
+    for position, (latent, verdict) in enumerate(zip(chosen.tolist(), scaling.verdicts(), strict=True)):
+        tokens = Counter(
+            tokenizer.decode([example.token_ids[example.center]]).strip()
+            for example in examples[latent]
+            if example.token_ids[example.center] != PAD
+        )
+        top = ", ".join(f"{token!r}×{count}" if count > 1 else repr(token) for token, count in tokens.most_common(6))
+        lines.append(
+            f"  latent {latent}: Δnorm={delta[latent]:.2f} ν^ε={scaling.nu_error[position]:.2f} "
+            f"ν^r={scaling.nu_recon[position]:.2f} ({verdict}); fires on {top or 'nothing'}"
+        )
     return lines
