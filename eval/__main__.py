@@ -1,0 +1,36 @@
+"""``python -m crosscoder.eval DICTIONARY --out DIR``: evaluate a dictionary into a report folder."""
+
+from __future__ import annotations
+
+import sys
+
+import tyro
+
+from crosscoder.cli import USER_ERRORS
+from crosscoder.eval.report import EvalConfig, evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv)
+    try:
+        report = evaluate(config)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    recon = report["reconstruction"]
+    print(f"FVE {recon['fve']:.4f}, L0 {recon['l0']:.2f}, dead {recon['dead_fraction']:.3f}")
+    if "exclusivity" in report:
+        print(f"latent classes: {report['exclusivity']['counts']}")
+        scaling = report["latent_scaling"]
+        print(
+            f"genuine (Latent Scaling): {scaling['genuine_chat_latents']} of {scaling['analysed_chat_latents']} "
+            f"{report['exclusivity']['analysed']} latents"
+        )
+    if isinstance(report["downstream_kl"], dict):
+        print(f"downstream KL gap closed: {report['downstream_kl']['gap_closed']}")
+    print(f"report: {config.out / 'report.json'}, dashboard: {config.out / 'dashboard.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
