@@ -14,7 +14,7 @@ from crosscoder.dictionary import SparseDictionary
 CHAT_ONLY, BASE_ONLY, SHARED, OTHER = "chat-only", "base-only", "shared", "other"
 
 
-def _raw_decoder(crosscoder: SparseDictionary, base: int, chat: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decoders(crosscoder: SparseDictionary, base: int, chat: int) -> tuple[torch.Tensor, torch.Tensor]:
     if crosscoder.n_sources < 2:
         raise ValueError(
             f"exclusivity needs a crosscoder with at least two sources, got a {type(crosscoder).__name__} with "
@@ -23,20 +23,20 @@ def _raw_decoder(crosscoder: SparseDictionary, base: int, chat: int) -> tuple[to
     for name, index in (("base", base), ("chat", chat)):
         if not 0 <= index < crosscoder.n_sources:
             raise ValueError(f"{name} source index {index} is out of range for {crosscoder.n_sources} sources")
-    decoder = crosscoder.W_dec.detach() / crosscoder.input_scale[:, None]
+    decoder = crosscoder.W_dec.detach()
     return decoder[:, base], decoder[:, chat]
 
 
 def relative_norm_difference(crosscoder: SparseDictionary, base: int = 0, chat: int = 1) -> torch.Tensor:
     """Δnorm per latent: [dict_size] in [0, 1] (NaN for a latent with no decoder in either source)."""
-    base_rows, chat_rows = _raw_decoder(crosscoder, base, chat)
+    base_rows, chat_rows = _decoders(crosscoder, base, chat)
     base_norm, chat_norm = base_rows.norm(dim=-1), chat_rows.norm(dim=-1)
     return 0.5 * ((chat_norm - base_norm) / torch.maximum(chat_norm, base_norm) + 1)
 
 
 def decoder_cosine(crosscoder: SparseDictionary, base: int = 0, chat: int = 1) -> torch.Tensor:
     """``cos(d_j^base, d_j^chat)`` per latent: [dict_size]."""
-    base_rows, chat_rows = _raw_decoder(crosscoder, base, chat)
+    base_rows, chat_rows = _decoders(crosscoder, base, chat)
     return torch.nn.functional.cosine_similarity(base_rows, chat_rows, dim=-1)
 
 

@@ -1,6 +1,6 @@
 """Latent Scaling: is a "chat-only" latent really absent from the base model? (DESIGN §9)
 
-For latent j with chat decoder vector ``d = d_j^chat`` (raw activation space), fit per target ``y`` the scalar
+For latent j with chat decoder vector ``d = d_j^chat``, fit per target ``y`` the scalar
 ``β = dᵀ(Σ_i f_j(x_i) y_i) / (‖d‖² Σ_i f_j(x_i)²)`` — the least-squares β in ``y_i ≈ β f_j(x_i) d`` — over a
 stream of activations, with ``f`` from the inference threshold. Targets for each model m ∈ {base, chat}:
 
@@ -11,7 +11,9 @@ stream of activations, with ``f`` from the inference threshold. Targets for each
 the sparsity penalty shrank its base decoder) and ``ν^r = β^{r,base} / β^{r,chat}`` (high ⇒ *latent decoupling*:
 other latents reconstruct it in base). A chat-only latent is genuine when ``ν^ε < 0.2`` and ``ν^r < 0.5``.
 Only the entries where ``f_ij ≠ 0`` contribute (a sampled product), so all latents are fitted in one pass with
-memory O(dict_size).
+memory O(dict_size). Everything is in the dictionary's normalised space (decoder as trained, activations
+normalised per source), so a difference in the two models' activation scales does not bias the ratios ν;
+without normalisation (as in the reference crosscoders) this is the raw space.
 """
 
 from __future__ import annotations
@@ -85,11 +87,6 @@ def _latent_ids(dictionary: SparseDictionary, latents: torch.Tensor | list[int] 
     return ids
 
 
-def raw_decoder(dictionary: SparseDictionary) -> torch.Tensor:
-    """Decoder rows in raw activation space: ``W_dec[j, s] / input_scale[s]``: [dict_size, n_sources, d_model]."""
-    return dictionary.W_dec.detach() / dictionary.input_scale[:, None]
-
-
 @torch.no_grad()
 def compute_betas(
     crosscoder: SparseDictionary,
@@ -100,24 +97,24 @@ def compute_betas(
     chat: int = 1,
     progress: bool = False,
 ) -> LatentScaling:
-    """Latent Scaling of a crosscoder over raw batches x: [batch, n_sources, d_model], for ``latents``
-    (ids; None = all), in one streaming pass using the inference threshold."""
+    """Latent Scaling of a crosscoder over raw batches x: [batch, n_sources, d_model] (normalised internally),
+    for ``latents`` (ids; None = all), in one streaming pass using the inference threshold."""
     if crosscoder.n_sources < 2:
         raise ValueError(
             f"Latent Scaling of a crosscoder needs two sources, got a {type(crosscoder).__name__} with "
             f"{crosscoder.n_sources}: use compute_sae_betas for SAEs and diff-SAEs"
         )
     ids = _latent_ids(crosscoder, latents)
-    decoder = raw_decoder(crosscoder)[ids].double()  # [n, S, d]
+    decoder = crosscoder.W_dec.detach()[ids].double().cpu()  # [n, S, d]
     direction = decoder[:, chat]  # d = d_j^chat for every target
     # f_j · (d · d_j^m): the latent's own contribution to the error target, projected on d.
     own = {m: (direction * decoder[:, m]).sum(-1) for m in (base, chat)}
     sums = {key: torch.zeros(len(ids), dtype=torch.float64) for key in ("eb", "ec", "rb", "rc", "ff", "n")}
     tokens = 0
     for x in tqdm(batches, desc="latent scaling", disable=not progress, unit="batch"):
-        x = x.to(crosscoder.W_dec.device)
-        codes = crosscoder.encode(x, use_threshold=True)
-        reconstruction = crosscoder.decode(codes).double()
+        x = crosscoder.normalize(x.to(crosscoder.W_dec.device))
+        codes = crosscoder.select_with_threshold(crosscoder.activations_normalized(x))
+        reconstruction = crosscoder.decode_normalized(codes).double()
         f = codes[:, ids.to(codes.device)].double().cpu()  # [B, n]
         rows, columns = f.nonzero(as_tuple=True)
         values = f[rows, columns]
@@ -149,12 +146,13 @@ def compute_sae_betas(
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAE / diff-SAE variant: ``ν_act = β^{base act} / β^{chat act}`` with the SAE decoder vector as ``d`` and the
-    models' raw activations as targets. paired_batches: [batch, 2, d_model] (the SAE reads chat − base, or what its
-    config says). Returns (β base, β chat, ν_act), each [n_latents]."""
+    models' raw activations as targets (an SAE has a single input scale, so raw space is its own space).
+    paired_batches: [batch, 2, d_model] (the SAE reads chat − base, or the reverse if so trained).
+    Returns (β base, β chat, ν_act), each [n_latents]."""
     if sae.n_sources != 1:
         raise ValueError(f"compute_sae_betas takes a BatchTopKSAE, got a {type(sae).__name__}")
     ids = _latent_ids(sae, latents)
-    direction = raw_decoder(sae)[ids, 0].double()  # [n, d]
+    direction = (sae.W_dec.detach()[ids, 0] / sae.input_scale[0]).double().cpu()  # [n, d], raw space
     numerator = {m: torch.zeros(len(ids), dtype=torch.float64) for m in (base, chat)}
     squares = torch.zeros(len(ids), dtype=torch.float64)
     reverse = sae.input_description.startswith("base")

@@ -40,10 +40,10 @@ def test_betas_equal_a_brute_force_least_squares_fit_per_latent():
     latents = [1, 4, 7]
     result = compute_betas(cc, batches, latents)
 
-    x = torch.cat(batches).double()
-    f = cc.encode(x.float(), use_threshold=True).double()
-    x_hat = cc.decode(f.float()).double()
-    decoder = (cc.W_dec.detach() / cc.input_scale[:, None]).double()
+    x = cc.normalize(torch.cat(batches)).double()  # normalised space: each model on the same scale
+    f = cc.encode(torch.cat(batches), use_threshold=True).double()
+    x_hat = cc.decode_normalized(f.float()).double()
+    decoder = cc.W_dec.detach().double()
     for position, j in enumerate(latents):
         fired = f[:, j] != 0
         d = decoder[j, 1]
