@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from crosscoder.kernels import batch_topk_mask
+from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_decode import sparse_decode
+from crosscoder.kernels.sparse_encoder import gather_active
 
 FORMAT_NAME = "crosscoder"
 FORMAT_VERSION = 1
@@ -64,18 +67,28 @@ class DictionaryFormatError(ValueError):
 
 @dataclass
 class TrainingOutput:
-    """What one training forward pass returns (normalised space).
+    """What one training forward pass returns (normalised space), in the sparse format of the kernels.
 
-    codes: [batch, dict_size] sparse codes after selection (unscaled values).
-    activations: [batch, dict_size] ReLU activations before selection (AuxK picks dead latents from them).
-    reconstruction: [batch, n_sources, d_model].
-    min_kept_score: smallest kept ``f · c`` (a 0-d tensor; BatchTopK only, else None) for the θ EMA.
+    codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
+    reconstruction: [batch, n_sources, d_model]; pre_activations: [batch, dict_size] encoder outputs before the
+    ReLU, without gradients (AuxK picks dead latents from them); encoder_input: [batch, n_sources · d_model];
+    min_kept_score: smallest kept ``f · c`` (0-d; BatchTopK only, else None) for the θ EMA.
     """
 
-    codes: torch.Tensor
-    activations: torch.Tensor
+    codes: SparseCodes
+    values: torch.Tensor
     reconstruction: torch.Tensor
+    pre_activations: torch.Tensor
+    encoder_input: torch.Tensor
     min_kept_score: torch.Tensor | None
+
+    def dense_codes(self) -> torch.Tensor:
+        """[batch, dict_size] codes with zeros where nothing was selected."""
+        return self.codes.to_dense(self.values)
+
+    def active_counts(self) -> torch.Tensor:
+        """[dict_size] tokens of the batch on which each latent was selected."""
+        return torch.bincount(self.codes.latents, minlength=self.codes.dict_size)
 
 
 class SparseDictionary(
@@ -180,12 +193,15 @@ class SparseDictionary(
         """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (DESIGN §3): [dict_size]."""
         return self.decoder_norms().sum(dim=-1)
 
-    def activations_normalized(self, x_normalized: torch.Tensor) -> torch.Tensor:
-        """ReLU activations before any selection. x_normalized: [batch, n_sources, d_model] → [batch, dict_size]."""
+    def encoder_input(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: [batch, n_sources · d_model] (minus ``b_dec`` for the SAE)."""
         if self.subtracts_decoder_bias:
             x_normalized = x_normalized - self.b_dec
-        pre = x_normalized.flatten(1) @ self.W_enc.flatten(1).T + self.b_enc
-        return F.relu(pre)
+        return x_normalized.flatten(1)
+
+    def activations_normalized(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """ReLU activations before any selection. x_normalized: [batch, n_sources, d_model] → [batch, dict_size]."""
+        return F.relu(torch.addmm(self.b_enc, self.encoder_input(x_normalized), self.W_enc.flatten(1).T))
 
     def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [batch, dict_size] → reconstruction [batch, n_sources, d_model] in training space."""
@@ -198,28 +214,56 @@ class SparseDictionary(
             return activations
         return activations * (activations * self.code_norms() > self.threshold)
 
-    def select_batch_topk(self, activations: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training sparsity: keep the ``k · batch`` largest scores ``f · c`` of the whole batch.
+    def select_batch_topk(self, activations: torch.Tensor, k: int) -> torch.Tensor:
+        """Training-time BatchTopK on dense activations (no gradients needed): keep the ``k · batch`` largest
+        scores ``f · c`` of the whole batch. activations: [batch, dict_size] → codes (unscaled kept values)."""
+        return activations * self._batch_topk_selection(activations, k).to_mask()
 
-        activations: [batch, dict_size]. Returns the codes (unscaled kept values) and the smallest kept
-        positive score (0-d; 0 when nothing positive was kept).
-        """
-        scores = activations * self.code_norms()
-        kept = batch_topk_mask(scores.detach(), k * activations.shape[0]) & (scores.detach() > 0)
-        codes = activations * kept
-        kept_scores = scores.detach()[kept]
-        min_kept = kept_scores.min() if kept_scores.numel() else scores.new_zeros(())
-        return codes, min_kept
+    @torch.no_grad()
+    def _batch_topk_selection(self, activations: torch.Tensor, k: int) -> BatchTopKSelection:
+        """The ``k · batch`` largest positive scores ``f · c`` (radix select; see ``crosscoder.kernels``)."""
+        return batch_topk(activations * self.code_norms(), k * activations.shape[0])
 
     def training_forward(self, x_normalized: torch.Tensor, k: int | None = None) -> TrainingOutput:
-        """Training-time pass in normalised space. x_normalized: [batch, n_sources, d_model]; ``k`` overrides
-        the configured k (k-annealing)."""
-        activations = self.activations_normalized(x_normalized)
-        if self.uses_batch_topk:
-            codes, min_kept = self.select_batch_topk(activations, k or self.k)
-        else:
-            codes, min_kept = activations, None
-        return TrainingOutput(codes, activations, self.decode_normalized(codes), min_kept)
+        """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model];
+        ``k`` overrides the configured k (k-annealing).
+
+        The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
+        activations (whose backward is the sparse encoder gradient) and the decode are sparse.
+        """
+        encoder_input = self.encoder_input(x_normalized)
+        W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
+            if self.uses_batch_topk:  # where(pre > 0) is the ReLU, and also maps NaN to 0 for the selection
+                selection = self._batch_topk_selection(torch.where(pre > 0, pre, 0.0), k or self.k)
+                codes = SparseCodes.from_indices(selection.rows, selection.latents, *pre.shape)
+                min_kept = selection.threshold
+            else:
+                codes, min_kept = SparseCodes.from_mask(pre > 0), None
+        values = F.relu(gather_active(codes.gather(pre), encoder_input, W_enc, self.b_enc, codes))
+        reconstruction = sparse_decode(values, codes, W_dec).view(-1, self.n_sources, self.d_model) + self.b_dec
+        return TrainingOutput(codes, values, reconstruction, pre, encoder_input, min_kept)
+
+    def dead_latent_reconstruction(self, out: TrainingOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor | None:
+        """AuxK's ``ê``: each token decodes its top-``k_aux`` dead latents by score ``f · c``, *without* ``b_dec``
+        (DESIGN §4). dead: [dict_size] bool. Returns [batch, n_sources, d_model], or None when no latent is dead
+        (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero)."""
+        k_aux = min(k_aux, self.dict_size)
+        if k_aux <= 0 or (dead.device.type == "cpu" and not bool(dead.any())):
+            return None
+        batch = out.pre_activations.shape[0]
+        with torch.no_grad():
+            positive = torch.where(out.pre_activations > 0, out.pre_activations, 0.0)
+            scores = torch.where(dead, positive * self.code_norms(), -1.0)
+            top = scores.topk(k_aux, dim=-1)
+            latents, order = top.indices.sort(dim=-1)
+            keep = (top.values.gather(-1, order) > 0).flatten()
+            rows = torch.arange(batch, device=latents.device).repeat_interleave(k_aux)
+            codes = SparseCodes.from_indices(rows, latents.flatten(), batch, self.dict_size)
+        W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
+        values = F.relu(gather_active(codes.gather(out.pre_activations), out.encoder_input, W_enc, self.b_enc, codes))
+        return sparse_decode(values * keep, codes, W_dec).view(-1, self.n_sources, self.d_model)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
@@ -232,7 +276,7 @@ class SparseDictionary(
             return activations
         if use_threshold:
             return self.select_with_threshold(activations)
-        return self.select_batch_topk(activations, self.k)[0]
+        return self.select_batch_topk(activations, self.k)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [batch, dict_size] → raw reconstruction (same layout as the input of ``encode``)."""

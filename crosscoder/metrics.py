@@ -9,7 +9,8 @@ import torch
 class ReconstructionStats:
     """Running FVE (total and per source), L0 and latent firing counts over any number of batches.
 
-    ``update`` takes x, x_hat: [batch, n_sources, d_model] and codes: [batch, dict_size]. FVE is
+    ``update`` takes x, x_hat: [batch, n_sources, d_model] and active: [dict_size], the number of the batch's
+    tokens on which each latent fired (``active_counts(codes)`` for dense codes). FVE is
     ``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²`` with x̄ the mean over all tokens seen, per source and in total.
     """
 
@@ -21,12 +22,11 @@ class ReconstructionStats:
         self._active: torch.Tensor | None = None  # [dict_size]
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
         x, x_hat = x.detach().double(), x_hat.detach().double()
         residual = (x - x_hat).pow(2).sum(dim=(0, 2))
         batch_sum = x.sum(dim=0)
         batch_squares = x.pow(2).sum(dim=(0, 2))
-        active = (codes.detach() != 0).sum(dim=0)
         if self._residual is None:
             self._residual, self._sum, self._sum_squares, self._active = (
                 residual,
@@ -72,3 +72,8 @@ class ReconstructionStats:
         values = {"fve": self.fve(), "l0": self.l0()}
         values.update({f"fve_source_{s}": value for s, value in enumerate(self.fve_per_source())})
         return {name: float(value) for name, value in values.items()}
+
+
+def active_counts(codes: torch.Tensor) -> torch.Tensor:
+    """[dict_size] tokens on which each latent is non-zero. codes: [batch, dict_size]."""
+    return (codes.detach() != 0).sum(dim=0)

@@ -27,7 +27,7 @@ from crosscoder.data import ResumableBatches, TensorActivations
 from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary
 from crosscoder.hub import dictionary_from_state
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
-from crosscoder.metrics import ReconstructionStats
+from crosscoder.metrics import ReconstructionStats, active_counts
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 
@@ -64,13 +64,16 @@ class Trainee:
         if dictionary.uses_batch_topk:
             dead = self.tokens_since_fired >= config.dead_tokens
             k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
-            residual = x_normalized - out.reconstruction
-            losses["aux_loss"] = auxk_loss(
-                residual, out.activations, dictionary.code_norms(), dead, k_aux, dictionary.W_dec
+            dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux)
+            losses["aux_loss"] = (
+                auxk_loss(x_normalized - out.reconstruction, dead_reconstruction) * dead.any()
+                if dead_reconstruction is not None
+                else reconstruction.new_zeros(())
             )
             loss = reconstruction + config.aux_coefficient * losses["aux_loss"]
         else:
-            losses["l1_penalty"] = l1_penalty(out.codes, dictionary.code_norms())
+            value_code_norms = dictionary.code_norms()[out.codes.latents]
+            losses["l1_penalty"] = l1_penalty(out.values, value_code_norms, x.shape[0])
             loss = reconstruction + l1_coefficient(config, step) * losses["l1_penalty"]
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -82,12 +85,13 @@ class Trainee:
         dictionary.after_optimizer_step()
 
         with torch.no_grad():
+            active = out.active_counts()
             self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired.masked_fill_((out.codes > 0).any(dim=0), 0)
+            self.tokens_since_fired.masked_fill_(active > 0, 0)
             if out.min_kept_score is not None and step >= config.threshold_start_step:
                 theta, beta = dictionary.threshold, config.threshold_beta
                 theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))
-            self.window.update(x_normalized, out.reconstruction, out.codes)
+            self.window.update(x_normalized, out.reconstruction, active)
             for name, value in {"loss": loss, **losses}.items():
                 self.loss_sums[name] = self.loss_sums.get(name, 0) + value.detach()
         return loss.detach()
@@ -316,6 +320,7 @@ def train(
                 )
             x = x.to(device, non_blocking=True)
             guard.watch("batch", ~torch.isfinite(x).all(), step)
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # the guard stops the run at its next check
             k = current_k(config, step)
             for trainee in trainees:
                 guard.watch(f"{trainee.name} loss", ~torch.isfinite(trainee.step(x, step, k, config)), step)
@@ -417,7 +422,7 @@ def validate(
     for x in batches:
         x_normalized = dictionary.normalize(trainee.input_of(x.to(device), config))
         codes = dictionary.select_with_threshold(dictionary.activations_normalized(x_normalized))
-        stats.update(x_normalized, dictionary.decode_normalized(codes), codes)
+        stats.update(x_normalized, dictionary.decode_normalized(codes), active_counts(codes))
     metrics = stats.summary()
     metrics["dead_fraction"] = float((stats.latent_frequencies() == 0).double().mean())
     return metrics

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosscoder.dictionary import SparseDictionary
-from crosscoder.metrics import ReconstructionStats
+from crosscoder.metrics import ReconstructionStats, active_counts
 
 RARE_FREQUENCY = 1e-4
 
@@ -54,7 +54,7 @@ def reconstruction(
     for x in tqdm(batches, desc="reconstruction", disable=not progress, unit="batch"):
         x = x.to(dictionary.W_dec.device).float()
         codes = dictionary.encode(x, use_threshold=True)
-        stats.update(dictionary.as_sources(x), dictionary.as_sources(dictionary.decode(codes)), codes)
+        stats.update(dictionary.as_sources(x), dictionary.as_sources(dictionary.decode(codes)), active_counts(codes))
     if stats.tokens == 0:
         raise ValueError("no activations were given: the batches are empty (did filtering drop every token?)")
     return Reconstruction(

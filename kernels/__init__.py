@@ -1,5 +1,31 @@
-"""Tensor kernels for the training step (installed as ``crosscoder.kernels``; pure math, no models or data)."""
+"""Tensor kernels for the training step (installed as ``crosscoder.kernels``; pure math, no models or data).
 
-from crosscoder.kernels.batch_topk import batch_topk_mask
+Each op lives beside its plain-PyTorch reference and its autograd wrapper; ``backend`` picks Triton on CUDA
+and the reference on CPU (``CROSSCODER_KERNELS=triton|reference`` or ``set_backend`` forces either).
+``batch_topk`` and ``sparse_decode`` are not re-exported: the names are their modules' (import them from
+``crosscoder.kernels.batch_topk`` and ``crosscoder.kernels.sparse_decode``).
+"""
 
-__all__ = ["batch_topk_mask"]
+from crosscoder.kernels.backend import get_backend, set_backend, use_backend
+from crosscoder.kernels.batch_topk import (
+    BatchTopKSelection,
+    TopKThreshold,
+    batch_topk_mask,
+    batch_topk_threshold,
+    radix_histogram,
+)
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_encoder import gather_active
+
+__all__ = [
+    "BatchTopKSelection",
+    "SparseCodes",
+    "TopKThreshold",
+    "batch_topk_mask",
+    "batch_topk_threshold",
+    "gather_active",
+    "get_backend",
+    "radix_histogram",
+    "set_backend",
+    "use_backend",
+]

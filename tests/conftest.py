@@ -1,5 +1,11 @@
 """Session-wide fixtures."""
 
+import os
+
+# Triton decides once per process whether to interpret: the kernel tests run interpreted on CPU
+# (a GPU job sets TRITON_INTERPRET=0 to run them compiled).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from crosscoder.organism import ModelOrganism, build_model_organism

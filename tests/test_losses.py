@@ -2,8 +2,9 @@
 
 import torch
 
+import crosscoder
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
-from crosscoder.metrics import ReconstructionStats
+from crosscoder.metrics import ReconstructionStats, active_counts
 
 
 def test_mse_sums_over_sources_and_d_and_averages_over_batch():
@@ -21,46 +22,51 @@ def test_l2_is_the_unsquared_norm_averaged_over_batch_and_sources():
 
 
 def test_l1_penalty_weights_codes_by_code_norms():
-    codes = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
-    code_norms = torch.tensor([0.5, 2.0, 1.0])
-    # token 0: 0.5 + 2 = 2.5; token 1: 6 → mean 4.25
-    assert l1_penalty(codes, code_norms).item() == 4.25
+    # dense codes [[1, 0, 2], [0, 3, 0]] with code norms [0.5, 2, 1]: token 0 gives 0.5 + 2, token 1 gives 6
+    values = torch.tensor([1.0, 2.0, 3.0])
+    value_code_norms = torch.tensor([0.5, 1.0, 2.0])
+    assert l1_penalty(values, value_code_norms, batch_size=2).item() == 4.25
 
 
 def test_auxk_decodes_top_dead_latents_without_decoder_bias_against_the_detached_residual():
     torch.manual_seed(0)
-    batch, dict_size, n_sources, d_model, k_aux = 6, 10, 2, 3, 2
-    W_dec = torch.randn(dict_size, n_sources, d_model, requires_grad=True)
-    activations = torch.rand(batch, dict_size, requires_grad=True)
-    code_norms = W_dec.detach().norm(dim=-1).sum(-1)
+    batch, dict_size, k_aux = 6, 10, 2
+    cc = crosscoder.BatchTopKCrossCoder(d_model=3, dict_size=dict_size, k=1)
+    with torch.no_grad():
+        cc.b_dec.normal_()  # must not enter the aux decode
+        cc.b_enc.fill_(0.5)  # most activations positive
+    x = torch.randn(batch, 2, 3)
+    out = cc.training_forward(x)
     dead = torch.zeros(dict_size, dtype=torch.bool)
     dead[[1, 4, 7]] = True
-    residual = torch.randn(batch, n_sources, d_model, requires_grad=True)
+    dead_reconstruction = cc.dead_latent_reconstruction(out, dead, k_aux)
+    residual = x - out.reconstruction
+    loss = auxk_loss(residual, dead_reconstruction)
 
-    loss = auxk_loss(residual, activations, code_norms, dead, k_aux, W_dec)
-
-    expected_numerator = 0.0
+    activations = torch.relu(out.pre_activations)
+    code_norms = cc.code_norms().detach()
+    expected = torch.zeros(batch, 2, 3)
     for b in range(batch):
         scores = {j: (activations[b, j] * code_norms[j]).item() for j in (1, 4, 7)}
-        chosen = sorted(scores, key=scores.get, reverse=True)[:k_aux]
-        decoded = sum(activations[b, j].item() * W_dec[j].detach() for j in chosen)
-        expected_numerator += (residual[b].detach() - decoded).pow(2).sum().item()
-    expected_numerator /= batch
-    centred = residual.detach() - residual.detach().mean(0)
-    expected_denominator = centred.pow(2).sum().item() / batch
-    torch.testing.assert_close(loss.item(), expected_numerator / expected_denominator, rtol=1e-5, atol=0)
+        for j in sorted(scores, key=scores.get, reverse=True)[:k_aux]:
+            expected[b] += activations[b, j] * cc.W_dec[j].detach()
+    torch.testing.assert_close(dead_reconstruction.detach(), expected)
+    e = residual.detach()
+    hand = (e - expected).pow(2).sum((1, 2)).mean() / (e - e.mean(0)).pow(2).sum((1, 2)).mean()
+    torch.testing.assert_close(loss.detach(), hand)
 
     loss.backward()
-    assert residual.grad is None or residual.grad.abs().max() == 0  # the residual is detached
-    alive_rows = [j for j in range(dict_size) if not dead[j]]
-    assert W_dec.grad[alive_rows].abs().max() == 0  # only dead latents are decoded
-    assert W_dec.grad[[1, 4, 7]].abs().max() > 0
+    alive = [j for j in range(dict_size) if not dead[j]]
+    assert cc.W_dec.grad[alive].abs().max() == 0  # only dead latents are decoded, and e is detached
+    assert cc.W_dec.grad[[1, 4, 7]].abs().max() > 0
+    assert cc.W_enc.grad[[1, 4, 7]].abs().max() > 0  # the aux loss trains the dead latents' encoders
+    assert cc.b_dec.grad is None or cc.b_dec.grad.abs().max() == 0
 
 
-def test_auxk_is_zero_when_no_latent_is_dead():
-    W_dec = torch.randn(5, 2, 3)
-    loss = auxk_loss(torch.randn(4, 2, 3), torch.rand(4, 5), torch.ones(5), torch.zeros(5, dtype=torch.bool), 2, W_dec)
-    assert loss.item() == 0.0
+def test_no_dead_latent_means_no_aux_pass():
+    cc = crosscoder.BatchTopKCrossCoder(d_model=3, dict_size=10, k=1)
+    out = cc.training_forward(torch.randn(4, 2, 3))
+    assert cc.dead_latent_reconstruction(out, torch.zeros(10, dtype=torch.bool), 2) is None
 
 
 def test_reconstruction_stats_accumulate_fve_over_batches_like_one_big_batch():
@@ -70,7 +76,7 @@ def test_reconstruction_stats_accumulate_fve_over_batches_like_one_big_batch():
     codes = (torch.rand(40, 7) > 0.6).float()
     stats = ReconstructionStats()
     for start in range(0, 40, 16):
-        stats.update(x[start : start + 16], x_hat[start : start + 16], codes[start : start + 16])
+        stats.update(x[start : start + 16], x_hat[start : start + 16], active_counts(codes[start : start + 16]))
 
     residual = (x - x_hat).pow(2).sum(dim=(0, 2))
     variance = (x - x.mean(0)).pow(2).sum(dim=(0, 2))

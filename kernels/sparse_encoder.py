@@ -1,0 +1,86 @@
+"""Sparse encoder backward: gradients of the active pre-activations only (DESIGN §5).
+
+The forward pre-activations ``pre = x @ W_enc.T + b_enc`` (B, F) come from one dense GEMM run *without*
+autograd (the selection needs every score; nothing of it is kept for backward). ``gather_active`` then attaches
+the active entries ``pre[rows[e], latents[e]]`` (nnz,) to the graph as if they had been computed from
+``x``, ``W_enc`` and ``b_enc``: identity in forward, and in backward, with ``g`` the gradient of the entries,
+
+- ``∂W_enc[j] = Σ_{e: latents[e] = j} g[e] · x[rows[e]]``  (``latent_scatter_sum``, the same kernel as ``∂W_dec``)
+- ``∂b_enc[j] = Σ_{e: latents[e] = j} g[e]``                (``latent_value_sums``)
+- ``∂x[b]     = Σ_{e in row b} g[e] · W_enc[latents[e]]``   (``row_gather_sum``, the decode forward's kernel)
+
+all O(nnz · D): the encoder GEMM is the only dense work of a training step. Kernels and dispatch live in
+``sparse_decode.py`` and ``backend.py``.
+
+Typical use in a training forward (x: (B, D) with D = n_sources · d_model)::
+
+    with torch.no_grad():
+        pre = x @ W_enc.T + b_enc
+        scores = F.relu(pre) * code_norms
+        mask = batch_topk_mask(scores, k * B) & (scores > 0)
+    codes = SparseCodes.from_mask(mask)
+    values = F.relu(gather_active(codes.gather(pre), x, W_enc, b_enc, codes))
+    reconstruction = sparse_decode(values, codes, W_dec)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosscoder.kernels.backend import check_float_tensor, check_same_dtype
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_decode import latent_scatter_sum, latent_value_sums, row_gather_sum
+
+
+class GatherActive(torch.autograd.Function):
+    """values (nnz,) = pre_active_values, differentiable as ``(x @ W_enc.T + b_enc)[rows, latents]``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        pre_active_values: torch.Tensor,
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        codes: SparseCodes,
+    ) -> torch.Tensor:
+        ctx.codes = codes
+        ctx.save_for_backward(x, W_enc)
+        return pre_active_values.clone()
+
+    @staticmethod
+    def backward(
+        ctx, grad_values: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, W_enc = ctx.saved_tensors
+        codes: SparseCodes = ctx.codes
+        needs_pre, needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        grad = grad_values.contiguous().to(W_enc.dtype)
+        grad_x = row_gather_sum(grad, codes, W_enc) if needs_x else None
+        grad_weight = latent_scatter_sum(grad, codes, x) if needs_weight else None
+        grad_bias = latent_value_sums(grad, codes) if needs_bias else None
+        return (grad_values if needs_pre else None), grad_x, grad_weight, grad_bias, None
+
+
+def gather_active(
+    pre_active_values: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    codes: SparseCodes,
+) -> torch.Tensor:
+    """Attach the active pre-activations to the graph with a sparse encoder backward.
+
+    pre_active_values: (nnz,) ``(x @ W_enc.T + b_enc)[codes.rows, codes.latents]`` computed without autograd
+    (``codes.gather(pre)``); x: (B, D); W_enc: (F, D) contiguous (``W_enc.flatten(1)``); b_enc: (F,).
+    All share one dtype. Returns a (nnz,) copy of ``pre_active_values``; gradients reach ``W_enc``, ``b_enc``
+    and, if it requires grad, ``x`` (e.g. the SAE's ``x − b_dec``), each in its own dtype.
+    """
+    if not isinstance(codes, SparseCodes):
+        raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
+    check_float_tensor("pre_active_values", pre_active_values, (codes.nnz,), codes.device)
+    check_float_tensor("W_enc", W_enc, (codes.dict_size, None), codes.device)
+    check_float_tensor("x", x, (codes.batch_size, W_enc.shape[1]), codes.device)
+    check_float_tensor("b_enc", b_enc, (codes.dict_size,), codes.device)
+    check_same_dtype(pre_active_values=pre_active_values, x=x, W_enc=W_enc, b_enc=b_enc)
+    return GatherActive.apply(pre_active_values, x, W_enc, b_enc, codes)

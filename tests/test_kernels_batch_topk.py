@@ -1,0 +1,320 @@
+"""BatchTopK by radix select (``crosscoder.kernels.batch_topk``): histogram kernel against its reference, exact
+thresholds, tie-breaking, the zero rule, the distributed ``all_reduce`` hook, and input errors.
+
+The Triton kernel runs under the interpreter on CPU: ``TRITON_INTERPRET=1`` must be set before
+``crosscoder.kernels`` is first imported (``conftest.py`` does; so does this module, when imported first).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from crosscoder.kernels import backend
+from crosscoder.kernels import batch_topk as bt
+
+BACKENDS = ["reference", "triton"]
+triton_ready = pytest.mark.skipif(
+    not (torch.cuda.is_available() or backend.TRITON_INTERPRETED),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before crosscoder.kernels is imported",
+)
+backends = pytest.mark.parametrize(
+    "backend_name",
+    [pytest.param(name, marks=triton_ready if name == "triton" else ()) for name in BACKENDS],
+    indirect=True,
+)
+
+
+@pytest.fixture
+def backend_name(request):
+    """Runs the test with the kernel backend forced to the parameter ("reference" or "triton")."""
+    with backend.use_backend(request.param):
+        yield request.param
+
+
+def relu_gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).relu()
+
+
+def histogram_by_definition(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
+    """Count the next digit of the 31-bit key over non-zero entries whose first prefix_bits bits equal prefix."""
+    keys = scores.float().view(torch.int32).flatten() & 0x7FFFFFFF
+    keys = keys[keys != 0]
+    if prefix_bits:
+        keys = keys[(keys >> (31 - prefix_bits)) == prefix]
+    digits = (keys >> (31 - prefix_bits - digit_bits)) & ((1 << digit_bits) - 1)
+    return torch.bincount(digits, minlength=1 << digit_bits)
+
+
+def expected_kept(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Flat indices of the n_keep largest positive scores, ties lowest index first, ascending."""
+    flat = scores.float().flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    n_selected = min(n_keep, int((flat > 0).sum()))
+    return order[:n_selected].sort().values
+
+
+def kept_flat(selection: bt.BatchTopKSelection) -> torch.Tensor:
+    return selection.rows * selection.dict_size + selection.latents
+
+
+# ------------------------------------------------------------------------------------------------ histogram
+def histogram_inputs() -> list:
+    scores = relu_gaussian(7, 601)  # 4207 entries: not a multiple of BLOCK
+    scores[2] = 0.0  # an all-zero row
+    scores[3, :5] = -0.0
+    return [
+        pytest.param(scores, id="fp32-odd-size"),
+        pytest.param(scores.bfloat16(), id="bf16"),
+        pytest.param(scores.half(), id="fp16"),
+        pytest.param(torch.zeros(3, 5), id="all-zero"),
+        pytest.param(torch.rand(1, 1), id="single-entry"),
+    ]
+
+
+@triton_ready
+@pytest.mark.parametrize("scores", histogram_inputs())
+@pytest.mark.parametrize("prefix_bits, digit_bits", [(0, 7), (0, 12), (7, 8), (15, 8), (23, 8), (4, 5)])
+def test_radix_histogram_triton_equals_reference_and_definition(scores, prefix_bits, digit_bits) -> None:
+    keys = scores.float().view(torch.int32).flatten() & 0x7FFFFFFF
+    busiest = int(torch.mode(keys[keys != 0] >> (31 - prefix_bits)).values) if prefix_bits and keys.any() else 0
+    for prefix in {0, busiest}:
+        expected = histogram_by_definition(scores, prefix, prefix_bits, digit_bits)
+        reference = bt.radix_histogram_reference(scores, prefix, prefix_bits, digit_bits)
+        triton_counts = bt.radix_histogram_triton(scores, torch.tensor(prefix), prefix_bits, digit_bits)
+        assert reference.dtype == triton_counts.dtype == torch.int64
+        assert torch.equal(reference, expected)
+        assert torch.equal(triton_counts, expected)
+
+
+@triton_ready
+def test_radix_histogram_triton_tile_loop_covers_every_entry_once(monkeypatch) -> None:
+    monkeypatch.setattr(bt, "BLOCK", 64)
+    monkeypatch.setattr(bt, "MAX_PROGRAMS", 3)  # 2000 entries: 32 tiles over 3 programs
+    scores = relu_gaussian(40, 50)
+    assert torch.equal(bt.radix_histogram_triton(scores, 0, 0, 8), histogram_by_definition(scores, 0, 0, 8))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_radix_histogram_reference_chunks_and_lanes_count_every_entry_once(monkeypatch, threads) -> None:
+    monkeypatch.setattr(bt, "_CHUNK", 1001)  # 1001-entry chunks: with 3 lanes, 2 entries per chunk left over
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores = relu_gaussian(13, 517)
+        for prefix_bits, digit_bits in [(0, 15), (0, 16), (15, 16)]:
+            prefix = int(scores.max().view(torch.int32)) >> (31 - prefix_bits) if prefix_bits else 0
+            assert torch.equal(
+                bt.radix_histogram_reference(scores, prefix, prefix_bits, digit_bits),
+                histogram_by_definition(scores, prefix, prefix_bits, digit_bits),
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def test_radix_histogram_counts_neither_zero_nor_negative_zero() -> None:
+    scores = torch.tensor([[0.0, -0.0, 1.0, 2.0]])
+    assert int(bt.radix_histogram_reference(scores, 0, 0, 15).sum()) == 2
+
+
+# ------------------------------------------------------------------------------------------------ threshold
+@backends
+@pytest.mark.parametrize("n_keep", [1, 7, 300, 2047])
+def test_threshold_is_exactly_the_n_keep_th_largest_score(backend_name, n_keep) -> None:
+    scores = relu_gaussian(33, 129)
+    threshold = bt.batch_topk_threshold(scores, n_keep)
+    ranked = scores.flatten().sort(descending=True).values
+    assert threshold.value.dtype == torch.float32
+    assert threshold.value.item() == ranked[n_keep - 1].item()
+    assert threshold.n_greater.item() == int((ranked > ranked[n_keep - 1]).sum())
+    assert threshold.n_selected.item() == n_keep
+
+
+@pytest.mark.parametrize("digit_bits", [(15, 16), (7, 8, 8, 8), (11, 10, 10), (1, 15, 15)])
+def test_every_digit_schedule_finds_the_same_threshold(digit_bits) -> None:
+    scores = relu_gaussian(21, 95) * 1e-3
+    ranked = scores.flatten().sort(descending=True).values
+    assert bt.batch_topk_threshold(scores, 100, digit_bits=digit_bits).value.item() == ranked[99].item()
+
+
+@backends
+def test_bfloat16_threshold_is_a_bfloat16_score(backend_name) -> None:
+    scores = relu_gaussian(17, 70).bfloat16()
+    threshold = bt.batch_topk_threshold(scores, 50)
+    assert threshold.value.dtype == torch.bfloat16
+    assert threshold.value.item() == scores.flatten().sort(descending=True).values[49].item()
+
+
+# ------------------------------------------------------------------------------------------------ selection
+@backends
+@pytest.mark.parametrize("n_keep", [1, 64, 500])
+def test_batch_topk_keeps_the_n_keep_largest_sorted_by_row_then_latent(backend_name, n_keep) -> None:
+    scores = relu_gaussian(19, 83)
+    selection = bt.batch_topk(scores, n_keep)
+    assert selection.rows.numel() == n_keep == selection.n_selected.item()
+    assert torch.equal(kept_flat(selection), expected_kept(scores, n_keep))
+    assert selection.threshold.item() == scores[selection.rows, selection.latents].min().item()
+
+
+@backends
+def test_ties_at_the_threshold_are_kept_lowest_flat_index_first(backend_name) -> None:
+    scores = torch.randint(0, 4, (9, 31), generator=torch.Generator().manual_seed(1)).float()  # values 0..3
+    n_above = int((scores > 2).sum())
+    n_keep = n_above + 5  # 5 of the many 2.0s
+    selection = bt.batch_topk(scores, n_keep)
+    kept = kept_flat(selection)
+    assert kept.numel() == n_keep
+    assert selection.threshold.item() == 2.0
+    twos = (scores.flatten() == 2).nonzero().squeeze(1)
+    assert torch.equal(kept[torch.isin(kept, twos)], twos[:5])
+    assert torch.equal(kept, expected_kept(scores, n_keep))
+
+
+@backends
+def test_fewer_positive_scores_than_n_keep_keeps_every_positive_score_and_no_zero(backend_name) -> None:
+    scores = relu_gaussian(8, 20)  # about 80 positive scores
+    scores[0, :3] = -0.0
+    n_positive = int((scores > 0).sum())
+    selection = bt.batch_topk(scores, n_positive + 50)
+    assert selection.n_selected.item() == selection.rows.numel() == n_positive
+    assert torch.equal(kept_flat(selection), (scores.flatten() > 0).nonzero().squeeze(1))
+    assert selection.threshold.item() == scores[scores > 0].min().item()
+
+
+@backends
+def test_n_keep_above_numel_keeps_every_positive_entry(backend_name) -> None:
+    scores = torch.rand(2, 3) + 0.5
+    assert bt.batch_topk_mask(scores, 100).sum().item() == 6
+    nothing = bt.batch_topk(torch.zeros(4, 5), 100)
+    assert nothing.rows.numel() == 0 and nothing.threshold.item() == 0.0 and nothing.n_selected.item() == 0
+
+
+@backends
+def test_an_empty_batch_keeps_nothing(backend_name) -> None:
+    selection = bt.batch_topk(torch.zeros(0, 7), 10)
+    assert selection.rows.numel() == 0 and selection.n_selected.item() == 0 and selection.threshold.item() == 0.0
+
+
+def test_batch_topk_mask_equals_the_selection() -> None:
+    scores = relu_gaussian(6, 50)
+    mask = bt.batch_topk_mask(scores, 40)
+    assert mask.dtype == torch.bool and mask.shape == (6, 50) and mask.sum().item() == 40
+    assert torch.equal(mask.flatten().nonzero().squeeze(1), expected_kept(scores, 40))
+
+
+# ---------------------------------------------------------------------------------------- distributed hook
+class ThreadedAllReduce:
+    """``world_size`` threads acting as ranks: each call blocks until all ranks called, then returns the sum."""
+
+    def __init__(self, world_size: int) -> None:
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * world_size
+        self.calls = [0] * world_size
+
+    def for_rank(self, rank: int):
+        def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = torch.stack(self.slots).sum(0)
+            self.barrier.wait()
+            self.calls[rank] += 1
+            return total
+
+        return all_reduce
+
+
+def run_ranks(
+    shards: list[torch.Tensor], n_keep: int, pass_ranks: bool = True
+) -> tuple[list[bt.BatchTopKSelection], list[int]]:
+    group = ThreadedAllReduce(len(shards))
+    with ThreadPoolExecutor(len(shards)) as pool:
+        futures = [
+            pool.submit(
+                bt.batch_topk,
+                shard,
+                n_keep,
+                group.for_rank(rank),
+                **({"rank": rank, "world_size": len(shards)} if pass_ranks else {}),
+            )
+            for rank, shard in enumerate(shards)
+        ]
+        return [future.result() for future in futures], group.calls
+
+
+@backends
+@pytest.mark.parametrize("split", [(6, 6), (3, 9)])
+def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_batch(
+    backend_name, split, monkeypatch
+) -> None:
+    if backend_name == "triton" and not torch.cuda.is_available():  # the interpreter is not thread-safe
+        lock, launch = threading.Lock(), bt.radix_histogram_triton
+
+        def serialized(*args):
+            with lock:
+                return launch(*args)
+
+        monkeypatch.setattr(bt, "radix_histogram_triton", serialized)
+    scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float() / 7  # many ties
+    threshold = scores.flatten().sort(descending=True).values[120].item()
+    n_keep = int((scores > threshold).sum()) + int((scores == threshold).sum()) // 2  # half of the ties
+    assert all((shard == threshold).sum() > 1 for shard in scores.split(split))  # ties on both ranks
+    single = bt.batch_topk(scores, n_keep)
+    assert single.threshold.item() == threshold
+    (first, second), calls = run_ranks(list(scores.split(split)), n_keep)
+    assert torch.equal(torch.cat([first.rows, second.rows + split[0]]), single.rows)
+    assert torch.equal(torch.cat([first.latents, second.latents]), single.latents)
+    assert first.threshold.item() == second.threshold.item() == threshold
+    assert first.n_selected.item() == second.n_selected.item() == n_keep
+    n_passes = len(bt.TRITON_DIGIT_BITS if backend_name == "triton" else bt.REFERENCE_DIGIT_BITS)
+    assert calls == [n_passes + 1] * 2  # one all_reduce per histogram pass, one for the tie counts
+
+
+def test_a_single_rank_with_all_reduce_selects_what_it_selects_alone() -> None:
+    scores = torch.randint(0, 5, (6, 20), generator=torch.Generator().manual_seed(3)).float()
+    alone = bt.batch_topk(scores, 30)
+    with_hook = bt.batch_topk(scores, 30, lambda counts: counts)
+    assert torch.equal(with_hook.rows, alone.rows) and torch.equal(with_hook.latents, alone.latents)
+
+
+def test_all_reduce_without_rank_and_world_size_is_an_error_when_ranks_share_ties() -> None:
+    scores = torch.ones(4, 10)  # 40 ties, 20 on each rank
+    with pytest.raises(ValueError, match="pass rank= and world_size="):
+        run_ranks(list(scores.split(2)), 25, pass_ranks=False)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        (torch.rand(8, 6).t(), "not contiguous"),
+        (torch.rand(4, 4, dtype=torch.float64), "float64"),
+        (torch.ones(4, 4, dtype=torch.int32), "int32"),
+        (torch.tensor([[1.0, -0.5]]), "negative value"),
+        (torch.tensor([[1.0, float("nan")]]), "NaN"),
+        (torch.tensor([[1.0, float("inf")]]), "inf"),
+        (torch.rand(2, 3, 4), r"\[batch, dict_size\]"),
+    ],
+    ids=["non-contiguous", "float64", "int32", "negative", "nan", "inf", "3-d"],
+)
+def test_invalid_scores_are_rejected_with_a_clear_error(scores, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        bt.batch_topk(scores, 2)
+
+
+def test_invalid_arguments_are_rejected_with_a_clear_error() -> None:
+    scores = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="n_keep must be positive, got 0"):
+        bt.batch_topk_mask(scores, 0)
+    with pytest.raises(ValueError, match="needs all_reduce"):
+        bt.batch_topk(scores, 2, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="summing to 31"):
+        bt.batch_topk(scores, 2, digit_bits=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        bt.radix_histogram(scores, 5, 2, 8)
+    with pytest.raises(ValueError, match="prefix_bits \\+ digit_bits <= 31"):
+        bt.radix_histogram(scores, 0, 20, 16)
