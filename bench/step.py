@@ -39,7 +39,7 @@ def dense_step(args, device):
     W_dec = torch.nn.Parameter(W_enc.detach().clone())
     b_enc = torch.nn.Parameter(torch.zeros(F, device=device))
     b_dec = torch.nn.Parameter(torch.zeros(S * d, device=device))
-    optimizer = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+    optimizer = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4, fused=True)
     x = torch.randn(args.batch, S * d, device=device)
 
     def step():
@@ -67,7 +67,7 @@ def our_step(args, device, architecture="batchtopk"):
         dictionary = crosscoder.BatchTopKSAE(args.d_model, args.dict_size, args.k)
         x = torch.randn(args.batch, args.d_model, device=device)
     dictionary = dictionary.to(device).train()
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4, fused=True)  # as crosscoder.train
     x_normalized = dictionary.normalize(x)
 
     def step():

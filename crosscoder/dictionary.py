@@ -70,15 +70,15 @@ class TrainingOutput:
     """What one training forward pass returns (normalised space), in the sparse format of the kernels.
 
     codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
-    reconstruction: [batch, n_sources, d_model]; pre_activations: [batch, dict_size] encoder outputs before the
-    ReLU, without gradients (AuxK picks dead latents from them); encoder_input: [batch, n_sources · d_model];
+    reconstruction: [batch, n_sources, d_model]; scores: [batch, dict_size] the ranked ``f · c`` without gradients
+    (BatchTopK; AuxK picks dead latents from them, else None); encoder_input: [batch, n_sources · d_model];
     min_kept_score: smallest kept ``f · c`` (0-d; BatchTopK only, else None) for the θ EMA.
     """
 
     codes: SparseCodes
     values: torch.Tensor
     reconstruction: torch.Tensor
-    pre_activations: torch.Tensor
+    scores: torch.Tensor | None
     encoder_input: torch.Tensor
     min_kept_score: torch.Tensor | None
 
@@ -233,17 +233,24 @@ class SparseDictionary(
         """
         encoder_input = self.encoder_input(x_normalized)
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
+        scores = min_kept = None
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
-            if self.uses_batch_topk:  # where(pre > 0) is the ReLU, and also maps NaN to 0 for the selection
-                selection = self._batch_topk_selection(torch.where(pre > 0, pre, 0.0), k or self.k)
-                codes = SparseCodes.from_indices(selection.rows, selection.latents, *pre.shape)
+            if self.uses_batch_topk:
+                # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
+                # directly, and the kept f are recovered as scores / c on the kept entries only.
+                c = self.code_norms()
+                scores = torch.addmm(self.b_enc * c, encoder_input, (W_enc * c[:, None]).T).relu_()
+                selection = batch_topk(scores, (k or self.k) * scores.shape[0])
+                codes = SparseCodes.from_indices(selection.rows, selection.latents, *scores.shape)
+                kept = codes.gather(scores) / c[codes.latents]
                 min_kept = selection.threshold
             else:
-                codes, min_kept = SparseCodes.from_mask(pre > 0), None
-        values = F.relu(gather_active(codes.gather(pre), encoder_input, W_enc, self.b_enc, codes))
+                pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
+                codes = SparseCodes.from_mask(pre > 0)
+                kept = codes.gather(pre)
+        values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes))
         reconstruction = sparse_decode(values, codes, W_dec).view(-1, self.n_sources, self.d_model) + self.b_dec
-        return TrainingOutput(codes, values, reconstruction, pre, encoder_input, min_kept)
+        return TrainingOutput(codes, values, reconstruction, scores, encoder_input, min_kept)
 
     def dead_latent_reconstruction(self, out: TrainingOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor | None:
         """AuxK's ``ê``: each token decodes its top-``k_aux`` dead latents by score ``f · c``, *without* ``b_dec``
@@ -252,17 +259,17 @@ class SparseDictionary(
         k_aux = min(k_aux, self.dict_size)
         if k_aux <= 0 or (dead.device.type == "cpu" and not bool(dead.any())):
             return None
-        batch = out.pre_activations.shape[0]
+        batch = out.scores.shape[0]
         with torch.no_grad():
-            positive = torch.where(out.pre_activations > 0, out.pre_activations, 0.0)
-            scores = torch.where(dead, positive * self.code_norms(), -1.0)
-            top = scores.topk(k_aux, dim=-1)
+            c = self.code_norms()
+            top = torch.where(dead, out.scores, -1.0).topk(k_aux, dim=-1)
             latents, order = top.indices.sort(dim=-1)
             keep = (top.values.gather(-1, order) > 0).flatten()
             rows = torch.arange(batch, device=latents.device).repeat_interleave(k_aux)
             codes = SparseCodes.from_indices(rows, latents.flatten(), batch, self.dict_size)
+            kept = codes.gather(out.scores) / c[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
-        values = F.relu(gather_active(codes.gather(out.pre_activations), out.encoder_input, W_enc, self.b_enc, codes))
+        values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))
         return sparse_decode(values * keep, codes, W_dec).view(-1, self.n_sources, self.d_model)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:

@@ -167,7 +167,7 @@ def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int
 
 
 def _optimizer_and_schedule(dictionary: SparseDictionary, config: TrainConfig) -> tuple[torch.optim.Adam, LambdaLR]:
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=(0.9, 0.999), fused=True)
     return optimizer, LambdaLR(optimizer, lambda step: lr_factor(config, step))
 
 

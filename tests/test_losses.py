@@ -43,8 +43,8 @@ def test_auxk_decodes_top_dead_latents_without_decoder_bias_against_the_detached
     residual = x - out.reconstruction
     loss = auxk_loss(residual, dead_reconstruction)
 
-    activations = torch.relu(out.pre_activations)
     code_norms = cc.code_norms().detach()
+    activations = out.scores / code_norms
     expected = torch.zeros(batch, 2, 3)
     for b in range(batch):
         scores = {j: (activations[b, j] * code_norms[j]).item() for j in (1, 4, 7)}
