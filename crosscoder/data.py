@@ -30,27 +30,33 @@ class TensorActivations:
     """Shuffled batches from an in-memory tensor of activations, epoch after epoch, resumable.
 
     activations: [tokens, n_sources, d_model]. Each epoch is a fresh permutation drawn from (seed, epoch);
-    the last incomplete batch of an epoch is dropped.
+    the last incomplete batch of an epoch is dropped. Data parallel: the processes walk one order in global
+    batches of ``batch_size · world_size`` rows and process ``rank`` takes its ``batch_size`` rows of each.
     """
 
-    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, activations: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if activations.dim() != 3:
             raise ValueError(f"activations must have shape [tokens, n_sources, d_model], got {list(activations.shape)}")
-        if activations.shape[0] < batch_size:
+        if activations.shape[0] < batch_size * world_size:
             raise ValueError(
-                f"only {activations.shape[0]} tokens of activations for a batch of {batch_size}: "
+                f"only {activations.shape[0]} tokens of activations for a batch of {batch_size * world_size}: "
                 "collect more or lower batch_size"
             )
         self.activations = activations
-        self.batch_size = batch_size
+        self.batch_size, self.global_batch_size = batch_size, batch_size * world_size
+        self.rank = rank
         self.seed = seed
         self.epoch = 0
         self.position = 0
 
     @classmethod
-    def from_file(cls, path: str | Path, batch_size: int, seed: int = 0) -> TensorActivations:
+    def from_file(
+        cls, path: str | Path, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> TensorActivations:
         """Read a ``.safetensors`` file (key ``activations``) or a tensor ``torch.save``d to ``.pt``."""
-        return cls(read_activation_file(Path(path)), batch_size, seed)
+        return cls(read_activation_file(Path(path)), batch_size, seed, rank, world_size)
 
     def _permutation(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -59,12 +65,13 @@ class TensorActivations:
     def __iter__(self) -> Iterator[torch.Tensor]:
         permutation = self._permutation()
         while True:
-            if self.position + self.batch_size > len(permutation):
+            if self.position + self.global_batch_size > len(permutation):
                 self.epoch += 1
                 self.position = 0
                 permutation = self._permutation()
-            indices = permutation[self.position : self.position + self.batch_size]
-            self.position += self.batch_size
+            start = self.position + self.rank * self.batch_size
+            indices = permutation[start : start + self.batch_size]
+            self.position += self.global_batch_size
             yield self.activations[indices]
 
     def state_dict(self) -> dict[str, Any]:

@@ -37,10 +37,11 @@ def organism_config(config: TrainConfig, organism: ModelOrganism) -> TrainConfig
     )
 
 
-def organism_stream(config: TrainConfig) -> PairedActivationStream:
-    """Build (or load) the organism and stream its paired activations as the config asks."""
-    organism = build_model_organism(seed=config.seed, progress=config.progress)
-    return PairedActivationStream.from_config(organism_config(config, organism))
+def organism_stream(config: TrainConfig, rank: int = 0, world_size: int = 1) -> PairedActivationStream:
+    """Build (or load) the organism and stream its paired activations as the config asks (``rank`` of
+    ``world_size`` data-parallel processes reads its own share of the documents)."""
+    organism = build_model_organism(seed=config.seed, progress=config.progress and rank == 0)
+    return PairedActivationStream.from_config(organism_config(config, organism), rank=rank, world_size=world_size)
 
 
 def summary(dictionaries: dict[str, SparseDictionary]) -> list[str]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from crosscoder.distributed import Distributed
 from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import sparse_decode
@@ -224,9 +225,12 @@ class SparseDictionary(
         """The ``k · batch`` largest positive scores ``f · c`` (radix select; see ``crosscoder.kernels``)."""
         return batch_topk(activations * self.code_norms(), k * activations.shape[0])
 
-    def training_forward(self, x_normalized: torch.Tensor, k: int | None = None) -> TrainingOutput:
+    def training_forward(
+        self, x_normalized: torch.Tensor, k: int | None = None, context: Distributed | None = None
+    ) -> TrainingOutput:
         """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model];
-        ``k`` overrides the configured k (k-annealing).
+        ``k`` overrides the configured k (k-annealing); with a data-parallel ``context`` the BatchTopK selection
+        runs over the global batch (its radix-select histograms are all-reduced).
 
         The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
@@ -240,7 +244,15 @@ class SparseDictionary(
                 # directly, and the kept f are recovered as scores / c on the kept entries only.
                 c = self.code_norms()
                 scores = torch.addmm(self.b_enc * c, encoder_input, (W_enc * c[:, None]).T).relu_()
-                selection = batch_topk(scores, (k or self.k) * scores.shape[0])
+                context = context or Distributed()
+                n_keep = (k or self.k) * scores.shape[0] * context.world_size
+                selection = batch_topk(
+                    scores,
+                    n_keep,
+                    context.all_reduce if context.enabled else None,
+                    rank=context.rank,
+                    world_size=context.world_size,
+                )
                 codes = SparseCodes.from_indices(selection.rows, selection.latents, *scores.shape)
                 kept = codes.gather(scores) / c[codes.latents]
                 min_kept = selection.threshold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -27,14 +28,25 @@ def l1_penalty(values: torch.Tensor, value_code_norms: torch.Tensor, batch_size:
     return (values * value_code_norms).sum() / batch_size
 
 
-def auxk_loss(residual: torch.Tensor, dead_reconstruction: torch.Tensor) -> torch.Tensor:
+def auxk_loss(
+    residual: torch.Tensor,
+    dead_reconstruction: torch.Tensor,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """AuxK loss ``‖e − ê‖² / ‖e − ē‖²`` (batch means), DESIGN §4.
 
     residual e = x − x̂: [batch, n_sources, d_model], detached here (it must not receive gradients);
     dead_reconstruction ê: the top dead latents decoded *without* ``b_dec``, same shape
-    (``SparseDictionary.dead_latent_reconstruction``).
+    (``SparseDictionary.dead_latent_reconstruction``). With ``all_reduce`` (a sum over data-parallel processes)
+    the denominator is the global batch's, so averaging the processes' gradients gives the global loss's.
     """
     residual = residual.detach()
     numerator = (residual - dead_reconstruction).pow(2).sum(dim=(1, 2)).mean()
-    denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
+    if all_reduce is None:
+        denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
+    else:  # Σ‖e − ē‖² = Σ‖e‖² − n‖ē‖² over the global batch
+        flat = residual.flatten(1).double()
+        sums = all_reduce(torch.cat([flat.sum(0), flat.pow(2).sum().view(1), flat.new_tensor([len(flat)])]))
+        count = sums[-1]
+        denominator = ((sums[-2] - sums[:-2].pow(2).sum() / count) / count).to(residual.dtype)
     return numerator / denominator.clamp_min(1e-12)

@@ -3,6 +3,8 @@ evaluation)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -40,6 +42,13 @@ class ReconstructionStats:
             self._sum_squares += batch_squares
             self._active += active
         self.tokens += x.shape[0]
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the accumulated statistics over processes (every process must call it)."""
+        self._require_data()
+        for name in ("_residual", "_sum", "_sum_squares", "_active"):
+            setattr(self, name, reduce(getattr(self, name)))
+        self.tokens = int(reduce(torch.tensor(self.tokens, device=self._residual.device)))
 
     def _require_data(self) -> None:
         if self._residual is None:

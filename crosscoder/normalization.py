@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 
-def estimate_input_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-source scalar with ``E‖scale_s · x_s‖ = √d_model``. x: [tokens, n_sources, d_model] → [n_sources]."""
-    mean_norm = x.float().norm(dim=-1).mean(dim=0)
+def estimate_input_scale(
+    x: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Per-source scalar with ``E‖scale_s · x_s‖ = √d_model``. x: [tokens, n_sources, d_model] → [n_sources].
+    ``all_reduce`` (a sum over processes) makes the mean run over every process's tokens."""
+    sums = torch.cat(
+        [x.double().norm(dim=-1).sum(dim=0), torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)]
+    )
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    mean_norm = (sums[:-1] / sums[-1]).float()
     if (mean_norm <= 0).any() or not torch.isfinite(mean_norm).all():
         raise ValueError(
             f"cannot normalise activations whose mean norm per source is {mean_norm.tolist()}: "

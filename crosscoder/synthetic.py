@@ -73,12 +73,15 @@ class PlantedDictionary:
 class PlantedActivations:
     """Endless, resumable batches [batch_size, 2, d_model] from a ``PlantedDictionary``.
 
-    Batch i depends only on (seed, i), so the position is just the batch counter.
+    Batch i depends only on (seed, i), so the position is just the batch counter. Data parallel: global batches
+    of ``batch_size · world_size`` rows, of which process ``rank`` takes its ``batch_size``.
     """
 
-    def __init__(self, planted: PlantedDictionary, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, planted: PlantedDictionary, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.planted = planted
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed = seed
         self.batch_index = 0
 
@@ -86,7 +89,8 @@ class PlantedActivations:
         while True:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch_index)
             self.batch_index += 1
-            yield self.planted.sample(self.batch_size, generator)
+            batch = self.planted.sample(self.batch_size * self.world_size, generator)
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
         return {"batch_index": self.batch_index}

@@ -7,6 +7,7 @@ dictionary is saved with ``save_pretrained`` (and pushed to the Hub when asked).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -25,6 +26,7 @@ from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkp
 from crosscoder.config import DICTIONARY_NAMES, RUN_CONTROL_FIELDS, Architecture, TrainConfig
 from crosscoder.data import ResumableBatches, TensorActivations
 from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary
+from crosscoder.distributed import Distributed, init_distributed, rank_device
 from crosscoder.hub import dictionary_from_state
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
 from crosscoder.metrics import ReconstructionStats, active_counts
@@ -54,11 +56,13 @@ class Trainee:
         """The dictionary's raw input from a paired batch x: [batch, n_sources, d_model]."""
         return dictionary_input(self.architecture, x, config)
 
-    def step(self, x: torch.Tensor, step: int, k: int, config: TrainConfig) -> torch.Tensor:
-        """One optimisation step on raw paired activations x; returns the (detached) total loss."""
+    def step(self, x: torch.Tensor, step: int, k: int, config: TrainConfig, context: Distributed) -> torch.Tensor:
+        """One optimisation step on raw paired activations x (this process's share of the global batch); returns
+        the (detached) total loss."""
         dictionary = self.dictionary
         x_normalized = dictionary.normalize(self.input_of(x, config))
-        out = dictionary.training_forward(x_normalized, k)
+        out = dictionary.training_forward(x_normalized, k, context)
+        reduce = context.all_reduce if context.enabled else None
         reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
         losses = {"reconstruction_loss": reconstruction}
         if dictionary.uses_batch_topk:
@@ -66,7 +70,7 @@ class Trainee:
             k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
             dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux)
             losses["aux_loss"] = (
-                auxk_loss(x_normalized - out.reconstruction, dead_reconstruction) * dead.any()
+                auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead.any()
                 if dead_reconstruction is not None
                 else reconstruction.new_zeros(())
             )
@@ -78,6 +82,10 @@ class Trainee:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if context.enabled:  # average the gradients: every process then takes the same step
+            for parameter in dictionary.parameters():
+                if parameter.grad is not None:
+                    context.all_reduce(parameter.grad).div_(context.world_size)
         dictionary.before_optimizer_step()
         torch.nn.utils.clip_grad_norm_(dictionary.parameters(), config.grad_clip)
         self.optimizer.step()
@@ -85,8 +93,8 @@ class Trainee:
         dictionary.after_optimizer_step()
 
         with torch.no_grad():
-            active = out.active_counts()
-            self.tokens_since_fired += x.shape[0]
+            active = context.all_reduce(out.active_counts())
+            self.tokens_since_fired += x.shape[0] * context.world_size
             self.tokens_since_fired.masked_fill_(active > 0, 0)
             if out.min_kept_score is not None and step >= config.threshold_start_step:
                 theta, beta = dictionary.threshold, config.threshold_beta
@@ -96,10 +104,17 @@ class Trainee:
                 self.loss_sums[name] = self.loss_sums.get(name, 0) + value.detach()
         return loss.detach()
 
-    def read_window(self, steps: int, config: TrainConfig) -> dict[str, float]:
-        """Metrics averaged since the last read (one host sync), then reset."""
+    def read_window(self, steps: int, config: TrainConfig, context: Distributed) -> dict[str, float]:
+        """Metrics averaged since the last read over all processes (one host sync), then reset."""
+        if context.enabled:
+            self.window.all_reduce(context.all_reduce)
         metrics = self.window.summary()
-        metrics.update({name: float(value) / steps for name, value in self.loss_sums.items()})
+        metrics.update(
+            {
+                name: float(context.all_reduce(value.clone())) / steps / context.world_size
+                for name, value in self.loss_sums.items()
+            }
+        )
         metrics["dead_fraction"] = float((self.tokens_since_fired >= config.dead_tokens).float().mean())
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.dictionary.uses_batch_topk:
@@ -171,17 +186,22 @@ def _optimizer_and_schedule(dictionary: SparseDictionary, config: TrainConfig) -
     return optimizer, LambdaLR(optimizer, lambda step: lr_factor(config, step))
 
 
-def start_trainees(config: TrainConfig, first_batches: list[torch.Tensor], device: torch.device) -> list[Trainee]:
-    """New dictionaries, normalised on the first batches (per-source scale, b_dec from the first batch)."""
-    sample = torch.cat(first_batches)[: config.normalization_tokens].to(device)
+def start_trainees(
+    config: TrainConfig, first_batches: list[torch.Tensor], device: torch.device, context: Distributed
+) -> list[Trainee]:
+    """New dictionaries, normalised on the first batches (per-source scale over every process's tokens, b_dec from
+    the first global batch), identical on every process."""
+    sample = torch.cat(first_batches)[: config.normalization_tokens // context.world_size].to(device)
+    first_global = context.all_gather_rows(first_batches[0].to(device))
     trainees = []
     for index, architecture in enumerate(config.architectures):
         torch.manual_seed(config.seed * 1_000 + index)
         raw = dictionary_input(architecture, sample, config)
         dictionary = new_dictionary(architecture, config, sample.shape[-1], sample.shape[1]).to(device)
         with torch.no_grad():
-            dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw)))
-            first = dictionary.normalize(raw[: first_batches[0].shape[0]])
+            reduce = context.all_reduce if context.enabled else None
+            dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw), reduce))
+            first = dictionary.normalize(dictionary_input(architecture, first_global, config))
             if config.b_dec_init == "geometric_median":
                 dictionary.b_dec.copy_(geometric_median(first))
             elif config.b_dec_init == "mean":
@@ -239,25 +259,29 @@ class PositionedBatches:
             yield batch, position
 
 
-def default_batches(config: TrainConfig) -> Iterable[torch.Tensor]:
-    """The batch source the config names: paired models, a cache, a tensor file, the model organism, or
-    planted synthetic data."""
+def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch.Tensor]:
+    """The batch source the config names — paired models, a cache, a tensor file, the model organism, or planted
+    synthetic data — yielding this process's share of each global batch."""
+    local = context.local_batch_size(config.batch_size)
+    rank, world = context.rank, context.world_size
     if config.base_model:
         from crosscoder.activations import PairedActivationStream
 
-        return PairedActivationStream.from_config(config)
+        return PairedActivationStream.from_config(
+            dataclasses.replace(config, batch_size=local), rank=rank, world_size=world
+        )
     if config.cache is not None:
         from crosscoder.cache import ActivationCache
 
-        return ActivationCache(config.cache, config.batch_size, seed=config.seed)
+        return ActivationCache(config.cache, local, seed=config.seed, rank=rank, world_size=world)
     if config.activations is not None:
-        return TensorActivations.from_file(config.activations, config.batch_size, config.seed)
+        return TensorActivations.from_file(config.activations, local, config.seed, rank, world)
     if config.model_organism:
         from crosscoder.demo import organism_stream
 
-        return organism_stream(config)
+        return organism_stream(dataclasses.replace(config, batch_size=local), rank=rank, world_size=world)
     if config.synthetic:
-        return PlantedActivations(PlantedDictionary.random(seed=config.seed), config.batch_size, config.seed)
+        return PlantedActivations(PlantedDictionary.random(seed=config.seed), local, config.seed, rank, world)
     raise ValueError(
         "no training data named: pass --base-model and --chat-model (with --datasets), --cache DIR, "
         "--activations FILE, --model-organism (offline demo models) or --synthetic (planted dictionary)"
@@ -276,14 +300,26 @@ def train(
     the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name``.
     """
-    device = torch.device(resolve_device(config.device))
+    context = init_distributed(resolve_device(config.device))
+    device = torch.device(rank_device(resolve_device(config.device), context))
     run_dir = config.run_dir
-    stream = PositionedBatches(batches if batches is not None else default_batches(config))
+    if batches is None and config.model_organism and context.enabled:  # one process builds it, the others wait
+        if context.is_main:
+            from crosscoder.organism import build_model_organism
+
+            build_model_organism(seed=config.seed, progress=config.progress)
+        torch.distributed.barrier()
+    stream = PositionedBatches(batches if batches is not None else default_batches(config, context))
     checkpoint = _checkpoint_to_resume(config)
+    if checkpoint is not None and len(checkpoint["data"]) != context.world_size:
+        raise CheckpointError(
+            f"the checkpoint was written by {len(checkpoint['data'])} process(es) but {context.world_size} are "
+            "running: resume with the same number of processes (each resumes its own data position)"
+        )
 
     if checkpoint is not None:
         trainees = restore_trainees(config, checkpoint["dictionaries"], device)
-        stream.restore(checkpoint["data"])
+        stream.restore(checkpoint["data"][context.rank])
         step, tokens = checkpoint["step"], checkpoint["tokens"]
         _set_rng_state(checkpoint["rng"])
         iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]] = iter(stream)
@@ -292,17 +328,23 @@ def train(
         random.seed(config.seed)
         iterator = iter(stream)
         first = _take_tokens(iterator, config.normalization_tokens)
-        trainees = start_trainees(config, [batch for batch, _ in first], device)
+        trainees = start_trainees(config, [batch for batch, _ in first], device, context)
         iterator = itertools.chain(first, iterator)
         step, tokens = 0, 0
     shapes = _accepted_shapes(trainees)
 
-    logger = RunLogger(config, run_dir, checkpoint.get("wandb_run_id") if checkpoint else None)
-    guard = FiniteGuard(device)
-    position: dict[str, Any] = checkpoint["data"] if checkpoint else {"batches": 0}
+    logger = RunLogger(config, run_dir, checkpoint.get("wandb_run_id") if checkpoint else None, context.is_main)
+    guard = FiniteGuard(device, context)
+    position: dict[str, Any] = checkpoint["data"][context.rank] if checkpoint else {"batches": 0}
     last_checkpoint = list_checkpoints(run_dir)[-1] if checkpoint else None
     total = config.total_steps
-    progress = tqdm(total=total, initial=step, disable=not config.progress, unit="step", desc=config.run_name)
+    progress = tqdm(
+        total=total,
+        initial=step,
+        disable=not (config.progress and context.is_main),
+        unit="step",
+        desc=config.run_name,
+    )
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < total:
@@ -323,18 +365,20 @@ def train(
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # the guard stops the run at its next check
             k = current_k(config, step)
             for trainee in trainees:
-                guard.watch(f"{trainee.name} loss", ~torch.isfinite(trainee.step(x, step, k, config)), step)
+                loss = trainee.step(x, step, k, config, context)
+                guard.watch(f"{trainee.name} loss", ~torch.isfinite(loss), step)
             step += 1
-            tokens += x.shape[0]
+            tokens += x.shape[0] * context.world_size
             window_steps += 1
             progress.update(1)
 
             if step % config.log_every == 0 or step == total:
                 guard.check(last_checkpoint)
                 elapsed = time.perf_counter() - window_start
-                metrics = {t.name: t.read_window(window_steps, config) for t in trainees}
+                metrics = {t.name: t.read_window(window_steps, config, context) for t in trainees}
                 data = {f"data/{name}": value for name, value in getattr(stream.source, "statistics", dict)().items()}
-                logger.log(step, tokens, metrics, tokens_per_second=window_steps * x.shape[0] / elapsed, **data)
+                throughput = window_steps * x.shape[0] * context.world_size / elapsed
+                logger.log(step, tokens, metrics, tokens_per_second=throughput, **data)
                 progress.set_postfix({f"{t.name[:8]} fve": f"{metrics[t.name]['fve']:.3f}" for t in trainees})
                 window_start, window_steps = time.perf_counter(), 0
             if validation_batches is not None and config.validate_every and step % config.validate_every == 0:
@@ -345,18 +389,18 @@ def train(
                 )
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                 guard.check(last_checkpoint)
-                last_checkpoint = _write_checkpoint(config, trainees, step, tokens, position, logger)
+                last_checkpoint = _write_checkpoint(config, trainees, step, tokens, position, logger, context)
     finally:
         progress.close()
     guard.check(last_checkpoint)
-    _write_checkpoint(config, trainees, step, tokens, position, logger)
+    _write_checkpoint(config, trainees, step, tokens, position, logger, context)
     final_metrics = (
         {t.name: validate(t, validation_batches, config, device) for t in trainees}
         if validation_batches
         else logger.last
     )
     logger.finish()
-    return _save_dictionaries(config, trainees, step, tokens, final_metrics)
+    return _save_dictionaries(config, trainees, step, tokens, final_metrics, context)
 
 
 def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
@@ -431,17 +475,23 @@ def validate(
 class FiniteGuard:
     """Records, without host syncs, the first step whose batch or loss was not finite; ``check`` raises."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, context: Distributed) -> None:
         self.first_bad: dict[str, torch.Tensor] = {}
-        self.device = device
+        self.device, self.context = device, context
 
     def watch(self, what: str, bad: torch.Tensor, step: int) -> None:
         first = self.first_bad.setdefault(what, torch.full((), -1, dtype=torch.long, device=self.device))
         first.copy_(torch.where((first < 0) & bad, step, first))
 
     def check(self, last_checkpoint: Path | None) -> None:
+        """Raise on every process if any process saw a non-finite batch or loss (a collective call)."""
         for what, first in self.first_bad.items():
-            bad_step = int(first)
+            if self.context.enabled:  # every process raises together, naming the first bad step of any
+                seen = torch.where(first >= 0, first, torch.iinfo(torch.long).max).view(1)
+                torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MIN)
+                bad_step = -1 if int(seen) == torch.iinfo(torch.long).max else int(seen)
+            else:
+                bad_step = int(first)
             if bad_step >= 0:
                 kept = (
                     f"the last good checkpoint {last_checkpoint} is intact"
@@ -461,17 +511,25 @@ def _write_checkpoint(
     tokens: int,
     position: dict[str, Any],
     logger: RunLogger,
+    context: Distributed,
 ) -> Path:
-    state = {
-        "config": config.to_dict(),
-        "step": step,
-        "tokens": tokens,
-        "data": position,
-        "rng": _rng_state(),
-        "dictionaries": {trainee.name: trainee.state_dict() for trainee in trainees},
-        "wandb_run_id": logger.wandb_run_id,
-    }
-    return save_checkpoint(state, config.run_dir, step, config.keep_checkpoints)
+    """Rank 0 writes the checkpoint with every process's data position (a collective call)."""
+    positions = context.all_gather_objects(position)
+    path = config.run_dir / "checkpoints" / f"step_{step:09d}.pt"
+    if context.is_main:
+        state = {
+            "config": config.to_dict(),
+            "step": step,
+            "tokens": tokens,
+            "data": positions,
+            "rng": _rng_state(),
+            "dictionaries": {trainee.name: trainee.state_dict() for trainee in trainees},
+            "wandb_run_id": logger.wandb_run_id,
+        }
+        path = save_checkpoint(state, config.run_dir, step, config.keep_checkpoints)
+    if context.enabled:
+        torch.distributed.barrier()
+    return path
 
 
 def _rng_state() -> dict[str, Any]:
@@ -489,7 +547,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_dictionaries(
-    config: TrainConfig, trainees: list[Trainee], step: int, tokens: int, metrics: dict[str, dict[str, float]]
+    config: TrainConfig,
+    trainees: list[Trainee],
+    step: int,
+    tokens: int,
+    metrics: dict[str, dict[str, float]],
+    context: Distributed,
 ) -> dict[str, SparseDictionary]:
     saved = {}
     for trainee in trainees:
@@ -503,24 +566,27 @@ def _save_dictionaries(
                 "train_config": config.to_dict(),
             }
         )
+        saved[trainee.name] = dictionary
+        if not context.is_main:
+            continue
         folder = config.run_dir / trainee.name
         dictionary.save_pretrained(folder)
         if config.push_to_hub:
             repo_id = config.push_to_hub if len(trainees) == 1 else f"{config.push_to_hub}-{trainee.name}"
             dictionary.push_to_hub(repo_id)
-        saved[trainee.name] = dictionary
     return saved
 
 
 class RunLogger:
-    """Metrics to ``run_dir/metrics.jsonl`` and, when configured, to Weights & Biases."""
+    """Metrics to ``run_dir/metrics.jsonl`` and, when configured, to Weights & Biases (main process only; the
+    others keep the latest metrics without writing)."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, wandb_run_id: str | None) -> None:
+    def __init__(self, config: TrainConfig, run_dir: Path, wandb_run_id: str | None, is_main: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / "metrics.jsonl" if is_main else None
         self.last: dict[str, dict[str, float]] = {}
         self.run = None
-        if config.wandb_project:
+        if config.wandb_project and is_main:
             import wandb
 
             self.run = wandb.init(
@@ -539,6 +605,8 @@ class RunLogger:
         flat = {f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()}
         flat.update(extra)
         flat["tokens"] = tokens
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **flat}) + "\n")
         if self.run is not None:
