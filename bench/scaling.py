@@ -1,8 +1,9 @@
 """Data-parallel scaling: training tokens/s with 2 processes against 1 (torchrun, gloo on CPU / NCCL on GPU).
 
 Each process is held to the same number of threads (``--threads``, default 1), so the ratio measures the
-parallel code, not the cores a lone process would borrow. Both runs train the same global batch of the synthetic
-planted-dictionary data; throughput is read from each run's ``metrics.jsonl`` (windows after the first).
+parallel code, not the cores a lone process would borrow. Both runs train a BatchTopK crosscoder on the same
+global batches of an activation file (random paired activations written once; each process reads its rows);
+throughput is read from each run's ``metrics.jsonl`` (windows after the first).
 Ends with one line of JSON: ``scaling_2_procs`` = tokens/s with 2 processes / with 1.
 
     python bench/scaling.py
@@ -19,39 +20,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 
 
 def tokens_per_second(processes: int, args: argparse.Namespace, folder: Path) -> float:
-    flags = [
-        "--preset",
-        "synthetic",
-        "--architectures",
-        "batchtopk",
-        "--batch-size",
-        str(args.batch_size),
-        "--dict-size",
-        str(args.dict_size),
-        "--k",
-        str(args.k),
-        "--num-tokens",
-        str(args.batch_size * args.steps),
-        "--log-every",
-        str(max(1, args.steps // 6)),
-        "--checkpoint-every",
-        "0",
-        "--no-progress",
-        "--device",
-        args.device,
-        "--output-dir",
-        str(folder / str(processes)),
-    ]
+    flags = ["--activations", str(folder / "activations.safetensors"), "--run-name", "scaling"]
+    flags += ["--architectures", "batchtopk", "--batch-size", str(args.batch_size), "--dict-size", str(args.dict_size)]
+    flags += ["--k", str(args.k), "--num-tokens", str(args.batch_size * args.steps), "--warmup-steps", "5"]
+    flags += ["--log-every", str(max(1, args.steps // 6)), "--checkpoint-every", "0", "--no-progress"]
+    flags += ["--device", args.device, "--output-dir", str(folder / str(processes))]
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     subprocess.run([*launcher, str(TRAIN), *flags], check=True, env=env, capture_output=True, text=True)
-    logged = (folder / str(processes) / "synthetic" / "metrics.jsonl").read_text().splitlines()
+    logged = (folder / str(processes) / "scaling" / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(line)["tokens_per_second"] for line in logged[1:]]
     return sum(rates) / len(rates)
 
@@ -59,13 +45,17 @@ def tokens_per_second(processes: int, args: argparse.Namespace, folder: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--dict-size", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--dict-size", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
+        generator = torch.Generator().manual_seed(0)
+        activations = torch.randn(args.batch_size * 8, 2, args.d_model, generator=generator)
+        save_file({"activations": activations}, Path(folder) / "activations.safetensors")
         one = tokens_per_second(1, args, Path(folder))
         two = tokens_per_second(2, args, Path(folder))
     print(f"1 process: {one:,.0f} tokens/s; 2 processes: {two:,.0f} tokens/s")
@@ -75,6 +65,7 @@ def main() -> None:
                 "device": args.device,
                 "threads_per_process": args.threads,
                 "batch_size": args.batch_size,
+                "d_model": args.d_model,
                 "dict_size": args.dict_size,
                 "k": args.k,
                 "tokens_per_second_1_proc": round(one),

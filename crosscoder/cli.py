@@ -4,6 +4,7 @@ starts from a named preset and any other flag overrides it. With no arguments, t
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
+        return 0
     print(f"\nRun folder: {config.run_dir}")
     for name in dictionaries:
         print(f"  {name}: {config.run_dir / name}")
