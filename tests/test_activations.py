@@ -7,7 +7,7 @@ import dataclasses
 import datasets
 import pytest
 import torch
-from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, gpt2, llama, save_pair, write_jsonl
+from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, gpt2, llama, local_pair_config
 
 import crosscoder
 from crosscoder.activations import PairedActivationStream, StreamSettings, decoder_blocks
@@ -239,29 +239,12 @@ def test_model_neither_local_nor_cached_while_offline(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- end to end from a config
 @pytest.mark.slow
 def test_training_streams_from_local_model_folders_and_jsonl(tmp_path, tokenizer):
-    base = llama(len(tokenizer))
-    base_path, chat_path = save_pair(tmp_path / "models", base, finetuned_copy(base), tokenizer)
-    general = write_jsonl(tmp_path / "general.jsonl", [{"text": text} for text in corpus()[:200]])
-    chats = write_jsonl(tmp_path / "chat.jsonl", chat_rows(200))
-    config = crosscoder.TrainConfig(
-        base_model=str(base_path),
-        chat_model=str(chat_path),
-        datasets=(str(general), str(chats)),
-        layers=(2,),
-        model_dtype="float32",
-        context_length=32,
-        block_sequences=16,
+    config = local_pair_config(
+        tmp_path,
+        tokenizer,
         architectures=("batchtopk", "diff_sae"),
-        k=4,
-        dict_size=64,
-        batch_size=64,
         num_tokens=64 * 30,
-        warmup_steps=5,
-        threshold_start_step=10,
-        normalization_tokens=256,
-        output_dir=tmp_path,
         run_name="stream",
-        progress=False,
         log_every=10,
     )
     dictionaries = crosscoder.train(config)

@@ -4,7 +4,7 @@ import dataclasses
 import filecmp
 
 import pytest
-from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, llama, save_pair, write_jsonl
+from tiny_models import build_tokenizer, local_pair_config
 
 import crosscoder
 from crosscoder.activations import PairedActivationStream
@@ -29,28 +29,18 @@ class StopAfter:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_tokenizer()
-    base = llama(len(tokenizer))
-    base_path, chat_path = save_pair(root, base, finetuned_copy(base), tokenizer)
-    general = write_jsonl(root / "general.jsonl", [{"text": text} for text in corpus()[:100]])
-    chats = write_jsonl(root / "chat.jsonl", chat_rows(100))
-    return crosscoder.TrainConfig(
-        base_model=str(base_path),
-        chat_model=str(chat_path),
-        datasets=(str(general), str(chats)),
+    return local_pair_config(
+        tmp_path_factory.mktemp("models"),
+        build_tokenizer(),
+        documents=100,
         layers=(1,),
-        model_dtype="float32",
         context_length=24,
         block_sequences=8,
         model_batch_size=4,
         batch_size=32,
         num_tokens=1000,
-        k=4,
-        dict_size=64,
         normalization_tokens=128,
         warmup_steps=2,
-        progress=False,
     )
 
 

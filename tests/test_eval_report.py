@@ -5,7 +5,7 @@ import shutil
 import subprocess
 
 import pytest
-from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, llama, save_pair, write_jsonl
+from tiny_models import build_tokenizer, finetuned_copy, llama, local_pair_config, save_pair
 
 import crosscoder
 from crosscoder.eval.report import EvalConfig, evaluate
@@ -14,31 +14,14 @@ from crosscoder.eval.report import EvalConfig, evaluate
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    tokenizer = build_tokenizer()
-    base = llama(len(tokenizer))
-    base_path, chat_path = save_pair(root / "models", base, finetuned_copy(base, scale=0.1), tokenizer)
-    general = write_jsonl(root / "general.jsonl", [{"text": text} for text in corpus()[:200]])
-    chats = write_jsonl(root / "chat.jsonl", chat_rows(200))
-    config = crosscoder.TrainConfig(
-        base_model=str(base_path),
-        chat_model=str(chat_path),
-        datasets=(str(general), str(chats)),
-        layers=(2,),
-        model_dtype="float32",
-        context_length=32,
-        block_sequences=16,
+    config = local_pair_config(
+        root,
+        build_tokenizer(),
+        scale=0.1,
         architectures=("batchtopk", "diff_sae"),
-        k=4,
-        dict_size=64,
-        batch_size=64,
         num_tokens=64 * 60,
         lr=3e-3,
-        warmup_steps=5,
-        threshold_start_step=10,
-        normalization_tokens=256,
-        output_dir=root,
         run_name="run",
-        progress=False,
     )
     crosscoder.train(config)
     return root, config

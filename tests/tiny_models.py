@@ -119,3 +119,33 @@ def chat_rows(n: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def local_pair_config(root: Path, tokenizer, *, scale: float = 0.05, documents: int = 200, **overrides):
+    """A TrainConfig streaming from a saved tiny Llama pair (chat = base perturbed by ``scale``) over local
+    jsonl files of general text and chats (``documents`` each), with small streaming settings."""
+    from crosscoder import TrainConfig
+
+    base = llama(len(tokenizer))
+    base_path, chat_path = save_pair(root / "models", base, finetuned_copy(base, scale=scale), tokenizer)
+    general = write_jsonl(root / "general.jsonl", [{"text": text} for text in corpus()[:documents]])
+    chats = write_jsonl(root / "chat.jsonl", chat_rows(documents))
+    values = dict(
+        base_model=str(base_path),
+        chat_model=str(chat_path),
+        datasets=(str(general), str(chats)),
+        layers=(2,),
+        model_dtype="float32",
+        context_length=32,
+        block_sequences=16,
+        k=4,
+        dict_size=64,
+        batch_size=64,
+        normalization_tokens=256,
+        warmup_steps=5,
+        threshold_start_step=10,
+        progress=False,
+        output_dir=root,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
