@@ -93,9 +93,9 @@ class Trainee:
         dictionary.after_optimizer_step()
 
         with torch.no_grad():
-            active = context.all_reduce(out.active_counts())
+            active = out.active_counts()  # this process's tokens; the window is summed over processes when read
             self.tokens_since_fired += x.shape[0] * context.world_size
-            self.tokens_since_fired.masked_fill_(active > 0, 0)
+            self.tokens_since_fired.masked_fill_(context.all_reduce(active.clone()) > 0, 0)
             if out.min_kept_score is not None and step >= config.threshold_start_step:
                 theta, beta = dictionary.threshold, config.threshold_beta
                 theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))

@@ -1,11 +1,14 @@
 """Data-parallel training with torchrun (gloo, 2 processes on CPU) trains what one process trains."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
@@ -38,6 +41,22 @@ ARGS = [
 ]
 
 
+def torchrun(processes: int = 2) -> list[str]:
+    """``torchrun`` on a free local port (tests may run beside other torchrun jobs)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(processes),
+        "--master-port",
+        str(port),
+    ]
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
@@ -48,8 +67,7 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
     run([sys.executable, str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "one")], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    run([*torchrun, str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "two")], tmp_path)
+    run([*torchrun(), str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "two")], tmp_path)
 
     for name in ("batchtopk_crosscoder", "diff_sae"):
         one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
@@ -58,16 +76,33 @@ def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
             difference = (one[key] - two[key]).abs().max().item()
             assert difference < 1e-4 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
         assert one["threshold"].item() > 0
+    one_log = (tmp_path / "one" / "synthetic" / "metrics.jsonl").read_text().splitlines()[-1]
+    two_log = (tmp_path / "two" / "synthetic" / "metrics.jsonl").read_text().splitlines()[-1]
+    for key in ("batchtopk_crosscoder/l0", "batchtopk_crosscoder/fve", "diff_sae/l0", "batchtopk_crosscoder/loss"):
+        assert json.loads(two_log)[key] == pytest.approx(json.loads(one_log)[key], rel=1e-3), key
     checkpoints = sorted((tmp_path / "two" / "synthetic" / "checkpoints").iterdir())
     assert [path.name for path in checkpoints] == ["step_000000020.pt", "step_000000030.pt"]
 
 
 @pytest.mark.slow
 def test_a_distributed_run_resumes_with_the_same_number_of_processes(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
     short = [*ARGS, "--output-dir", str(tmp_path)]
-    run([*torchrun, str(TRAIN), *short], tmp_path)
+    run([*torchrun(), str(TRAIN), *short], tmp_path)
     single = subprocess.run(
         [sys.executable, str(TRAIN), *short, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert single.returncode == 2 and "resume with the same number of processes" in single.stderr
+
+
+@pytest.mark.slow
+def test_a_distributed_run_resumed_from_a_middle_checkpoint_ends_bitwise_equal(tmp_path):
+    command = [*torchrun(), str(TRAIN), *ARGS, "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
+    run(command, tmp_path)
+    run_dir = tmp_path / "synthetic"
+    straight = {name: load_file(run_dir / name / "model.safetensors") for name in ("batchtopk_crosscoder", "diff_sae")}
+    (run_dir / "checkpoints" / "step_000000030.pt").unlink()  # as if the run had died after step 20's checkpoint
+    run([*command, "--resume"], tmp_path)
+    for name, tensors in straight.items():
+        resumed = load_file(run_dir / name / "model.safetensors")
+        for key, value in tensors.items():
+            assert torch.equal(value, resumed[key]), f"{name}.{key} differs after resume"
