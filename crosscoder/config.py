@@ -141,6 +141,10 @@ class TrainConfig:
     threshold_beta: float = 0.999
     """EMA factor of θ (smallest kept score per batch)."""
 
+    shard_latents: bool = False
+    """Under torchrun: split each dictionary's latents over the processes (every process sees the same batch;
+    for dictionaries too large for one device) instead of splitting the batch (data parallel)."""
+
     # ---------------------------------------------------------------- run
     seed: int = 0
     """Seed of initialisation and data order."""
@@ -217,6 +221,8 @@ class TrainConfig:
             problems.append(f"name one data source, not {' and '.join(named)}")
         if bool(self.base_model) != bool(self.chat_model):
             problems.append("--base-model and --chat-model go together")
+        if self.shard_latents and "l1" in self.architectures:
+            problems.append("shard_latents supports the BatchTopK dictionaries (batchtopk, diff_sae), not l1")
         if self.context_length < 2:
             problems.append(f"context_length={self.context_length} is too short: a sequence needs at least 2 tokens")
         if self.dataset_weights is not None and len(self.dataset_weights) != len(self.datasets):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from crosscoder.distributed import Distributed
+from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
 from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import sparse_decode
@@ -236,6 +236,8 @@ class SparseDictionary(
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
         """
         encoder_input = self.encoder_input(x_normalized)
+        if context is not None and context.latent_parallel and encoder_input.requires_grad:
+            encoder_input = SumGradientsOverProcesses.apply(encoder_input, context)
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         scores = min_kept = None
         with torch.no_grad():
@@ -245,7 +247,7 @@ class SparseDictionary(
                 c = self.code_norms()
                 scores = torch.addmm(self.b_enc * c, encoder_input, (W_enc * c[:, None]).T).relu_()
                 context = context or Distributed()
-                n_keep = (k or self.k) * scores.shape[0] * context.world_size
+                n_keep = (k or self.k) * scores.shape[0] * (context.world_size if context.data_parallel else 1)
                 selection = batch_topk(
                     scores,
                     n_keep,
@@ -261,28 +263,39 @@ class SparseDictionary(
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes))
-        reconstruction = sparse_decode(values, codes, W_dec).view(-1, self.n_sources, self.d_model) + self.b_dec
+        decoded = _sum_shards(sparse_decode(values, codes, W_dec), context)
+        reconstruction = decoded.view(-1, self.n_sources, self.d_model) + self.b_dec
         return TrainingOutput(codes, values, reconstruction, scores, encoder_input, min_kept)
 
-    def dead_latent_reconstruction(self, out: TrainingOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor | None:
+    def dead_latent_reconstruction(
+        self, out: TrainingOutput, dead: torch.Tensor, k_aux: int, context: Distributed | None = None
+    ) -> torch.Tensor | None:
         """AuxK's ``ê``: each token decodes its top-``k_aux`` dead latents by score ``f · c``, *without* ``b_dec``
         (DESIGN §4). dead: [dict_size] bool. Returns [batch, n_sources, d_model], or None when no latent is dead
-        (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero)."""
+        (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero). With
+        latent sharding the top-``k_aux`` runs over every process's latents (ties at the cut may add a few)."""
         k_aux = min(k_aux, self.dict_size)
-        if k_aux <= 0 or (dead.device.type == "cpu" and not bool(dead.any())):
+        sharded = context is not None and context.latent_parallel
+        if k_aux <= 0 or (dead.device.type == "cpu" and not sharded and not bool(dead.any())):
             return None
         batch = out.scores.shape[0]
         with torch.no_grad():
             c = self.code_norms()
             top = torch.where(dead, out.scores, -1.0).topk(k_aux, dim=-1)
             latents, order = top.indices.sort(dim=-1)
-            keep = (top.values.gather(-1, order) > 0).flatten()
+            keep = top.values.gather(-1, order) > 0
+            if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
+                gathered = context.all_gather_rows(top.values).view(context.world_size, batch, k_aux)
+                everyone = gathered.permute(1, 0, 2).reshape(batch, -1)
+                cut = everyone.topk(k_aux, dim=-1).values[:, -1:]
+                keep &= top.values.gather(-1, order) >= cut
+            keep = keep.flatten()
             rows = torch.arange(batch, device=latents.device).repeat_interleave(k_aux)
             codes = SparseCodes.from_indices(rows, latents.flatten(), batch, self.dict_size)
             kept = codes.gather(out.scores) / c[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))
-        return sparse_decode(values * keep, codes, W_dec).view(-1, self.n_sources, self.d_model)
+        return _sum_shards(sparse_decode(values * keep, codes, W_dec), context).view(-1, self.n_sources, self.d_model)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
@@ -548,3 +561,8 @@ def _check_positive_int(name: str, value: object) -> None:
 
 def _format_number(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _sum_shards(partial: torch.Tensor, context: Distributed | None) -> torch.Tensor:
+    """With latent sharding, the decode of this process's latents summed over processes; else as is."""
+    return SumOverProcesses.apply(partial, context) if context is not None and context.latent_parallel else partial

@@ -24,6 +24,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    shard_latents: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -32,6 +33,16 @@ class Distributed:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def data_parallel(self) -> bool:
+        """Processes split the batch (and hold whole dictionaries)."""
+        return self.enabled and not self.shard_latents
+
+    @property
+    def latent_parallel(self) -> bool:
+        """Processes split the latents (and see the same batch)."""
+        return self.enabled and self.shard_latents
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor (identity in a single process)."""
@@ -56,6 +67,8 @@ class Distributed:
         return torch.cat(parts)
 
     def local_batch_size(self, global_batch_size: int) -> int:
+        if not self.data_parallel:
+            return global_batch_size
         if global_batch_size % self.world_size:
             raise ValueError(
                 f"batch_size={global_batch_size} does not split evenly over {self.world_size} processes: use a "
@@ -64,10 +77,11 @@ class Distributed:
         return global_batch_size // self.world_size
 
 
-def init_distributed(device: str) -> Distributed:
+def init_distributed(device: str, shard_latents: bool = False) -> Distributed:
     """Join the ``torchrun`` process group named by the environment (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
 
-    NCCL when training on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise.
+    NCCL when training on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise. ``shard_latents``: split the
+    dictionaries' latents instead of the batch.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -78,7 +92,7 @@ def init_distributed(device: str) -> Distributed:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return Distributed(rank, world_size, local_rank)
+    return Distributed(rank, world_size, local_rank, shard_latents)
 
 
 def rank_device(device: str, context: Distributed) -> str:
@@ -86,3 +100,30 @@ def rank_device(device: str, context: Distributed) -> str:
     if context.enabled and device.startswith("cuda"):
         return f"cuda:{context.local_rank}"
     return device
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """Sum of every process's partial tensor (latent sharding: partial reconstructions). The loss computed on the
+    sum is the same on every process, so the gradient reaching each partial is that loss's gradient: identity."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, context: Distributed) -> torch.Tensor:  # type: ignore[override]
+        return context.all_reduce(partial.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class SumGradientsOverProcesses(torch.autograd.Function):
+    """Identity on a replicated tensor whose gradient each process only partly computes (latent sharding: the SAE's
+    encoder input ``x − b_dec`` feeds every process's latents): the backward sums the parts."""
+
+    @staticmethod
+    def forward(ctx, replicated: torch.Tensor, context: Distributed) -> torch.Tensor:  # type: ignore[override]
+        ctx.context = context
+        return replicated.view_as(replicated)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.context.all_reduce(grad.clone()), None

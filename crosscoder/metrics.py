@@ -50,6 +50,12 @@ class ReconstructionStats:
             setattr(self, name, reduce(getattr(self, name)))
         self.tokens = int(reduce(torch.tensor(self.tokens, device=self._residual.device)))
 
+    def gather_latents(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Latent sharding: every process saw the same tokens but counted only its own latents; concatenate the
+        per-latent counts (every process must call it)."""
+        self._require_data()
+        self._active = gather(self._active)
+
     def _require_data(self) -> None:
         if self._residual is None:
             raise ValueError("no batches were accumulated: nothing to report")

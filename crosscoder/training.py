@@ -31,6 +31,7 @@ from crosscoder.hub import dictionary_from_state
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
 from crosscoder.metrics import ReconstructionStats, active_counts
 from crosscoder.normalization import estimate_input_scale, geometric_median
+from crosscoder.sharding import SHARDED, consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 
 
@@ -62,13 +63,13 @@ class Trainee:
         dictionary = self.dictionary
         x_normalized = dictionary.normalize(self.input_of(x, config))
         out = dictionary.training_forward(x_normalized, k, context)
-        reduce = context.all_reduce if context.enabled else None
+        reduce = context.all_reduce if context.data_parallel else None
         reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
         losses = {"reconstruction_loss": reconstruction}
         if dictionary.uses_batch_topk:
             dead = self.tokens_since_fired >= config.dead_tokens
             k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
-            dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux)
+            dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
             losses["aux_loss"] = (
                 auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead.any()
                 if dead_reconstruction is not None
@@ -82,20 +83,22 @@ class Trainee:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if context.enabled:  # average the gradients: every process then takes the same step
+        if context.data_parallel:  # average the gradients: every process then takes the same step
             for parameter in dictionary.parameters():
                 if parameter.grad is not None:
                     context.all_reduce(parameter.grad).div_(context.world_size)
         dictionary.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), config.grad_clip)
+        clip_gradients(dictionary, config.grad_clip, context)
         self.optimizer.step()
         self.scheduler.step()
         dictionary.after_optimizer_step()
 
         with torch.no_grad():
-            active = out.active_counts()  # this process's tokens; the window is summed over processes when read
-            self.tokens_since_fired += x.shape[0] * context.world_size
-            self.tokens_since_fired.masked_fill_(context.all_reduce(active.clone()) > 0, 0)
+            active = out.active_counts()  # this process's tokens (or latents); combined when the window is read
+            batch_tokens = x.shape[0] * (context.world_size if context.data_parallel else 1)
+            self.tokens_since_fired += batch_tokens
+            fired = context.all_reduce(active.clone()) if context.data_parallel else active
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
             if out.min_kept_score is not None and step >= config.threshold_start_step:
                 theta, beta = dictionary.threshold, config.threshold_beta
                 theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))
@@ -106,30 +109,57 @@ class Trainee:
 
     def read_window(self, steps: int, config: TrainConfig, context: Distributed) -> dict[str, float]:
         """Metrics averaged since the last read over all processes (one host sync), then reset."""
-        if context.enabled:
+        if context.data_parallel:
             self.window.all_reduce(context.all_reduce)
-        metrics = self.window.summary()
-        metrics.update(
-            {
-                name: float(context.all_reduce(value.clone())) / steps / context.world_size
-                for name, value in self.loss_sums.items()
+            losses = {
+                name: context.all_reduce(value.clone()) / context.world_size for name, value in self.loss_sums.items()
             }
+        else:
+            if context.latent_parallel:  # same batch everywhere; each process counted its own latents
+                self.window.gather_latents(context.all_gather_rows)
+            losses = self.loss_sums
+        metrics = self.window.summary()
+        metrics.update({name: float(value) / steps for name, value in losses.items()})
+        counters = (
+            context.all_gather_rows(self.tokens_since_fired) if context.latent_parallel else self.tokens_since_fired
         )
-        metrics["dead_fraction"] = float((self.tokens_since_fired >= config.dead_tokens).float().mean())
+        metrics["dead_fraction"] = float((counters >= config.dead_tokens).float().mean())
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.dictionary.uses_batch_topk:
             metrics["threshold"] = float(self.dictionary.threshold)
         self.window, self.loss_sums = ReconstructionStats(), {}
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, context: Distributed) -> dict[str, Any]:
+        """Everything to resume this dictionary's training; latent shards are consolidated (a collective call)."""
+        if context.latent_parallel:
+            whole = consolidate(self.dictionary, context)
+            optimizer = consolidate_optimizer(self.optimizer.state_dict(), context)
+            counters = context.all_gather_rows(self.tokens_since_fired)
+        else:
+            whole, optimizer, counters = self.dictionary, self.optimizer.state_dict(), self.tokens_since_fired
         return {
-            "config": self.dictionary.config(),
-            "state_dict": self.dictionary.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "config": whole.config(),
+            "state_dict": whole.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "tokens_since_fired": self.tokens_since_fired,
+            "tokens_since_fired": counters,
         }
+
+
+def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> None:
+    """Clip the gradient norm to ``max_norm``; with latent sharding the norm is over every process's latents
+    (the replicated ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
+    if not context.latent_parallel:
+        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
+        return
+    squares = {name: p.grad.pow(2).sum() for name, p in dictionary.named_parameters() if p.grad is not None}
+    sharded = context.all_reduce(sum(value for name, value in squares.items() if name in SHARDED).clone())
+    total = (sharded + sum(value for name, value in squares.items() if name not in SHARDED)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for parameter in dictionary.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(scale)
 
 
 def dictionary_input(architecture: Architecture, x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -191,21 +221,25 @@ def start_trainees(
 ) -> list[Trainee]:
     """New dictionaries, normalised on the first batches (per-source scale over every process's tokens, b_dec from
     the first global batch), identical on every process."""
-    sample = torch.cat(first_batches)[: config.normalization_tokens // context.world_size].to(device)
-    first_global = context.all_gather_rows(first_batches[0].to(device))
+    share = context.world_size if context.data_parallel else 1
+    sample = torch.cat(first_batches)[: config.normalization_tokens // share].to(device)
+    first_global = context.all_gather_rows(first_batches[0].to(device)) if context.data_parallel else first_batches[0]
+    first_global = first_global.to(device)
     trainees = []
     for index, architecture in enumerate(config.architectures):
         torch.manual_seed(config.seed * 1_000 + index)
         raw = dictionary_input(architecture, sample, config)
         dictionary = new_dictionary(architecture, config, sample.shape[-1], sample.shape[1]).to(device)
         with torch.no_grad():
-            reduce = context.all_reduce if context.enabled else None
+            reduce = context.all_reduce if context.data_parallel else None
             dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw), reduce))
             first = dictionary.normalize(dictionary_input(architecture, first_global, config))
             if config.b_dec_init == "geometric_median":
                 dictionary.b_dec.copy_(geometric_median(first))
             elif config.b_dec_init == "mean":
                 dictionary.b_dec.copy_(first.mean(dim=0))
+        if context.latent_parallel:  # every process built the same whole dictionary; keep this one's latents
+            dictionary = shard(dictionary, context)
         dictionary.train()
         optimizer, scheduler = _optimizer_and_schedule(dictionary, config)
         counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=device)
@@ -214,18 +248,25 @@ def start_trainees(
     return trainees
 
 
-def restore_trainees(config: TrainConfig, saved: dict[str, Any], device: torch.device) -> list[Trainee]:
-    """Dictionaries, optimizers, schedules and counters exactly as checkpointed."""
+def restore_trainees(
+    config: TrainConfig, saved: dict[str, Any], device: torch.device, context: Distributed
+) -> list[Trainee]:
+    """Dictionaries, optimizers, schedules and counters exactly as checkpointed (sharded again if asked)."""
     trainees = []
     for architecture in config.architectures:
         name = DICTIONARY_NAMES[architecture]
         state = saved[name]
         dictionary = dictionary_from_state(state["config"], state["state_dict"], source=f"checkpoint[{name}]")
-        dictionary = dictionary.to(device).train()
+        dictionary = dictionary.to(device)
+        optimizer_state, counters = state["optimizer"], state["tokens_since_fired"].to(device)
+        if context.latent_parallel:
+            optimizer_state = shard_optimizer(optimizer_state, dictionary.dict_size, context)
+            counters = shard_rows(counters, dictionary.dict_size, context)
+            dictionary = shard(dictionary, context)
+        dictionary.train()
         optimizer, scheduler = _optimizer_and_schedule(dictionary, config)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
-        counters = state["tokens_since_fired"].to(device)
         trainees.append(Trainee(name, architecture, dictionary, optimizer, scheduler, counters))
     return trainees
 
@@ -263,7 +304,7 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
     """The batch source the config names — paired models, a cache, a tensor file, the model organism, or planted
     synthetic data — yielding this process's share of each global batch."""
     local = context.local_batch_size(config.batch_size)
-    rank, world = context.rank, context.world_size
+    rank, world = (context.rank, context.world_size) if context.data_parallel else (0, 1)
     if config.base_model:
         from crosscoder.activations import PairedActivationStream
 
@@ -300,7 +341,7 @@ def train(
     the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name``.
     """
-    context = init_distributed(resolve_device(config.device))
+    context = init_distributed(resolve_device(config.device), config.shard_latents)
     device = torch.device(rank_device(resolve_device(config.device), context))
     run_dir = config.run_dir
     if batches is None and config.model_organism and context.enabled:  # one process builds it, the others wait
@@ -318,7 +359,7 @@ def train(
         )
 
     if checkpoint is not None:
-        trainees = restore_trainees(config, checkpoint["dictionaries"], device)
+        trainees = restore_trainees(config, checkpoint["dictionaries"], device, context)
         stream.restore(checkpoint["data"][context.rank])
         step, tokens = checkpoint["step"], checkpoint["tokens"]
         _set_rng_state(checkpoint["rng"])
@@ -368,7 +409,7 @@ def train(
                 loss = trainee.step(x, step, k, config, context)
                 guard.watch(f"{trainee.name} loss", ~torch.isfinite(loss), step)
             step += 1
-            tokens += x.shape[0] * context.world_size
+            tokens += x.shape[0] * (context.world_size if context.data_parallel else 1)
             window_steps += 1
             progress.update(1)
 
@@ -377,7 +418,7 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 metrics = {t.name: t.read_window(window_steps, config, context) for t in trainees}
                 data = {f"data/{name}": value for name, value in getattr(stream.source, "statistics", dict)().items()}
-                throughput = window_steps * x.shape[0] * context.world_size / elapsed
+                throughput = window_steps * x.shape[0] * (context.world_size if context.data_parallel else 1) / elapsed
                 logger.log(step, tokens, metrics, tokens_per_second=throughput, **data)
                 progress.set_postfix({f"{t.name[:8]} fve": f"{metrics[t.name]['fve']:.3f}" for t in trainees})
                 window_start, window_steps = time.perf_counter(), 0
@@ -515,6 +556,7 @@ def _write_checkpoint(
 ) -> Path:
     """Rank 0 writes the checkpoint with every process's data position (a collective call)."""
     positions = context.all_gather_objects(position)
+    dictionaries = {trainee.name: trainee.state_dict(context) for trainee in trainees}
     path = config.run_dir / "checkpoints" / f"step_{step:09d}.pt"
     if context.is_main:
         state = {
@@ -523,7 +565,7 @@ def _write_checkpoint(
             "tokens": tokens,
             "data": positions,
             "rng": _rng_state(),
-            "dictionaries": {trainee.name: trainee.state_dict() for trainee in trainees},
+            "dictionaries": dictionaries,
             "wandb_run_id": logger.wandb_run_id,
         }
         path = save_checkpoint(state, config.run_dir, step, config.keep_checkpoints)
@@ -556,7 +598,8 @@ def _save_dictionaries(
 ) -> dict[str, SparseDictionary]:
     saved = {}
     for trainee in trainees:
-        dictionary = trainee.dictionary.eval()
+        dictionary = consolidate(trainee.dictionary, context) if context.latent_parallel else trainee.dictionary
+        dictionary = dictionary.eval()
         dictionary.metadata.update(
             {
                 "architecture": trainee.architecture,

@@ -106,3 +106,29 @@ def test_a_distributed_run_resumed_from_a_middle_checkpoint_ends_bitwise_equal(t
         resumed = load_file(run_dir / name / "model.safetensors")
         for key, value in tensors.items():
             assert torch.equal(value, resumed[key]), f"{name}.{key} differs after resume"
+
+
+@pytest.mark.slow
+def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_file(tmp_path):
+    run([sys.executable, str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "one")], tmp_path)
+    sharded = [*ARGS, "--shard-latents", "--keep-checkpoints", "3", "--output-dir", str(tmp_path / "sharded")]
+    run([*torchrun(), str(TRAIN), *sharded], tmp_path)
+    run_dir = tmp_path / "sharded" / "synthetic"
+    for name in ("batchtopk_crosscoder", "diff_sae"):
+        one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
+        two = load_file(run_dir / name / "model.safetensors")
+        assert two["W_dec"].shape[0] == 64  # consolidated: every latent in one file
+        for key in one:
+            difference = (one[key] - two[key]).abs().max().item()
+            assert difference < 1e-4 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
+    one_log = json.loads((tmp_path / "one" / "synthetic" / "metrics.jsonl").read_text().splitlines()[-1])
+    two_log = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("batchtopk_crosscoder/l0", "batchtopk_crosscoder/dead_fraction", "diff_sae/fve"):
+        assert two_log[key] == pytest.approx(one_log[key], rel=1e-3, abs=1e-6), key
+
+    final = {name: load_file(run_dir / name / "model.safetensors") for name in ("batchtopk_crosscoder", "diff_sae")}
+    (run_dir / "checkpoints" / "step_000000030.pt").unlink()
+    run([*torchrun(), str(TRAIN), *sharded, "--resume"], tmp_path)
+    for name, tensors in final.items():
+        resumed = load_file(run_dir / name / "model.safetensors")
+        assert all(torch.equal(value, resumed[key]) for key, value in tensors.items()), name
