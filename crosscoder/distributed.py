@@ -50,6 +50,14 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def every_process(self, condition: bool) -> bool:
+        """Whether ``condition`` holds on every process (so that all stop together instead of one hanging)."""
+        if not self.enabled:
+            return condition
+        flag = torch.tensor([int(condition)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def all_gather_objects(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order."""
         if not self.enabled:

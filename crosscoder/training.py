@@ -31,7 +31,15 @@ from crosscoder.hub import dictionary_from_state
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
 from crosscoder.metrics import ReconstructionStats, active_counts
 from crosscoder.normalization import estimate_input_scale, geometric_median
-from crosscoder.sharding import SHARDED, consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
+from crosscoder.sharding import (
+    SHARDED,
+    check_shardable,
+    consolidate,
+    consolidate_optimizer,
+    shard,
+    shard_optimizer,
+    shard_rows,
+)
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 
 
@@ -342,6 +350,8 @@ def train(
     by name; each is also saved to ``config.run_dir / name``.
     """
     context = init_distributed(resolve_device(config.device), config.shard_latents)
+    if context.latent_parallel and config.dict_size is not None:  # before any compute
+        check_shardable(config.dict_size, config.k, context)
     device = torch.device(rank_device(resolve_device(config.device), context))
     run_dir = config.run_dir
     if batches is None and config.model_organism and context.enabled:  # one process builds it, the others wait
@@ -390,9 +400,11 @@ def train(
     try:
         while step < total:
             item = next(iterator, None)
-            if item is None:
+            if not context.every_process(item is not None):  # one collective per step only under torchrun
                 raise RuntimeError(
-                    f"the batch source ran out after {step} of {total} steps: provide more data or lower num_tokens"
+                    f"the batch source ran out after {step} of {total} steps"
+                    + (" on at least one process" if context.enabled else "")
+                    + ": provide more data or lower num_tokens"
                 )
             x, position = item
             if tuple(x.shape[1:]) not in shapes:
