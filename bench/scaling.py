@@ -44,11 +44,11 @@ def tokens_per_second(processes: int, args: argparse.Namespace, folder: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--dict-size", type=int, default=8192)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4096)  # bench/step.py's CPU shapes
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--dict-size", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
