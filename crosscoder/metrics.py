@@ -25,10 +25,11 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
-        x, x_hat = x.detach().double(), x_hat.detach().double()
-        residual = (x - x_hat).pow(2).sum(dim=(0, 2))
-        batch_sum = x.sum(dim=0)
-        batch_squares = x.pow(2).sum(dim=(0, 2))
+        # per-batch sums in the input dtype (one pass each, on the training hot path), accumulated in float64
+        x, x_hat = x.detach(), x_hat.detach()
+        residual = (x - x_hat).pow(2).sum(dim=(0, 2)).double()
+        batch_sum = x.sum(dim=0).double()
+        batch_squares = x.pow(2).sum(dim=(0, 2)).double()
         if self._residual is None:
             self._residual, self._sum, self._sum_squares, self._active = (
                 residual,
