@@ -15,6 +15,7 @@ from crosscoder.checkpoint import CheckpointError
 from crosscoder.config import PRESETS, TrainConfig, preset
 from crosscoder.demo import explain_chat_latents, summary
 from crosscoder.dictionary import DictionaryFormatError
+from crosscoder.distributed import shutdown_distributed
 from crosscoder.training import NonFiniteError, train
 
 USER_ERRORS = (
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main process reports
         return 0
     print(f"\nRun folder: {config.run_dir}")

@@ -103,6 +103,13 @@ def init_distributed(device: str, shard_latents: bool = False) -> Distributed:
     return Distributed(rank, world_size, local_rank, shard_latents)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group (if any) before the interpreter exits: a process that exits with the group's
+    threads still running aborts ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_device(device: str, context: Distributed) -> str:
     """Each rank's device: ``cuda:LOCAL_RANK`` when training on CUDA with several processes."""
     if context.enabled and device.startswith("cuda"):

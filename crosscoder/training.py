@@ -453,7 +453,10 @@ def train(
         else logger.last
     )
     logger.finish()
-    return _save_dictionaries(config, trainees, step, tokens, final_metrics, context)
+    saved = _save_dictionaries(config, trainees, step, tokens, final_metrics, context)
+    if context.enabled:  # nobody leaves before rank 0 has written the dictionaries
+        torch.distributed.barrier()
+    return saved
 
 
 def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@
 import sys
 
 from crosscoder import TrainConfig, train
+from crosscoder.distributed import shutdown_distributed
 from crosscoder.synthetic import PlantedDictionary
 
 if __name__ == "__main__":
@@ -31,3 +32,5 @@ if __name__ == "__main__":
     except RuntimeError as error:
         print(f"rank {rank}: {error}", flush=True)
         sys.exit(3)
+    finally:
+        shutdown_distributed()
