@@ -1,10 +1,12 @@
 """Data-parallel training with ``torchrun`` (DESIGN §7): NCCL on GPU, gloo on CPU, and the same code path in a
 single process.
 
-The global batch (``TrainConfig.batch_size``) is split evenly across ranks; each rank reads its own share.
-Gradients are averaged, and the BatchTopK selection runs over the *global* batch by all-reducing the radix-select
-histograms, so N ranks × B/N tokens train the same dictionary as one process with B tokens (up to the order of
-floating-point sums). Rank 0 logs, checkpoints (with every rank's data position) and saves.
+The global batch (``TrainConfig.batch_size``) is split evenly across ranks; each rank reads (or streams) its own
+share. Data parallel: each rank trains whole dictionaries on its share, gradients are averaged, and the BatchTopK
+selection runs over the *global* batch by all-reducing the radix-select histograms. Latent sharding: the shares are
+all-gathered into the global batch and each rank trains its own slice of every dictionary's latents on it. Either
+way N ranks × B/N tokens train the same dictionary as one process with B tokens (up to the order of floating-point
+sums). Rank 0 logs, checkpoints (with every rank's data position) and saves.
 """
 
 from __future__ import annotations
@@ -70,12 +72,18 @@ class Distributed:
         """Concatenate every rank's [rows, ...] tensor along dim 0, in rank order (equal row counts)."""
         if not self.enabled:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        gathered = tensor.new_empty(self.world_size * tensor.shape[0], *tensor.shape[1:])
+        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        return gathered
+
+    def global_batch(self, share: torch.Tensor) -> torch.Tensor:
+        """The batch the dictionaries train on from this rank's share: latent sharding trains every rank's latents
+        on the whole global batch (the shares all-gathered, in rank order); data parallel keeps the share."""
+        return self.all_gather_rows(share) if self.latent_parallel else share
 
     def local_batch_size(self, global_batch_size: int) -> int:
-        if not self.data_parallel:
+        """Rows of each global batch this rank reads."""
+        if not self.enabled:
             return global_batch_size
         if global_batch_size % self.world_size:
             raise ValueError(

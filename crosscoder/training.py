@@ -76,10 +76,15 @@ class Trainee:
         losses = {"reconstruction_loss": reconstruction}
         if dictionary.uses_batch_topk:
             dead = self.tokens_since_fired >= config.dead_tokens
+            dead_anywhere = dead.any()
+            if context.latent_parallel:  # each process counts its own latents
+                dead_anywhere = context.all_reduce(dead_anywhere.long()) > 0
             k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
-            dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
+            dead_reconstruction = None
+            if dead.device.type != "cpu" or bool(dead_anywhere):  # skipped where checking costs no device sync
+                dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
             losses["aux_loss"] = (
-                auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead.any()
+                auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead_anywhere
                 if dead_reconstruction is not None
                 else reconstruction.new_zeros(())
             )
@@ -229,17 +234,15 @@ def start_trainees(
 ) -> list[Trainee]:
     """New dictionaries, normalised on the first batches (per-source scale over every process's tokens, b_dec from
     the first global batch), identical on every process."""
-    share = context.world_size if context.data_parallel else 1
-    sample = torch.cat(first_batches)[: config.normalization_tokens // share].to(device)
-    first_global = context.all_gather_rows(first_batches[0].to(device)) if context.data_parallel else first_batches[0]
-    first_global = first_global.to(device)
+    sample = torch.cat(first_batches)[: config.normalization_tokens // context.world_size].to(device)
+    first_global = context.all_gather_rows(first_batches[0].to(device))
     trainees = []
     for index, architecture in enumerate(config.architectures):
         torch.manual_seed(config.seed * 1_000 + index)
         raw = dictionary_input(architecture, sample, config)
         dictionary = new_dictionary(architecture, config, sample.shape[-1], sample.shape[1]).to(device)
         with torch.no_grad():
-            reduce = context.all_reduce if context.data_parallel else None
+            reduce = context.all_reduce if context.enabled else None
             dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw), reduce))
             first = dictionary.normalize(dictionary_input(architecture, first_global, config))
             if config.b_dec_init == "geometric_median":
@@ -312,7 +315,7 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
     """The batch source the config names — paired models, a cache, a tensor file, the model organism, or planted
     synthetic data — yielding this process's share of each global batch."""
     local = context.local_batch_size(config.batch_size)
-    rank, world = (context.rank, context.world_size) if context.data_parallel else (0, 1)
+    rank, world = context.rank, context.world_size
     if config.base_model:
         from crosscoder.activations import PairedActivationStream
 
@@ -413,7 +416,7 @@ def train(
                     f"batch at step {step} has shape {list(x.shape)} but the dictionaries take {accepted}: every "
                     "batch must come from the same sources and layer"
                 )
-            x = x.to(device, non_blocking=True)
+            x = context.global_batch(x.to(device, non_blocking=True))
             guard.watch("batch", ~torch.isfinite(x).all(), step)
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # the guard stops the run at its next check
             k = current_k(config, step)

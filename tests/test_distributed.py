@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from crosscoder import TrainConfig
+from crosscoder.distributed import Distributed
+from crosscoder.training import default_batches
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ARGS = [
@@ -86,6 +90,20 @@ def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
     assert [path.name for path in checkpoints] == ["step_000000020.pt", "step_000000030.pt"]
 
 
+@pytest.mark.parametrize("shard_latents", [False, True])
+def test_each_process_reads_only_its_share_of_every_global_batch(tmp_path, shard_latents):
+    """Data parallel or latent-sharded, no two processes read (or stream through the models) the same tokens; the
+    shares, in rank order, are the batch one process reads (latent sharding all-gathers them before the step)."""
+    save_file({"activations": torch.randn(96, 2, 4)}, tmp_path / "acts.safetensors")
+    config = TrainConfig(activations=tmp_path / "acts.safetensors", batch_size=16, shard_latents=shard_latents)
+    alone = iter(default_batches(config, Distributed()))
+    ranks = [iter(default_batches(config, Distributed(rank, 2, rank, shard_latents))) for rank in range(2)]
+    for _ in range(4):
+        shares = [next(rank) for rank in ranks]
+        assert [len(share) for share in shares] == [8, 8]
+        assert torch.equal(torch.cat(shares), next(alone))
+
+
 @pytest.mark.slow
 def test_a_distributed_run_resumes_with_the_same_number_of_processes(tmp_path):
     short = [*ARGS, "--output-dir", str(tmp_path)]
@@ -112,8 +130,9 @@ def test_a_distributed_run_resumed_from_a_middle_checkpoint_ends_bitwise_equal(t
 
 @pytest.mark.slow
 def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_file(tmp_path):
-    run([sys.executable, str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "one")], tmp_path)
-    sharded = [*ARGS, "--shard-latents", "--keep-checkpoints", "3", "--output-dir", str(tmp_path / "sharded")]
+    arguments = [*ARGS, "--dead-tokens", "256"]  # latents die now and then: AuxK runs over every process's latents
+    run([sys.executable, str(TRAIN), *arguments, "--output-dir", str(tmp_path / "one")], tmp_path)
+    sharded = [*arguments, "--shard-latents", "--keep-checkpoints", "3", "--output-dir", str(tmp_path / "sharded")]
     run([*torchrun(), str(TRAIN), *sharded], tmp_path)
     run_dir = tmp_path / "sharded" / "synthetic"
     for name in ("batchtopk_crosscoder", "diff_sae"):
@@ -125,7 +144,13 @@ def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_f
             assert difference < 1e-5 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
     one_log = json.loads((tmp_path / "one" / "synthetic" / "metrics.jsonl").read_text().splitlines()[-1])
     two_log = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("batchtopk_crosscoder/l0", "batchtopk_crosscoder/dead_fraction", "diff_sae/fve"):
+    assert one_log["batchtopk_crosscoder/aux_loss"] > 0
+    for key in (
+        "batchtopk_crosscoder/l0",
+        "batchtopk_crosscoder/dead_fraction",
+        "batchtopk_crosscoder/aux_loss",
+        "diff_sae/fve",
+    ):
         assert two_log[key] == pytest.approx(one_log[key], rel=1e-3, abs=1e-6), key
 
     final = {name: load_file(run_dir / name / "model.safetensors") for name in ("batchtopk_crosscoder", "diff_sae")}
