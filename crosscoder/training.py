@@ -441,7 +441,7 @@ def train(
                 logger.log(
                     step,
                     tokens,
-                    {f"{t.name}/val": validate(t, validation_batches, config, device) for t in trainees},
+                    {f"{t.name}/val": validate(t, validation_batches, config, device, context) for t in trainees},
                 )
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                 guard.check(last_checkpoint)
@@ -451,7 +451,7 @@ def train(
     guard.check(last_checkpoint)
     _write_checkpoint(config, trainees, step, tokens, position, logger, context)
     final_metrics = (
-        {t.name: validate(t, validation_batches, config, device) for t in trainees}
+        {t.name: validate(t, validation_batches, config, device, context) for t in trainees}
         if validation_batches
         else logger.last
     )
@@ -518,14 +518,25 @@ def _accepted_shapes(trainees: list[Trainee]) -> set[tuple[int, ...]]:
 
 @torch.no_grad()
 def validate(
-    trainee: Trainee, batches: Iterable[torch.Tensor], config: TrainConfig, device: torch.device
+    trainee: Trainee,
+    batches: Iterable[torch.Tensor],
+    config: TrainConfig,
+    device: torch.device,
+    context: Distributed | None = None,
 ) -> dict[str, float]:
-    """FVE (total, per source), L0 and dead fraction on held-out batches with the inference threshold."""
+    """FVE (total, per source), L0 and dead fraction on held-out batches with the inference threshold (every
+    process passes the same batches; with latent sharding each decodes its latents and the parts are summed)."""
     dictionary, stats = trainee.dictionary, ReconstructionStats()
+    sharded = context is not None and context.latent_parallel
     for x in batches:
         x_normalized = dictionary.normalize(trainee.input_of(x.to(device), config))
         codes = dictionary.select_with_threshold(dictionary.activations_normalized(x_normalized))
-        stats.update(x_normalized, dictionary.decode_normalized(codes), active_counts(codes))
+        x_hat = dictionary.decode_normalized(codes)
+        if sharded:  # every process added b_dec to its part: sum the parts without it, then add it once
+            x_hat = context.all_reduce(x_hat - dictionary.b_dec) + dictionary.b_dec
+        stats.update(x_normalized, x_hat, active_counts(codes))
+    if sharded:
+        stats.gather_latents(context.all_gather_rows)
     metrics = stats.summary()
     metrics["dead_fraction"] = float((stats.latent_frequencies() == 0).double().mean())
     return metrics

@@ -162,6 +162,18 @@ def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_f
 
 
 @pytest.mark.slow
+def test_latent_sharded_validation_reports_what_one_process_reports(tmp_path):
+    worker = Path(__file__).with_name("validation_worker.py")
+    one = run([sys.executable, str(worker), str(tmp_path / "one")], tmp_path)
+    two = run([*torchrun(), str(worker), str(tmp_path / "two"), "--shard-latents"], tmp_path)
+    alone, sharded = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
+    for name in ("batchtopk_crosscoder", "diff_sae"):
+        assert alone[name]["fve"] > 0 and alone[name]["l0"] > 0 and alone[name]["dead_fraction"] < 1
+        for key in ("fve", "fve_source_0", "l0", "dead_fraction"):
+            assert sharded[name][key] == pytest.approx(alone[name][key], rel=1e-4, abs=1e-6), f"{name} {key}"
+
+
+@pytest.mark.slow
 def test_uneven_data_stops_every_rank_instead_of_hanging(tmp_path):
     worker = Path(__file__).with_name("uneven_worker.py")
     result = subprocess.run(
