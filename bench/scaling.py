@@ -2,9 +2,11 @@
 parallel and with ``--shard-latents``.
 
 Each process is held to the same number of threads (``--threads``, default 1), so the ratio measures the
-parallel code, not the cores a lone process would borrow. Both runs train a BatchTopK crosscoder on the same
-global batches of an activation file (random paired activations written once; each process reads its rows);
-throughput is read from each run's ``metrics.jsonl`` (windows after the first).
+parallel code, not the cores a lone process would borrow. Every run trains a BatchTopK crosscoder on the same
+global batches of an activation file (random paired activations written once; each process reads its rows).
+Throughput is read from each run's ``metrics.jsonl`` (one window per ``--log-every`` steps, the first window
+dropped). The three settings run in turn ``--repeats`` times, so that a slow spell of a shared machine hits them
+alike, and each figure is the median over all of its windows.
 Ends with one line of JSON: ``scaling_2_procs_data_parallel`` and ``scaling_2_procs_latent_sharded`` = tokens/s with
 2 processes (in that mode) / with 1.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,15 +29,17 @@ import torch
 from safetensors.torch import save_file
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+SETTINGS = {"1_proc": (1, False), "2_procs_data_parallel": (2, False), "2_procs_latent_sharded": (2, True)}
 
 
-def tokens_per_second(processes: int, args: argparse.Namespace, folder: Path, shard_latents: bool = False) -> float:
-    output = folder / f"{processes}{'-sharded' if shard_latents else ''}"
+def window_rates(processes: int, shard_latents: bool, args: argparse.Namespace, folder: Path) -> list[float]:
+    """Tokens/s of each logged window after the first, for one training run."""
+    output = Path(tempfile.mkdtemp(dir=folder))
     flags = ["--shard-latents"] if shard_latents else []
     flags += ["--activations", str(folder / "activations.safetensors"), "--run-name", "scaling"]
     flags += ["--architectures", "batchtopk", "--batch-size", str(args.batch_size), "--dict-size", str(args.dict_size)]
     flags += ["--k", str(args.k), "--num-tokens", str(args.batch_size * args.steps), "--warmup-steps", "5"]
-    flags += ["--log-every", str(max(1, args.steps // 6)), "--checkpoint-every", "0", "--no-progress"]
+    flags += ["--log-every", str(args.log_every), "--checkpoint-every", "0", "--no-progress"]
     flags += ["--device", args.device, "--output-dir", str(output)]
     launcher = [sys.executable]
     if processes > 1:
@@ -42,8 +47,7 @@ def tokens_per_second(processes: int, args: argparse.Namespace, folder: Path, sh
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     subprocess.run([*launcher, str(TRAIN), *flags], check=True, env=env, capture_output=True, text=True)
     logged = (output / "scaling" / "metrics.jsonl").read_text().splitlines()
-    rates = [json.loads(line)["tokens_per_second"] for line in logged[1:]]
-    return sum(rates) / len(rates)
+    return [json.loads(line)["tokens_per_second"] for line in logged[1:]]
 
 
 def main() -> None:
@@ -52,35 +56,28 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--dict-size", type=int, default=16384)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--log-every", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as folder:
         generator = torch.Generator().manual_seed(0)
         activations = torch.randn(args.batch_size * 8, 2, args.d_model, generator=generator)
         save_file({"activations": activations}, Path(folder) / "activations.safetensors")
-        one = tokens_per_second(1, args, Path(folder))
-        two = tokens_per_second(2, args, Path(folder))
-        sharded = tokens_per_second(2, args, Path(folder), shard_latents=True)
-    print(f"1 process: {one:,.0f} tokens/s; 2 processes: {two:,.0f} tokens/s data parallel, {sharded:,.0f} sharded")
-    print(
-        json.dumps(
-            {
-                "device": args.device,
-                "threads_per_process": args.threads,
-                "batch_size": args.batch_size,
-                "d_model": args.d_model,
-                "dict_size": args.dict_size,
-                "k": args.k,
-                "tokens_per_second_1_proc": round(one),
-                "tokens_per_second_2_procs_data_parallel": round(two),
-                "tokens_per_second_2_procs_latent_sharded": round(sharded),
-                "scaling_2_procs_data_parallel": round(two / one, 3),
-                "scaling_2_procs_latent_sharded": round(sharded / one, 3),
-            }
-        )
-    )
+        for _ in range(args.repeats):
+            for name, (processes, shard_latents) in SETTINGS.items():
+                rates[name] += window_rates(processes, shard_latents, args, Path(folder))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(", ".join(f"{name}: {value:,.0f} tokens/s" for name, value in median.items()))
+    figures = {f"tokens_per_second_{name}": round(value) for name, value in median.items()}
+    for name in ("2_procs_data_parallel", "2_procs_latent_sharded"):
+        figures[f"scaling_{name}"] = round(median[name] / median["1_proc"], 3)
+    settings = {"device": args.device, "threads_per_process": args.threads, "batch_size": args.batch_size}
+    settings.update({"d_model": args.d_model, "dict_size": args.dict_size, "k": args.k, "repeats": args.repeats})
+    print(json.dumps({**settings, **figures}))
 
 
 if __name__ == "__main__":

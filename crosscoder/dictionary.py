@@ -92,6 +92,22 @@ class TrainingOutput:
         return torch.bincount(self.codes.latents, minlength=self.codes.dict_size)
 
 
+class StepBuffers:
+    """The large temporaries of a training step (the ``[batch, dict_size]`` scores, the scaled encoder), kept from one
+    step to the next: on CPU a fresh allocation of that size is paged in (and zeroed by the kernel) on every step.
+    Tensors a step returns (``TrainingOutput.scores``) alias them and are overwritten by the next step."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
+        tensor = self._tensors.get(name)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
+            tensor = self._tensors[name] = like.new_empty(shape)
+        return tensor
+
+
 class SparseDictionary(
     nn.Module,
     PyTorchModelHubMixin,
@@ -226,11 +242,16 @@ class SparseDictionary(
         return batch_topk(activations * self.code_norms(), k * activations.shape[0])
 
     def training_forward(
-        self, x_normalized: torch.Tensor, k: int | None = None, context: Distributed | None = None
+        self,
+        x_normalized: torch.Tensor,
+        k: int | None = None,
+        context: Distributed | None = None,
+        buffers: StepBuffers | None = None,
     ) -> TrainingOutput:
         """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model];
         ``k`` overrides the configured k (k-annealing); with a data-parallel ``context`` the BatchTopK selection
-        runs over the global batch (its radix-select histograms are all-reduced).
+        runs over the global batch (its radix-select histograms are all-reduced); ``buffers``: reuse the large
+        temporaries of the previous call (the training loop's; the returned scores are then overwritten by the next).
 
         The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
@@ -245,7 +266,12 @@ class SparseDictionary(
                 # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
                 # directly, and the kept f are recovered as scores / c on the kept entries only.
                 c = self.code_norms()
-                scores = torch.addmm(self.b_enc * c, encoder_input, (W_enc * c[:, None]).T).relu_()
+                scaled, scores = None, None
+                if buffers is not None:
+                    scaled = buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
+                    scores = buffers.get("scores", (encoder_input.shape[0], W_enc.shape[0]), W_enc)
+                scaled = torch.mul(W_enc, c[:, None], out=scaled)
+                scores = torch.addmm(self.b_enc * c, encoder_input, scaled.T, out=scores).relu_()
                 context = context or Distributed()
                 n_keep = (k or self.k) * scores.shape[0] * (context.world_size if context.data_parallel else 1)
                 selection = batch_topk(

@@ -25,7 +25,7 @@ from crosscoder.activations import resolve_device
 from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from crosscoder.config import DICTIONARY_NAMES, RUN_CONTROL_FIELDS, Architecture, TrainConfig
 from crosscoder.data import ResumableBatches, TensorActivations
-from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary
+from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary, StepBuffers
 from crosscoder.distributed import Distributed, init_distributed, rank_device
 from crosscoder.hub import dictionary_from_state
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
@@ -59,6 +59,7 @@ class Trainee:
     scheduler: LambdaLR
     tokens_since_fired: torch.Tensor  # [dict_size] int64
     window: ReconstructionStats = field(default_factory=ReconstructionStats)
+    buffers: StepBuffers = field(default_factory=StepBuffers)
     loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def input_of(self, x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -70,7 +71,7 @@ class Trainee:
         the (detached) total loss."""
         dictionary = self.dictionary
         x_normalized = dictionary.normalize(self.input_of(x, config))
-        out = dictionary.training_forward(x_normalized, k, context)
+        out = dictionary.training_forward(x_normalized, k, context, self.buffers)
         reduce = context.all_reduce if context.data_parallel else None
         reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
         losses = {"reconstruction_loss": reconstruction}
@@ -166,7 +167,8 @@ def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distr
     if not context.latent_parallel:
         torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
         return
-    squares = {name: p.grad.pow(2).sum() for name, p in dictionary.named_parameters() if p.grad is not None}
+    grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
+    squares = {name: torch.linalg.vector_norm(grad).square() for name, grad in grads.items()}
     sharded = context.all_reduce(sum(value for name, value in squares.items() if name in SHARDED).clone())
     total = (sharded + sum(value for name, value in squares.items() if name not in SHARDED)).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -416,9 +418,10 @@ def train(
                     f"batch at step {step} has shape {list(x.shape)} but the dictionaries take {accepted}: every "
                     "batch must come from the same sources and layer"
                 )
-            x = context.global_batch(x.to(device, non_blocking=True))
+            x = x.to(device, non_blocking=True)
             guard.watch("batch", ~torch.isfinite(x).all(), step)
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # the guard stops the run at its next check
+            x = context.global_batch(x)
             k = current_k(config, step)
             for trainee in trainees:
                 loss = trainee.step(x, step, k, config, context)

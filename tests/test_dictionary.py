@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels
+from crosscoder.dictionary import StepBuffers
 
 D_MODEL, DICT_SIZE, K, N_SOURCES, BATCH = 8, 32, 3, 2, 6
 
@@ -95,6 +96,23 @@ def test_training_forward_selects_like_encode_and_reports_smallest_kept_score() 
     torch.testing.assert_close(output.min_kept_score, kth_largest_score, rtol=0, atol=1e-6)
     hand_reconstruction = torch.einsum("bf,fsd->bsd", codes, crosscoder.W_dec) + crosscoder.b_dec
     torch.testing.assert_close(output.reconstruction, hand_reconstruction, rtol=1e-5, atol=1e-6)
+
+
+def test_training_forward_with_step_buffers_reuses_them_and_computes_the_same() -> None:
+    crosscoder = _crosscoder_with_uneven_code_norms()
+    buffers = StepBuffers()
+    storage = None
+    for seed in range(3):
+        x = crosscoder.normalize(torch.randn(BATCH, N_SOURCES, D_MODEL, generator=torch.Generator().manual_seed(seed)))
+        fresh = crosscoder.training_forward(x)
+        reused = crosscoder.training_forward(x, buffers=buffers)
+        assert storage in (None, reused.scores.data_ptr())  # the same memory every step
+        storage = reused.scores.data_ptr()
+        assert torch.equal(reused.scores, fresh.scores) and torch.equal(reused.values, fresh.values)
+        assert torch.equal(reused.reconstruction, fresh.reconstruction)
+    smaller = crosscoder.training_forward(x[:3], buffers=buffers)  # another batch size: new buffers
+    assert smaller.scores.shape == (3, DICT_SIZE)
+    assert torch.equal(smaller.scores, crosscoder.training_forward(x[:3]).scores)
 
 
 def test_training_forward_k_argument_overrides_configured_k() -> None:
