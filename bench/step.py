@@ -4,7 +4,8 @@
   ``codes @ W_dec``, autograd backward (dense ∂W_dec, ∂W_enc), Adam;
 - ours: ``BatchTopKCrossCoder.training_forward`` (sparse kernels: radix-select BatchTopK, sparse decode,
   sparse encoder gradient), backward, Adam — what ``crosscoder.train`` runs;
-- floor: one encoder GEMM ``[B, S·d] × [S·d, F]``, the only dense work a step needs.
+- floor: one encoder GEMM ``[B, S·d] × [S·d, F]`` into a reused output (as the step writes its scores), the only
+  dense work a step needs.
 Also the diff-SAE step (ours) and, when ``dictionary_learning`` is importable (an optional, separate
 environment: it pins a CUDA torch), its ``BatchTopKTrainer.update`` at the same diff-SAE shapes.
 Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth) is its
@@ -58,6 +59,7 @@ def dense_step(args, device):
 def our_step(args, device, architecture="batchtopk"):
     """The library's training step (normalised input, sparse path)."""
     import crosscoder
+    from crosscoder.dictionary import StepBuffers
     from crosscoder.losses import reconstruction_loss
 
     if architecture == "batchtopk":
@@ -69,9 +71,10 @@ def our_step(args, device, architecture="batchtopk"):
     dictionary = dictionary.to(device).train()
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4, fused=True)  # as crosscoder.train
     x_normalized = dictionary.normalize(x)
+    buffers = StepBuffers()  # as crosscoder.train
 
     def step():
-        out = dictionary.training_forward(x_normalized, args.k)
+        out = dictionary.training_forward(x_normalized, args.k, buffers=buffers)
         loss = reconstruction_loss(x_normalized, out.reconstruction, "mse")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,7 +88,8 @@ def our_step(args, device, architecture="batchtopk"):
 def floor_step(args, device):
     W_enc = torch.randn(args.dict_size, args.sources * args.d_model, device=device)
     x = torch.randn(args.batch, args.sources * args.d_model, device=device)
-    return lambda: x @ W_enc.T
+    scores = torch.empty(args.batch, args.dict_size, device=device)  # written in place, as the training step does
+    return lambda: torch.matmul(x, W_enc.T, out=scores)
 
 
 def dictionary_learning_step(args, device):

@@ -96,11 +96,13 @@ class Trainee:
             loss = reconstruction + l1_coefficient(config, step) * losses["l1_penalty"]
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if context.data_parallel:  # average the gradients: every process then takes the same step
+        if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
+            (loss / context.world_size).backward()
             for parameter in dictionary.parameters():
                 if parameter.grad is not None:
-                    context.all_reduce(parameter.grad).div_(context.world_size)
+                    context.all_reduce(parameter.grad)  # every process then takes the same step
+        else:
+            loss.backward()
         dictionary.before_optimizer_step()
         clip_gradients(dictionary, config.grad_clip, context)
         self.optimizer.step()
