@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 Architecture = Literal["batchtopk", "l1", "diff_sae"]
+Parallelism = Literal["auto", "data", "latents"]
 
 #: Saved-dictionary name of each architecture (a run folder holds one subfolder per dictionary).
 DICTIONARY_NAMES: dict[str, str] = {
@@ -141,9 +142,12 @@ class TrainConfig:
     threshold_beta: float = 0.999
     """EMA factor of θ (smallest kept score per batch)."""
 
-    shard_latents: bool = False
-    """Under torchrun: split each dictionary's latents over the processes (every process sees the same batch;
-    for dictionaries too large for one device) instead of splitting the batch (data parallel)."""
+    parallelism: Parallelism = "auto"
+    """Under torchrun (each process always reads its own share of every global batch): ``data`` trains whole
+    dictionaries on the shares and all-reduces the gradients (O(dict_size · d) per step); ``latents`` all-gathers the
+    shares and gives each process ``dict_size / N`` of the latents (O(batch_size · d) per step, and 1/N of the
+    dictionary state per device); ``auto`` picks ``latents`` when dict_size ≥ batch_size, the latents split evenly
+    and no dictionary is an L1 crosscoder, else ``data``."""
 
     # ---------------------------------------------------------------- run
     seed: int = 0
@@ -221,8 +225,10 @@ class TrainConfig:
             problems.append(f"name one data source, not {' and '.join(named)}")
         if bool(self.base_model) != bool(self.chat_model):
             problems.append("--base-model and --chat-model go together")
-        if self.shard_latents and "l1" in self.architectures:
-            problems.append("shard_latents supports the BatchTopK dictionaries (batchtopk, diff_sae), not l1")
+        if self.parallelism == "latents" and "l1" in self.architectures:
+            problems.append(
+                "parallelism='latents' supports the BatchTopK dictionaries (batchtopk, diff_sae), not l1: use 'data'"
+            )
         if self.context_length < 2:
             problems.append(f"context_length={self.context_length} is too short: a sequence needs at least 2 tokens")
         if self.dataset_weights is not None and len(self.dataset_weights) != len(self.datasets):

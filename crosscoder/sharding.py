@@ -1,9 +1,9 @@
 """Latent-sharded dictionaries (DESIGN §7): each of N processes holds ``dict_size / N`` latents — its rows of
 ``W_enc``, ``b_enc``, ``W_dec`` and their Adam moments — while ``b_dec`` and the buffers are replicated.
 
-Every process sees the same batch; the BatchTopK threshold comes from the all-reduced radix histograms and the
-partial reconstructions are summed over processes. Checkpoints and saved dictionaries are consolidated: one file
-holding the whole dictionary, loadable in a single process.
+Every process sees the same (all-gathered global) batch; the BatchTopK threshold comes from the all-reduced radix
+histograms and the partial reconstructions are summed over processes. Checkpoints and saved dictionaries are
+consolidated: one file holding the whole dictionary, loadable in a single process.
 """
 
 from __future__ import annotations

@@ -356,8 +356,8 @@ def train(
     the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name``.
     """
-    context = init_distributed(resolve_device(config.device), config.shard_latents)
-    if context.latent_parallel and config.dict_size is not None:  # before any compute
+    context = init_distributed(resolve_device(config.device))
+    if context.enabled and config.parallelism == "latents" and config.dict_size is not None:  # before any compute
         check_shardable(config.dict_size, config.k, context)
     device = torch.device(rank_device(resolve_device(config.device), context))
     run_dir = config.run_dir
@@ -376,6 +376,8 @@ def train(
         )
 
     if checkpoint is not None:
+        saved_size = next(iter(checkpoint["dictionaries"].values()))["config"]["dict_size"]
+        context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, saved_size))
         trainees = restore_trainees(config, checkpoint["dictionaries"], device, context)
         stream.restore(checkpoint["data"][context.rank])
         step, tokens = checkpoint["step"], checkpoint["tokens"]
@@ -386,6 +388,8 @@ def train(
         random.seed(config.seed)
         iterator = iter(stream)
         first = _take_tokens(iterator, config.normalization_tokens)
+        dict_size = config.dict_size or config.expansion_factor * first[0][0].shape[-1]
+        context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, dict_size))
         trainees = start_trainees(config, [batch for batch, _ in first], device, context)
         iterator = itertools.chain(first, iterator)
         step, tokens = 0, 0
@@ -465,6 +469,22 @@ def train(
     if context.enabled:  # nobody leaves before rank 0 has written the dictionaries
         torch.distributed.barrier()
     return saved
+
+
+def shards_latents(config: TrainConfig, world_size: int, dict_size: int) -> bool:
+    """Whether ``world_size`` processes split the latents rather than the batch (``TrainConfig.parallelism``):
+    ``auto`` splits them when that communicates less per step than all-reducing the gradients (the dictionary has at
+    least as many latents as the global batch has tokens) and every dictionary can be split evenly."""
+    if world_size <= 1 or config.parallelism == "data":
+        return False
+    if config.parallelism == "latents":
+        return True
+    return (
+        "l1" not in config.architectures
+        and dict_size % world_size == 0
+        and dict_size // world_size > config.k
+        and dict_size >= config.batch_size
+    )
 
 
 def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
@@ -639,6 +659,8 @@ def _save_dictionaries(
                 "architecture": trainee.architecture,
                 "training_steps": step,
                 "training_tokens": tokens,
+                "processes": context.world_size,
+                "parallelism": "latents" if context.latent_parallel else "data",
                 "metrics": metrics.get(trainee.name, {}),
                 "train_config": config.to_dict(),
             }

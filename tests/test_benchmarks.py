@@ -32,7 +32,7 @@ FIGURES = {
     "step.py": ["speedup_vs_dense", "ratio_to_floor"],
     "selection.py": ["n_keep"],
     "stream.py": ["ratio_to_floor", "ratio_to_truncated", "layer_stop_speedup"],
-    "scaling.py": ["scaling_2_procs_data_parallel", "scaling_2_procs_latent_sharded"],
+    "scaling.py": ["scaling_2_procs", "scaling_2_procs_data_parallel", "scaling_2_procs_latent_sharded"],
 }
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import crosscoder
 from crosscoder import TrainConfig
 from crosscoder.distributed import Distributed
-from crosscoder.training import default_batches
+from crosscoder.training import default_batches, shards_latents
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ARGS = [
@@ -76,6 +77,7 @@ def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
     run([*torchrun(), str(TRAIN), *ARGS, "--output-dir", str(tmp_path / "two")], tmp_path)
 
     for name in ("batchtopk_crosscoder", "diff_sae"):
+        assert crosscoder.load_dictionary(tmp_path / "two" / "synthetic" / name).metadata["parallelism"] == "data"
         one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
         two = load_file(tmp_path / "two" / "synthetic" / name / "model.safetensors")
         for key in one:
@@ -95,13 +97,31 @@ def test_each_process_reads_only_its_share_of_every_global_batch(tmp_path, shard
     """Data parallel or latent-sharded, no two processes read (or stream through the models) the same tokens; the
     shares, in rank order, are the batch one process reads (latent sharding all-gathers them before the step)."""
     save_file({"activations": torch.randn(96, 2, 4)}, tmp_path / "acts.safetensors")
-    config = TrainConfig(activations=tmp_path / "acts.safetensors", batch_size=16, shard_latents=shard_latents)
+    config = TrainConfig(activations=tmp_path / "acts.safetensors", batch_size=16)
     alone = iter(default_batches(config, Distributed()))
     ranks = [iter(default_batches(config, Distributed(rank, 2, rank, shard_latents))) for rank in range(2)]
     for _ in range(4):
         shares = [next(rank) for rank in ranks]
         assert [len(share) for share in shares] == [8, 8]
         assert torch.equal(torch.cat(shares), next(alone))
+
+
+def test_auto_parallelism_splits_the_latents_when_that_communicates_less():
+    def auto(dict_size: int, **fields) -> bool:
+        config = TrainConfig(**{"batch_size": 4096, "k": 64, "dict_size": dict_size, **fields})
+        return shards_latents(config, 2, dict_size)
+
+    assert auto(dict_size=16384)  # 16,384 latents against 4,096 tokens: move the batch, not the gradients
+    assert auto(dict_size=4096)
+    assert not auto(dict_size=2048)  # fewer latents than tokens: all-reduce the gradients
+    assert not auto(dict_size=16385)  # does not split evenly
+    assert not auto(dict_size=16384, architectures=("batchtopk", "l1"))  # L1 crosscoders are not sharded
+    assert not auto(dict_size=128, batch_size=64, k=64)  # 64 latents per process would not exceed k
+    assert shards_latents(TrainConfig(parallelism="latents", batch_size=4096), 2, 2048)
+    assert not shards_latents(TrainConfig(parallelism="data"), 2, 16384)
+    assert not shards_latents(TrainConfig(parallelism="latents"), 1, 16384)  # a single process splits nothing
+    with pytest.raises(ValueError, match="parallelism='latents' supports the BatchTopK dictionaries"):
+        TrainConfig(parallelism="latents", architectures=("l1",))
 
 
 @pytest.mark.slow
@@ -130,15 +150,17 @@ def test_a_distributed_run_resumed_from_a_middle_checkpoint_ends_bitwise_equal(t
 
 @pytest.mark.slow
 def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_file(tmp_path):
-    arguments = [*ARGS, "--dead-tokens", "256"]  # latents die now and then: AuxK runs over every process's latents
+    # 256 latents for 256-token batches: parallelism "auto" splits the latents; many die: AuxK spans both processes
+    arguments = [*ARGS, "--dict-size", "256", "--dead-tokens", "256"]
     run([sys.executable, str(TRAIN), *arguments, "--output-dir", str(tmp_path / "one")], tmp_path)
-    sharded = [*arguments, "--shard-latents", "--keep-checkpoints", "3", "--output-dir", str(tmp_path / "sharded")]
+    sharded = [*arguments, "--keep-checkpoints", "3", "--output-dir", str(tmp_path / "sharded")]
     run([*torchrun(), str(TRAIN), *sharded], tmp_path)
     run_dir = tmp_path / "sharded" / "synthetic"
     for name in ("batchtopk_crosscoder", "diff_sae"):
         one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
         two = load_file(run_dir / name / "model.safetensors")
-        assert two["W_dec"].shape[0] == 64  # consolidated: every latent in one file
+        assert two["W_dec"].shape[0] == 256  # consolidated: every latent in one file
+        assert crosscoder.load_dictionary(run_dir / name).metadata["parallelism"] == "latents"
         for key in one:
             difference = (one[key] - two[key]).abs().max().item()
             assert difference < 1e-5 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
@@ -165,7 +187,7 @@ def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_f
 def test_latent_sharded_validation_reports_what_one_process_reports(tmp_path):
     worker = Path(__file__).with_name("validation_worker.py")
     one = run([sys.executable, str(worker), str(tmp_path / "one")], tmp_path)
-    two = run([*torchrun(), str(worker), str(tmp_path / "two"), "--shard-latents"], tmp_path)
+    two = run([*torchrun(), str(worker), str(tmp_path / "two"), "latents"], tmp_path)
     alone, sharded = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
     for name in ("batchtopk_crosscoder", "diff_sae"):
         assert alone[name]["fve"] > 0 and alone[name]["l0"] > 0 and alone[name]["dead_fraction"] < 1
@@ -192,7 +214,7 @@ def test_uneven_data_stops_every_rank_instead_of_hanging(tmp_path):
 @pytest.mark.slow
 def test_latents_that_do_not_split_over_the_processes_are_refused_before_any_compute(tmp_path):
     result = subprocess.run(
-        [*torchrun(), str(TRAIN), *ARGS, "--shard-latents", "--dict-size", "63", "--output-dir", str(tmp_path)],
+        [*torchrun(), str(TRAIN), *ARGS, "--parallelism", "latents", "--dict-size", "63", "--output-dir", tmp_path],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -224,8 +246,6 @@ def test_a_killed_rank_then_resume_finishes_with_the_right_step_count(tmp_path):
     assert not (tmp_path / "synthetic" / "batchtopk_crosscoder").exists()
 
     run([*torchrun(), str(TRAIN), *arguments, "--resume"], tmp_path)
-    import crosscoder
-
     cc = crosscoder.load_dictionary(tmp_path / "synthetic" / "batchtopk_crosscoder")
     assert cc.metadata["training_steps"] == 300 and cc.metadata["training_tokens"] == 300 * 256
     last = json.loads((tmp_path / "synthetic" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -1,6 +1,6 @@
-"""Run by test_distributed, alone or under torchrun (``--shard-latents`` as second argument): trains on planted
-data, each process reading its share of every global batch, validates on held-out batches that every process
-passes, and prints (rank 0) the final validation metrics as JSON."""
+"""Run by test_distributed, alone or under torchrun (second argument ``latents``: split the latents): trains on
+planted data, each process reading its share of every global batch, validates on held-out batches that every
+process passes, and prints (rank 0) the final validation metrics as JSON."""
 
 import json
 import os
@@ -34,7 +34,7 @@ if __name__ == "__main__":
         checkpoint_every=0,
         log_every=5,
         validate_every=10,
-        shard_latents="--shard-latents" in sys.argv,
+        parallelism="latents" if "latents" in sys.argv[2:] else "data",
         output_dir=sys.argv[1],
         progress=False,
         device="cpu",
