@@ -73,7 +73,7 @@ class Distributed:
         if not self.enabled:
             return tensor
         gathered = tensor.new_empty(self.world_size * tensor.shape[0], *tensor.shape[1:])
-        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        _all_gather_single(gathered, tensor.contiguous())
         return gathered
 
     def global_batch(self, share: torch.Tensor) -> torch.Tensor:
@@ -91,6 +91,10 @@ class Distributed:
                 "multiple of the number of processes"
             )
         return global_batch_size // self.world_size
+
+
+# torch ≥ 2.13 names it all_gather_single (all_gather_into_tensor, its former name, warns there)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def init_distributed(device: str, shard_latents: bool = False) -> Distributed:
