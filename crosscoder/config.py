@@ -293,6 +293,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "base_device",
         "chat_device",
         "prefetch_blocks",
+        "parallelism",  # both modes read the same shares and write consolidated checkpoints
     }
 )
 

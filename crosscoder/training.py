@@ -510,7 +510,8 @@ def _checkpoint_to_resume(config: TrainConfig) -> dict[str, Any] | None:
     if differing:
         raise ValueError(
             f"cannot resume {existing[-1]} with a different config: {', '.join(differing)} differ from the "
-            "checkpoint's; resume with the original settings (only logging, checkpointing and device may change)"
+            "checkpoint's; resume with the original settings (only logging, checkpointing, device and parallelism "
+            "may change)"
         )
     return checkpoint
 

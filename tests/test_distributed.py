@@ -182,6 +182,16 @@ def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_f
         resumed = load_file(run_dir / name / "model.safetensors")
         assert all(torch.equal(value, resumed[key]) for key, value in tensors.items()), name
 
+    # both modes read the same shares and checkpoints are consolidated: a run may resume in the other mode
+    (run_dir / "checkpoints" / "step_000000030.pt").unlink()
+    run([*torchrun(), str(TRAIN), *sharded, "--resume", "--parallelism", "data"], tmp_path)
+    for name, tensors in final.items():
+        assert crosscoder.load_dictionary(run_dir / name).metadata["parallelism"] == "data"
+        resumed = load_file(run_dir / name / "model.safetensors")
+        for key, value in tensors.items():
+            difference = (value - resumed[key]).abs().max().item()
+            assert difference < 1e-5 * max(1.0, value.abs().max().item()), f"{name}.{key} differs by {difference}"
+
 
 @pytest.mark.slow
 def test_latent_sharded_validation_reports_what_one_process_reports(tmp_path):
