@@ -1,4 +1,4 @@
-"""Data-parallel training with ``torchrun`` (DESIGN §7): NCCL on GPU, gloo on CPU, and the same code path in a
+"""Multi-process training with ``torchrun`` (DESIGN §7): NCCL on GPU, gloo on CPU, and the same code path in a
 single process.
 
 The global batch (``TrainConfig.batch_size``) is split evenly across ranks; each rank reads (or streams) its own
@@ -97,11 +97,11 @@ class Distributed:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def init_distributed(device: str, shard_latents: bool = False) -> Distributed:
+def init_distributed(device: str) -> Distributed:
     """Join the ``torchrun`` process group named by the environment (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
 
-    NCCL when training on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise. ``shard_latents``: split the
-    dictionaries' latents instead of the batch.
+    NCCL when training on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise. The context splits the batch;
+    ``dataclasses.replace(context, shard_latents=True)`` splits the latents instead (``TrainConfig.parallelism``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -112,7 +112,7 @@ def init_distributed(device: str, shard_latents: bool = False) -> Distributed:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return Distributed(rank, world_size, local_rank, shard_latents)
+    return Distributed(rank, world_size, local_rank)
 
 
 def shutdown_distributed() -> None:
