@@ -72,7 +72,8 @@ class TrainingOutput:
 
     codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
     reconstruction: [batch, n_sources, d_model]; scores: [batch, dict_size] the ranked ``f · c`` without gradients
-    (BatchTopK; AuxK picks dead latents from them, else None); encoder_input: [batch, n_sources · d_model];
+    (BatchTopK; AuxK picks dead latents from them, else None; held in the ``StepBuffers`` when the call got them,
+    so overwritten by the next such call); encoder_input: [batch, n_sources · d_model];
     min_kept_score: smallest kept ``f · c`` (0-d; BatchTopK only, else None) for the θ EMA.
     """
 
