@@ -300,7 +300,10 @@ class SparseDictionary(
         """AuxK's ``ê``: each token decodes its top-``k_aux`` dead latents by score ``f · c``, *without* ``b_dec``
         (DESIGN §4). dead: [dict_size] bool. Returns [batch, n_sources, d_model], or None when no latent is dead
         (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero). With
-        latent sharding the top-``k_aux`` runs over every process's latents (ties at the cut may add a few)."""
+        latent sharding the top-``k_aux`` runs over every process's latents (ties at the cut may add a few).
+
+        Only the dead latents' columns of the scores are ranked, and only the picks with a positive score are
+        decoded (a dead latent rarely fires: most of a token's ``k_aux`` picks are often zeros)."""
         k_aux = min(k_aux, self.dict_size)
         sharded = context is not None and context.latent_parallel
         if k_aux <= 0 or (dead.device.type == "cpu" and not sharded and not bool(dead.any())):
@@ -308,21 +311,22 @@ class SparseDictionary(
         batch = out.scores.shape[0]
         with torch.no_grad():
             c = self.code_norms()
-            top = torch.where(dead, out.scores, -1.0).topk(k_aux, dim=-1)
-            latents, order = top.indices.sort(dim=-1)
-            keep = top.values.gather(-1, order) > 0
+            dead_latents = dead.nonzero().squeeze(1)  # ascending
+            top = out.scores[:, dead_latents].topk(min(k_aux, dead_latents.numel()), dim=-1)
+            picks, order = top.indices.sort(dim=-1)  # by latent within each row
+            picked_scores = top.values.gather(-1, order)
+            keep = picked_scores > 0
             if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
-                gathered = context.all_gather_rows(top.values).view(context.world_size, batch, k_aux)
+                padded = F.pad(top.values, (0, k_aux - top.values.shape[1]), value=-1.0)  # same shape everywhere
+                gathered = context.all_gather_rows(padded).view(context.world_size, batch, k_aux)
                 everyone = gathered.permute(1, 0, 2).reshape(batch, -1)
-                cut = everyone.topk(k_aux, dim=-1).values[:, -1:]
-                keep &= top.values.gather(-1, order) >= cut
-            keep = keep.flatten()
-            rows = torch.arange(batch, device=latents.device).repeat_interleave(k_aux)
-            codes = SparseCodes.from_indices(rows, latents.flatten(), batch, self.dict_size)
+                keep &= picked_scores >= everyone.topk(k_aux, dim=-1).values[:, -1:]
+            rows, slots = keep.nonzero(as_tuple=True)  # row-major, latents ascending within a row
+            codes = SparseCodes.from_indices(rows, dead_latents[picks[rows, slots]], batch, self.dict_size)
             kept = codes.gather(out.scores) / c[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))
-        return _sum_shards(sparse_decode(values * keep, codes, W_dec), context).view(-1, self.n_sources, self.d_model)
+        return _sum_shards(sparse_decode(values, codes, W_dec), context).view(-1, self.n_sources, self.d_model)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).

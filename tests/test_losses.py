@@ -1,5 +1,6 @@
 """Losses and metrics equal hand computations (DESIGN §4)."""
 
+import pytest
 import torch
 
 import crosscoder
@@ -61,6 +62,28 @@ def test_auxk_decodes_top_dead_latents_without_decoder_bias_against_the_detached
     assert cc.W_dec.grad[[1, 4, 7]].abs().max() > 0
     assert cc.W_enc.grad[[1, 4, 7]].abs().max() > 0  # the aux loss trains the dead latents' encoders
     assert cc.b_dec.grad is None or cc.b_dec.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("k_aux", [3, 50])  # 50: more than the dead latents
+def test_auxk_decodes_the_positive_top_dead_latents_of_each_token(k_aux):
+    torch.manual_seed(3)
+    cc = crosscoder.BatchTopKCrossCoder(d_model=4, dict_size=40, k=2)
+    with torch.no_grad():
+        cc.b_enc.fill_(-0.3)  # many scores are exactly zero: those picks decode nothing
+    x = torch.randn(16, 2, 4)
+    out = cc.training_forward(x)
+    dead = torch.rand(40) < 0.4
+    dead_reconstruction = cc.dead_latent_reconstruction(out, dead, k_aux)
+
+    scores = out.scores.detach()
+    expected = torch.zeros(16, 2, 4)
+    for b in range(16):
+        ranked = sorted((j for j in range(40) if dead[j]), key=lambda j: -scores[b, j].item())[:k_aux]
+        for j in ranked:
+            if scores[b, j] > 0:
+                expected[b] += scores[b, j] / cc.code_norms()[j].detach() * cc.W_dec[j].detach()
+    assert (scores[:, dead] == 0).any() and expected.abs().sum() > 0
+    torch.testing.assert_close(dead_reconstruction.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_no_dead_latent_means_no_aux_pass():
