@@ -282,7 +282,7 @@ class SparseDictionary(
                     rank=context.rank,
                     world_size=context.world_size,
                 )
-                codes = SparseCodes.from_indices(selection.rows, selection.latents, *scores.shape)
+                codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
                 kept = codes.gather(scores) / c[codes.latents]
                 min_kept = selection.threshold
             else:
@@ -322,7 +322,7 @@ class SparseDictionary(
                 everyone = gathered.permute(1, 0, 2).reshape(batch, -1)
                 keep &= picked_scores >= everyone.topk(k_aux, dim=-1).values[:, -1:]
             rows, slots = keep.nonzero(as_tuple=True)  # row-major, latents ascending within a row
-            codes = SparseCodes.from_indices(rows, dead_latents[picks[rows, slots]], batch, self.dict_size)
+            codes = SparseCodes.from_sorted_indices(rows, dead_latents[picks[rows, slots]], batch, self.dict_size)
             kept = codes.gather(out.scores) / c[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))

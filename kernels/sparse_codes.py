@@ -23,7 +23,8 @@ class SparseCodes:
 
     rows: [nnz] int64, non-decreasing; latents: [nnz] int64, increasing within a row;
     row_offsets: [batch_size + 1] int64, row ``b``'s entries are ``row_offsets[b]:row_offsets[b + 1]``.
-    Build with ``from_mask`` or ``from_indices`` (which validate); the constructor checks only dtypes and shapes.
+    Build with ``from_mask`` or ``from_indices`` (which validate), or ``from_sorted_indices`` for pairs known to be
+    valid; the constructor checks only dtypes and shapes.
     """
 
     rows: torch.Tensor
@@ -81,9 +82,17 @@ class SparseCodes:
             raise ValueError(f"rows has {rows.numel()} entries but latents has {latents.numel()}")
         _check_size("batch_size", batch_size)
         _check_size("dict_size", dict_size)
-        codes = cls(rows, latents, _segment_offsets(rows, batch_size), batch_size, dict_size)
+        codes = cls.from_sorted_indices(rows, latents, batch_size, dict_size)
         codes.validate()
         return codes
+
+    @classmethod
+    def from_sorted_indices(
+        cls, rows: torch.Tensor, latents: torch.Tensor, batch_size: int, dict_size: int
+    ) -> SparseCodes:
+        """``from_indices`` without its validation (no host sync), for pairs sorted, unique and in range by
+        construction, like a BatchTopK selection's output on the training hot path."""
+        return cls(rows, latents, _segment_offsets(rows, batch_size), batch_size, dict_size)
 
     def validate(self) -> None:
         """Check indices are in range and entries strictly sorted by (row, latent) (host sync; from_indices)."""

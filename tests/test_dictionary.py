@@ -88,6 +88,7 @@ def test_training_forward_selects_like_encode_and_reports_smallest_kept_score() 
         activations = _hand_activations(crosscoder, x)
     scores = activations * crosscoder.code_norms().detach()
 
+    output.codes.validate()  # built without validation on the hot path: sorted, unique and in range
     codes = output.dense_codes()
     assert (codes != 0).sum().item() == K * BATCH
     assert _kept_indices(codes) == _largest_by_brute_force_sort(scores, K * BATCH)

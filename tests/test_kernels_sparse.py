@@ -130,6 +130,8 @@ def test_from_indices_equals_from_mask():
     from_mask = make_codes(7, 9, 0.3)
     from_indices = SparseCodes.from_indices(from_mask.rows, from_mask.latents, 7, 9)
     assert torch.equal(from_indices.row_offsets, from_mask.row_offsets)
+    trusted = SparseCodes.from_sorted_indices(from_mask.rows, from_mask.latents, 7, 9)
+    assert torch.equal(trusted.row_offsets, from_mask.row_offsets) and torch.equal(trusted.latents, from_mask.latents)
 
 
 def test_codes_without_entries_have_empty_views():
