@@ -302,8 +302,8 @@ class SparseDictionary(
         (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero). With
         latent sharding the top-``k_aux`` runs over every process's latents (ties at the cut may add a few).
 
-        Only the dead latents' columns of the scores are ranked, and only the picks with a positive score are
-        decoded (a dead latent rarely fires: most of a token's ``k_aux`` picks are often zeros)."""
+        Only the picks with a positive score are decoded (a dead latent rarely fires: most of a token's ``k_aux``
+        picks are often zeros); listing them is the one host sync (see ``_top_dead_latents`` for the ranking)."""
         k_aux = min(k_aux, self.dict_size)
         sharded = context is not None and context.latent_parallel
         if k_aux <= 0 or (dead.device.type == "cpu" and not sharded and not bool(dead.any())):
@@ -311,18 +311,15 @@ class SparseDictionary(
         batch = out.scores.shape[0]
         with torch.no_grad():
             c = self.code_norms()
-            dead_latents = dead.nonzero().squeeze(1)  # ascending
-            top = out.scores[:, dead_latents].topk(min(k_aux, dead_latents.numel()), dim=-1)
-            picks, order = top.indices.sort(dim=-1)  # by latent within each row
-            picked_scores = top.values.gather(-1, order)
+            picks, picked_scores = _top_dead_latents(out.scores, dead, k_aux, columns=dead.device.type == "cpu")
             keep = picked_scores > 0
             if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
-                padded = F.pad(top.values, (0, k_aux - top.values.shape[1]), value=-1.0)  # same shape everywhere
+                padded = F.pad(picked_scores, (0, k_aux - picked_scores.shape[1]), value=-1.0)  # same shape everywhere
                 gathered = context.all_gather_rows(padded).view(context.world_size, batch, k_aux)
                 everyone = gathered.permute(1, 0, 2).reshape(batch, -1)
                 keep &= picked_scores >= everyone.topk(k_aux, dim=-1).values[:, -1:]
             rows, slots = keep.nonzero(as_tuple=True)  # row-major, latents ascending within a row
-            codes = SparseCodes.from_sorted_indices(rows, dead_latents[picks[rows, slots]], batch, self.dict_size)
+            codes = SparseCodes.from_sorted_indices(rows, picks[rows, slots], batch, self.dict_size)
             kept = codes.gather(out.scores) / c[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))
@@ -592,6 +589,25 @@ def _check_positive_int(name: str, value: object) -> None:
 
 def _format_number(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _top_dead_latents(
+    scores: torch.Tensor, dead: torch.Tensor, k_aux: int, columns: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k_aux`` highest-scoring dead latents (fewer if fewer are dead), sorted by latent: (latents,
+    their scores), each [batch, ≤ k_aux]; a pick scoring ≤ 0 is not a candidate. scores: [batch, dict_size].
+
+    ``columns``: rank only the dead latents' columns (listing them syncs with the device, free on CPU, where it
+    spares ranking the whole matrix); else rank every column with the live ones pushed below zero (no sync)."""
+    if columns:
+        dead_latents = dead.nonzero().squeeze(1)  # ascending, so column order is latent order
+        top = scores[:, dead_latents].topk(min(k_aux, dead_latents.numel()), dim=-1)
+        latents = dead_latents[top.indices]
+    else:
+        top = torch.where(dead, scores, -1.0).topk(min(k_aux, scores.shape[1]), dim=-1)
+        latents = top.indices
+    latents, order = latents.sort(dim=-1)
+    return latents, top.values.gather(-1, order)
 
 
 def _sum_shards(partial: torch.Tensor, context: Distributed | None) -> torch.Tensor:

@@ -25,13 +25,19 @@ def _rows(context: Distributed, dict_size: int) -> slice:
     return slice(context.rank * size, (context.rank + 1) * size)
 
 
+def sharding_problem(dict_size: int, k: int | None, world_size: int) -> str | None:
+    """Why ``dict_size`` latents cannot be split over ``world_size`` processes, or None if they can."""
+    if dict_size % world_size:
+        return f"dict_size={dict_size} does not split evenly over {world_size} processes: use a multiple"
+    if k is not None and dict_size // world_size <= k:
+        return f"each process's {dict_size // world_size} latents must exceed k={k}"
+    return None
+
+
 def check_shardable(dict_size: int, k: int | None, context: Distributed) -> None:
-    if dict_size % context.world_size:
-        raise ValueError(
-            f"dict_size={dict_size} does not split evenly over {context.world_size} processes: use a multiple"
-        )
-    if k is not None and dict_size // context.world_size <= k:
-        raise ValueError(f"each process's {dict_size // context.world_size} latents must exceed k={k}")
+    problem = sharding_problem(dict_size, k, context.world_size)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def shard(full: SparseDictionary, context: Distributed) -> SparseDictionary:

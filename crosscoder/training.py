@@ -39,6 +39,7 @@ from crosscoder.sharding import (
     shard,
     shard_optimizer,
     shard_rows,
+    sharding_problem,
 )
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 
@@ -215,9 +216,14 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------- building and restoring
+def resolved_dict_size(config: TrainConfig, d_model: int) -> int:
+    """``dict_size``, or ``expansion_factor · d_model`` when it is not set."""
+    return config.dict_size or config.expansion_factor * d_model
+
+
 def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int, n_sources: int) -> SparseDictionary:
     """A freshly initialised dictionary of the given architecture for activations of this shape."""
-    dict_size = config.dict_size or config.expansion_factor * d_model
+    dict_size = resolved_dict_size(config, d_model)
     names = list(config.source_names) if config.source_names else (["base", "chat"] if n_sources == 2 else None)
     norm = {} if config.init_decoder_norm is None else {"init_decoder_norm": config.init_decoder_norm}
     if architecture == "batchtopk":
@@ -388,7 +394,7 @@ def train(
         random.seed(config.seed)
         iterator = iter(stream)
         first = _take_tokens(iterator, config.normalization_tokens)
-        dict_size = config.dict_size or config.expansion_factor * first[0][0].shape[-1]
+        dict_size = resolved_dict_size(config, first[0][0].shape[-1])
         context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, dict_size))
         trainees = start_trainees(config, [batch for batch, _ in first], device, context)
         iterator = itertools.chain(first, iterator)
@@ -481,8 +487,7 @@ def shards_latents(config: TrainConfig, world_size: int, dict_size: int) -> bool
         return True
     return (
         "l1" not in config.architectures
-        and dict_size % world_size == 0
-        and dict_size // world_size > config.k
+        and sharding_problem(dict_size, config.k, world_size) is None
         and dict_size >= config.batch_size
     )
 

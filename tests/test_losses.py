@@ -86,6 +86,28 @@ def test_auxk_decodes_the_positive_top_dead_latents_of_each_token(k_aux):
     torch.testing.assert_close(dead_reconstruction.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k_aux", [3, 50])
+def test_auxk_ranks_the_dead_columns_alone_or_the_masked_matrix_alike(k_aux):
+    """The CPU ranking (dead columns only) and the sync-free one (every column, live ones below zero) pick the
+    same positive-scoring latents."""
+    from crosscoder.dictionary import _top_dead_latents
+
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.randn(16, 40, generator=generator).relu()
+    dead = torch.rand(40, generator=generator) < 0.4
+    picked = [_top_dead_latents(scores, dead, k_aux, columns) for columns in (True, False)]
+
+    def positive(latents: torch.Tensor, values: torch.Tensor) -> set[tuple[int, int]]:
+        rows, slots = (values > 0).nonzero(as_tuple=True)
+        return set(zip(rows.tolist(), latents[rows, slots].tolist(), strict=True))
+
+    kept = [positive(*pick) for pick in picked]
+    assert kept[0] == kept[1] and len(kept[0]) > 0
+    assert all(dead[j] for _, j in kept[0])
+    for latents, _ in picked:
+        assert (latents[:, 1:] > latents[:, :-1]).all()  # sorted by latent within each row
+
+
 def test_no_dead_latent_means_no_aux_pass():
     cc = crosscoder.BatchTopKCrossCoder(d_model=3, dict_size=10, k=1)
     out = cc.training_forward(torch.randn(4, 2, 3))
