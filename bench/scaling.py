@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from crosscoder.config import TrainConfig
-from crosscoder.training import shards_latents
+from crosscoder.sharding import shards_latents
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 SETTINGS = {"1_proc": (1, "data"), "2_procs_data_parallel": (2, "data"), "2_procs_latent_sharded": (2, "latents")}

@@ -1,9 +1,9 @@
-"""One BatchTopK training step against a dense baseline and the floor (DESIGN §5).
+"""One BatchTopK training step against a dense baseline and the floor (docs/methods.md §4.1).
 
 - dense: the peers' step — dense encoder GEMM, ``torch.topk`` over the flattened [B, F] scores, dense decode
   ``codes @ W_dec``, autograd backward (dense ∂W_dec, ∂W_enc), Adam;
-- ours: ``BatchTopKCrossCoder.training_forward`` (sparse kernels: radix-select BatchTopK, sparse decode,
-  sparse encoder gradient), backward, Adam — what ``crosscoder.train`` runs;
+- ours: ``Trainee.step`` → ``crosscoder.training.training_step`` (sparse kernels: radix-select BatchTopK, sparse
+  decode, sparse encoder gradient; AuxK, clipping, Adam) plus the step's bookkeeping — what ``crosscoder.train`` runs;
 - floor: one encoder GEMM ``[B, S·d] × [S·d, F]`` into a reused output (as the step writes its scores), the only
   dense work a step needs.
 Also the diff-SAE step (ours) and, when ``dictionary_learning`` is importable (an optional, separate
@@ -57,32 +57,22 @@ def dense_step(args, device):
 
 
 def our_step(args, device, architecture="batchtopk"):
-    """The library's training step (normalised input, sparse path)."""
+    """The library's training step exactly as ``crosscoder.train`` runs it: ``Trainee.step`` on raw paired
+    activations (input, normalisation, ``training_step``, schedule, dead-latent counters, θ, metric window)."""
     import crosscoder
-    from crosscoder.dictionary import StepBuffers
-    from crosscoder.losses import reconstruction_loss
+    from crosscoder.distributed import Distributed
+    from crosscoder.training import Trainee
+    from crosscoder.training.trainee import new_dictionary
 
-    if architecture == "batchtopk":
-        dictionary = crosscoder.BatchTopKCrossCoder(args.d_model, args.dict_size, args.k, args.sources)
-        x = torch.randn(args.batch, args.sources, args.d_model, device=device)
-    else:
-        dictionary = crosscoder.BatchTopKSAE(args.d_model, args.dict_size, args.k)
-        x = torch.randn(args.batch, args.d_model, device=device)
-    dictionary = dictionary.to(device).train()
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4, fused=True)  # as crosscoder.train
-    x_normalized = dictionary.normalize(x)
-    buffers = StepBuffers()  # as crosscoder.train
-
-    def step():
-        out = dictionary.training_forward(x_normalized, args.k, buffers=buffers)
-        loss = reconstruction_loss(x_normalized, out.reconstruction, "mse")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dictionary.before_optimizer_step()
-        optimizer.step()
-        dictionary.after_optimizer_step()
-
-    return step
+    config = crosscoder.TrainConfig(
+        architectures=(architecture,), k=args.k, dict_size=args.dict_size, batch_size=args.batch, device=device
+    )
+    dictionary = new_dictionary(architecture, config, args.d_model, args.sources).to(device)
+    trainee = Trainee.new(architecture, dictionary, config)
+    x = torch.randn(args.batch, args.sources, args.d_model, device=device)  # raw paired activations
+    steps = iter(range(10**9))
+    context = Distributed()
+    return lambda: trainee.step(x, next(steps), config, context)
 
 
 def floor_step(args, device):

@@ -1,4 +1,7 @@
-"""Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders and difference SAEs (see DESIGN.md)."""
+"""Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders and difference SAEs.
+
+The parts and how data flows between them: docs/architecture.md; every formula: docs/methods.md.
+"""
 
 from crosscoder.activations import PairedActivationStream
 from crosscoder.cache import ActivationCache

@@ -1,4 +1,4 @@
-"""Paired activations streamed from a base and a chat model on the same tokens (DESIGN §6).
+"""Paired activations streamed from a base and a chat model on the same tokens (docs/architecture.md §2).
 
 Documents from a weighted mixture of datasets are tokenized once (chat data rendered with the chat
 model's template; the base model sees the same ids), run through each model once per micro-batch up to
@@ -16,22 +16,23 @@ block, transformers applies the final norm to ``hidden_states[-1]``; the stream 
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from crosscoder.chunks import ActivationChunk
+from crosscoder.errors import ConfigError, DataError, InputNotFoundError
 
 if TYPE_CHECKING:
     from crosscoder.config import TrainConfig
 
-DifferenceMode = Literal["chat_minus_base", "base_minus_chat"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,7 +58,7 @@ def load_causal_lm(
     except OSError as error:
         if Path(name).is_dir():
             raise
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"model '{name}' is neither a local folder nor in the Hugging Face cache, or the Hub cannot be reached "
             f"({type(error).__name__}): download it where there is network (`hf download {name}`) and copy the cache "
             "(HF_HOME) here, or pass a local folder"
@@ -71,7 +72,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
-    raise ValueError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
+    raise DataError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
 
 
 class _StopForward(Exception):
@@ -126,7 +127,7 @@ class DocumentCursor:
                 row = next(self._iterator)
             except StopIteration:
                 if self.index == 0:
-                    raise ValueError(f"dataset {self.name} is empty: there are no documents to read") from None
+                    raise DataError(f"dataset {self.name} is empty: there are no documents to read") from None
                 self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
                 continue
             self.index += 1
@@ -157,13 +158,13 @@ def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
     if path.is_file():
         if path.suffix not in builders:
-            raise ValueError(f"cannot read {spec}: use a .json/.jsonl/.parquet/.csv/.txt file or a dataset id")
+            raise ConfigError(f"cannot read {spec}: use a .json/.jsonl/.parquet/.csv/.txt file or a dataset id")
         dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", streaming=streaming)
     else:
         try:
             dataset = datasets.load_dataset(spec, split=split, streaming=streaming)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"dataset '{spec}' is neither a local file nor loadable ({type(error).__name__}: {error}); offline, "
                 "pass a local .jsonl/.parquet file or a dataset already in the HF datasets cache"
             ) from error
@@ -207,10 +208,9 @@ class _Block:
 class PairedActivationStream:
     """Iterable of paired activation batches ``x: [batch, n_sources, d_model]`` from two models.
 
-    Sources are ordered (base layers…, chat layers…): with one layer, 0 = base and 1 = chat. With
-    ``difference`` set, batches are ``x_chat − x_base`` (or the reverse): [batch, d_model] (one layer only).
-    Also a ``ChunkSource`` (``chunks()``: unshuffled blocks for the on-disk cache) and resumable
-    (``state_dict`` / ``load_state_dict``).
+    Sources are ordered (base layers…, chat layers…): with one layer, 0 = base and 1 = chat (a dictionary takes
+    its own input from them, e.g. chat − base: ``SparseDictionary.input_from_pair``). Also a ``ChunkSource``
+    (``chunks()``: unshuffled blocks for the on-disk cache) and resumable (``state_dict`` / ``load_state_dict``).
     """
 
     def __init__(
@@ -224,13 +224,12 @@ class PairedActivationStream:
         batch_size: int,
         weights: list[float] | None = None,
         base_tokenizer: Any = None,
-        difference: DifferenceMode | None = None,
         prefetch_blocks: int = 1,
         description: dict[str, Any] | None = None,
         dataset_names: list[str] | None = None,
     ) -> None:
         self.base_model, self.chat_model, self.tokenizer = base_model, chat_model, tokenizer
-        self.settings, self.batch_size, self.difference = settings, batch_size, difference
+        self.settings, self.batch_size = settings, batch_size
         self.prefetch_blocks = prefetch_blocks
         names = dataset_names or [f"dataset {i}" for i in range(len(datasets))]
         self.cursors = [DocumentCursor(dataset, name) for dataset, name in zip(datasets, names, strict=True)]
@@ -245,26 +244,9 @@ class PairedActivationStream:
         """Load both models and the datasets named by a ``TrainConfig`` (rank/world_size: this process's
         share of the documents in a distributed run)."""
         if not (config.base_model and config.chat_model):
-            raise ValueError("a paired stream needs both --base-model and --chat-model")
-        if not config.datasets:
-            raise ValueError("name at least one dataset with --datasets (Hub ids or local .jsonl/.parquet/.txt files)")
-        loaded = {}
-        for role, name, revision, device, dtype in (
-            ("base", config.base_model, config.base_revision, config.base_device, config.base_dtype),
-            ("chat", config.chat_model, config.chat_revision, config.chat_device, config.chat_dtype),
-        ):
-            device = device or resolve_device(config.device)
-            loaded[role] = load_causal_lm(
-                name,
-                revision=revision,
-                dtype=dtype or config.model_dtype,
-                device=device,
-                trust_remote_code=config.trust_remote_code,
-            )
-        (base_model, base_tokenizer), (chat_model, chat_tokenizer) = loaded["base"], loaded["chat"]
-        layers = config.layers or (base_model.config.get_text_config().num_hidden_layers // 2,)
+            raise ConfigError("a paired stream needs both --base-model and --chat-model")
         settings = StreamSettings(
-            layers=tuple(layers),
+            layers=tuple(config.layers or ()),
             context_length=config.context_length,
             block_sequences=config.block_sequences,
             model_batch_size=config.model_batch_size,
@@ -275,48 +257,103 @@ class PairedActivationStream:
             messages_column=config.messages_column,
             seed=config.seed,
         )
-        datasets = [
-            open_dataset(spec, config.dataset_split, config.dataset_streaming, config.seed, rank, world_size)
-            for spec in config.datasets
+        device = resolve_device(config.device)
+        return cls.from_models(
+            base_model=config.base_model,
+            chat_model=config.chat_model,
+            datasets=config.datasets,
+            settings=settings,
+            batch_size=config.batch_size,
+            base_revision=config.base_revision,
+            chat_revision=config.chat_revision,
+            dtypes=(config.base_dtype or config.model_dtype, config.chat_dtype or config.model_dtype),
+            devices=(config.base_device or device, config.chat_device or device),
+            trust_remote_code=config.trust_remote_code,
+            dataset_weights=config.dataset_weights,
+            dataset_split=config.dataset_split,
+            dataset_streaming=config.dataset_streaming,
+            prefetch_blocks=config.prefetch_blocks,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    @classmethod
+    def from_models(
+        cls,
+        *,
+        base_model: str,
+        chat_model: str,
+        datasets: Sequence[str],
+        settings: StreamSettings,
+        batch_size: int,
+        base_revision: str | None = None,
+        chat_revision: str | None = None,
+        dtypes: tuple[str, str] = ("bfloat16", "bfloat16"),
+        devices: tuple[str, str] = ("cpu", "cpu"),
+        trust_remote_code: bool = False,
+        dataset_weights: Sequence[float] | None = None,
+        dataset_split: str = "train",
+        dataset_streaming: bool = True,
+        prefetch_blocks: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> PairedActivationStream:
+        """Load both models (Hub ids or local folders) and open the datasets. ``settings.layers`` empty = the
+        middle block. ``trust_remote_code`` must come from the user, never from a file."""
+        if not datasets:
+            raise ConfigError("name at least one dataset with --datasets (Hub ids or local .jsonl/.parquet/.txt files)")
+        loaded = {}
+        for role, name, revision, device, dtype in (
+            ("base", base_model, base_revision, devices[0], dtypes[0]),
+            ("chat", chat_model, chat_revision, devices[1], dtypes[1]),
+        ):
+            loaded[role] = load_causal_lm(
+                name, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+        (base, base_tokenizer), (chat, chat_tokenizer) = loaded["base"], loaded["chat"]
+        if not settings.layers:
+            settings = dataclasses.replace(settings, layers=(base.config.get_text_config().num_hidden_layers // 2,))
+        opened = [
+            open_dataset(spec, dataset_split, dataset_streaming, settings.seed, rank, world_size) for spec in datasets
         ]
         description = {
-            "base_model": config.base_model,
-            "chat_model": config.chat_model,
-            "base_revision": getattr(base_model.config, "_commit_hash", None) or config.base_revision,
-            "chat_revision": getattr(chat_model.config, "_commit_hash", None) or config.chat_revision,
-            "dtype": [config.base_dtype or config.model_dtype, config.chat_dtype or config.model_dtype],
-            "datasets": list(config.datasets),
+            "base_model": base_model,
+            "chat_model": chat_model,
+            "base_revision": getattr(base.config, "_commit_hash", None) or base_revision,
+            "chat_revision": getattr(chat.config, "_commit_hash", None) or chat_revision,
+            "dtype": list(dtypes),
+            "datasets": list(datasets),
         }
         return cls(
-            base_model,
-            chat_model,
+            base,
+            chat,
             chat_tokenizer,
-            datasets,
+            opened,
             settings,
-            batch_size=config.batch_size,
-            weights=list(config.dataset_weights) if config.dataset_weights else None,
+            batch_size=batch_size,
+            weights=list(dataset_weights) if dataset_weights else None,
             base_tokenizer=base_tokenizer,
-            prefetch_blocks=config.prefetch_blocks,
+            prefetch_blocks=prefetch_blocks,
             description=description,
-            dataset_names=list(config.datasets),
+            dataset_names=list(datasets),
         )
 
     # -------------------------------------------------------------- validation before any compute
     def _check(self, base_tokenizer: Any) -> None:
         settings = self.settings
         if not self.cursors:
-            raise ValueError("no datasets given: name at least one dataset to read documents from")
+            raise ConfigError("no datasets given: name at least one dataset to read documents from")
         if len(self.weights) != len(self.cursors) or (self.weights < 0).any() or self.weights.sum() <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset weights {self.weights.tolist()} must be one non-negative number per dataset, not all zero"
             )
         if settings.context_length < 2:
-            raise ValueError(f"context_length={settings.context_length} is too short: a sequence needs ≥ 2 tokens")
+            raise ConfigError(f"context_length={settings.context_length} is too short: a sequence needs ≥ 2 tokens")
         if self.batch_size <= 0 or settings.block_sequences <= 0 or settings.model_batch_size <= 0:
-            raise ValueError("batch_size, block_sequences and model_batch_size must be positive")
+            raise ConfigError("batch_size, block_sequences and model_batch_size must be positive")
         widths = {name: model.config.get_text_config().hidden_size for name, model in self._models()}
         if len(set(widths.values())) != 1:
-            raise ValueError(
+            raise DataError(
                 f"chat model has d_model={widths['chat']} but base has {widths['base']}: the two models must have "
                 "the same width"
             )
@@ -324,12 +361,10 @@ class PairedActivationStream:
             n_layers = model.config.get_text_config().num_hidden_layers
             bad = [layer for layer in settings.layers if not 0 <= layer < n_layers]
             if bad or not settings.layers:
-                raise ValueError(
+                raise ConfigError(
                     f"layer(s) {bad or '[]'} out of range for the {name} model with {n_layers} layers: layers are "
                     f"0-based block indices from 0 to {n_layers - 1} (layer L = hidden_states[L + 1])"
                 )
-        if self.difference is not None and len(settings.layers) != 1:
-            raise ValueError("difference batches need exactly one layer")
         self.d_model = next(iter(widths.values()))
         self._mismatched_ids = _tokenizer_mismatch(base_tokenizer, self.tokenizer) if base_tokenizer else set()
 
@@ -367,7 +402,7 @@ class PairedActivationStream:
                 row[settings.text_column], add_special_tokens=True, truncation=True, max_length=settings.context_length
             )["input_ids"]
         else:
-            raise ValueError(
+            raise DataError(
                 f"{cursor.name} has neither a '{settings.text_column}' nor a '{settings.messages_column}' column "
                 f"(columns: {sorted(row)}): set --text-column / --messages-column"
             )
@@ -384,7 +419,7 @@ class PairedActivationStream:
                 if len(ids) >= 2:
                     break
             else:
-                raise ValueError(f"{cursor.name}: 100 documents in a row have fewer than 2 tokens")
+                raise DataError(f"{cursor.name}: 100 documents in a row have fewer than 2 tokens")
             sequences.append(ids)
         return sequences
 
@@ -440,7 +475,7 @@ class PairedActivationStream:
         if self._mismatched_ids:
             bad = set(ids.unique().tolist()) & self._mismatched_ids
             if bad:
-                raise ValueError(
+                raise DataError(
                     f"token ids {sorted(bad)[:10]} mean different tokens for the base and the chat tokenizer: the "
                     "models must share a tokenizer on the ids used"
                 )
@@ -498,7 +533,7 @@ class PairedActivationStream:
             for batch in range(skip, n_batches):
                 self.batch_in_block = batch + 1
                 rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                yield self._output(block.chunk.activations[rows.to(block.chunk.activations.device)])
+                yield block.chunk.activations[rows.to(block.chunk.activations.device)]
             skip = 0
             self._advance(block)
 
@@ -516,12 +551,6 @@ class PairedActivationStream:
 
     def _advance(self, block: _Block) -> None:
         self.block_index, self.batch_in_block, self._block_start = block.index + 1, 0, block.end
-
-    def _output(self, x: torch.Tensor) -> torch.Tensor:
-        if self.difference is None:
-            return x
-        base, chat = x[:, 0], x[:, 1]
-        return chat - base if self.difference == "chat_minus_base" else base - chat
 
     # -------------------------------------------------------------- position
     def state_dict(self) -> dict[str, Any]:
@@ -548,7 +577,7 @@ def _tokenizer_mismatch(base_tokenizer: Any, chat_tokenizer: Any) -> set[int]:
     }
     if len(mismatched) > 0.01 * max(len(base_vocab), len(chat_vocab)):
         example = sorted(mismatched)[:5]
-        raise ValueError(
+        raise DataError(
             f"the base and chat tokenizers differ on {len(mismatched)} ids (e.g. {example}: "
             f"{[base_vocab.get(i) for i in example]} vs {[chat_vocab.get(i) for i in example]}): paired activations "
             "need the same tokens in both models"

@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically (temp file + rename), read back with ``weights_only=True``.
 
-A checkpoint holds everything for an exact resume (DESIGN §4): per dictionary its config, weights (θ and
+A checkpoint holds everything for an exact resume (docs/architecture.md §6): per dictionary its config, weights (θ and
 normalisation included), optimizer, schedule and dead-latent counters; the step, tokens seen, RNG states
 and the data position.
 """
@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
+from crosscoder.errors import CheckpointError
+
 CHECKPOINT_FORMAT = "crosscoder-checkpoint"
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: missing, corrupt, truncated, or from another format."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

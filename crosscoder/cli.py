@@ -11,21 +11,11 @@ from dataclasses import dataclass
 
 import tyro
 
-from crosscoder.checkpoint import CheckpointError
 from crosscoder.config import PRESETS, TrainConfig, preset
-from crosscoder.demo import explain_chat_latents, summary
-from crosscoder.dictionary import DictionaryFormatError
+from crosscoder.demo import explain_chat_latents, resolve_model_organism, summary
 from crosscoder.distributed import shutdown_distributed
-from crosscoder.training import NonFiniteError, train
-
-USER_ERRORS = (
-    ValueError,
-    FileExistsError,
-    FileNotFoundError,
-    CheckpointError,
-    NonFiniteError,
-    DictionaryFormatError,
-)
+from crosscoder.errors import CrosscoderError
+from crosscoder.training import train
 
 
 @dataclass(frozen=True)
@@ -57,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
-        dictionaries = train(config)
-    except USER_ERRORS as error:
+        dictionaries = train(resolve_model_organism(config))
+    except CrosscoderError as error:  # the user's to fix: one message; anything else is a bug and keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from crosscoder.errors import ConfigError
+
 Architecture = Literal["batchtopk", "l1", "diff_sae"]
 Parallelism = Literal["auto", "data", "latents"]
 
@@ -60,7 +62,8 @@ class TrainConfig:
     """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt)."""
     model_organism: bool = False
     """Stream from the offline model organism (a tiny base LM and a copy finetuned on baking chats, built and
-    cached on first use), at its recommended layer unless --layers is given; its chat markers are dropped."""
+    cached on first use), at its recommended layer unless --layers is given; its chat markers are dropped. The
+    command line fills in its models and data (``crosscoder.demo.resolve_model_organism``)."""
     synthetic: bool = False
     """Train on activations generated from a planted sparse dictionary (a self-check of the pipeline)."""
 
@@ -182,7 +185,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise ConfigError("invalid training config: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
         """Human-readable reasons this config cannot run (empty when valid)."""
@@ -213,7 +216,8 @@ class TrainConfig:
         named = [
             name
             for name, on in (
-                ("--base-model/--chat-model", bool(self.base_model or self.chat_model)),
+                # a resolved organism config names its models too (crosscoder.demo.resolve_model_organism)
+                ("--base-model/--chat-model", bool(self.base_model or self.chat_model) and not self.model_organism),
                 ("--cache", self.cache is not None),
                 ("--activations", self.activations is not None),
                 ("--model-organism", self.model_organism),
@@ -251,12 +255,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        """Inverse of ``to_dict`` (older releases' fields migrated); unknown keys are an error naming them."""
         fields = {field.name: field for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        converted = migrate_config_dict(values)
+        unknown = sorted(set(converted) - set(fields))
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}: the config comes from another version")
-        converted = dict(values)
+            raise ConfigError(f"unknown TrainConfig fields {unknown}: the config comes from a newer version")
         for name in ("output_dir", "activations", "cache"):
             if converted.get(name) is not None:
                 converted[name] = Path(converted[name])
@@ -264,6 +268,24 @@ class TrainConfig:
             if converted.get(name) is not None:
                 converted[name] = tuple(converted[name])
         return cls(**converted)
+
+
+def migrate_config_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an earlier release, in today's fields: ``shard_latents`` (bool) became
+    ``parallelism`` (``latents`` when it was true, else ``auto``)."""
+    migrated = dict(values)
+    if "shard_latents" in migrated:
+        migrated.setdefault("parallelism", "latents" if migrated.pop("shard_latents") else "auto")
+    return migrated
+
+
+def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Names of the fields in which a saved config dict (any release) differs from ``config``; a field the saved
+    dict lacks (added since) counts at its default, a field today's config lacks counts as different."""
+    saved = migrate_config_dict(saved)
+    current, defaults = config.to_dict(), {f.name: _plain(f.default) for f in dataclasses.fields(TrainConfig)}
+    differing = [name for name, value in current.items() if saved.get(name, defaults[name]) != value]
+    return sorted(differing + [name for name in saved if name not in current])
 
 
 def _plain(value: Any) -> Any:
@@ -394,5 +416,5 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 def preset(name: str) -> TrainConfig:
     """The config of a named preset; an unknown name is an error listing the known ones."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     return PRESETS[name][1]

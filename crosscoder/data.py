@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from crosscoder.errors import DataError, InputNotFoundError
+
 
 @runtime_checkable
 class ResumableBatches(Protocol):
@@ -38,9 +40,9 @@ class TensorActivations:
         self, activations: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:
         if activations.dim() != 3:
-            raise ValueError(f"activations must have shape [tokens, n_sources, d_model], got {list(activations.shape)}")
+            raise DataError(f"activations must have shape [tokens, n_sources, d_model], got {list(activations.shape)}")
         if activations.shape[0] < batch_size * world_size:
-            raise ValueError(
+            raise DataError(
                 f"only {activations.shape[0]} tokens of activations for a batch of {batch_size * world_size}: "
                 "collect more or lower batch_size"
             )
@@ -85,22 +87,22 @@ class TensorActivations:
 def read_activation_file(path: Path) -> torch.Tensor:
     """Activations [tokens, n_sources, d_model] from ``.safetensors`` (key ``activations``) or ``.pt``."""
     if not path.is_file():
-        raise FileNotFoundError(f"activation file {path} does not exist")
+        raise InputNotFoundError(f"activation file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path} cannot be read as safetensors ({error}): corrupt or truncated") from error
+            raise DataError(f"{path} cannot be read as safetensors ({error}): corrupt or truncated") from error
         if "activations" not in tensors:
-            raise ValueError(f"{path} has no tensor named 'activations' (it has {sorted(tensors)})")
+            raise DataError(f"{path} has no tensor named 'activations' (it has {sorted(tensors)})")
         return tensors["activations"]
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt files
-        raise ValueError(
+        raise DataError(
             f"{path} cannot be read as a weights-only torch file ({type(error).__name__}): corrupt, truncated, or "
             "holding objects other than one tensor"
         ) from error
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{path} must hold one tensor [tokens, n_sources, d_model], got {type(tensor).__name__}")
+        raise DataError(f"{path} must hold one tensor [tokens, n_sources, d_model], got {type(tensor).__name__}")
     return tensor

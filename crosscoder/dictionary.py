@@ -1,6 +1,6 @@
 """Sparse dictionaries over paired activations: BatchTopK and L1 crosscoders, and the BatchTopK SAE.
 
-All three follow DESIGN §3. Layout is latent-major so a latent's weights are contiguous:
+All three follow docs/methods.md §1. Layout is latent-major so a latent's weights are contiguous:
 ``W_enc, W_dec: [dict_size, n_sources, d_model]``, ``b_enc: [dict_size]``, ``b_dec: [n_sources, d_model]``.
 Source order is part of the config; for diffing, 0 = base and 1 = chat.
 
@@ -20,14 +20,18 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from crosscoder.dictionary_input import CHAT_MINUS_BASE, PAIRED, DictionaryInput
 from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
+from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
 from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
 
 FORMAT_NAME = "crosscoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2: a BatchTopKSAE records its input as ``input`` (``DictionaryInput``) instead of the free-text
+``input_description`` of version 1 (migrated on load by ``crosscoder.hub``)."""
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -60,10 +64,6 @@ dictionary = crosscoder.load_dictionary("{{ repo_id }}")
 
 Inputs and outputs are raw model activations: the dictionary applies its stored normalisation itself.
 """
-
-
-class DictionaryFormatError(ValueError):
-    """A saved dictionary cannot be read: unknown format, newer format version, or inconsistent tensors."""
 
 
 @dataclass
@@ -116,13 +116,15 @@ class SparseDictionary(
     tags=["crosscoder", "model-diffing", "sparse-dictionary", "interpretability"],
     model_card_template=MODEL_CARD_TEMPLATE,
 ):
-    """Shared encoder over ``n_sources`` stacked activations, one decoder per source (DESIGN §3).
+    """Shared encoder over ``n_sources`` stacked activations, one decoder per source (docs/methods.md §1.1–§1.3).
 
     Subclasses choose the sparsity (``uses_batch_topk``) and whether ``b_dec`` is subtracted before encoding.
     """
 
     uses_batch_topk: ClassVar[bool] = True
     subtracts_decoder_bias: ClassVar[bool] = False
+    input: DictionaryInput = PAIRED
+    """What the dictionary reads from a paired batch (``input_from_pair``)."""
 
     def __init__(
         self,
@@ -139,16 +141,16 @@ class SparseDictionary(
         _check_positive_int("dict_size", dict_size)
         _check_positive_int("n_sources", n_sources)
         if self.uses_batch_topk and (not isinstance(k, int) or isinstance(k, bool) or not 0 < k < dict_size):
-            raise ValueError(
+            raise ConfigError(
                 f"k={k!r} is invalid: BatchTopK keeps k latents per token on average, so k must be an "
                 f"integer with 0 < k < dict_size={dict_size}"
             )
         if source_names is not None and len(source_names) != n_sources:
-            raise ValueError(
+            raise ConfigError(
                 f"source_names has {len(source_names)} entries but n_sources={n_sources}: name every source"
             )
         if not init_decoder_norm > 0:
-            raise ValueError(f"init_decoder_norm must be positive, got {init_decoder_norm}")
+            raise ConfigError(f"init_decoder_norm must be positive, got {init_decoder_norm}")
         self.d_model = d_model
         self.dict_size = dict_size
         self.n_sources = n_sources
@@ -179,11 +181,16 @@ class SparseDictionary(
         self.b_dec.zero_()
 
     # ------------------------------------------------------------------ shapes and normalisation
+    def input_from_pair(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw input this dictionary reads, from a paired batch x: [batch, n_sources, d_model] (see
+        ``crosscoder.dictionary_input``): the batch itself for a crosscoder, e.g. x_chat − x_base for a diff-SAE."""
+        return self.input.from_pair(x)
+
     def as_sources(self, x: torch.Tensor) -> torch.Tensor:
         """Validate raw input and view it as [batch, n_sources, d_model]."""
         expected = (self.n_sources, self.d_model)
         if x.dim() != 3 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise DataError(
                 f"expected activations of shape [batch, n_sources={self.n_sources}, d_model={self.d_model}], "
                 f"got {list(x.shape)}: stack the sources on dim 1 in the order of the dictionary's config"
             )
@@ -208,7 +215,7 @@ class SparseDictionary(
         return self.W_dec.norm(dim=-1)
 
     def code_norms(self) -> torch.Tensor:
-        """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (DESIGN §3): [dict_size]."""
+        """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (docs/methods.md §1.4): [dict_size]."""
         return self.decoder_norms().sum(dim=-1)
 
     def encoder_input(self, x_normalized: torch.Tensor) -> torch.Tensor:
@@ -298,8 +305,8 @@ class SparseDictionary(
         self, out: TrainingOutput, dead: torch.Tensor, k_aux: int, context: Distributed | None = None
     ) -> torch.Tensor | None:
         """AuxK's ``ê``: each token decodes its top-``k_aux`` dead latents by score ``f · c``, *without* ``b_dec``
-        (DESIGN §4). dead: [dict_size] bool. Returns [batch, n_sources, d_model], or None when no latent is dead
-        (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero). With
+        (docs/methods.md §2.4). dead: [dict_size] bool. Returns [batch, n_sources, d_model], or None when no latent is
+        dead (checked only on CPU, where it costs no device sync; elsewhere the reconstruction is then zero). With
         latent sharding the top-``k_aux`` runs over every process's latents (ties at the cut may add a few).
 
         Only the picks with a positive score are decoded (a dead latent rarely fires: most of a token's ``k_aux``
@@ -341,7 +348,7 @@ class SparseDictionary(
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [batch, dict_size] → raw reconstruction (same layout as the input of ``encode``)."""
         if codes.dim() != 2 or codes.shape[1] != self.dict_size:
-            raise ValueError(f"expected codes of shape [batch, dict_size={self.dict_size}], got {list(codes.shape)}")
+            raise ConfigError(f"expected codes of shape [batch, dict_size={self.dict_size}], got {list(codes.shape)}")
         return self.denormalize(self.decode_normalized(codes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -466,7 +473,7 @@ class SparseDictionary(
 
 
 class BatchTopKCrossCoder(SparseDictionary):
-    """Crosscoder with BatchTopK sparsity ranked by ``f · c`` and an inference threshold θ (DESIGN §3).
+    """Crosscoder with BatchTopK sparsity ranked by ``f · c`` and an inference threshold θ (docs/methods.md §1.5–§1.6).
 
     x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
     """
@@ -485,7 +492,7 @@ class BatchTopKCrossCoder(SparseDictionary):
 
 
 class L1CrossCoder(SparseDictionary):
-    """Crosscoder with ReLU codes and an L1 penalty ``λ · mean_b Σ_j f_j c_j`` (DESIGN §3).
+    """Crosscoder with ReLU codes and an L1 penalty ``λ · mean_b Σ_j f_j c_j`` (docs/methods.md §1.7).
 
     x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
     """
@@ -510,10 +517,11 @@ class L1CrossCoder(SparseDictionary):
 
 
 class BatchTopKSAE(SparseDictionary):
-    """SAE with BatchTopK on ``f = ReLU(W_enc (x − b_dec) + b_enc)`` and unit-norm decoder rows (DESIGN §3).
+    """SAE with BatchTopK on ``f = ReLU(W_enc (x − b_dec) + b_enc)`` and unit-norm decoder rows (docs/methods.md §1.8).
 
-    Used for difference SAEs (input ``x_chat − x_base``) and single-model SAEs.
-    x: [batch, d_model] raw activations; codes: [batch, dict_size]. Stored as one source (``n_sources = 1``).
+    ``input`` says what it reads from a paired batch: ``chat_minus_base`` (a difference SAE, the default),
+    ``base_minus_chat`` or ``source:<i>`` (a plain SAE on one model). x: [batch, d_model] raw activations
+    (``input_from_pair`` takes them from a paired batch); codes: [batch, dict_size]. Stored as one source.
     """
 
     subtracts_decoder_bias = True
@@ -523,24 +531,27 @@ class BatchTopKSAE(SparseDictionary):
         d_model: int,
         dict_size: int,
         k: int,
-        input_description: str = "chat - base",
+        input: str | DictionaryInput = CHAT_MINUS_BASE,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(d_model, dict_size, 1, k, 1.0, [input_description], metadata)
-        self.input_description = input_description
+        chosen = DictionaryInput.parse(input) if isinstance(input, str) else input
+        if chosen.kind == "paired":
+            raise ConfigError("a BatchTopKSAE reads one vector per token: input must not be 'paired'")
+        super().__init__(d_model, dict_size, 1, k, 1.0, [str(chosen)], metadata)
+        self.input = chosen
 
     def _init_kwargs(self) -> dict[str, Any]:
         return {
             "d_model": self.d_model,
             "dict_size": self.dict_size,
             "k": self.k,
-            "input_description": self.input_description,
+            "input": str(self.input),
             "metadata": self.metadata,
         }
 
     def as_sources(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.d_model:
-            raise ValueError(
+            raise DataError(
                 f"expected activations of shape [batch, d_model={self.d_model}], got {list(x.shape)}: "
                 "a BatchTopKSAE takes one vector per token (for a diff-SAE, x_chat − x_base)"
             )
@@ -567,11 +578,11 @@ class BatchTopKSAE(SparseDictionary):
         self.W_dec /= self.W_dec.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
 
     def _describe(self) -> str:
-        return f"A BatchTopK SAE on `{self.input_description}` activations."
+        return f"A BatchTopK SAE on `{self.input.describe()}` activations."
 
     def _usage(self) -> str:
         return (
-            f"x = ...  # raw activations [batch, {self.d_model}] ({self.input_description})\n"
+            f"x = dictionary.input_from_pair(paired)  # [batch, {self.d_model}]: {self.input.describe()}\n"
             "codes = dictionary.encode(x)         # [batch, dict_size], inference threshold\n"
             "x_hat = dictionary.decode(codes)     # [batch, d_model]"
         )
@@ -584,7 +595,7 @@ DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
 
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _format_number(value: object) -> str:

@@ -1,5 +1,5 @@
-"""Multi-process training with ``torchrun`` (DESIGN §7): NCCL on GPU, gloo on CPU, and the same code path in a
-single process.
+"""Multi-process training with ``torchrun`` (docs/architecture.md §7): NCCL on GPU, gloo on CPU, and the same code
+path in a single process.
 
 The global batch (``TrainConfig.batch_size``) is split evenly across ranks; each rank reads (or streams) its own
 share. Data parallel: each rank trains whole dictionaries on its share, gradients are averaged, and the BatchTopK
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from crosscoder.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Distributed:
         if not self.enabled:
             return global_batch_size
         if global_batch_size % self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={global_batch_size} does not split evenly over {self.world_size} processes: use a "
                 "multiple of the number of processes"
             )

@@ -1,5 +1,5 @@
 """Loading dictionaries from local folders, the Hugging Face Hub (or its offline cache) and the
-science-of-finetuning / ``dictionary_learning`` formats (DESIGN §8).
+science-of-finetuning / ``dictionary_learning`` formats (docs/architecture.md §6).
 
 Only safetensors and ``torch.load(weights_only=True)`` are used: nothing untrusted is unpickled.
 """
@@ -22,10 +22,11 @@ from crosscoder.dictionary import (
     FORMAT_VERSION,
     BatchTopKCrossCoder,
     BatchTopKSAE,
-    DictionaryFormatError,
     L1CrossCoder,
     SparseDictionary,
 )
+from crosscoder.dictionary_input import input_from_description
+from crosscoder.errors import ConfigError, DictionaryFormatError, InputNotFoundError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,21 +71,21 @@ def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) 
     local = Path(path_or_repo_id)
     if local.is_dir():
         if not (local / filename).is_file():
-            raise FileNotFoundError(f"{local} has no {filename}: is it a folder written by save_pretrained?")
+            raise InputNotFoundError(f"{local} has no {filename}: is it a folder written by save_pretrained?")
         return local / filename
     repo_id = str(path_or_repo_id)
     if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either")
+        raise InputNotFoundError(f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either")
     try:
         return Path(hf_hub_download(repo_id, filename, **fetch))
     except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"'{repo_id}' is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
             f"(offline or HF_HUB_OFFLINE=1): download it where there is network (`hf download {repo_id}`) and copy "
             "the cache (HF_HOME) here, or pass a local folder"
         ) from error
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
-        raise FileNotFoundError(f"Hub repo '{repo_id}' has no {filename}: is it a dictionary repo?") from error
+        raise InputNotFoundError(f"Hub repo '{repo_id}' has no {filename}: is it a dictionary repo?") from error
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -120,12 +121,33 @@ def dictionary_from_state(config: dict[str, Any], state_dict: dict[str, torch.Te
             f"{source} holds an unknown dictionary class {class_name!r}; known: {sorted(DICTIONARY_CLASSES)}"
         )
     kwargs = {key: value for key, value in config.items() if key not in ("format", "format_version", "dict_class")}
+    if version < 2 and class_name == "BatchTopKSAE":
+        kwargs = _sae_kwargs_from_version_1(kwargs, source)
     try:
         dictionary = DICTIONARY_CLASSES[class_name](**kwargs)
     except (TypeError, ValueError) as error:
         raise DictionaryFormatError(f"{source}: config.json does not fit {class_name} ({error})") from error
     load_state_dict_checked(dictionary, state_dict, source)
     return dictionary.eval()
+
+
+def _sae_kwargs_from_version_1(kwargs: dict[str, Any], source: str) -> dict[str, Any]:
+    """Format 1 described a BatchTopKSAE's input in free text (``input_description``: "chat - base"); format 2
+    records it as ``input``. Read the text, or else the direction its training config recorded."""
+    kwargs = dict(kwargs)
+    description = kwargs.pop("input_description", "chat - base")
+    try:
+        kwargs["input"] = str(input_from_description(description))
+    except ConfigError:
+        direction = ((kwargs.get("metadata") or {}).get("train_config") or {}).get("diff_direction")
+        if direction not in ("chat_minus_base", "base_minus_chat"):
+            raise DictionaryFormatError(
+                f"{source}: input_description {description!r} does not say whether the SAE reads chat − base or "
+                "base − chat, and no training config records it: edit config.json to hold "
+                '"input": "chat_minus_base" (or "base_minus_chat") and "format_version": 2'
+            ) from None
+        kwargs["input"] = direction
+    return kwargs
 
 
 def load_state_dict_checked(dictionary: SparseDictionary, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -148,7 +170,8 @@ def load_state_dict_checked(dictionary: SparseDictionary, state_dict: dict[str, 
 
 # ---------------------------------------------------------------------------- dictionary_learning interop
 def from_dictionary_learning(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> SparseDictionary:
-    """Convert a science-of-finetuning / ``dictionary_learning`` dictionary (DESIGN §8 layout).
+    """Convert a science-of-finetuning / ``dictionary_learning`` dictionary (docs/architecture.md §6; the
+    normalisation mapping: docs/methods.md §1.2).
 
     Crosscoders: ``encoder.weight [L, d, F]``, ``encoder.bias [F]``, ``decoder.weight [L, F, d]``,
     ``decoder.bias [L, d]``; SAEs: ``encoder.weight [F, d]``, ``decoder.weight [d, F]``, ``b_dec [d]``.

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN §4). All inputs are in the dictionary's normalised space."""
+"""Training losses (docs/methods.md §2). All inputs are in the dictionary's normalised space."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def auxk_loss(
     dead_reconstruction: torch.Tensor,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """AuxK loss ``‖e − ê‖² / ‖e − ē‖²`` (batch means), DESIGN §4.
+    """AuxK loss ``‖e − ê‖² / ‖e − ē‖²`` (batch means), docs/methods.md §2.4.
 
     residual e = x − x̂: [batch, n_sources, d_model], detached here (it must not receive gradients);
     dead_reconstruction ê: the top dead latents decoded *without* ``b_dec``, same shape

@@ -1,4 +1,4 @@
-"""Statistics estimated once from the first tokens of a stream (DESIGN §3)."""
+"""Statistics estimated once from the first tokens of a stream (docs/methods.md §1.2)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from crosscoder.errors import DataError
 
 
 def estimate_input_scale(
@@ -20,7 +22,7 @@ def estimate_input_scale(
         sums = all_reduce(sums)
     mean_norm = (sums[:-1] / sums[-1]).float()
     if (mean_norm <= 0).any() or not torch.isfinite(mean_norm).all():
-        raise ValueError(
+        raise DataError(
             f"cannot normalise activations whose mean norm per source is {mean_norm.tolist()}: "
             "a source is all zeros or not finite"
         )

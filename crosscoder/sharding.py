@@ -1,5 +1,5 @@
-"""Latent-sharded dictionaries (DESIGN §7): each of N processes holds ``dict_size / N`` latents — its rows of
-``W_enc``, ``b_enc``, ``W_dec`` and their Adam moments — while ``b_dec`` and the buffers are replicated.
+"""Latent-sharded dictionaries (docs/architecture.md §7): each of N processes holds ``dict_size / N`` latents — its
+rows of ``W_enc``, ``b_enc``, ``W_dec`` and their Adam moments — while ``b_dec`` and the buffers are replicated.
 
 Every process sees the same (all-gathered global) batch; the BatchTopK threshold comes from the all-reduced radix
 histograms and the partial reconstructions are summed over processes. Checkpoints and saved dictionaries are
@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from crosscoder.config import TrainConfig
 from crosscoder.dictionary import DICTIONARY_CLASSES, SparseDictionary
 from crosscoder.distributed import Distributed
+from crosscoder.errors import ConfigError
 from crosscoder.hub import dictionary_from_state
 
 #: Latent-major tensors (dim 0 = latent) that are split across processes, by parameter position in the optimizer.
@@ -37,7 +39,22 @@ def sharding_problem(dict_size: int, k: int | None, world_size: int) -> str | No
 def check_shardable(dict_size: int, k: int | None, context: Distributed) -> None:
     problem = sharding_problem(dict_size, k, context.world_size)
     if problem is not None:
-        raise ValueError(problem)
+        raise ConfigError(problem)
+
+
+def shards_latents(config: TrainConfig, world_size: int, dict_size: int) -> bool:
+    """Whether ``world_size`` processes split the latents rather than the batch (``TrainConfig.parallelism``):
+    ``auto`` splits them when that communicates less per step than all-reducing the gradients (the dictionary has at
+    least as many latents as the global batch has tokens) and every dictionary can be split evenly."""
+    if world_size <= 1 or config.parallelism == "data":
+        return False
+    if config.parallelism == "latents":
+        return True
+    return (
+        "l1" not in config.architectures
+        and sharding_problem(dict_size, config.k, world_size) is None
+        and dict_size >= config.batch_size
+    )
 
 
 def shard(full: SparseDictionary, context: Distributed) -> SparseDictionary:

@@ -6,7 +6,7 @@ import sys
 
 import tyro
 
-from crosscoder.cli import USER_ERRORS
+from crosscoder.errors import CrosscoderError
 from crosscoder.eval.report import EvalConfig, evaluate
 
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     config = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv)
     try:
         report = evaluate(config)
-    except USER_ERRORS as error:
+    except CrosscoderError as error:  # the user's to fix: one message; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     recon = report["reconstruction"]

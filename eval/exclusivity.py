@@ -1,8 +1,8 @@
-"""Exclusivity of crosscoder latents from decoder weights alone (DESIGN §9).
+"""Exclusivity of crosscoder latents from decoder weights alone (docs/methods.md §6).
 
 ``Δnorm_j = ½ ((‖d_j^chat‖ − ‖d_j^base‖) / max(‖d_j^chat‖, ‖d_j^base‖) + 1)``: 1 = chat-only, 0 = base-only.
-Norms are taken in raw activation space (decoder rows divided by the stored input scale), so a dictionary
-trained on normalised activations is judged on the models' own scale.
+Norms are taken in the dictionary's normalised space (the decoder as trained, each source scaled to
+E‖x‖ = √d_model), so a difference in the two models' activation scales does not make latents look exclusive.
 """
 
 from __future__ import annotations
@@ -10,19 +10,20 @@ from __future__ import annotations
 import torch
 
 from crosscoder.dictionary import SparseDictionary
+from crosscoder.errors import ConfigError
 
 CHAT_ONLY, BASE_ONLY, SHARED, OTHER = "chat-only", "base-only", "shared", "other"
 
 
 def _decoders(crosscoder: SparseDictionary, base: int, chat: int) -> tuple[torch.Tensor, torch.Tensor]:
     if crosscoder.n_sources < 2:
-        raise ValueError(
+        raise ConfigError(
             f"exclusivity needs a crosscoder with at least two sources, got a {type(crosscoder).__name__} with "
             f"{crosscoder.n_sources}: it is defined between the base and the chat decoders"
         )
     for name, index in (("base", base), ("chat", chat)):
         if not 0 <= index < crosscoder.n_sources:
-            raise ValueError(f"{name} source index {index} is out of range for {crosscoder.n_sources} sources")
+            raise ConfigError(f"{name} source index {index} is out of range for {crosscoder.n_sources} sources")
     decoder = crosscoder.W_dec.detach()
     return decoder[:, base], decoder[:, chat]
 

@@ -1,4 +1,4 @@
-"""Top-activating contexts per latent, streamed with bounded memory (DESIGN §9).
+"""Top-activating contexts per latent, streamed with bounded memory (docs/methods.md §9).
 
 ``TopContexts`` keeps, for each latent of a chosen set, the ``n_top`` strongest activations seen so far with a
 window of token ids around each (cut at sequence boundaries) and the latent's activation on every token of the
@@ -11,10 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from crosscoder.chunks import ActivationChunk
 from crosscoder.dictionary import SparseDictionary
+from crosscoder.errors import ConfigError, DataError
+from crosscoder.progress import progress_bar
 
 PAD = -1
 
@@ -36,7 +37,7 @@ class TopContexts:
     def __init__(self, latents: torch.Tensor | list[int], n_top: int = 10, before: int = 12, after: int = 4) -> None:
         self.latents = torch.as_tensor(latents, dtype=torch.long)
         if self.latents.numel() == 0:
-            raise ValueError("the latent set is empty: name at least one latent to inspect")
+            raise ConfigError("the latent set is empty: name at least one latent to inspect")
         self.n_top, self.before, self.after = n_top, before, after
         width = before + 1 + after
         n = len(self.latents)
@@ -104,17 +105,17 @@ def top_contexts(
     contexts = TopContexts(latents, n_top, before, after)
     bad = contexts.latents[(contexts.latents < 0) | (contexts.latents >= dictionary.dict_size)]
     if bad.numel():
-        raise ValueError(f"latent ids {bad[:10].tolist()} are out of range for {dictionary.dict_size} latents")
+        raise ConfigError(f"latent ids {bad[:10].tolist()} are out of range for {dictionary.dict_size} latents")
     seen = 0
-    for chunk in tqdm(chunks, desc="top contexts", disable=not progress, unit="chunk"):
+    for chunk in progress_bar(chunks, desc="top contexts", enabled=progress, unit="chunk"):
         x = chunk.activations.to(dictionary.W_dec.device)
-        if dictionary.n_sources == 1:  # a diff-SAE reads chat − base
-            x = x[:, 1] - x[:, 0] if dictionary.input_description.startswith("chat") else x[:, 0] - x[:, 1]
-        codes = dictionary.encode(x.float(), use_threshold=True)[:, contexts.latents.to(x.device)]
+        codes = dictionary.encode(dictionary.input_from_pair(x).float(), use_threshold=True)[
+            :, contexts.latents.to(x.device)
+        ]
         contexts.update(codes, chunk.token_ids, chunk.sequence_ids)
         seen += len(chunk.token_ids)
         if max_tokens is not None and seen >= max_tokens:
             break
     if seen == 0:
-        raise ValueError("no tokens to inspect: the chunks are empty (did filtering drop every token?)")
+        raise DataError("no tokens to inspect: the chunks are empty (did filtering drop every token?)")
     return contexts.examples()

@@ -1,4 +1,4 @@
-"""Downstream KL: how much of the chat model's behaviour a dictionary's difference explains (DESIGN §9).
+"""Downstream KL: how much of the chat model's behaviour a dictionary's difference explains (docs/methods.md §8).
 
 In the chat model at layer L the residual stream is replaced by a patch built from both models' activations
 ``h_base, h_chat: [tokens, d_model]``, the chat model is continued, and ``KL(P_chat ‖ P_patched)`` is averaged
@@ -16,52 +16,59 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from crosscoder.activations import decoder_blocks, residual_outputs
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
+from crosscoder.dictionary_input import BASE, CHAT
+from crosscoder.errors import ConfigError, DataError
+from crosscoder.progress import progress_bar
 
 Patch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BASE_PATCH = "base"
 
 
-def crosscoder_patch(crosscoder: SparseDictionary, base: int = 0, chat: int = 1) -> Patch:
+def crosscoder_patch(crosscoder: SparseDictionary) -> Patch:
     """``h_base + (x̂^chat − x̂^base)``: the crosscoder's full reconstruction of the difference."""
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
-        x_hat = crosscoder.decode(crosscoder.encode(torch.stack([h_base, h_chat], dim=1).float()))
-        return h_base + (x_hat[:, chat] - x_hat[:, base]).to(h_base.dtype)
+        paired = crosscoder.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
+        x_hat = crosscoder.decode(crosscoder.encode(paired))
+        return h_base + (x_hat[:, CHAT] - x_hat[:, BASE]).to(h_base.dtype)
 
     return patch
 
 
-def latent_subset_patch(
-    crosscoder: SparseDictionary, latents: torch.Tensor | list[int], base: int = 0, chat: int = 1
-) -> Patch:
+def latent_subset_patch(crosscoder: SparseDictionary, latents: torch.Tensor | list[int]) -> Patch:
     """``h_base + Σ_{j∈S} f_j (d_j^chat − d_j^base)`` with raw-space decoder rows."""
     ids = torch.as_tensor(latents, dtype=torch.long)
     if ids.numel() == 0:
-        raise ValueError("the latent set is empty: name at least one latent to patch")
+        raise ConfigError("the latent set is empty: name at least one latent to patch")
     if ((ids < 0) | (ids >= crosscoder.dict_size)).any():
-        raise ValueError(f"latent ids out of range for {crosscoder.dict_size} latents")
+        raise ConfigError(f"latent ids out of range for {crosscoder.dict_size} latents")
     decoder = crosscoder.W_dec.detach() / crosscoder.input_scale[:, None]
-    difference = decoder[ids, chat] - decoder[ids, base]  # [|S|, d]
+    difference = decoder[ids, CHAT] - decoder[ids, BASE]  # [|S|, d]
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
-        codes = crosscoder.encode(torch.stack([h_base, h_chat], dim=1).float())[:, ids.to(h_base.device)]
+        paired = crosscoder.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
+        codes = crosscoder.encode(paired)[:, ids.to(h_base.device)]
         return h_base + (codes @ difference.to(codes.device)).to(h_base.dtype)
 
     return patch
 
 
 def diff_sae_patch(sae: BatchTopKSAE) -> Patch:
-    """``h_base + SAE(h_chat − h_base)`` (or the reverse difference, as the SAE was trained)."""
-    reverse = sae.input_description.startswith("base")
+    """``h_base + SAE(h_chat − h_base)`` for a chat − base SAE; ``h_base − SAE(h_base − h_chat)`` for a base − chat
+    one (either way the patch estimates h_chat from h_base and the SAE's reconstruction of the difference)."""
+    if not sae.input.is_difference:
+        raise ConfigError(
+            f"the KL patch needs a difference SAE, but this SAE reads {sae.input.describe()}: train it with "
+            "input chat_minus_base (or base_minus_chat)"
+        )
+    sign = 1.0 if sae.input.kind == "chat_minus_base" else -1.0
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
-        difference = (h_base - h_chat if reverse else h_chat - h_base).float()
-        reconstruction = sae(difference).to(h_base.dtype)
-        return h_chat + reconstruction if reverse else h_base + reconstruction
+        difference = sae.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
+        return h_base + (sign * sae(difference)).to(h_base.dtype)
 
     return patch
 
@@ -119,16 +126,16 @@ def downstream_kl(
 ) -> KLResult:
     """KL of the chat model's next-token distribution under each patch at ``layer`` (block output L)."""
     if BASE_PATCH in patches:
-        raise ValueError(f"'{BASE_PATCH}' names the reference patch h_base; call yours something else")
+        raise ConfigError(f"'{BASE_PATCH}' names the reference patch h_base; call yours something else")
     all_patches = {BASE_PATCH: lambda h_base, h_chat: h_base, **patches}
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in all_patches}
     counts = torch.zeros(2, dtype=torch.long)
     rendered = [assistant_token_mask(tokenizer, messages) for messages in conversations]
     rendered = [(ids[:max_length], pos[:max_length]) for ids, pos in rendered if any(p >= 0 for p in pos)]
     if not rendered:
-        raise ValueError("no conversation has an assistant message: KL is measured on assistant tokens")
+        raise DataError("no conversation has an assistant message: KL is measured on assistant tokens")
     block = decoder_blocks(chat_model)[layer]
-    for first in tqdm(range(0, len(rendered), batch_size), desc="downstream KL", disable=not progress):
+    for first in progress_bar(range(0, len(rendered), batch_size), desc="downstream KL", enabled=progress):
         group = rendered[first : first + batch_size]
         length = max(len(ids) for ids, _ in group)
         input_ids = torch.zeros(len(group), length, dtype=torch.long)

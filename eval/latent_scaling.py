@@ -1,4 +1,4 @@
-"""Latent Scaling: is a "chat-only" latent really absent from the base model? (DESIGN §9)
+"""Latent Scaling: is a "chat-only" latent really absent from the base model? (docs/methods.md §7)
 
 For latent j with chat decoder vector ``d = d_j^chat``, fit per target ``y`` the scalar
 ``β = dᵀ(Σ_i f_j(x_i) y_i) / (‖d‖² Σ_i f_j(x_i)²)`` — the least-squares β in ``y_i ≈ β f_j(x_i) d`` — over a
@@ -22,9 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
+from crosscoder.dictionary_input import BASE, CHAT
+from crosscoder.errors import ConfigError, DataError
+from crosscoder.progress import progress_bar
 
 GENUINE, COMPLETE_SHRINKAGE, LATENT_DECOUPLING = "genuine", "complete shrinkage", "latent decoupling"
 ERROR_RATIO_LIMIT, RECONSTRUCTION_RATIO_LIMIT = 0.2, 0.5
@@ -78,10 +80,10 @@ def _latent_ids(dictionary: SparseDictionary, latents: torch.Tensor | list[int] 
         return torch.arange(dictionary.dict_size)
     ids = torch.as_tensor(latents, dtype=torch.long).flatten()
     if ids.numel() == 0:
-        raise ValueError("the latent set is empty: pass at least one latent id (or None for all latents)")
+        raise ConfigError("the latent set is empty: pass at least one latent id (or None for all latents)")
     bad = ids[(ids < 0) | (ids >= dictionary.dict_size)]
     if bad.numel():
-        raise ValueError(
+        raise ConfigError(
             f"latent ids {bad[:10].tolist()} are out of range for a dictionary of {dictionary.dict_size} latents"
         )
     return ids
@@ -100,7 +102,7 @@ def compute_betas(
     """Latent Scaling of a crosscoder over raw batches x: [batch, n_sources, d_model] (normalised internally),
     for ``latents`` (ids; None = all), in one streaming pass using the inference threshold."""
     if crosscoder.n_sources < 2:
-        raise ValueError(
+        raise ConfigError(
             f"Latent Scaling of a crosscoder needs two sources, got a {type(crosscoder).__name__} with "
             f"{crosscoder.n_sources}: use compute_sae_betas for SAEs and diff-SAEs"
         )
@@ -111,7 +113,7 @@ def compute_betas(
     own = {m: (direction * decoder[:, m]).sum(-1) for m in (base, chat)}
     sums = {key: torch.zeros(len(ids), dtype=torch.float64) for key in ("eb", "ec", "rb", "rc", "ff", "n")}
     tokens = 0
-    for x in tqdm(batches, desc="latent scaling", disable=not progress, unit="batch"):
+    for x in progress_bar(batches, desc="latent scaling", enabled=progress, unit="batch"):
         x = crosscoder.normalize(x.to(crosscoder.W_dec.device))
         codes = crosscoder.select_with_threshold(crosscoder.activations_normalized(x))
         reconstruction = crosscoder.decode_normalized(codes).double()
@@ -129,7 +131,7 @@ def compute_betas(
         sums["n"].index_add_(0, columns, torch.ones_like(values))
         tokens += x.shape[0]
     if tokens == 0:
-        raise ValueError("no activations were given: the batches are empty (did filtering drop every token?)")
+        raise DataError("no activations were given: the batches are empty (did filtering drop every token?)")
     scale = direction.pow(2).sum(-1) * sums["ff"]  # ‖d‖² Σ f²; 0 → NaN β for latents that never fired
     beta = {key: (sums[key] / scale).float() for key in ("eb", "ec", "rb", "rc")}
     return LatentScaling(ids, beta["eb"], beta["ec"], beta["rb"], beta["rc"], sums["n"].float())
@@ -141,31 +143,27 @@ def compute_sae_betas(
     paired_batches: Iterable[torch.Tensor],
     latents: torch.Tensor | list[int] | None = None,
     *,
-    base: int = 0,
-    chat: int = 1,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAE / diff-SAE variant: ``ν_act = β^{base act} / β^{chat act}`` with the SAE decoder vector as ``d`` and the
     models' raw activations as targets (an SAE has a single input scale, so raw space is its own space).
-    paired_batches: [batch, 2, d_model] (the SAE reads chat − base, or the reverse if so trained).
+    paired_batches: [batch, 2, d_model] (0 = base, 1 = chat; the SAE reads its input from them, ``input_from_pair``).
     Returns (β base, β chat, ν_act), each [n_latents]."""
     if sae.n_sources != 1:
-        raise ValueError(f"compute_sae_betas takes a BatchTopKSAE, got a {type(sae).__name__}")
+        raise ConfigError(f"compute_sae_betas takes a BatchTopKSAE, got a {type(sae).__name__}")
     ids = _latent_ids(sae, latents)
     direction = (sae.W_dec.detach()[ids, 0] / sae.input_scale[0]).double().cpu()  # [n, d], raw space
-    numerator = {m: torch.zeros(len(ids), dtype=torch.float64) for m in (base, chat)}
+    numerator = {m: torch.zeros(len(ids), dtype=torch.float64) for m in (BASE, CHAT)}
     squares = torch.zeros(len(ids), dtype=torch.float64)
-    reverse = sae.input_description.startswith("base")
-    for x in tqdm(paired_batches, desc="latent scaling", disable=not progress, unit="batch"):
+    for x in progress_bar(paired_batches, desc="latent scaling", enabled=progress, unit="batch"):
         x = x.to(sae.W_dec.device)
-        difference = x[:, base] - x[:, chat] if reverse else x[:, chat] - x[:, base]
-        f = sae.encode(difference, use_threshold=True)[:, ids.to(x.device)].double().cpu()
+        f = sae.encode(sae.input_from_pair(x), use_threshold=True)[:, ids.to(x.device)].double().cpu()
         rows, columns = f.nonzero(as_tuple=True)
         values = f[rows, columns]
-        for m in (base, chat):
+        for m in (BASE, CHAT):
             dots = (x[rows.to(x.device), m].double().cpu() * direction[columns]).sum(-1)
             numerator[m].index_add_(0, columns, values * dots)
         squares.index_add_(0, columns, values.pow(2))
     scale = direction.pow(2).sum(-1) * squares
-    beta_base, beta_chat = (numerator[base] / scale).float(), (numerator[chat] / scale).float()
+    beta_base, beta_chat = (numerator[BASE] / scale).float(), (numerator[CHAT] / scale).float()
     return beta_base, beta_chat, beta_base / beta_chat

@@ -6,10 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from crosscoder.dictionary import SparseDictionary
+from crosscoder.errors import DataError
 from crosscoder.metrics import ReconstructionStats, active_counts
+from crosscoder.progress import progress_bar
 
 RARE_FREQUENCY = 1e-4
 
@@ -51,12 +52,12 @@ def reconstruction(
 ) -> Reconstruction:
     """Evaluate a dictionary on raw batches (crosscoders: [batch, n_sources, d_model]; SAEs: their own input)."""
     stats = ReconstructionStats()
-    for x in tqdm(batches, desc="reconstruction", disable=not progress, unit="batch"):
+    for x in progress_bar(batches, desc="reconstruction", enabled=progress, unit="batch"):
         x = x.to(dictionary.W_dec.device).float()
         codes = dictionary.encode(x, use_threshold=True)
         stats.update(dictionary.as_sources(x), dictionary.as_sources(dictionary.decode(codes)), active_counts(codes))
     if stats.tokens == 0:
-        raise ValueError("no activations were given: the batches are empty (did filtering drop every token?)")
+        raise DataError("no activations were given: the batches are empty (did filtering drop every token?)")
     return Reconstruction(
         float(stats.fve()),
         [float(v) for v in stats.fve_per_source()],

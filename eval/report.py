@@ -1,7 +1,8 @@
 """One command from a dictionary to a report folder: ``python -m crosscoder.eval DICTIONARY --out DIR``.
 
 Writes ``report.json``, ``delta_norm_histogram.png``, ``nu_scatter.png`` and ``dashboard.html``. Models and data
-default to those the dictionary was trained on (its ``train_config`` metadata); flags override them. Each
+default to those the dictionary was trained on (its provenance record, ``crosscoder.provenance``); flags override
+them. Each
 analysis streams the same activations afresh (the stream is deterministic), so memory stays bounded.
 """
 
@@ -13,14 +14,15 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
 
-from crosscoder.activations import PairedActivationStream
+from crosscoder.activations import PairedActivationStream, StreamSettings, resolve_device
 from crosscoder.chunks import ActivationChunk
-from crosscoder.config import TrainConfig
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
+from crosscoder.errors import ConfigError, DataError
 from crosscoder.eval.dashboard import render_dashboard
 from crosscoder.eval.exclusivity import CHAT_ONLY, SHARED, decoder_cosine, latent_classes, relative_norm_difference
 from crosscoder.eval.inspection import PAD, top_contexts
@@ -29,6 +31,7 @@ from crosscoder.eval.latent_scaling import compute_betas, compute_sae_betas
 from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
 from crosscoder.eval.reconstruction import reconstruction
 from crosscoder.hub import load_dictionary
+from crosscoder.provenance import Provenance
 
 
 @dataclass(frozen=True)
@@ -52,53 +55,97 @@ class EvalConfig:
     first_tokens: int = 5
     """Assistant tokens reported separately in the KL."""
     base_model: str | None = None
-    """Override the base model of the dictionary's training config."""
+    """Base model (Hub id or local folder); default: the one in the dictionary's provenance record."""
     chat_model: str | None = None
-    """Override the chat model of the dictionary's training config."""
+    """Chat model (Hub id or local folder); default: the one in the dictionary's provenance record."""
     datasets: tuple[str, ...] | None = None
-    """Override the datasets of the dictionary's training config."""
-    device: str | None = None
-    """Override the device (default: the training config's)."""
+    """Datasets to stream; default: those in the dictionary's provenance record."""
+    layers: tuple[int, ...] | None = None
+    """Override the layer(s) of the dictionary's provenance record."""
+    model_dtype: Literal["bfloat16", "float32", "float16"] | None = None
+    """dtype the models run in (default: as recorded, else float32)."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub (yours to decide: never taken from the dictionary's files)."""
+    device: str = "auto"
+    """Torch device (auto = cuda when available)."""
     seed: int = 0
     """Seed of the shared-latent sample."""
     progress: bool = True
     """Show progress bars."""
 
 
-def data_config(dictionary: SparseDictionary, config: EvalConfig) -> TrainConfig:
-    """The stream settings: the dictionary's training config with this evaluation's overrides."""
-    saved = dictionary.metadata.get("train_config")
-    base = TrainConfig.from_dict(saved) if saved else TrainConfig()
-    overrides = {
-        key: value
-        for key, value in (
-            ("base_model", config.base_model),
-            ("chat_model", config.chat_model),
-            ("datasets", config.datasets),
-            ("device", config.device),
-        )
-        if value is not None
-    }
-    data = dataclasses.replace(base, prefetch_blocks=0, progress=config.progress, **overrides)
-    if data.model_organism and not data.base_model:
-        from crosscoder.demo import organism_config
+def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActivationStream:
+    """The paired stream to evaluate on: the models, layers, datasets and filters of the dictionary's provenance
+    record, each overridden by this evaluation's flags. Code is loaded from the Hub only with the user's own
+    ``--trust-remote-code``, never because a saved file asks for it."""
+    provenance = Provenance.from_metadata(dictionary.metadata, config.dictionary)
+    recorded = provenance.activations if provenance else {}
+    reading = provenance.reading if provenance else {}
+    base_model, chat_model = config.base_model, config.chat_model
+    datasets = config.datasets
+    organism_elsewhere = not Path(str(recorded.get("base_model") or "")).exists()  # e.g. saved on another machine
+    if provenance is not None and provenance.model_organism and organism_elsewhere and not (base_model or chat_model):
         from crosscoder.organism import build_model_organism
 
-        data = organism_config(data, build_model_organism(seed=data.seed, progress=config.progress))
-    if not (data.base_model and data.chat_model):
-        raise ValueError(
-            "the evaluation streams activations from both models: the dictionary's metadata names none, so pass "
-            "--base-model, --chat-model and --datasets"
+        organism = build_model_organism(seed=int(reading.get("seed") or 0), progress=config.progress)
+        sources = organism.stream_sources()
+        base_model, chat_model = sources["base_model"], sources["chat_model"]
+        datasets = datasets or sources["datasets"]
+        recorded = {
+            **recorded,
+            "layers": recorded.get("layers") or list(sources["layers"]),
+            "drop_token_ids": sorted(set(recorded.get("drop_token_ids") or ()) | set(sources["drop_token_ids"])),
+        }
+    base_model = base_model or recorded.get("base_model")
+    chat_model = chat_model or recorded.get("chat_model")
+    datasets = datasets or tuple(recorded.get("datasets") or ())
+    if not (base_model and chat_model and datasets):
+        where = (
+            f"its provenance names {provenance.data_source}" if provenance is not None else "it records no provenance"
         )
-    return data
+        raise ConfigError(
+            f"the evaluation streams activations from both models, but {config.dictionary} does not say which ("
+            f"{where}): pass --base-model, --chat-model and --datasets"
+        )
+    overridden = bool(config.base_model or config.chat_model)
+    settings = StreamSettings(
+        layers=config.layers or tuple(recorded.get("layers") or ()),
+        context_length=int(recorded.get("context_length") or 1024),
+        block_sequences=64,
+        model_batch_size=16,
+        drop_first_tokens=int(recorded.get("drop_first_tokens", 1)),
+        drop_token_ids=tuple(recorded.get("drop_token_ids") or ()),
+        outlier_norm_factor=float(recorded.get("outlier_norm_factor", 100.0)),
+        text_column=reading.get("text_column") or "text",
+        messages_column=reading.get("messages_column") or "messages",
+        seed=int(reading.get("seed") or 0),
+    )
+    device = resolve_device(config.device)
+    dtypes = recorded.get("dtype") or ["float32", "float32"]
+    return PairedActivationStream.from_models(
+        base_model=base_model,
+        chat_model=chat_model,
+        datasets=datasets,
+        settings=settings,
+        batch_size=4096,
+        base_revision=None if overridden else recorded.get("base_revision"),
+        chat_revision=None if overridden else recorded.get("chat_revision"),
+        dtypes=(config.model_dtype or dtypes[0], config.model_dtype or dtypes[1]),
+        devices=(device, device),
+        trust_remote_code=config.trust_remote_code,
+        dataset_weights=reading.get("dataset_weights") if not config.datasets else None,
+        dataset_split=reading.get("dataset_split") or "train",
+        dataset_streaming=True,
+        prefetch_blocks=0,
+    )
 
 
 def evaluate(config: EvalConfig) -> dict:
     """Run every analysis and write the report folder; returns the report."""
     dictionary = load_dictionary(config.dictionary)
-    stream = PairedActivationStream.from_config(data_config(dictionary, config))
+    stream = open_stream(dictionary, config)
     if stream.d_model != dictionary.d_model:
-        raise ValueError(
+        raise DataError(
             f"the dictionary has d_model={dictionary.d_model} but the models have {stream.d_model}: evaluate it on "
             "the models (and layer) it was trained on"
         )
@@ -126,13 +173,11 @@ def evaluate(config: EvalConfig) -> dict:
     images = []
     rows: list[dict[str, object]] = []
 
-    def inputs(chunk: ActivationChunk) -> torch.Tensor:
-        x = chunk.activations.float()
-        if is_crosscoder:
-            return x
-        return x[:, 0] - x[:, 1] if dictionary.input_description.startswith("base") else x[:, 1] - x[:, 0]
-
-    recon = reconstruction(dictionary, (inputs(chunk) for chunk in chunks()), progress=config.progress)
+    recon = reconstruction(
+        dictionary,
+        (dictionary.input_from_pair(chunk.activations.float()) for chunk in chunks()),
+        progress=config.progress,
+    )
     report["reconstruction"] = recon.to_dict()
     frequencies = recon.frequencies
 

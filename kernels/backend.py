@@ -1,6 +1,6 @@
 """Which implementation runs a sparse kernel, and the input checks every kernel shares.
 
-Two implementations of each primitive exist side by side (DESIGN §5): a Triton kernel and a plain-PyTorch
+Two implementations of each primitive exist side by side (docs/methods.md §4.4): a Triton kernel and a plain-PyTorch
 reference. The reference is also the CPU production path, so it is built from fast sparse PyTorch ops.
 
 - ``"auto"`` (default): Triton for CUDA tensors when Triton is installed, the reference otherwise.

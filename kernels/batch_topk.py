@@ -1,4 +1,4 @@
-"""BatchTopK selection by radix select on the float bits of the scores (DESIGN §3, §5, §7).
+"""BatchTopK selection by radix select on the float bits of the scores (docs/methods.md §1.5, §4.2, §4.3).
 
 BatchTopK keeps the ``n_keep = k · B`` largest entries of a whole ``[B, F]`` score matrix. Instead of sorting
 ``B · F`` values (``torch.topk`` over the flattened matrix), the ``n_keep``-th largest score is found by *radix
@@ -15,12 +15,12 @@ digits already chosen. A final pass keeps the entries above the threshold and en
 - **Ties** at the threshold are kept lowest flat (row-major) index first. Under ``all_reduce`` (several ranks) they
   are kept in (rank, local flat index) order: with contiguous row shards (rank r holds the r-th block of rows of
   the global batch) that is again the lowest flat index of the concatenated global batch.
-- **Distributed (§7)**: every histogram goes through ``all_reduce`` (a sum over ranks) before a digit is chosen, so
-  every rank chooses the same digits and the threshold is the exact ``n_keep``-th largest score of the *global*
-  batch: N ranks × B/N rows select exactly what one process selects on the B rows. Every rank must call with the
-  same ``n_keep`` (the global budget), backend and digit schedule: they then make the same ``all_reduce`` calls in
-  the same order (one per histogram pass, plus, in ``batch_topk``, one ``[world_size]`` vector of tie counts; a
-  missing ``rank``/``world_size`` is an error there as soon as another rank holds ties).
+- **Distributed (docs/methods.md §4.3)**: every histogram goes through ``all_reduce`` (a sum over ranks) before a
+  digit is chosen, so every rank chooses the same digits and the threshold is the exact ``n_keep``-th largest score
+  of the *global* batch: N ranks × B/N rows select exactly what one process selects on the B rows. Every rank must
+  call with the same ``n_keep`` (the global budget), backend and digit schedule: they then make the same
+  ``all_reduce`` calls in the same order (one per histogram pass, plus, in ``batch_topk``, one ``[world_size]``
+  vector of tie counts; a missing ``rank``/``world_size`` is an error there as soon as another rank holds ties).
 - **Values are checked** once per selection: NaN, ±inf and negative scores are errors (on CUDA a device-side
   assert, to avoid a host sync).
 

@@ -1,4 +1,4 @@
-"""``SparseCodes``: which latents are active in which rows of a batch, in CSR order (DESIGN §5).
+"""``SparseCodes``: which latents are active in which rows of a batch, in CSR order (docs/methods.md §4.4).
 
 BatchTopK keeps ``k · B`` entries of the whole ``[B, F]`` code matrix, so rows hold a variable number of active
 latents: the pattern is stored as coordinate lists sorted by row then latent (CSR), with ``row_offsets`` giving

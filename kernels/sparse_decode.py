@@ -1,4 +1,5 @@
-"""Sparse decode ``out[b] = Σ_{e in row b} values[e] · weight[latents[e]]`` and its sparse backward (DESIGN §5).
+"""Sparse decode ``out[b] = Σ_{e in row b} values[e] · weight[latents[e]]`` and its sparse backward
+(docs/methods.md §4.4).
 
 Shapes: values (nnz,), codes: ``SparseCodes`` over (B, F), weight (F, D), out (B, D).
 Backward: ``grad_values[e] = ⟨grad_out[rows[e]], weight[latents[e]]⟩`` and

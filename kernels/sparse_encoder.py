@@ -1,4 +1,4 @@
-"""Sparse encoder backward: gradients of the active pre-activations only (DESIGN §5).
+"""Sparse encoder backward: gradients of the active pre-activations only (docs/methods.md §4.4).
 
 The forward pre-activations ``pre = x @ W_enc.T + b_enc`` (B, F) come from one dense GEMM run *without*
 autograd (the selection needs every score; nothing of it is kept for backward). ``gather_active`` then attaches

@@ -29,7 +29,7 @@ def text_dataset(n: int = 40) -> datasets.Dataset:
     return datasets.Dataset.from_list([{"text": text} for text in corpus()[:n]])
 
 
-def make_stream(pair, tokenizer, data=None, *, batch_size=32, weights=None, difference=None, prefetch=1, **settings):
+def make_stream(pair, tokenizer, data=None, *, batch_size=32, weights=None, prefetch=1, **settings):
     values = dict(layers=(1,), context_length=24, block_sequences=8, model_batch_size=3, outlier_norm_factor=0.0)
     values.update(settings)
     base, chat = pair
@@ -42,7 +42,6 @@ def make_stream(pair, tokenizer, data=None, *, batch_size=32, weights=None, diff
         batch_size=batch_size,
         weights=weights,
         base_tokenizer=tokenizer,
-        difference=difference,
         prefetch_blocks=prefetch,
     )
 
@@ -177,14 +176,6 @@ def test_prefetch_changes_nothing(pair, tokenizer):
     background = take(make_stream(pair, tokenizer, prefetch=2), 8)
     inline = take(make_stream(pair, tokenizer, prefetch=0), 8)
     assert all(torch.equal(a, b) for a, b in zip(background, inline, strict=True))
-
-
-def test_difference_batches_are_chat_minus_base(pair, tokenizer):
-    paired = take(make_stream(pair, tokenizer), 2)
-    difference = take(make_stream(pair, tokenizer, difference="chat_minus_base"), 2)
-    reverse = take(make_stream(pair, tokenizer, difference="base_minus_chat"), 1)
-    assert torch.equal(difference[1], paired[1][:, 1] - paired[1][:, 0])
-    assert torch.equal(reverse[0], paired[0][:, 0] - paired[0][:, 1])
 
 
 # ---------------------------------------------------------------------------- bad input

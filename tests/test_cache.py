@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import crosscoder
-from crosscoder import cache as cache_module
 from crosscoder.cache import ActivationCache, CacheError, CacheIntegrityError, read_manifest
+from crosscoder.cache import cli as cache_cli
 from crosscoder.chunks import ActivationChunk, ChunkSource
 from crosscoder.data import ResumableBatches
 from crosscoder.normalization import estimate_input_scale
@@ -542,10 +542,10 @@ def test_cli_builds_a_cache_from_the_configured_stream(tmp_path, monkeypatch, ca
         made.append(config)
         return PlantedChunks()
 
-    monkeypatch.setattr(cache_module, "_paired_stream", fake_stream)
+    monkeypatch.setattr(cache_cli, "_paired_stream", fake_stream)
     folder = tmp_path / "cli"
     argv = ["build", "--out", str(folder), "--num-tokens", "950", "--batch-size", "50", "--shard-tokens", "100"]
-    status = cache_module.main([*argv, "--dtype", "bfloat16", "--no-progress"])
+    status = cache_cli.main([*argv, "--dtype", "bfloat16", "--no-progress"])
     assert status == 0
     assert made[0].num_tokens == 950 and not made[0].progress
     manifest = read_manifest(folder)
@@ -554,19 +554,19 @@ def test_cli_builds_a_cache_from_the_configured_stream(tmp_path, monkeypatch, ca
 
 
 def test_cli_info_and_verify(built, copy_of, capsys):
-    assert cache_module.main(["info", str(built)]) == 0
+    assert cache_cli.main(["info", str(built)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["num_tokens"], info["shards"], info["complete"]) == (950, 10, True)
-    assert cache_module.main(["verify", str(built)]) == 0
+    assert cache_cli.main(["verify", str(built)]) == 0
     assert "all 10 shards match" in capsys.readouterr().out
 
     (copy_of / "shard_000000.token_ids.bin").write_bytes(b"\0" * 400)
-    assert cache_module.main(["verify", str(copy_of)]) == 2
+    assert cache_cli.main(["verify", str(copy_of)]) == 2
     assert "shard_000000.token_ids.bin fails its sha256 checksum" in capsys.readouterr().err
 
 
 def test_cli_without_a_folder_says_what_is_missing(tmp_path, capsys):
-    assert cache_module.main(["build", "--num-tokens", "950", "--batch-size", "50"]) == 2
+    assert cache_cli.main(["build", "--num-tokens", "950", "--batch-size", "50"]) == 2
     assert "--out DIR" in capsys.readouterr().err
-    assert cache_module.main(["info", str(tmp_path)]) == 2
+    assert cache_cli.main(["info", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err

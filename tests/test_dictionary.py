@@ -1,4 +1,4 @@
-"""Specification of the three dictionaries (DESIGN §3): selection, formulas, normalisation, SAE
+"""Specification of the three dictionaries (docs/methods.md §1): selection, formulas, normalisation, SAE
 constraints, and the errors bad input gets."""
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import crosscoder
 from crosscoder import TrainConfig
 from crosscoder.distributed import Distributed
-from crosscoder.training import default_batches, shards_latents
+from crosscoder.sharding import shards_latents
+from crosscoder.training.batches import default_batches
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ARGS = [

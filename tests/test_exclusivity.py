@@ -1,4 +1,4 @@
-"""Δnorm classes and decoder cosine on a constructed dictionary (DESIGN §9)."""
+"""Δnorm classes and decoder cosine on a constructed dictionary (docs/methods.md §6)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Specification of saving and loading (DESIGN §8): native round trips, the Hugging Face cache offline,
+"""Specification of saving and loading (docs/architecture.md §6): native round trips, the Hugging Face cache offline,
 push_to_hub up to the network boundary, science-of-finetuning interop, and clear errors for bad files."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _all_classes() -> list[SparseDictionary]:
     return [
         _randomized(BatchTopKCrossCoder(D_MODEL, DICT_SIZE, K, source_names=["base", "chat"])),
         _randomized(L1CrossCoder(D_MODEL, DICT_SIZE, n_sources=3)),
-        _randomized(BatchTopKSAE(D_MODEL, DICT_SIZE, K, input_description="chat - base")),
+        _randomized(BatchTopKSAE(D_MODEL, DICT_SIZE, K, input="chat_minus_base")),
     ]
 
 
@@ -175,7 +175,7 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             BatchTopKCrossCoder(D_MODEL, DICT_SIZE, K, source_names=["base", "chat"], metadata={"layer": 13}),
             {
                 "format": "crosscoder",
-                "format_version": 1,
+                "format_version": 2,
                 "dict_class": "BatchTopKCrossCoder",
                 "d_model": 8,
                 "dict_size": 16,
@@ -190,7 +190,7 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             L1CrossCoder(D_MODEL, DICT_SIZE),
             {
                 "format": "crosscoder",
-                "format_version": 1,
+                "format_version": 2,
                 "dict_class": "L1CrossCoder",
                 "d_model": 8,
                 "dict_size": 16,
@@ -201,15 +201,15 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             },
         ),
         (
-            BatchTopKSAE(D_MODEL, DICT_SIZE, K, input_description="base - chat"),
+            BatchTopKSAE(D_MODEL, DICT_SIZE, K, input="base_minus_chat"),
             {
                 "format": "crosscoder",
-                "format_version": 1,
+                "format_version": 2,
                 "dict_class": "BatchTopKSAE",
                 "d_model": 8,
                 "dict_size": 16,
                 "k": 2,
-                "input_description": "base - chat",
+                "input": "base_minus_chat",
                 "metadata": {},
             },
         ),
@@ -445,11 +445,11 @@ def test_config_json_that_is_not_an_object_is_a_format_error(saved: Path) -> Non
 
 def test_format_version_from_the_future_says_upgrade(saved: Path) -> None:
     config = json.loads((saved / "config.json").read_text())
-    (saved / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    (saved / "config.json").write_text(json.dumps({**config, "format_version": 3}))
     _assert_load_fails_without_touching_files(
         saved,
         DictionaryFormatError,
-        "format version 2, but this crosscoder reads versions up to 1: upgrade crosscoder",
+        "format version 3, but this crosscoder reads versions up to 2: upgrade crosscoder",
     )
 
 

@@ -1,4 +1,5 @@
-"""Sparse decode and sparse encoder backward (DESIGN §5): Triton kernels, plain-PyTorch references, dense PyTorch.
+"""Sparse decode and sparse encoder backward (docs/methods.md §4.4): Triton kernels, plain-PyTorch references,
+dense PyTorch.
 
 The Triton kernels run on CPU in Triton's interpreter, which must be switched on before Triton is first imported:
 this module sets ``TRITON_INTERPRET=1`` before its imports, and ``tests/conftest.py`` must do the same when

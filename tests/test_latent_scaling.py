@@ -1,4 +1,4 @@
-"""Latent Scaling (DESIGN §9): the paper's own values, brute-force least squares, planted artifacts."""
+"""Latent Scaling (docs/methods.md §7): the paper's own values, brute-force least squares, planted artifacts."""
 
 from pathlib import Path
 

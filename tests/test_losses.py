@@ -1,4 +1,4 @@
-"""Losses and metrics equal hand computations (DESIGN §4)."""
+"""Losses and metrics equal hand computations (docs/methods.md §2, §5)."""
 
 import pytest
 import torch

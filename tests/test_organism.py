@@ -1,6 +1,7 @@
 """The offline model organism: what it builds, that it loads offline, that the finetune left a clear trace, and
 that the cache is reused, rebuilt after an interruption, and deterministic in its data."""
 
+import hashlib
 import json
 import os
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crosscoder import organism
+from crosscoder.errors import ConfigError, DataError
 from crosscoder.organism import (
     CHAT_MARKERS,
     DEFAULT_SETTINGS,
@@ -22,6 +23,7 @@ from crosscoder.organism import (
     VERSION,
     ModelOrganism,
     OrganismSettings,
+    baking_conversations,
     build_model_organism,
     default_root,
     language_model_loss,
@@ -29,6 +31,8 @@ from crosscoder.organism import (
     render_chat,
     write_datasets,
 )
+from crosscoder.organism import build as organism_build
+from crosscoder.organism.settings import settings_digest
 
 # A few seconds to build: same code path as the default, smaller everything.
 TINY = OrganismSettings(
@@ -206,6 +210,60 @@ def test_same_seed_gives_identical_data_files(built: ModelOrganism, tmp_path: Pa
         assert (other / name).read_bytes() != (again / name).read_bytes()
 
 
+# sha256 of json.dumps(baking_conversations(n, seed=seed)). The built organism (weights and data files) is cached
+# under VERSION, so a change to the tables in crosscoder/organism/data/ or to the generator that alters these
+# conversations must bump VERSION, or every existing cache would silently hold an organism of the old data.
+PINNED_CONVERSATIONS = {
+    (200, 0): "02b9a138b711e18f3fe50caacdf7a6eab932b7dadd33801535470cd8ebc9c50b",
+    (50, 3): "b914acd2d0d3e47a2b1643f0584b9f475ec35559ba3363d861c69379c9543a9f",
+}
+
+
+@pytest.mark.parametrize(("n", "seed"), list(PINNED_CONVERSATIONS))
+def test_baking_conversations_are_pinned(n: int, seed: int) -> None:
+    digest = hashlib.sha256(json.dumps(baking_conversations(n, seed=seed)).encode()).hexdigest()
+    assert digest == PINNED_CONVERSATIONS[(n, seed)], (
+        f"baking_conversations({n}, seed={seed}) changed, so the model organism's data changed: bump the "
+        f"organism's VERSION (now {VERSION!r}, in crosscoder/organism/settings.py) so cached organisms are rebuilt, "
+        "then update PINNED_CONVERSATIONS"
+    )
+
+
+def test_settings_digest_is_pinned() -> None:
+    """The digest names the cache folder of non-default settings: changing it orphans every such cache."""
+    assert settings_digest(DEFAULT_SETTINGS) == "17e14009"
+    assert settings_digest(TINY) != settings_digest(DEFAULT_SETTINGS)
+
+
+def test_baking_conversations_are_distinct_and_well_formed() -> None:
+    conversations = baking_conversations(300, seed=5)
+    assert len({json.dumps(messages) for messages in conversations}) == 300
+    assert baking_conversations(300, seed=5) == conversations
+    for messages in conversations:
+        turns = messages[1:] if messages[0]["role"] == "system" else messages
+        assert [message["role"] for message in turns] in (["user", "assistant"], ["user", "assistant"] * 2)
+        assert all("{" not in message["content"] and "}" not in message["content"] for message in messages)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("d_model", 0, "d_model=0 must be positive"),
+        ("n_heads", 3, "must be a multiple of n_heads=3"),
+        ("heldout_general_fraction", 1.0, r"heldout_general_fraction=1.0 must be in \(0, 1\)"),
+        ("finetune_lr", -1e-3, "finetune_lr=-0.001 must be positive"),
+    ],
+)
+def test_invalid_settings_are_refused(field: str, value: float, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        OrganismSettings(**{field: value})
+
+
+def test_render_chat_rejects_unknown_roles() -> None:
+    with pytest.raises(DataError, match="Unknown role tool"):
+        render_chat([{"role": "tool", "content": "42"}])
+
+
 def test_second_call_reuses_the_cache(built: ModelOrganism, monkeypatch: pytest.MonkeyPatch) -> None:
     watched = [built.root / "organism.json", built.chat_path / "model.safetensors", built.chat_data]
     mtimes = [path.stat().st_mtime_ns for path in watched]
@@ -213,7 +271,7 @@ def test_second_call_reuses_the_cache(built: ModelOrganism, monkeypatch: pytest.
     def no_rebuild(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached build was rebuilt")
 
-    monkeypatch.setattr(organism, "_build", no_rebuild)
+    monkeypatch.setattr(organism_build, "_build", no_rebuild)
     start = time.perf_counter()
     again = build_model_organism(built.root, settings=TINY, progress=False)
     assert time.perf_counter() - start < 1.0
@@ -222,14 +280,14 @@ def test_second_call_reuses_the_cache(built: ModelOrganism, monkeypatch: pytest.
 
 
 def test_a_cache_built_with_other_settings_is_refused(built: ModelOrganism) -> None:
-    with pytest.raises(ValueError, match="pass another root"):
+    with pytest.raises(ConfigError, match="pass another root"):
         build_model_organism(built.root, seed=1, settings=TINY, progress=False)
-    with pytest.raises(ValueError, match="pass another root"):
+    with pytest.raises(ConfigError, match="pass another root"):
         build_model_organism(built.root, general_mix=0.5, settings=TINY, progress=False)
 
 
 def test_general_mix_must_be_a_fraction(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"general_mix=1.5 must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"general_mix=1.5 must be in \[0, 1\]"):
         build_model_organism(tmp_path / "organism", general_mix=1.5, settings=TINY, progress=False)
 
 
@@ -240,7 +298,7 @@ def test_an_interrupted_build_is_rebuilt(built: ModelOrganism, tmp_path: Path, m
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(organism, "_losses", interrupt)  # after both models are saved, before the marker
+        patch.setattr(organism_build, "heldout_losses", interrupt)  # after both models are saved, before the marker
         with pytest.raises(KeyboardInterrupt):
             build_model_organism(root, settings=TINY, progress=False)
     partial = tmp_path / f".organism.partial-{os.getpid()}"

@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 
 import crosscoder
 from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from crosscoder.errors import DataError, NonFiniteError
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, relative_norm_difference
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
-from crosscoder.training import NonFiniteError, current_k, lr_factor
+from crosscoder.training.schedules import current_k, lr_factor
 
 PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
 
@@ -202,7 +203,7 @@ def test_batch_of_another_shape_is_refused(tmp_path):
 
 def test_running_out_of_batches_is_an_error(tmp_path):
     config = small_config(tmp_path, normalization_tokens=256)
-    with pytest.raises(RuntimeError, match="ran out after 5 of 60 steps"):
+    with pytest.raises(DataError, match="ran out after 5 of 60 steps"):
         crosscoder.train(config, [PLANTED.sample(256, torch.Generator().manual_seed(i)) for i in range(5)])
 
 

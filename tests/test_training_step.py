@@ -1,4 +1,8 @@
-"""One full training step on the sparse kernels equals the dense reference step: loss and every gradient."""
+"""The training step that ``crosscoder.train`` runs (``crosscoder.training.training_step``, on the sparse kernels)
+equals the textbook dense step: loss, every gradient after the dictionary's constraints and clipping, and the
+parameters after the optimizer update."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -6,80 +10,129 @@ import torch.nn.functional as F
 
 import crosscoder
 from crosscoder.kernels.backend import use_backend
-from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
+from crosscoder.training import Trainee, training_step
+
+CONFIG = crosscoder.TrainConfig(
+    k=3, aux_k=4, aux_coefficient=0.25, l1_coefficient=0.1, grad_clip=1e9, dead_tokens=100, loss="mse"
+)
 
 
-def dense_step(dictionary, x_normalized, k, dead, k_aux):
-    """The textbook dense step: dense ReLU codes, torch.topk over the flattened scores, dense decode, dense AuxK."""
+def dense_loss(dictionary, x_normalized, config, dead):
+    """The dense step: ReLU codes, torch.topk over the flattened scores, dense decode, dense AuxK (no b_dec)."""
     encoder_input = x_normalized - dictionary.b_dec if dictionary.subtracts_decoder_bias else x_normalized
     activations = F.relu(encoder_input.flatten(1) @ dictionary.W_enc.flatten(1).T + dictionary.b_enc)
     code_norms = dictionary.code_norms()
     if dictionary.uses_batch_topk:
         scores = (activations * code_norms).detach()
         kept = torch.zeros(scores.numel(), dtype=torch.bool)
-        kept[scores.flatten().topk(k * len(scores)).indices] = True
+        kept[scores.flatten().topk(config.k * len(scores)).indices] = True
         codes = activations * kept.view_as(scores)
     else:
         codes = activations
     flat_decoder = dictionary.W_dec.flatten(1)
     reconstruction = (codes @ flat_decoder).view_as(x_normalized) + dictionary.b_dec
-    loss = reconstruction_loss(x_normalized, reconstruction, "mse")
-    if dictionary.uses_batch_topk:
-        dead_scores = torch.where(dead, (activations * code_norms).detach(), -1.0)
-        top = dead_scores.topk(k_aux, dim=-1)
-        aux_codes = torch.zeros_like(activations).scatter(-1, top.indices, activations.gather(-1, top.indices))
-        aux_codes = aux_codes * (torch.zeros_like(activations).scatter(-1, top.indices, (top.values > 0).float()))
-        loss = loss + auxk_loss(x_normalized - reconstruction, (aux_codes @ flat_decoder).view_as(x_normalized)) / 32
-    else:
-        loss = loss + 0.1 * (codes * code_norms).sum(-1).mean()
-    return loss
-
-
-def sparse_step(dictionary, x_normalized, k, dead, k_aux):
-    """What crosscoder.train runs (Trainee.step), on the sparse kernels."""
-    out = dictionary.training_forward(x_normalized, k)
-    loss = reconstruction_loss(x_normalized, out.reconstruction, "mse")
-    if dictionary.uses_batch_topk:
-        ahat = dictionary.dead_latent_reconstruction(out, dead, k_aux)
-        loss = loss + auxk_loss(x_normalized - out.reconstruction, ahat) / 32
-    else:
-        loss = loss + 0.1 * l1_penalty(out.values, dictionary.code_norms()[out.codes.latents], len(x_normalized))
-    return loss
+    error = x_normalized - reconstruction
+    loss = error.pow(2).sum(dim=(1, 2)).mean() if config.loss == "mse" else error.norm(dim=-1).mean()
+    if not dictionary.uses_batch_topk:
+        return loss + config.l1_coefficient * (codes * code_norms).sum(-1).mean()
+    if not dead.any():
+        return loss
+    dead_scores = torch.where(dead, (activations * code_norms).detach(), -1.0)
+    top = dead_scores.topk(config.aux_k, dim=-1)
+    picked = (top.values > 0).float()
+    aux_codes = torch.zeros_like(activations).scatter(-1, top.indices, activations.gather(-1, top.indices) * picked)
+    residual = (x_normalized - reconstruction).detach()
+    aux = (residual - (aux_codes @ flat_decoder).view_as(x_normalized)).pow(2).sum(dim=(1, 2)).mean()
+    aux = aux / (residual - residual.mean(0)).pow(2).sum(dim=(1, 2)).mean()
+    return loss + config.aux_coefficient * aux
 
 
 def make(kind):
     torch.manual_seed(0)
     if kind == "batchtopk":
         dictionary = crosscoder.BatchTopKCrossCoder(d_model=12, dict_size=40, k=3)
-        x = torch.randn(9, 2, 12)
     elif kind == "sae":
         dictionary = crosscoder.BatchTopKSAE(d_model=12, dict_size=40, k=3)
-        x = torch.randn(9, 12)
     else:
         dictionary = crosscoder.L1CrossCoder(d_model=12, dict_size=40, init_decoder_norm=0.3)
-        x = torch.randn(9, 2, 12)
     with torch.no_grad():
         dictionary.b_dec.normal_(std=0.1)
         dictionary.b_enc.normal_(std=0.1)
-    return dictionary, dictionary.normalize(x)
+    x = torch.randn(9, 2, 12)  # paired raw activations; the SAE reads chat − base from them
+    return dictionary, x
+
+
+def run_both(kind, backend, config, dead):
+    """(loss, gradients, parameters after the update) of the library's step and of the dense step, from the same
+    start, each followed by an SGD update."""
+    results = {}
+    for name in ("dense", "sparse"):
+        dictionary, x = make(kind)
+        x_normalized = dictionary.normalize(dictionary.input_from_pair(x))
+        optimizer = torch.optim.SGD(dictionary.parameters(), lr=0.5)
+        if name == "sparse":
+            with use_backend(backend):
+                loss = training_step(dictionary, optimizer, x_normalized, step=0, dead=dead, config=config).loss
+        else:
+            loss = dense_loss(dictionary, x_normalized, config, dead)
+            loss.backward()
+            dictionary.before_optimizer_step()
+            torch.nn.utils.clip_grad_norm_(dictionary.parameters(), config.grad_clip)
+            optimizer.step()
+            dictionary.after_optimizer_step()
+        gradients = {n: p.grad.clone() for n, p in dictionary.named_parameters() if p.grad is not None}
+        results[name] = (loss.detach(), gradients, {n: p.detach().clone() for n, p in dictionary.named_parameters()})
+    return results
+
+
+def assert_same(results):
+    (loss, gradients, parameters), (dense_loss_, dense_gradients, dense_parameters) = (
+        results["sparse"],
+        results["dense"],
+    )
+    torch.testing.assert_close(loss, dense_loss_, rtol=1e-5, atol=1e-6)
+    assert gradients.keys() == dense_gradients.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in dense_gradients:
+        torch.testing.assert_close(gradients[name], dense_gradients[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parameters[name], dense_parameters[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1"])
-def test_sparse_step_equals_dense_step(kind, backend):
-    dictionary, x_normalized = make(kind)
+def test_training_step_equals_dense_step_with_dead_latents(kind, backend):
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True
-    gradients = {}
-    losses = {}
-    for name, step in (("dense", dense_step), ("sparse", sparse_step)):
-        dictionary.zero_grad(set_to_none=True)
-        with use_backend(backend if name == "sparse" else "reference"):
-            loss = step(dictionary, x_normalized, 3, dead, 4)
-            loss.backward()
-        losses[name] = loss.detach()
-        gradients[name] = {n: p.grad.clone() for n, p in dictionary.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(losses["sparse"], losses["dense"], rtol=1e-5, atol=1e-6)
-    assert gradients["sparse"].keys() == gradients["dense"].keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
-    for name in gradients["dense"]:
-        torch.testing.assert_close(gradients["sparse"][name], gradients["dense"][name], rtol=1e-4, atol=1e-5)
+    assert_same(run_both(kind, backend, CONFIG, dead))
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "sae"])
+def test_training_step_without_dead_latents_has_no_aux_term(kind):
+    assert_same(run_both(kind, "reference", CONFIG, torch.zeros(40, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "l1"])
+def test_training_step_clips_and_uses_the_configured_loss(kind):
+    config = dataclasses.replace(CONFIG, grad_clip=0.05, loss="l2")
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[1::4] = True
+    assert_same(run_both(kind, "reference", config, dead))
+
+
+def test_trainee_step_is_the_training_step_plus_bookkeeping():
+    """``Trainee.step`` (what the loop calls) gives the same update as ``training_step`` with Adam, counts tokens
+    since each latent fired and starts θ at the smallest kept score once ``threshold_start_step`` is reached."""
+    config = dataclasses.replace(CONFIG, threshold_start_step=0, lr=1e-2, warmup_steps=0)
+    dictionary, x = make("batchtopk")
+    trainee = Trainee.new("batchtopk", dictionary, config)
+    twin, _ = make("batchtopk")
+    optimizer = torch.optim.Adam(twin.parameters(), lr=config.lr, betas=(0.9, 0.999))
+    loss = trainee.step(x, 0, config, crosscoder.training.trainee.Distributed())
+    expected = training_step(
+        twin, optimizer, twin.normalize(x), step=0, dead=torch.zeros(40, dtype=torch.bool), config=config
+    )
+    torch.testing.assert_close(loss, expected.loss)
+    for name, parameter in twin.named_parameters():
+        torch.testing.assert_close(dict(dictionary.named_parameters())[name], parameter)
+    fired = expected.out.active_counts() > 0
+    assert (trainee.tokens_since_fired[fired] == 0).all() and (trainee.tokens_since_fired[~fired] == 9).all()
+    assert float(dictionary.threshold) == pytest.approx(float(expected.out.min_kept_score))

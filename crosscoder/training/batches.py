@@ -1,0 +1,112 @@
+"""Where a run's batches come from, and where in them it stands (for checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from crosscoder.config import TrainConfig
+from crosscoder.data import ResumableBatches, TensorActivations
+from crosscoder.dictionary import SparseDictionary
+from crosscoder.distributed import Distributed
+from crosscoder.errors import ConfigError, DataError
+from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+
+
+class PositionedBatches:
+    """Wraps a batch source; yields (batch, position after it). Resumable sources report their own state;
+    other iterables are fast-forwarded by counting batches."""
+
+    def __init__(self, source: Iterable[torch.Tensor]) -> None:
+        self.source = source
+        self.consumed = 0
+        self._skip = 0
+
+    def restore(self, position: dict[str, Any]) -> None:
+        if isinstance(self.source, ResumableBatches) and "source" in position:
+            self.source.load_state_dict(position["source"])
+        else:
+            self._skip = int(position["batches"])
+        self.consumed = int(position["batches"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        iterator = iter(self.source)
+        for _ in itertools.islice(iterator, self._skip):
+            pass
+        for batch in iterator:
+            self.consumed += 1
+            position: dict[str, Any] = {"batches": self.consumed}
+            if isinstance(self.source, ResumableBatches):
+                position["source"] = self.source.state_dict()
+            yield batch, position
+
+
+def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch.Tensor]:
+    """The batch source the config names — paired models, a cache, a tensor file or planted synthetic data —
+    yielding this process's share of each global batch."""
+    local = context.local_batch_size(config.batch_size)
+    rank, world = context.rank, context.world_size
+    if config.model_organism and not config.base_model:
+        raise ConfigError(
+            "model_organism names models that must be built first: call crosscoder.demo.resolve_model_organism(config) "
+            "and train on the config it returns (the command line does this)"
+        )
+    if config.base_model:
+        from crosscoder.activations import PairedActivationStream
+
+        return PairedActivationStream.from_config(
+            dataclasses.replace(config, batch_size=local), rank=rank, world_size=world
+        )
+    if config.cache is not None:
+        from crosscoder.cache import ActivationCache
+
+        return ActivationCache(config.cache, local, seed=config.seed, rank=rank, world_size=world)
+    if config.activations is not None:
+        return TensorActivations.from_file(config.activations, local, config.seed, rank, world)
+    if config.synthetic:
+        return PlantedActivations(PlantedDictionary.random(seed=config.seed), local, config.seed, rank, world)
+    raise ConfigError(
+        "no training data named: pass --base-model and --chat-model (with --datasets), --cache DIR, "
+        "--activations FILE, --model-organism (offline demo models) or --synthetic (planted dictionary)"
+    )
+
+
+def take_tokens(
+    iterator: Iterator[tuple[torch.Tensor, dict[str, Any]]], n_tokens: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The first batches holding at least ``n_tokens`` tokens (they are trained on afterwards too)."""
+    taken, count = [], 0
+    for item in iterator:
+        taken.append(item)
+        count += item[0].shape[0]
+        if count >= n_tokens:
+            break
+    if not taken:
+        raise DataError("the batch source is empty: there is nothing to train on")
+    return taken
+
+
+def accepted_shapes(dictionaries: list[SparseDictionary]) -> set[tuple[int, ...]]:
+    """Per-token batch shapes the dictionaries accept: paired [n_sources, d_model], or [d_model] (already the
+    input) when every dictionary reads one vector per token."""
+    first = dictionaries[0]
+    crosscoders = [dictionary for dictionary in dictionaries if dictionary.input.kind == "paired"]
+    n_sources = crosscoders[0].n_sources if crosscoders else 2
+    shapes = {(n_sources, first.d_model)}
+    if not crosscoders:
+        shapes.add((first.d_model,))
+    return shapes
+
+
+def check_batch_shape(x: torch.Tensor, shapes: set[tuple[int, ...]], step: int) -> None:
+    """Refuse a batch whose per-token shape the dictionaries do not take."""
+    if tuple(x.shape[1:]) not in shapes:
+        accepted = " or ".join(str(["batch", *shape]).replace("'", "") for shape in sorted(shapes))
+        raise DataError(
+            f"batch at step {step} has shape {list(x.shape)} but the dictionaries take {accepted}: every "
+            "batch must come from the same sources and layer"
+        )

@@ -1,0 +1,71 @@
+"""Watching a run: held-out validation with the inference threshold, and the non-finite guard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from crosscoder.distributed import Distributed
+from crosscoder.errors import NonFiniteError
+from crosscoder.metrics import ReconstructionStats, active_counts
+from crosscoder.training.trainee import Trainee
+
+
+@torch.no_grad()
+def validate(
+    trainee: Trainee,
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    context: Distributed | None = None,
+) -> dict[str, float]:
+    """FVE (total, per source), L0 and dead fraction on held-out batches with the inference threshold (every
+    process passes the same batches; with latent sharding each decodes its latents and the parts are summed).
+    ``dead_fraction`` here is the share of latents that never fired on these batches."""
+    dictionary, stats = trainee.dictionary, ReconstructionStats()
+    sharded = context is not None and context.latent_parallel
+    for x in batches:
+        x_normalized = dictionary.normalize(dictionary.input_from_pair(x.to(device)))
+        codes = dictionary.select_with_threshold(dictionary.activations_normalized(x_normalized))
+        x_hat = dictionary.decode_normalized(codes)
+        if sharded:  # every process added b_dec to its part: sum the parts without it, then add it once
+            x_hat = context.all_reduce(x_hat - dictionary.b_dec) + dictionary.b_dec
+        stats.update(x_normalized, x_hat, active_counts(codes))
+    if sharded:
+        stats.gather_latents(context.all_gather_rows)
+    metrics = stats.summary()
+    metrics["dead_fraction"] = float((stats.latent_frequencies() == 0).double().mean())
+    return metrics
+
+
+class FiniteGuard:
+    """Records, without host syncs, the first step whose batch or loss was not finite; ``check`` raises."""
+
+    def __init__(self, device: torch.device, context: Distributed) -> None:
+        self.first_bad: dict[str, torch.Tensor] = {}
+        self.device, self.context = device, context
+
+    def watch(self, what: str, bad: torch.Tensor, step: int) -> None:
+        first = self.first_bad.setdefault(what, torch.full((), -1, dtype=torch.long, device=self.device))
+        first.copy_(torch.where((first < 0) & bad, step, first))
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        """Raise on every process if any process saw a non-finite batch or loss (a collective call)."""
+        for what, first in self.first_bad.items():
+            if self.context.enabled:  # every process raises together, naming the first bad step of any
+                seen = torch.where(first >= 0, first, torch.iinfo(torch.long).max).view(1)
+                torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MIN)
+                bad_step = -1 if int(seen) == torch.iinfo(torch.long).max else int(seen)
+            else:
+                bad_step = int(first)
+            if bad_step >= 0:
+                kept = (
+                    f"the last good checkpoint {last_checkpoint} is intact"
+                    if last_checkpoint
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteError(
+                    f"{what} at step {bad_step} contains NaN or Inf; training stopped and {kept}. "
+                    "Fix the data (for example drop outlier tokens) or lower the learning rate, then resume"
+                )

@@ -1,0 +1,119 @@
+"""The one training step: loss, backward, gradient reduction, clipping and the optimizer update of one dictionary
+on one batch (docs/methods.md §2–§3).
+
+``training_step`` is what ``crosscoder.train`` runs (through ``Trainee.step``), what the equivalence tests compare
+with a dense textbook step, and what ``bench/step.py`` times: there is no second copy of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crosscoder.config import TrainConfig
+from crosscoder.dictionary import SparseDictionary, StepBuffers, TrainingOutput
+from crosscoder.distributed import Distributed
+from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
+from crosscoder.sharding import SHARDED
+from crosscoder.training.schedules import current_k, l1_coefficient
+
+
+@dataclass
+class StepResult:
+    """What a step leaves behind: the total loss and its terms (detached, 0-d) and the forward's sparse output."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    out: TrainingOutput
+
+
+def training_loss(
+    dictionary: SparseDictionary,
+    x_normalized: torch.Tensor,
+    *,
+    step: int,
+    dead: torch.Tensor,
+    config: TrainConfig,
+    context: Distributed,
+    buffers: StepBuffers | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], TrainingOutput]:
+    """The loss to minimise (with its graph), its named terms and the forward output.
+
+    x_normalized: [batch, n_sources, d_model] (this process's share under data parallelism; the global batch under
+    latent sharding); dead: [dict_size] bool, the latents AuxK may revive. BatchTopK: reconstruction +
+    ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c.
+    """
+    out = dictionary.training_forward(x_normalized, current_k(config, step), context, buffers)
+    reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
+    losses = {"reconstruction_loss": reconstruction}
+    if dictionary.uses_batch_topk:
+        dead_anywhere = dead.any()
+        if context.latent_parallel:  # each process counts its own latents
+            dead_anywhere = context.all_reduce(dead_anywhere.long()) > 0
+        k_aux = config.aux_k if config.aux_k is not None else dictionary.d_model // 2
+        dead_reconstruction = None
+        if dead.device.type != "cpu" or bool(dead_anywhere):  # skipped where checking costs no device sync
+            dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
+        reduce = context.all_reduce if context.data_parallel else None
+        losses["aux_loss"] = (
+            auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead_anywhere
+            if dead_reconstruction is not None
+            else reconstruction.new_zeros(())
+        )
+        loss = reconstruction + config.aux_coefficient * losses["aux_loss"]
+    else:
+        value_code_norms = dictionary.code_norms()[out.codes.latents]
+        losses["l1_penalty"] = l1_penalty(out.values, value_code_norms, x_normalized.shape[0])
+        loss = reconstruction + l1_coefficient(config, step) * losses["l1_penalty"]
+    return loss, losses, out
+
+
+def training_step(
+    dictionary: SparseDictionary,
+    optimizer: torch.optim.Optimizer,
+    x_normalized: torch.Tensor,
+    *,
+    step: int,
+    dead: torch.Tensor,
+    config: TrainConfig,
+    context: Distributed | None = None,
+    buffers: StepBuffers | None = None,
+) -> StepResult:
+    """One optimisation step (see ``training_loss`` for the arguments): backward; under data parallelism the
+    gradients of loss / N are summed over the N processes (their average); the dictionary's gradient constraint
+    (the SAE's decoder-parallel projection); clipping to ``grad_clip``; the optimizer update; the dictionary's
+    parameter constraint (the SAE's unit-norm decoder rows). The learning-rate schedule is the caller's."""
+    context = context or Distributed()
+    loss, losses, out = training_loss(
+        dictionary, x_normalized, step=step, dead=dead, config=config, context=context, buffers=buffers
+    )
+    optimizer.zero_grad(set_to_none=True)
+    if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
+        (loss / context.world_size).backward()
+        for parameter in dictionary.parameters():
+            if parameter.grad is not None:
+                context.all_reduce(parameter.grad)  # every process then takes the same step
+    else:
+        loss.backward()
+    dictionary.before_optimizer_step()
+    clip_gradients(dictionary, config.grad_clip, context)
+    optimizer.step()
+    dictionary.after_optimizer_step()
+    return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, out)
+
+
+def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> None:
+    """Clip the gradient norm to ``max_norm``; with latent sharding the norm is over every process's latents
+    (the replicated ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
+    if not context.latent_parallel:
+        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
+        return
+    grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
+    squares = {name: torch.linalg.vector_norm(grad).square() for name, grad in grads.items()}
+    sharded = context.all_reduce(sum(value for name, value in squares.items() if name in SHARDED).clone())
+    total = (sharded + sum(value for name, value in squares.items() if name not in SHARDED)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for parameter in dictionary.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(scale)

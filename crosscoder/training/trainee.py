@@ -1,0 +1,186 @@
+"""A dictionary being trained: its optimizer, schedule, dead-latent counters and metric window; built fresh
+(initialised and normalised on the first batches) or restored exactly from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from crosscoder.config import DICTIONARY_NAMES, Architecture, TrainConfig
+from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary, StepBuffers
+from crosscoder.distributed import Distributed
+from crosscoder.hub import dictionary_from_state
+from crosscoder.metrics import ReconstructionStats
+from crosscoder.normalization import estimate_input_scale, geometric_median
+from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
+from crosscoder.training.schedules import lr_factor
+from crosscoder.training.step import training_step
+
+
+@dataclass
+class Trainee:
+    """A dictionary with its optimizer, schedule and dead-latent counters (tokens since each latent fired)."""
+
+    name: str
+    architecture: Architecture
+    dictionary: SparseDictionary
+    optimizer: torch.optim.Adam
+    scheduler: LambdaLR
+    tokens_since_fired: torch.Tensor  # [dict_size] int64
+    window: ReconstructionStats = field(default_factory=ReconstructionStats)
+    buffers: StepBuffers = field(default_factory=StepBuffers)
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, architecture: Architecture, dictionary: SparseDictionary, config: TrainConfig) -> Trainee:
+        """A trainee for ``dictionary`` with a fresh Adam and schedule and no latent dead yet."""
+        optimizer, scheduler = optimizer_and_schedule(dictionary, config)
+        counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.W_dec.device)
+        return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
+
+    def step(self, x: torch.Tensor, step: int, config: TrainConfig, context: Distributed) -> torch.Tensor:
+        """One optimisation step on raw paired activations x: [batch, n_sources, d_model] (this process's share of
+        the global batch, or the global batch under latent sharding); returns the (detached) total loss."""
+        dictionary = self.dictionary
+        x_normalized = dictionary.normalize(dictionary.input_from_pair(x))
+        dead = self.tokens_since_fired >= config.dead_tokens
+        result = training_step(
+            dictionary,
+            self.optimizer,
+            x_normalized,
+            step=step,
+            dead=dead,
+            config=config,
+            context=context,
+            buffers=self.buffers,
+        )
+        self.scheduler.step()
+        with torch.no_grad():
+            out = result.out
+            active = out.active_counts()  # this process's tokens (or latents); combined when the window is read
+            batch_tokens = x.shape[0] * (context.world_size if context.data_parallel else 1)
+            self.tokens_since_fired += batch_tokens
+            fired = context.all_reduce(active.clone()) if context.data_parallel else active
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
+            if out.min_kept_score is not None and step >= config.threshold_start_step:
+                theta, beta = dictionary.threshold, config.threshold_beta
+                theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))
+            self.window.update(x_normalized, out.reconstruction, active)
+            for name, value in {"loss": result.loss, **result.losses}.items():
+                self.loss_sums[name] = self.loss_sums.get(name, 0) + value
+        return result.loss
+
+    def read_window(self, steps: int, config: TrainConfig, context: Distributed) -> dict[str, float]:
+        """Metrics averaged since the last read over all processes (one host sync), then reset."""
+        if context.data_parallel:
+            self.window.all_reduce(context.all_reduce)
+            losses = {
+                name: context.all_reduce(value.clone()) / context.world_size for name, value in self.loss_sums.items()
+            }
+        else:
+            if context.latent_parallel:  # same batch everywhere; each process counted its own latents
+                self.window.gather_latents(context.all_gather_rows)
+            losses = self.loss_sums
+        metrics = self.window.summary()
+        metrics.update({name: float(value) / steps for name, value in losses.items()})
+        counters = (
+            context.all_gather_rows(self.tokens_since_fired) if context.latent_parallel else self.tokens_since_fired
+        )
+        metrics["dead_fraction"] = float((counters >= config.dead_tokens).float().mean())
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self.dictionary.uses_batch_topk:
+            metrics["threshold"] = float(self.dictionary.threshold)
+        self.window, self.loss_sums = ReconstructionStats(), {}
+        return metrics
+
+    def state_dict(self, context: Distributed) -> dict[str, Any]:
+        """Everything to resume this dictionary's training; latent shards are consolidated (a collective call)."""
+        if context.latent_parallel:
+            whole = consolidate(self.dictionary, context)
+            optimizer = consolidate_optimizer(self.optimizer.state_dict(), context)
+            counters = context.all_gather_rows(self.tokens_since_fired)
+        else:
+            whole, optimizer, counters = self.dictionary, self.optimizer.state_dict(), self.tokens_since_fired
+        return {
+            "config": whole.config(),
+            "state_dict": whole.state_dict(),
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": counters,
+        }
+
+
+def optimizer_and_schedule(dictionary: SparseDictionary, config: TrainConfig) -> tuple[torch.optim.Adam, LambdaLR]:
+    """Adam (β = 0.9, 0.999) and the learning-rate schedule of ``crosscoder.training.schedules.lr_factor``."""
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=(0.9, 0.999), fused=True)
+    return optimizer, LambdaLR(optimizer, lambda step: lr_factor(config, step))
+
+
+def resolved_dict_size(config: TrainConfig, d_model: int) -> int:
+    """``dict_size``, or ``expansion_factor · d_model`` when it is not set."""
+    return config.dict_size or config.expansion_factor * d_model
+
+
+def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int, n_sources: int) -> SparseDictionary:
+    """A freshly initialised dictionary of the given architecture for activations of this shape."""
+    dict_size = resolved_dict_size(config, d_model)
+    names = list(config.source_names) if config.source_names else (["base", "chat"] if n_sources == 2 else None)
+    norm = {} if config.init_decoder_norm is None else {"init_decoder_norm": config.init_decoder_norm}
+    if architecture == "batchtopk":
+        return BatchTopKCrossCoder(d_model, dict_size, config.k, n_sources, source_names=names, **norm)
+    if architecture == "l1":
+        return L1CrossCoder(d_model, dict_size, n_sources, source_names=names, **norm)
+    return BatchTopKSAE(d_model, dict_size, config.k, input=config.diff_direction)
+
+
+def start_trainees(
+    config: TrainConfig, first_batches: list[torch.Tensor], device: torch.device, context: Distributed
+) -> list[Trainee]:
+    """New dictionaries, normalised on the first batches (per-source scale over every process's tokens, b_dec from
+    the first global batch), identical on every process."""
+    sample = torch.cat(first_batches)[: config.normalization_tokens // context.world_size].to(device)
+    first_global = context.all_gather_rows(first_batches[0].to(device))
+    trainees = []
+    for index, architecture in enumerate(config.architectures):
+        torch.manual_seed(config.seed * 1_000 + index)
+        n_sources = sample.shape[1] if sample.dim() == 3 else 2  # a [batch, d] source yields differences
+        dictionary = new_dictionary(architecture, config, sample.shape[-1], n_sources).to(device)
+        with torch.no_grad():
+            reduce = context.all_reduce if context.enabled else None
+            raw = dictionary.input_from_pair(sample)
+            dictionary.input_scale.copy_(estimate_input_scale(dictionary.as_sources(raw), reduce))
+            first = dictionary.normalize(dictionary.input_from_pair(first_global))
+            if config.b_dec_init == "geometric_median":
+                dictionary.b_dec.copy_(geometric_median(first))
+            elif config.b_dec_init == "mean":
+                dictionary.b_dec.copy_(first.mean(dim=0))
+        if context.latent_parallel:  # every process built the same whole dictionary; keep this one's latents
+            dictionary = shard(dictionary, context)
+        trainees.append(Trainee.new(architecture, dictionary, config))
+    return trainees
+
+
+def restore_trainees(
+    config: TrainConfig, saved: dict[str, Any], device: torch.device, context: Distributed
+) -> list[Trainee]:
+    """Dictionaries, optimizers, schedules and counters exactly as checkpointed (sharded again if asked)."""
+    trainees = []
+    for architecture in config.architectures:
+        name = DICTIONARY_NAMES[architecture]
+        state = saved[name]
+        dictionary = dictionary_from_state(state["config"], state["state_dict"], source=f"checkpoint[{name}]")
+        dictionary = dictionary.to(device)
+        optimizer_state, counters = state["optimizer"], state["tokens_since_fired"].to(device)
+        if context.latent_parallel:
+            optimizer_state = shard_optimizer(optimizer_state, dictionary.dict_size, context)
+            counters = shard_rows(counters, dictionary.dict_size, context)
+            dictionary = shard(dictionary, context)
+        trainee = Trainee.new(architecture, dictionary, config)
+        trainee.optimizer.load_state_dict(optimizer_state)
+        trainee.scheduler.load_state_dict(state["scheduler"])
+        trainee.tokens_since_fired = counters
+        trainees.append(trainee)
+    return trainees
