@@ -24,7 +24,8 @@ import datasets
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from crosscoder.activations import PairedActivationStream, StreamSettings, residual_outputs
+from crosscoder.activations import PairedActivationStream, StreamSettings
+from crosscoder.models import residual_outputs
 from crosscoder.organism import build_model_organism
 
 

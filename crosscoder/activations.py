@@ -20,161 +20,19 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from crosscoder.chunks import ActivationChunk
-from crosscoder.errors import ConfigError, DataError, InputNotFoundError
+from crosscoder.documents import DocumentCursor, open_dataset
+from crosscoder.errors import ConfigError, DataError
+from crosscoder.models import load_causal_lm, residual_outputs, resolve_device
 
 if TYPE_CHECKING:
     from crosscoder.config import TrainConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------- models
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def load_causal_lm(
-    name: str, *, revision: str | None, dtype: str, device: str, trust_remote_code: bool
-) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from a local folder or a Hub id (offline: from the HF cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        if Path(name).is_dir():
-            raise
-        raise InputNotFoundError(
-            f"model '{name}' is neither a local folder nor in the Hugging Face cache, or the Hub cannot be reached "
-            f"({type(error).__name__}): download it where there is network (`hf download {name}`) and copy the cache "
-            "(HF_HOME) here, or pass a local folder"
-        ) from error
-    return model.to(device).eval(), tokenizer
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a transformers causal LM (Llama, Gemma, Qwen, GPT-2, …)."""
-    n_layers = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise DataError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}")
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook after the deepest requested layer: the rest of the model is not run."""
-
-
-@torch.no_grad()
-def residual_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]):
-    """Residual stream outputs of the given blocks, stopping after the deepest.
-
-    input_ids, attention_mask: [batch, seq] → [batch, seq, len(layers), d_model] in the model's dtype.
-    """
-    blocks = decoder_blocks(model)
-    captured: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
-
-    def hook_for(layer: int):
-        def hook(_module, _inputs, output):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == deepest:
-                raise _StopForward
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in set(layers)]
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.stack([captured[layer] for layer in layers], dim=2)
-
-
-# ---------------------------------------------------------------------------- documents
-@dataclass
-class DocumentCursor:
-    """Walks one dataset's documents epoch after epoch; ``(epoch, index)`` is its position."""
-
-    dataset: Any
-    name: str
-    epoch: int = 0
-    index: int = 0
-    _iterator: Iterator[dict[str, Any]] | None = field(default=None, repr=False)
-
-    def next_document(self) -> dict[str, Any]:
-        for _attempt in range(2):
-            if self._iterator is None:
-                self._iterator = self._open()
-            try:
-                row = next(self._iterator)
-            except StopIteration:
-                if self.index == 0:
-                    raise DataError(f"dataset {self.name} is empty: there are no documents to read") from None
-                self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
-                continue
-            self.index += 1
-            return row
-        raise AssertionError("unreachable")
-
-    def _open(self) -> Iterator[dict[str, Any]]:
-        dataset = self.dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.epoch)
-        return iter(dataset.skip(self.index)) if self.index else iter(dataset)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index, self._iterator = int(state["epoch"]), int(state["index"]), None
-
-
-def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 0, world_size: int = 1) -> Any:
-    """A ``datasets`` dataset from a Hub id or a local file/folder (json, jsonl, parquet, csv, txt).
-
-    Local map-style datasets are shuffled with the seed; streaming ones are read in order.
-    """
-    import datasets
-
-    path = Path(spec)
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-    if path.is_file():
-        if path.suffix not in builders:
-            raise ConfigError(f"cannot read {spec}: use a .json/.jsonl/.parquet/.csv/.txt file or a dataset id")
-        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", streaming=streaming)
-    else:
-        try:
-            dataset = datasets.load_dataset(spec, split=split, streaming=streaming)
-        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise InputNotFoundError(
-                f"dataset '{spec}' is neither a local file nor loadable ({type(error).__name__}: {error}); offline, "
-                "pass a local .jsonl/.parquet file or a dataset already in the HF datasets cache"
-            ) from error
-    if world_size > 1:
-        from datasets.distributed import split_dataset_by_node
-
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    if not streaming:
-        dataset = dataset.shuffle(seed=seed)
-    return dataset
 
 
 # ---------------------------------------------------------------------------- the stream

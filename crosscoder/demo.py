@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from transformers import AutoTokenizer
 
-from crosscoder.activations import PairedActivationStream, resolve_device
+from crosscoder.activations import PairedActivationStream
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.distributed import init_distributed
@@ -23,6 +23,7 @@ from crosscoder.errors import ConfigError
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, SHARED, latent_classes, relative_norm_difference
 from crosscoder.eval.inspection import PAD, top_contexts
 from crosscoder.eval.latent_scaling import compute_betas
+from crosscoder.models import resolve_device
 from crosscoder.organism import ModelOrganism, build_model_organism
 
 

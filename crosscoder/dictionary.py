@@ -7,6 +7,11 @@ Source order is part of the config; for diffing, 0 = base and 1 = chat.
 The public API is raw-in / raw-out: ``encode``, ``decode`` and ``forward`` apply the stored per-source
 normalisation ``x_n = (x - input_mean) * input_scale`` internally. Training works in the normalised space
 (``normalize`` once, then ``training_forward``).
+
+One concept, kept in one module (~570 lines): the three classes share every pass — inference encode/decode, the
+sparse training forward and AuxK's dead-latent decode — and differ only in a few overrides; the model card
+(``crosscoder.model_card``), loading (``crosscoder.hub``) and the input choice (``crosscoder.dictionary_input``)
+live elsewhere.
 """
 
 from __future__ import annotations
@@ -27,43 +32,12 @@ from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
+from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
 
 FORMAT_NAME = "crosscoder"
 FORMAT_VERSION = 2
 """Version 2: a BatchTopKSAE records its input as ``input`` (``DictionaryInput``) instead of the free-text
 ``input_description`` of version 1 (migrated on load by ``crosscoder.hub``)."""
-
-MODEL_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-{{ description }}
-
-Trained with `crosscoder`, a model-diffing toolkit (pip package `crosscoder`).
-
-## Configuration
-
-| field | value |
-|---|---|
-{{ config_table }}
-
-## Training metrics
-
-{{ metrics }}
-
-## Usage
-
-```python
-import crosscoder
-
-dictionary = crosscoder.load_dictionary("{{ repo_id }}")
-{{ usage }}
-```
-
-Inputs and outputs are raw model activations: the dictionary applies its stored normalisation itself.
-"""
 
 
 @dataclass
@@ -401,7 +375,7 @@ class SparseDictionary(
         if config is not None and config != self.config():
             raise ValueError("a dictionary's config is derived from the dictionary itself; do not pass one")
         (Path(save_directory) / "README.md").unlink(missing_ok=True)  # the card is derived: regenerate it
-        card = {**self._model_card_fields(repo_id or Path(save_directory).name), **(model_card_kwargs or {})}
+        card = {**model_card_fields(self, repo_id or Path(save_directory).name), **(model_card_kwargs or {})}
         return super().save_pretrained(
             save_directory,
             config=self.config(),
@@ -422,35 +396,13 @@ class SparseDictionary(
         card = {"repo_id": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
-    def _model_card_fields(self, repo_id: str) -> dict[str, str]:
-        fields = self._init_kwargs()
-        fields.pop("metadata")
-        rows = [f"| `{key}` | `{value}` |" for key, value in fields.items()]
-        rows.append(f"| `class` | `{type(self).__name__}` |")
-        metrics = self.metadata.get("metrics")
-        metric_text = (
-            "\n".join(f"- **{name}**: {_format_number(value)}" for name, value in metrics.items())
-            if isinstance(metrics, dict) and metrics
-            else "No metrics recorded."
-        )
-        extra = {key: value for key, value in self.metadata.items() if key != "metrics"}
-        description = self._describe()
-        if extra:
-            description += "\n\n" + "\n".join(f"- {key}: `{value}`" for key, value in extra.items())
-        return {
-            "title": f"{type(self).__name__} ({self.dict_size} latents, d_model={self.d_model})",
-            "description": description,
-            "config_table": "\n".join(rows),
-            "metrics": metric_text,
-            "repo_id": repo_id,
-            "usage": self._usage(),
-        }
-
-    def _describe(self) -> str:
+    def describe(self) -> str:
+        """One sentence for the model card."""
         names = self.source_names or [f"source {s}" for s in range(self.n_sources)]
         return f"A crosscoder over {self.n_sources} sources (in order: {', '.join(names)})."
 
-    def _usage(self) -> str:
+    def usage_snippet(self) -> str:
+        """Python lines for the model card's usage section."""
         return (
             f"x = ...  # raw activations [batch, {self.n_sources}, {self.d_model}]\n"
             "codes = dictionary.encode(x)         # [batch, dict_size], inference threshold\n"
@@ -577,10 +529,12 @@ class BatchTopKSAE(SparseDictionary):
         """Renormalise decoder rows to unit norm."""
         self.W_dec /= self.W_dec.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
+        """One sentence for the model card."""
         return f"A BatchTopK SAE on `{self.input.describe()}` activations."
 
-    def _usage(self) -> str:
+    def usage_snippet(self) -> str:
+        """Python lines for the model card's usage section."""
         return (
             f"x = dictionary.input_from_pair(paired)  # [batch, {self.d_model}]: {self.input.describe()}\n"
             "codes = dictionary.encode(x)         # [batch, dict_size], inference threshold\n"
@@ -596,10 +550,6 @@ DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _format_number(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _top_dead_latents(

@@ -8,7 +8,8 @@ log, so the bar instead prints one whole line at most every ``LOG_INTERVAL_SECON
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from tqdm import tqdm as terminal_tqdm
@@ -50,3 +51,24 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True,
 def _is_terminal(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
+
+
+@contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' own progress bars (loading and saving weights) for the duration of the block;
+    hidden as well when stderr is not a terminal, where each would flood the log."""
+    import transformers
+
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    if enabled and (_IN_NOTEBOOK or _is_terminal(sys.stderr)):
+        logging.enable_progress_bar()
+    else:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+        else:
+            logging.disable_progress_bar()

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosscoder.activations import decoder_blocks, residual_outputs
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.dictionary_input import BASE, CHAT
 from crosscoder.errors import ConfigError, DataError
+from crosscoder.models import decoder_blocks, residual_outputs
 from crosscoder.progress import progress_bar
 
 Patch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import tyro
 
-from crosscoder.activations import PairedActivationStream, StreamSettings, resolve_device
+from crosscoder.activations import PairedActivationStream, StreamSettings
 from crosscoder.chunks import ActivationChunk
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.errors import ConfigError, DataError
@@ -31,6 +31,7 @@ from crosscoder.eval.latent_scaling import compute_betas, compute_sae_betas
 from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
 from crosscoder.eval.reconstruction import reconstruction
 from crosscoder.hub import load_dictionary
+from crosscoder.models import resolve_device
 from crosscoder.provenance import Provenance
 
 
@@ -83,7 +84,8 @@ def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActiv
     reading = provenance.reading if provenance else {}
     base_model, chat_model = config.base_model, config.chat_model
     datasets = config.datasets
-    organism_elsewhere = not Path(str(recorded.get("base_model") or "")).exists()  # e.g. saved on another machine
+    recorded_base = recorded.get("base_model")
+    organism_elsewhere = not (recorded_base and Path(recorded_base).exists())  # e.g. saved on another machine
     if provenance is not None and provenance.model_organism and organism_elsewhere and not (base_model or chat_model):
         from crosscoder.organism import build_model_organism
 

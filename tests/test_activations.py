@@ -10,7 +10,8 @@ import torch
 from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, gpt2, llama, local_pair_config
 
 import crosscoder
-from crosscoder.activations import PairedActivationStream, StreamSettings, decoder_blocks
+from crosscoder.activations import PairedActivationStream, StreamSettings
+from crosscoder.models import decoder_blocks
 
 
 @pytest.fixture(scope="module")

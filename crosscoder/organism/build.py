@@ -27,14 +27,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from crosscoder.errors import ConfigError
@@ -49,6 +46,7 @@ from crosscoder.organism.settings import (
 )
 from crosscoder.organism.tokenizer import CHAT_MARKERS, SPECIAL_TOKENS, build_tokenizer, llama_config, render_chat
 from crosscoder.organism.training import heldout_losses, pretrain_and_finetune
+from crosscoder.progress import library_progress_bars
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ def _build(folder: Path, *, seed: int, general_mix: float, settings: OrganismSet
     tokenizer = build_tokenizer(data.general_train + chat_train_texts, settings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(tokenizer, settings))
-    with _transformers_progress_bars(progress):
+    with library_progress_bars(progress):
         pretrain_and_finetune(
             model, tokenizer, data, folder, seed=seed, general_mix=general_mix, settings=settings, progress=progress
         )
@@ -186,23 +184,6 @@ def _build(folder: Path, *, seed: int, general_mix: float, settings: OrganismSet
         "build_seconds": time.perf_counter() - start,
     }
     (folder / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-@contextmanager
-def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
-    """Show or hide transformers' own progress bars (saving, loading) for the duration of the block."""
-    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
-    if enabled:
-        transformers.utils.logging.enable_progress_bar()
-    else:
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            transformers.utils.logging.enable_progress_bar()
-        else:
-            transformers.utils.logging.disable_progress_bar()
 
 
 def _remove_stale_partial_builds(root: Path) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from crosscoder.activations import resolve_device
 from crosscoder.checkpoint import list_checkpoints
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.distributed import init_distributed, rank_device
 from crosscoder.errors import CheckpointError, DataError
+from crosscoder.models import resolve_device
 from crosscoder.progress import progress_bar
 from crosscoder.sharding import check_shardable, shards_latents
 from crosscoder.training.batches import (

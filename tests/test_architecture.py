@@ -1,0 +1,97 @@
+"""The import rules of docs/architecture.md §4, checked on the source: a change that breaks one fails here."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (absolute names; lazy imports inside functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def offending(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files(folder)
+        for name in sorted(imported_modules(path))
+        if name.startswith(forbidden)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        (
+            "kernels",
+            (
+                "crosscoder.dictionary",
+                "crosscoder.config",
+                "crosscoder.training",
+                "crosscoder.activations",
+                "crosscoder.eval",
+                "transformers",
+                "datasets",
+            ),
+        ),
+        ("crosscoder/training", ("crosscoder.eval", "crosscoder.demo", "crosscoder.organism", "crosscoder.cli")),
+        ("eval", ("crosscoder.training", "crosscoder.config", "crosscoder.demo", "crosscoder.cli")),
+        ("crosscoder/organism", ("crosscoder.training", "crosscoder.eval", "crosscoder.demo", "crosscoder.dictionary")),
+        ("crosscoder/cache", ("crosscoder.training", "crosscoder.eval", "crosscoder.demo", "crosscoder.dictionary")),
+    ],
+    ids=["kernels", "training", "eval", "organism", "cache"],
+)
+def test_import_rules(folder, forbidden):
+    assert offending(folder, forbidden) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["crosscoder/dictionary.py", "crosscoder/dictionary_input.py", "crosscoder/hub.py", "crosscoder/provenance.py"],
+)
+def test_saved_dictionaries_do_not_depend_on_the_training_config(module):
+    assert not {
+        name
+        for name in imported_modules(ROOT / module)
+        if name.startswith(("crosscoder.config", "crosscoder.training"))
+    }
+
+
+def test_no_docstring_points_outside_the_repository():
+    for folder in ("crosscoder", "eval", "kernels", "bench", "tests"):
+        for path in files(folder):
+            if path.name != "test_architecture.py":
+                assert "DESIGN" not in path.read_text(encoding="utf-8"), path
+
+
+def test_every_cited_section_exists():
+    """Docstrings cite ``docs/methods.md §N`` / ``docs/architecture.md §N``: each section N must exist."""
+    import re
+
+    headings = {
+        name: set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.?", (ROOT / "docs" / name).read_text(), re.M))
+        for name in ("methods.md", "architecture.md")
+    }
+    missing = []
+    for folder in ("crosscoder", "eval", "kernels", "bench", "tests"):
+        for path in files(folder):
+            for name, sections in re.findall(
+                r"docs/(methods\.md|architecture\.md) ((?:§[\d.]+[,–\s]*)+)", path.read_text()
+            ):
+                for section in re.findall(r"§(\d+(?:\.\d+)?)", sections):
+                    if section not in headings[name]:
+                        missing.append(f"{path.relative_to(ROOT)}: docs/{name} §{section}")
+    assert missing == []
