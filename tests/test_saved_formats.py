@@ -10,9 +10,13 @@ and keep the old folders.
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import crosscoder
 from crosscoder.config import TrainConfig, config_differences
@@ -81,3 +85,25 @@ def test_saved_dictionaries_evaluate_with_todays_command(release, name, organism
     assert set(report["downstream_kl"]["gap_closed"]) == (
         {"diff_sae"} if name == "diff_sae" else {"crosscoder", "chat_latents"}
     )
+
+
+RESUME_FLAGS = [
+    "--preset", "synthetic", "--dict-size", "64", "--k", "4", "--batch-size", "128", "--num-tokens", "2560",
+    "--normalization-tokens", "512", "--warmup-steps", "2", "--threshold-start-step", "5", "--checkpoint-every", "10",
+    "--keep-checkpoints", "2", "--log-every", "5", "--run-name", "release-0.1", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_release_0_1_resumes_to_what_that_release_would_have_trained(tmp_path):
+    """The release-0.1 run (``TrainConfig.shard_latents`` era) checkpointed at step 10 of 20; today's code resumes it
+    and ends where that release ended its own run."""
+    shutil.copytree(FIXTURES / "release_0_1" / "run" / "checkpoints", tmp_path / "release-0.1" / "checkpoints")
+    command = [sys.executable, str(Path(__file__).parent.parent / "train.py"), *RESUME_FLAGS]
+    finished = subprocess.run([*command, "--output-dir", str(tmp_path), "--resume"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    resumed = crosscoder.load_dictionary(tmp_path / "release-0.1" / "batchtopk_crosscoder")
+    assert resumed.metadata["training_steps"] == 20
+    expected = load_file(FIXTURES / "release_0_1" / "run" / "finished_by_release_0_1.safetensors")
+    for name, tensor in resumed.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
