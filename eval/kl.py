@@ -59,18 +59,42 @@ def latent_subset_patch(crosscoder: SparseDictionary, latents: torch.Tensor | li
 def diff_sae_patch(sae: BatchTopKSAE) -> Patch:
     """``h_base + SAE(h_chat − h_base)`` for a chat − base SAE; ``h_base − SAE(h_base − h_chat)`` for a base − chat
     one (either way the patch estimates h_chat from h_base and the SAE's reconstruction of the difference)."""
-    if not sae.input.is_difference:
-        raise ConfigError(
-            f"the KL patch needs a difference SAE, but this SAE reads {sae.input.describe()}: train it with "
-            "input chat_minus_base (or base_minus_chat)"
-        )
-    sign = 1.0 if sae.input.kind == "chat_minus_base" else -1.0
+    sign = _difference_sign(sae)
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
         difference = sae.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
         return h_base + (sign * sae(difference)).to(h_base.dtype)
 
     return patch
+
+
+def sae_latent_subset_patch(sae: BatchTopKSAE, latents: torch.Tensor | list[int]) -> Patch:
+    """``h_base ± Σ_{j∈S} f_j d_j`` with raw-space decoder rows: the part of a diff-SAE's reconstruction of the
+    difference that the latents S carry (``+`` for a chat − base SAE, ``−`` for base − chat)."""
+    ids = torch.as_tensor(latents, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ConfigError("the latent set is empty: name at least one latent to patch")
+    if ((ids < 0) | (ids >= sae.dict_size)).any():
+        raise ConfigError(f"latent ids out of range for {sae.dict_size} latents")
+    sign = _difference_sign(sae)
+    directions = sae.W_dec.detach()[ids, 0] / sae.input_scale[0]  # [|S|, d], raw space
+
+    def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
+        difference = sae.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
+        codes = sae.encode(difference)[:, ids.to(h_base.device)]
+        return h_base + (sign * codes @ directions.to(codes.device)).to(h_base.dtype)
+
+    return patch
+
+
+def _difference_sign(sae: BatchTopKSAE) -> float:
+    """+1 when the SAE reads chat − base, −1 for base − chat (h_chat ≈ h_base + sign · difference)."""
+    if not sae.input.is_difference:
+        raise ConfigError(
+            f"the KL patch needs a difference SAE, but this SAE reads {sae.input.describe()}: train it with "
+            "input chat_minus_base (or base_minus_chat)"
+        )
+    return 1.0 if sae.input.kind == "chat_minus_base" else -1.0
 
 
 def assistant_token_mask(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:

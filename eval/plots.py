@@ -12,23 +12,35 @@ matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt
 
 
-def delta_norm_histogram(delta_norm: torch.Tensor, path: Path, title: str = "Relative decoder norm difference") -> Path:
-    """Histogram of Δnorm (0 = base-only, 1 = chat-only) with the class boundaries marked."""
+def delta_norm_histogram(
+    delta_norm: torch.Tensor | dict[str, torch.Tensor], path: Path, title: str = "Relative decoder norm difference"
+) -> Path:
+    """Histogram of Δnorm (0 = base-only, 1 = chat-only) with the class boundaries marked; a dict of label → Δnorm
+    overlays several dictionaries (e.g. an L1 and a BatchTopK crosscoder)."""
+    series = delta_norm if isinstance(delta_norm, dict) else {"": delta_norm}
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.hist(delta_norm[~delta_norm.isnan()].numpy(), bins=50, range=(0, 1), color="#4477aa")
+    for (label, values), colour in zip(series.items(), ("#4477aa", "#cc3311", "#999933", "#777777"), strict=False):
+        kept = values[~values.isnan()].numpy()
+        axis.hist(kept, bins=50, range=(0, 1), color=colour, alpha=0.6 if len(series) > 1 else 1.0, label=label or None)
     for boundary in (0.1, 0.4, 0.6, 0.9):
         axis.axvline(boundary, color="#999", linestyle="--", linewidth=0.8)
     axis.set_xlabel("Δnorm (0 = base-only, 0.5 = shared, 1 = chat-only)")
     axis.set_ylabel("latents")
     axis.set_yscale("log")
     axis.set_title(title)
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-def nu_scatter(nu_error: torch.Tensor, nu_recon: torch.Tensor, labels: list[str], path: Path) -> Path:
+def nu_scatter(
+    nu_error: torch.Tensor, nu_recon: torch.Tensor, labels: list[str], path: Path, title: str | None = None
+) -> Path:
     """ν^ε against ν^r per latent, coloured by group (e.g. chat-only vs shared baseline), with the genuine
     region ν^ε < 0.2, ν^r < 0.5 shaded."""
     figure, axis = plt.subplots(figsize=(5, 4.5))
@@ -42,6 +54,8 @@ def nu_scatter(nu_error: torch.Tensor, nu_recon: torch.Tensor, labels: list[str]
     axis.set_xlabel("ν^ε (error ratio: high ⇒ complete shrinkage)")
     axis.set_ylabel("ν^r (reconstruction ratio: high ⇒ latent decoupling)")
     axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

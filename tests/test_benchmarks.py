@@ -2,6 +2,7 @@
 measured by running the benchmarks at their default shapes, not here)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,28 @@ def test_benchmark_runs_and_ends_with_one_json_line(script, tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for name in FIGURES[script]:
         assert figures[name] > 0, name
+
+
+@pytest.mark.slow
+def test_findings_quick_writes_its_report(organism_cache, tmp_path):
+    """``bench/findings.py --quick`` on the organism: the structure of what it writes (the science is in the
+    full run, reported in the README)."""
+    environment = {**os.environ, "CROSSCODER_CACHE": str(organism_cache)}
+    command = [sys.executable, str(BENCH / "findings.py"), "--quick", "--quiet", "--out", str(tmp_path / "findings")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["findings"]) == {"l1", "batchtopk", "diff_sae"}
+    assert set(summary["gap_closed"]) == {
+        f"{name}: {part}" for name in ("l1", "batchtopk", "diff_sae") for part in ("reconstruction", "focus latents")
+    }
+    written = json.loads((tmp_path / "findings" / "findings.json").read_text())
+    for architecture in ("l1", "batchtopk"):
+        entry = written["dictionaries"][architecture]
+        assert sum(entry["classes"].values()) <= entry["dict_size"]
+        assert all(0 <= share <= 1 for share in entry["latent_scaling"].values())
+        assert (tmp_path / "findings" / f"nu_scatter_{architecture}.png").stat().st_size > 0
+    assert (tmp_path / "findings" / "delta_norm_histograms.png").stat().st_size > 0
+    markdown = (tmp_path / "findings" / "findings.md").read_text()
+    assert "| batchtopk |" in markdown and "gap closed" in markdown
+    assert all(name.replace("_", " ") in markdown for name in written["checks"])

@@ -12,6 +12,7 @@ from crosscoder.eval.kl import (
     diff_sae_patch,
     downstream_kl,
     latent_subset_patch,
+    sae_latent_subset_patch,
 )
 
 LAYER = 1
@@ -60,12 +61,17 @@ def test_kl_of_each_patch_equals_the_hand_written_computation(setup):
     tokenizer, base, chat, conversations = setup
     torch.manual_seed(0)
     sae = crosscoder.BatchTopKSAE(d_model=32, dict_size=64, k=4)
+    reverse = crosscoder.BatchTopKSAE(d_model=32, dict_size=64, k=4, input="base_minus_chat")
     cc = crosscoder.BatchTopKCrossCoder(d_model=32, dict_size=64, k=4)
     with torch.no_grad():
         sae.threshold.fill_(0.05)
+        reverse.threshold.fill_(0.05)
+        sae.input_scale.fill_(2.0)
         cc.threshold.fill_(0.1)
     patches = {
         "diff_sae": diff_sae_patch(sae),
+        "reverse_sae": diff_sae_patch(reverse),
+        "sae_subset": sae_latent_subset_patch(sae, [2, 7, 9]),
         "crosscoder": crosscoder_patch(cc),
         "subset": latent_subset_patch(cc, [1, 5]),
     }
@@ -74,6 +80,10 @@ def test_kl_of_each_patch_equals_the_hand_written_computation(setup):
     hand_patches = {
         "base": lambda h_base, h_chat: h_base,
         "diff_sae": lambda h_base, h_chat: h_base + sae(h_chat - h_base),
+        "reverse_sae": lambda h_base, h_chat: h_base - reverse(h_base - h_chat),  # estimates h_chat, not h_base
+        "sae_subset": lambda h_base, h_chat: (
+            h_base + sae.encode(h_chat - h_base)[:, [2, 7, 9]] @ (sae.W_dec[[2, 7, 9], 0] / 2.0)
+        ),
         "crosscoder": lambda h_base, h_chat: (
             h_base + (lambda r: r[:, 1] - r[:, 0])(cc(torch.stack([h_base, h_chat], 1)))
         ),

@@ -1,0 +1,312 @@
+"""The papers' findings on the model organism, in one command: an L1 crosscoder, a BatchTopK crosscoder and a
+diff-SAE trained side by side on the same stream (same dictionary size, same tokens), then compared.
+
+Measured, not assumed: each comparison is reported as the organism shows it, including where it does not
+reproduce a paper's finding (``findings.md`` says so). Writes into ``--out`` (default ``findings/``):
+``findings.json``, ``findings.md``, ``delta_norm_histograms.png`` and ``nu_scatter_<architecture>.png``; ends with
+one line of JSON.
+
+    python bench/findings.py                 # the demo's settings (about 10 minutes on 2 CPU cores)
+    python bench/findings.py --quick         # tiny settings, for the test suite (checks structure, not science)
+
+What is compared (docs/methods.md §5–§8):
+- Δnorm classes of the two crosscoders (the L1 penalty makes "chat-only" latents the BatchTopK one does not);
+- Latent Scaling of each crosscoder's chat-only latents (or, with fewer than ``--n-focus``, its most chat-leaning
+  ones): the shares judged genuine, complete shrinkage and latent decoupling;
+- the downstream KL gap closed on assistant tokens by each crosscoder's reconstruction and by its focus latents
+  alone, by the diff-SAE's reconstruction and by as many of its most active latents;
+- which latents point at the finetuning domain: the share of top-activating contexts containing a domain word,
+  for the focus latents against shared latents picked at random (a control);
+- FVE, L0 and the dead fraction of each on held-out tokens (inference threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import crosscoder
+from crosscoder.activations import PairedActivationStream
+from crosscoder.config import preset
+from crosscoder.demo import resolve_model_organism
+from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, SHARED, latent_classes, relative_norm_difference
+from crosscoder.eval.inspection import PAD, top_contexts
+from crosscoder.eval.kl import (
+    crosscoder_patch,
+    diff_sae_patch,
+    downstream_kl,
+    latent_subset_patch,
+    sae_latent_subset_patch,
+)
+from crosscoder.eval.latent_scaling import COMPLETE_SHRINKAGE, GENUINE, LATENT_DECOUPLING, compute_betas
+from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
+from crosscoder.eval.reconstruction import reconstruction
+from crosscoder.organism import DOMAIN_WORDS, build_model_organism
+
+ARCHITECTURES = ("l1", "batchtopk", "diff_sae")
+CROSSCODERS = {"l1": "l1_crosscoder", "batchtopk": "batchtopk_crosscoder"}
+
+
+def train_side_by_side(args: argparse.Namespace) -> tuple[dict, crosscoder.TrainConfig]:
+    """The three dictionaries, trained on one stream at the demo's settings (``--quick``: tiny ones)."""
+    config = dataclasses.replace(
+        preset("demo"),
+        architectures=ARCHITECTURES,
+        run_name="findings",
+        output_dir=args.out / "runs",
+        progress=not args.quiet,
+        checkpoint_every=0,
+        seed=args.seed,
+    )
+    if args.quick:
+        config = dataclasses.replace(
+            config, num_tokens=256 * 24, batch_size=256, dict_size=128, k=4, normalization_tokens=1024,
+            warmup_steps=5, threshold_start_step=8, dead_tokens=2048, log_every=8, context_length=64,
+            block_sequences=16,
+        )  # fmt: skip
+    config = resolve_model_organism(config)
+    if config.run_dir.exists():  # a finished comparison is never overwritten: it is moved aside with its date
+        config.run_dir.rename(config.run_dir.with_name(f"findings-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return crosscoder.train(config), config
+
+
+def held_out_chunks(config: crosscoder.TrainConfig, n_tokens: int) -> tuple[list, PairedActivationStream]:
+    """Paired activations of the same datasets in another order (seed + 1), as the evaluation reads them."""
+    stream = PairedActivationStream.from_config(dataclasses.replace(config, seed=config.seed + 1, prefetch_blocks=0))
+    chunks, seen = [], 0
+    for chunk in stream.chunks():
+        chunks.append(chunk)
+        seen += len(chunk.token_ids)
+        if seen >= n_tokens:
+            break
+    return chunks, stream
+
+
+def domain_share(examples: dict[int, list], decode) -> tuple[float, int]:
+    """Share of top-activating contexts (over all the given latents) whose window contains a domain word."""
+    windows = [
+        decode([token for token in example.token_ids if token != PAD]).lower()
+        for latent_examples in examples.values()
+        for example in latent_examples
+    ]
+    hits = sum(any(word in window for word in DOMAIN_WORDS) for window in windows)
+    return (hits / len(windows) if windows else float("nan")), len(windows)
+
+
+def verdict_shares(verdicts: list[str]) -> dict[str, float]:
+    n = max(len(verdicts), 1)
+    return {
+        "genuine": sum(v == GENUINE for v in verdicts) / n,
+        "complete_shrinkage": sum(COMPLETE_SHRINKAGE in v for v in verdicts) / n,
+        "latent_decoupling": sum(LATENT_DECOUPLING in v for v in verdicts) / n,
+        "never_fired": sum(v == "never fired" for v in verdicts) / n,
+    }
+
+
+def compare(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    dictionaries, config = train_side_by_side(args)
+    chunks, stream = held_out_chunks(config, args.eval_tokens)
+    decode = stream.tokenizer.decode
+    generator = torch.Generator().manual_seed(args.seed)
+    results: dict = {"dictionaries": {}, "kl_patches": {}}
+    patches, deltas = {}, {}
+    for architecture in ARCHITECTURES:
+        name = {"diff_sae": "diff_sae", **CROSSCODERS}[architecture]
+        dictionary = dictionaries[name]
+        inputs = [dictionary.input_from_pair(chunk.activations.float()) for chunk in chunks]
+        recon = reconstruction(dictionary, inputs)
+        entry: dict = {
+            "fve": recon.fve,
+            "l0": recon.l0,
+            "dead_fraction": recon.dead_fraction,
+            "dict_size": dictionary.dict_size,
+        }
+        if architecture in CROSSCODERS:
+            delta = relative_norm_difference(dictionary)
+            deltas[architecture] = delta
+            classes = latent_classes(delta)
+            chat_only = [j for j, label in enumerate(classes) if label == CHAT_ONLY]
+            focus = (
+                chat_only if len(chat_only) >= args.n_focus else delta.argsort(descending=True)[: args.n_focus].tolist()
+            )
+            shared = [j for j, label in enumerate(classes) if label == SHARED and recon.frequencies[j] > 0]
+            control = [shared[i] for i in torch.randperm(len(shared), generator=generator)[: len(focus)].tolist()]
+            scaling = compute_betas(dictionary, [chunk.activations.float() for chunk in chunks], focus)
+            verdicts = scaling.verdicts()
+            nu_scatter(
+                scaling.nu_error,
+                scaling.nu_recon,
+                ["chat-only" if focus is chat_only else "chat-leaning"] * len(focus),
+                args.out / f"nu_scatter_{architecture}.png",
+                title=f"{architecture} crosscoder: Latent Scaling",
+            )
+            entry.update(
+                classes={
+                    "chat_only": classes.count(CHAT_ONLY),
+                    "base_only": classes.count(BASE_ONLY),
+                    "shared": classes.count(SHARED),
+                },
+                focus="chat-only"
+                if focus is chat_only
+                else f"{len(focus)} most chat-leaning (fewer than {args.n_focus} chat-only)",
+                latent_scaling=verdict_shares(verdicts),
+                nu_error_median=float(scaling.nu_error.nanmedian()),
+                nu_recon_median=float(scaling.nu_recon.nanmedian()),
+            )
+            patches[f"{architecture}: reconstruction"] = crosscoder_patch(dictionary)
+            patches[f"{architecture}: focus latents"] = latent_subset_patch(dictionary, focus)
+        else:
+            n_top = max(args.n_focus, len(results["dictionaries"].get("batchtopk", {}).get("focus_latents", [])))
+            focus = recon.frequencies.argsort(descending=True)[:n_top].tolist()
+            control = torch.randperm(dictionary.dict_size, generator=generator)[: len(focus)].tolist()
+            entry["focus"] = f"{len(focus)} most active latents"
+            patches["diff_sae: reconstruction"] = diff_sae_patch(dictionary)
+            patches["diff_sae: focus latents"] = sae_latent_subset_patch(dictionary, focus)
+        examples = top_contexts(dictionary, chunks, focus, n_top=args.n_top)
+        control_examples = top_contexts(dictionary, chunks, control, n_top=args.n_top) if control else {}
+        share, n_examples = domain_share(examples, decode)
+        control_share, _ = domain_share(control_examples, decode)
+        entry.update(focus_latents=focus, domain_share=share, domain_share_control=control_share, contexts=n_examples)
+        results["dictionaries"][architecture] = entry
+
+    delta_norm_histogram(
+        {f"{architecture} crosscoder": deltas[architecture] for architecture in CROSSCODERS},
+        args.out / "delta_norm_histograms.png",
+        title="Δnorm: L1 vs BatchTopK crosscoder (organism)",
+    )
+    organism = build_model_organism(seed=config.seed, progress=False)
+    with open(organism.chat_data, encoding="utf-8") as lines:
+        conversations = [json.loads(line)["messages"] for line in itertools.islice(lines, args.kl_conversations)]
+    kl = downstream_kl(
+        stream.base_model,
+        stream.chat_model,
+        stream.tokenizer,
+        conversations,
+        stream.settings.layers[0],
+        patches,
+        first_tokens=5,
+    )
+    results["kl_patches"] = {"gap_nats": kl.all_tokens["base"], "gap_closed": kl.gap_closed, "kl": kl.all_tokens}
+    results["settings"] = {
+        "quick": args.quick,
+        "training_tokens": config.num_tokens,
+        "dict_size": config.dict_size,
+        "k": config.k,
+        "l1_coefficient": config.l1_coefficient,
+        "eval_tokens": sum(len(chunk.token_ids) for chunk in chunks),
+        "kl_conversations": len(conversations),
+        "seed": config.seed,
+    }
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    results["date"] = date.today().isoformat()
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["checks"] = paper_checks(results)
+    return results
+
+
+def paper_checks(results: dict) -> dict[str, bool]:
+    """The papers' directions, as the organism shows them (True = reproduced)."""
+    dictionaries, closed = results["dictionaries"], results["kl_patches"]["gap_closed"]
+    l1, batchtopk = dictionaries["l1"], dictionaries["batchtopk"]
+    return {
+        "l1_has_more_chat_only_latents_than_batchtopk": l1["classes"]["chat_only"] > batchtopk["classes"]["chat_only"],
+        "batchtopk_focus_latents_more_often_genuine_than_l1": (
+            batchtopk["latent_scaling"]["genuine"] > l1["latent_scaling"]["genuine"]
+        ),
+        "diff_sae_closes_at_least_as_much_kl_gap_as_crosscoder_focus_latents": (
+            closed["diff_sae: reconstruction"] >= closed["batchtopk: focus latents"]
+        ),
+        "diff_sae_closes_more_kl_gap_than_crosscoder_reconstruction": (
+            closed["diff_sae: reconstruction"] > closed["batchtopk: reconstruction"]
+        ),
+        "diff_sae_top_latents_point_at_the_domain_more_than_batchtopk_focus_latents": (
+            dictionaries["diff_sae"]["domain_share"] > batchtopk["domain_share"]
+        ),
+    }
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    dictionaries, kl = results["dictionaries"], results["kl_patches"]
+    settings = results["settings"]
+    command = "python bench/findings.py" + (" --quick" if settings["quick"] else "")
+    lines = [
+        "# Findings on the model organism",
+        "",
+        f"{results['date']}, {results['machine']}; {settings['training_tokens']:,} training tokens, "
+        f"{settings['dict_size']} latents each, k = {settings['k']}, λ (L1) = {settings['l1_coefficient']}; "
+        f"{settings['eval_tokens']:,} held-out tokens, {settings['kl_conversations']} held-out baking chats for the "
+        f"KL. Command: `{command}`.",
+        "",
+        "| dictionary | FVE | L0 | dead | chat-only | base-only | shared | focus | genuine | shrinkage | decoupling "
+        "| domain share (focus / control) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for architecture, entry in dictionaries.items():
+        classes = entry.get("classes", {})
+        scaling = entry.get("latent_scaling", {})
+        lines.append(
+            f"| {architecture} | {entry['fve']:.3f} | {entry['l0']:.1f} | {entry['dead_fraction']:.3f} | "
+            f"{classes.get('chat_only', '–')} | {classes.get('base_only', '–')} | {classes.get('shared', '–')} | "
+            f"{entry['focus']} | {_share(scaling.get('genuine'))} | {_share(scaling.get('complete_shrinkage'))} | "
+            f"{_share(scaling.get('latent_decoupling'))} | {_share(entry['domain_share'])} / "
+            f"{_share(entry['domain_share_control'])} |"
+        )
+    lines += [
+        "",
+        f"Downstream KL on assistant tokens (gap KL(P_chat ‖ P_base-patched) = {kl['gap_nats']:.4f} nats):",
+        "",
+    ]
+    lines += ["| patch | KL (nats) | gap closed |", "|---|---|---|"]
+    lines += [f"| {name} | {kl['kl'][name]:.4f} | {value:.3f} |" for name, value in kl["gap_closed"].items()]
+    lines += ["", "The papers' directions, as the organism shows them:", ""]
+    lines += [
+        f"- {name.replace('_', ' ')}: **{'yes' if held else 'no — not reproduced here'}**"
+        for name, held in results["checks"].items()
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.0f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("findings"))
+    parser.add_argument("--quick", action="store_true", help="tiny settings (for the test suite)")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 100k; quick 4k)")
+    parser.add_argument("--kl-conversations", type=int, default=None, help="chats for the KL (default 64; quick 4)")
+    parser.add_argument("--n-focus", type=int, default=10, help="latents analysed when there are fewer chat-only")
+    parser.add_argument("--n-top", type=int, default=10, help="top contexts per latent")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    args.eval_tokens = args.eval_tokens or (4096 if args.quick else 100_000)
+    args.kl_conversations = args.kl_conversations or (4 if args.quick else 64)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = compare(args)
+    (args.out / "findings.json").write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
+    write_markdown(results, args.out / "findings.md")
+    summary = {
+        architecture: {key: entry.get(key) for key in ("fve", "l0", "dead_fraction", "domain_share")}
+        | ({"chat_only": entry["classes"]["chat_only"]} if "classes" in entry else {})
+        for architecture, entry in results["dictionaries"].items()
+    }
+    print(
+        json.dumps(
+            {"findings": summary, "gap_closed": results["kl_patches"]["gap_closed"], "checks": results["checks"]}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
