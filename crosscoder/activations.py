@@ -16,6 +16,7 @@ block, transformers applies the final norm to ``hidden_states[-1]``; the stream 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -216,6 +217,12 @@ class PairedActivationStream:
                 "the same width"
             )
         for name, model in self._models():
+            positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            if positions is not None and settings.context_length > positions:
+                raise ConfigError(
+                    f"context_length={settings.context_length} is longer than the {name} model's "
+                    f"max_position_embeddings={positions}: use at most {positions} (--context-length)"
+                )
             n_layers = model.config.get_text_config().num_hidden_layers
             bad = [layer for layer in settings.layers if not 0 <= layer < n_layers]
             if bad or not settings.layers:
@@ -247,6 +254,12 @@ class PairedActivationStream:
             "outlier_norm_factor": settings.outlier_norm_factor,
         }
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies these activations for a resumed training run: models, revisions, layers, datasets."""
+        description = self.description()
+        keys = ("base_model", "chat_model", "base_revision", "chat_revision", "layers", "datasets")
+        return {"source": "paired models", **{key: description.get(key) for key in keys}}
+
     # -------------------------------------------------------------- documents → token ids
     def _token_ids(self, row: dict[str, Any], cursor: DocumentCursor) -> list[int]:
         settings = self.settings
@@ -256,9 +269,20 @@ class PairedActivationStream:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         elif settings.text_column in row:
-            ids = self.tokenizer(
-                row[settings.text_column], add_special_tokens=True, truncation=True, max_length=settings.context_length
-            )["input_ids"]
+            text = row[settings.text_column]
+            if not isinstance(text, str):
+                where = cursor.locate(
+                    lambda document: (
+                        document.get(settings.messages_column) is None
+                        and not isinstance(document.get(settings.text_column), str)
+                    )
+                )
+                raise DataError(
+                    f"{where}: the document has no text ('{settings.text_column}' is "
+                    f"{'null' if text is None else repr(text)}); fill it in or remove the row"
+                )
+            encoded = self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=settings.context_length)
+            ids = encoded["input_ids"]
         else:
             raise DataError(
                 f"{cursor.name} has neither a '{settings.text_column}' nor a '{settings.messages_column}' column "
@@ -350,20 +374,23 @@ class PairedActivationStream:
         results: queue.Queue = queue.Queue(maxsize=self.prefetch_blocks)
         stop = threading.Event()
 
+        def offer(item: _Block | BaseException) -> None:
+            """Queue ``item`` unless the consumer has left (which may be while the queue is full)."""
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce() -> None:
             index = first_block
             try:
                 while not stop.is_set():
-                    block = self._compute_block(index)
-                    while not stop.is_set():
-                        try:
-                            results.put(block, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    offer(self._compute_block(index))
                     index += 1
             except BaseException as error:  # handed to the consumer, which re-raises it
-                results.put(error)
+                offer(error)
 
         worker = threading.Thread(target=produce, name="paired-activations", daemon=True)
         worker.start()
@@ -373,7 +400,7 @@ class PairedActivationStream:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
+        finally:  # the consumer left (closed, or an exception): the thread ends before the interpreter may exit
             stop.set()
             worker.join()
 
@@ -382,25 +409,29 @@ class PairedActivationStream:
             cursor.load_state_dict(state)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches from the current position on; closing the iterator stops the prefetch thread."""
         skip = self.batch_in_block
-        for block in self._blocks(self.block_index):
-            self._record(block)
-            generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + block.index)
-            order = torch.randperm(len(block.chunk.token_ids), generator=generator)
-            n_batches = len(order) // self.batch_size
-            for batch in range(skip, n_batches):
-                self.batch_in_block = batch + 1
-                rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-                yield block.chunk.activations[rows.to(block.chunk.activations.device)]
-            skip = 0
-            self._advance(block)
+        with contextlib.closing(self._blocks(self.block_index)) as blocks:
+            for block in blocks:
+                self._record(block)
+                generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + block.index)
+                order = torch.randperm(len(block.chunk.token_ids), generator=generator)
+                n_batches = len(order) // self.batch_size
+                for batch in range(skip, n_batches):
+                    self.batch_in_block = batch + 1
+                    rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+                    yield block.chunk.activations[rows.to(block.chunk.activations.device)]
+                skip = 0
+                self._advance(block)
 
     def chunks(self) -> Iterator[ActivationChunk]:
-        """Unshuffled blocks (document order) with token ids, for the on-disk cache."""
-        for block in self._blocks(self.block_index):
-            self._record(block)
-            self._advance(block)
-            yield block.chunk
+        """Unshuffled blocks (document order) with token ids, for the on-disk cache; closing the iterator stops the
+        prefetch thread."""
+        with contextlib.closing(self._blocks(self.block_index)) as blocks:
+            for block in blocks:
+                self._record(block)
+                self._advance(block)
+                yield block.chunk
 
     def _record(self, block: _Block) -> None:
         self._block_start = block.start

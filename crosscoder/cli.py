@@ -1,10 +1,16 @@
 """Command line of ``train.py``: ``--help`` is generated from ``TrainConfig``'s field docs; ``--preset NAME``
-starts from a named preset and any other flag overrides it. With no arguments, the offline demo runs."""
+starts from a named preset and any other flag overrides it. With no arguments, the offline demo runs.
+
+Exit status: 0 when the run finished (or had finished before); 2 with one ``error: …`` line for a problem the user
+can fix; on SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) the run writes a checkpoint at its next step
+boundary, says how to continue (``--resume``) and exits with 130 or 143 (128 + the signal's number, as a shell
+reports it); a second Ctrl-C stops at once, without a checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,10 +18,11 @@ from dataclasses import dataclass
 import tyro
 
 from crosscoder.config import PRESETS, TrainConfig, preset
-from crosscoder.demo import explain_chat_latents, resolve_model_organism, summary
+from crosscoder.demo import explain, resolve_model_organism, summary
 from crosscoder.distributed import shutdown_distributed
 from crosscoder.errors import CrosscoderError
 from crosscoder.training import train
+from crosscoder.training.interruption import RunInterrupted
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         dictionaries = train(resolve_model_organism(config))
+    except RunInterrupted as stop:  # SIGINT / SIGTERM: a checkpoint was written
+        print(stop, file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: stopped at once, without writing a checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     except CrosscoderError as error:  # the user's to fix: one message; anything else is a bug and keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -59,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in dictionaries:
         print(f"  {name}: {config.run_dir / name}")
     lines = summary(dictionaries)
-    if config.model_organism and "batchtopk_crosscoder" in dictionaries:
-        lines += explain_chat_latents(dictionaries["batchtopk_crosscoder"], config)
+    if config.model_organism:
+        lines += explain(dictionaries, config)
     print("\n".join(lines))
     return 0

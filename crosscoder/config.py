@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -58,6 +60,8 @@ class TrainConfig:
     """Hub revision of the chat model."""
     cache: Path | None = None
     """Read batches from an on-disk activation cache (built with `python -m crosscoder.cache build`)."""
+    allow_incomplete_cache: bool = False
+    """Train on a cache whose build has not finished (its finished shards); without it such a cache is refused."""
     activations: Path | None = None
     """Tensor file of paired activations [tokens, n_sources, d_model] (.safetensors key 'activations', or .pt)."""
     model_organism: bool = False
@@ -188,31 +192,39 @@ class TrainConfig:
             raise ConfigError("invalid training config: " + "; ".join(problems))
 
     def problems(self) -> list[str]:
-        """Human-readable reasons this config cannot run (empty when valid)."""
-        problems = []
+        """Human-readable reasons this config cannot run (empty when valid); each names the flag to fix."""
+        problems = [problem for name, rule in _NUMERIC_RULES.items() if (problem := rule.problem(name, self))]
         if not self.architectures:
             problems.append("architectures is empty: name at least one of batchtopk, l1, diff_sae")
         if len(set(self.architectures)) != len(self.architectures):
             problems.append(f"architectures {self.architectures} lists one twice")
-        for name in ("batch_size", "num_tokens", "normalization_tokens", "expansion_factor"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.k <= 0:
-            problems.append(f"k must be positive, got {self.k}")
         if self.dict_size is not None and self.dict_size <= self.k:
-            problems.append(f"k={self.k} must be smaller than dict_size={self.dict_size}")
-        if self.k_max is not None and self.k_max < self.k:
-            problems.append(f"k_max={self.k_max} must be at least k={self.k}")
+            problems.append(f"--k ({self.k}) must be smaller than --dict-size ({self.dict_size})")
+        if self.k_max is not None:
+            if self.k_max < self.k:
+                problems.append(f"--k-max ({self.k_max}) must be at least --k ({self.k})")
+            if self.dict_size is not None and self.k_max > self.dict_size:
+                problems.append(f"--k-max ({self.k_max}) must be at most --dict-size ({self.dict_size})")
+            if self.k_anneal_steps <= 0:
+                problems.append(
+                    f"--k-max ({self.k_max}) anneals over --k-anneal-steps, which must then be > 0, got "
+                    f"{self.k_anneal_steps}"
+                )
         if self.num_tokens < self.batch_size:
-            problems.append(f"num_tokens={self.num_tokens} is less than one batch of {self.batch_size}")
-        if not 0 <= self.decay_fraction <= 1:
-            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if not 0 < self.threshold_beta < 1:
-            problems.append(f"threshold_beta must be in (0, 1), got {self.threshold_beta}")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        if self.keep_checkpoints < 1:
-            problems.append("keep_checkpoints must be at least 1 (resume needs a checkpoint)")
+            problems.append(f"--num-tokens ({self.num_tokens}) is less than one batch (--batch-size {self.batch_size})")
+        for name in ("layers", "drop_token_ids"):
+            negative = [value for value in getattr(self, name) or () if value < 0]
+            if negative:
+                problems.append(f"{_flag(name)} must be ≥ 0, got {negative}")
+        if self.dataset_weights is not None:
+            if len(self.dataset_weights) != len(self.datasets):
+                problems.append(f"{len(self.dataset_weights)} dataset weights for {len(self.datasets)} datasets")
+            if not all(math.isfinite(weight) and weight >= 0 for weight in self.dataset_weights) or not any(
+                self.dataset_weights
+            ):
+                problems.append(
+                    f"--dataset-weights must be finite and ≥ 0, not all 0, got {list(self.dataset_weights)}"
+                )
         named = [
             name
             for name, on in (
@@ -233,13 +245,19 @@ class TrainConfig:
             problems.append(
                 "parallelism='latents' supports the BatchTopK dictionaries (batchtopk, diff_sae), not l1: use 'data'"
             )
-        if self.context_length < 2:
-            problems.append(f"context_length={self.context_length} is too short: a sequence needs at least 2 tokens")
-        if self.dataset_weights is not None and len(self.dataset_weights) != len(self.datasets):
-            problems.append(f"{len(self.dataset_weights)} dataset weights for {len(self.datasets)} datasets")
-        if self.log_every <= 0:
-            problems.append(f"log_every must be positive, got {self.log_every}")
         return problems
+
+    def check_output_dir(self) -> None:
+        """Refuse, before any compute, an ``output_dir`` that cannot hold this run's folder: a file in the way, or a
+        folder that cannot be created or written. Creates ``output_dir``."""
+        problem = output_folder_problem(Path(self.output_dir))
+        if problem is None and self.run_dir.exists() and not self.run_dir.is_dir():
+            problem = f"{self.run_dir} is a file"
+        if problem is not None:
+            raise ConfigError(
+                f"--output-dir {self.output_dir} cannot hold the run folder {self.run_name}: {problem}; pass a "
+                "writable folder with --output-dir (or another --run-name)"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -268,6 +286,85 @@ class TrainConfig:
             if converted.get(name) is not None:
                 converted[name] = tuple(converted[name])
         return cls(**converted)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The valid values of a numeric field: between ``low`` and ``high`` (``closed``: whether each end is valid),
+    and finite; an unset (None) optional field passes."""
+
+    low: float
+    high: float = math.inf
+    closed: tuple[bool, bool] = (False, False)
+
+    def problem(self, name: str, config: TrainConfig) -> str | None:
+        value = getattr(config, name)
+        if value is None:
+            return None
+        above = value >= self.low if self.closed[0] else value > self.low
+        below = value <= self.high if self.closed[1] else value < self.high
+        if math.isfinite(value) and above and below:
+            return None
+        if self.high == math.inf:
+            valid = f"{'≥' if self.closed[0] else '>'} {self.low:g}"
+        else:
+            valid = f"in {'[' if self.closed[0] else '('}{self.low:g}, {self.high:g}{']' if self.closed[1] else ')'}"
+        return f"{_flag(name)} must be {'finite and ' if isinstance(value, float) else ''}{valid}, got {value!r}"
+
+
+_POSITIVE = _Range(0)
+_NON_NEGATIVE = _Range(0, closed=(True, False))
+
+#: The valid range of every numeric field (k_max, which depends on k and dict_size, is checked in ``problems``).
+_NUMERIC_RULES: dict[str, _Range] = {
+    "expansion_factor": _POSITIVE,
+    "dict_size": _POSITIVE,
+    "k": _POSITIVE,
+    "k_anneal_steps": _NON_NEGATIVE,
+    "init_decoder_norm": _POSITIVE,
+    "context_length": _Range(2, closed=(True, False)),
+    "block_sequences": _POSITIVE,
+    "model_batch_size": _POSITIVE,
+    "drop_first_tokens": _NON_NEGATIVE,
+    "outlier_norm_factor": _NON_NEGATIVE,
+    "prefetch_blocks": _NON_NEGATIVE,
+    "batch_size": _POSITIVE,
+    "num_tokens": _POSITIVE,
+    "normalization_tokens": _POSITIVE,
+    "lr": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "decay_fraction": _Range(0, 1, closed=(True, True)),
+    "grad_clip": _POSITIVE,
+    "l1_coefficient": _NON_NEGATIVE,
+    "l1_warmup_steps": _NON_NEGATIVE,
+    "aux_k": _NON_NEGATIVE,
+    "aux_coefficient": _NON_NEGATIVE,
+    "dead_tokens": _POSITIVE,
+    "threshold_start_step": _NON_NEGATIVE,
+    "threshold_beta": _Range(0, 1),
+    "seed": _NON_NEGATIVE,
+    "checkpoint_every": _NON_NEGATIVE,
+    "keep_checkpoints": _Range(1, closed=(True, False)),
+    "log_every": _POSITIVE,
+    "validate_every": _NON_NEGATIVE,
+}
+
+
+def output_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (None when they can); creates it, with its parents, when missing."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"{folder} cannot be created or written ({error.strerror or type(error).__name__})"
+    return None
 
 
 def migrate_config_dict(values: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +409,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "activations",
         "output_dir",
         "cache",
+        "allow_incomplete_cache",
         "base_device",
         "chat_device",
         "prefetch_blocks",

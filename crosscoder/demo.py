@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import Counter
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -76,36 +77,68 @@ def summary(dictionaries: dict[str, SparseDictionary]) -> list[str]:
     return lines
 
 
-def explain_chat_latents(
-    crosscoder: SparseDictionary, config: TrainConfig, n_blocks: int = 6, n_latents: int = 6
+def explain(
+    dictionaries: dict[str, SparseDictionary], config: TrainConfig, n_blocks: int = 6, n_latents: int = 6
 ) -> list[str]:
-    """What the diff found, in words: the chat-only latents (or, if none passes Δnorm > 0.9, the most
-    chat-leaning ones), each with its Δnorm, Latent Scaling verdict and the tokens it fires most on."""
+    """What each dictionary found, briefly: for a crosscoder its chat-only latents (or, if none passes Δnorm > 0.9,
+    the most chat-leaning ones) with Δnorm, Latent Scaling verdict and the tokens they fire on most; for a diff-SAE
+    its most active latents and the tokens they fire on. At most ``n_latents`` lines per dictionary."""
     organism = build_model_organism(seed=config.seed, progress=config.progress)
     stream_config = dataclasses.replace(organism_config(config, organism), prefetch_blocks=0)
     stream = PairedActivationStream.from_config(stream_config)
     chunks = list(itertools.islice(stream.chunks(), n_blocks))
+    tokenizer = AutoTokenizer.from_pretrained(organism.chat_path)
+    lines = [f"What each dictionary found (over {sum(len(c.token_ids) for c in chunks)} tokens of general text and "
+             "baking chats):"]  # fmt: skip
+    for name, dictionary in dictionaries.items():
+        explained = _explain_crosscoder if dictionary.input.kind == "paired" else _explain_sae
+        lines += explained(name, dictionary, chunks, tokenizer, n_latents)
+    return lines
+
+
+def _explain_crosscoder(
+    name: str, crosscoder: SparseDictionary, chunks: list, tokenizer: Any, n_latents: int
+) -> list[str]:
     delta = relative_norm_difference(crosscoder)
     chat_only = (delta > 0.9).nonzero().flatten()
-    chosen = chat_only if len(chat_only) else delta.argsort(descending=True)[:n_latents]
+    chosen = delta.argsort(descending=True)[: min(n_latents, len(chat_only)) if len(chat_only) else n_latents]
     title = (
-        f"{len(chat_only)} chat-only latents (Δnorm > 0.9)"
+        f"{len(chat_only)} chat-only latents (Δnorm > 0.9); the {len(chosen)} most chat-leaning"
         if len(chat_only)
         else f"no latent passes Δnorm > 0.9; the {len(chosen)} most chat-leaning"
     )
     scaling = compute_betas(crosscoder, [chunk.activations.float() for chunk in chunks], chosen)
     examples = top_contexts(crosscoder, chunks, chosen, n_top=12)
-    tokenizer = AutoTokenizer.from_pretrained(organism.chat_path)
-    lines = [f"{title} (over {sum(len(c.token_ids) for c in chunks)} tokens of general text and baking chats):"]
+    lines = [f"{name}: {title}:"]
     for position, (latent, verdict) in enumerate(zip(chosen.tolist(), scaling.verdicts(), strict=True)):
-        tokens = Counter(
-            tokenizer.decode([example.token_ids[example.center]]).strip()
-            for example in examples[latent]
-            if example.token_ids[example.center] != PAD
-        )
-        top = ", ".join(f"{token!r}×{count}" if count > 1 else repr(token) for token, count in tokens.most_common(6))
         lines.append(
             f"  latent {latent}: Δnorm={delta[latent]:.2f} ν^ε={scaling.nu_error[position]:.2f} "
-            f"ν^r={scaling.nu_recon[position]:.2f} ({verdict}); fires on {top or 'nothing'}"
+            f"ν^r={scaling.nu_recon[position]:.2f} ({verdict}); fires on {_top_tokens(examples[latent], tokenizer)}"
         )
     return lines
+
+
+def _explain_sae(name: str, sae: SparseDictionary, chunks: list, tokenizer: Any, n_latents: int) -> list[str]:
+    counts = sum((sae.encode(sae.input_from_pair(chunk.activations.float())) > 0).sum(0) for chunk in chunks)
+    chosen = counts.argsort(descending=True)[:n_latents]
+    examples = top_contexts(sae, chunks, chosen, n_top=12)
+    lines = [f"{name}: the {len(chosen)} most active latents (of {sae.input.describe()}):"]
+    total = sum(len(chunk.token_ids) for chunk in chunks)
+    for latent in chosen.tolist():
+        frequency = float(counts[latent]) / total
+        lines.append(
+            f"  latent {latent}: fires on {frequency:.1%} of tokens, most on {_top_tokens(examples[latent], tokenizer)}"
+        )
+    return lines
+
+
+def _top_tokens(examples: list, tokenizer: Any) -> str:
+    """The tokens a latent's top examples centre on, most frequent first (e.g. ``'oven'×3, 'flour'``)."""
+    tokens = Counter(
+        tokenizer.decode([example.token_ids[example.center]]).strip()
+        for example in examples
+        if example.token_ids[example.center] != PAD
+    )
+    return ", ".join(f"{token!r}×{count}" if count > 1 else repr(token) for token, count in tokens.most_common(6)) or (
+        "nothing"
+    )

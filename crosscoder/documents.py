@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crosscoder.errors import ConfigError, DataError, InputNotFoundError
+
+#: ``datasets`` builder of each local file type.
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 @dataclass
@@ -26,6 +30,11 @@ class DocumentCursor:
                 self._iterator = self._open()
             try:
                 row = next(self._iterator)
+            except UnicodeDecodeError as error:
+                problem = _undecodable_line(Path(self.name))
+                if problem is None:
+                    raise
+                raise DataError(problem) from error
             except StopIteration:
                 if self.index == 0:
                     raise DataError(f"dataset {self.name} is empty: there are no documents to read") from None
@@ -34,6 +43,24 @@ class DocumentCursor:
             self.index += 1
             return row
         raise AssertionError("unreachable")
+
+    def locate(self, matches: Callable[[dict[str, Any]], bool]) -> str:
+        """Where the first document that ``matches`` lies: the file and its line (JSON lines) or row (other local
+        files), else this cursor's position."""
+        path = Path(self.name)
+        if path.suffix == ".jsonl" and path.is_file():
+            with path.open(encoding="utf-8") as file:
+                for number, line in enumerate(file, 1):
+                    if line.strip() and matches(json.loads(line)):
+                        return f"{path}, line {number}"
+        elif path.is_file():
+            import datasets
+
+            rows = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train", streaming=True)
+            for number, row in enumerate(rows, 1):
+                if matches(row):
+                    return f"{path}, row {number}"
+        return f"{self.name}, document {self.index} of pass {self.epoch + 1} in reading order"
 
     def _open(self) -> Iterator[dict[str, Any]]:
         dataset = self.dataset
@@ -56,11 +83,20 @@ def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 
     import datasets
 
     path = Path(spec)
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
     if path.is_file():
-        if path.suffix not in builders:
+        if path.suffix not in BUILDERS:
             raise ConfigError(f"cannot read {spec}: use a .json/.jsonl/.parquet/.csv/.txt file or a dataset id")
-        dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", streaming=streaming)
+        if _is_blank(path):
+            raise DataError(f"dataset {path} is empty: it holds no documents; fill it or leave it out of --datasets")
+        try:
+            dataset = datasets.load_dataset(
+                BUILDERS[path.suffix], data_files=str(path), split="train", streaming=streaming
+            )
+        except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
+            problem = _undecodable_line(path)
+            if problem is None:
+                raise
+            raise DataError(problem) from error
     else:
         try:
             dataset = datasets.load_dataset(spec, split=split, streaming=streaming)
@@ -76,3 +112,27 @@ def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 
     if not streaming:
         dataset = dataset.shuffle(seed=seed)
     return dataset
+
+
+def _is_blank(path: Path) -> bool:
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _undecodable_line(path: Path) -> str | None:
+    """What is wrong where a local text file first breaks UTF-8 (file, line, byte), or None when it does not."""
+    if not path.is_file() or path.suffix == ".parquet":
+        return None
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"{path}, line {number}, is not UTF-8 text (byte 0x{line[error.start]:02x} at column "
+                    f"{error.start + 1}): re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                )
+    return None

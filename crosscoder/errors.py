@@ -44,5 +44,9 @@ class DictionaryFormatError(CrosscoderError, ValueError):
     """A saved dictionary cannot be read: unknown format, newer format version, or inconsistent tensors."""
 
 
+class PushError(CrosscoderError, RuntimeError):
+    """Pushing to the Hugging Face Hub failed; the local files are complete."""
+
+
 class NonFiniteError(CrosscoderError, RuntimeError):
     """A batch or a loss became NaN/Inf; training stopped without writing a checkpoint."""

@@ -45,9 +45,14 @@ def load_dictionary(
     cache when ``HF_HUB_OFFLINE=1``), or a science-of-finetuning / ``dictionary_learning`` checkpoint
     (a folder or repo with its ``config.json`` + ``model.safetensors``, or its ``checkpoint.pt``).
 
-    The class is picked from the config.
+    The class is picked from the config. Weights that are NaN or infinite are refused.
     """
     path = Path(path_or_repo_id)
+    if path.is_file() and (path.suffix == ".safetensors" or path.name == CONFIG_FILE):
+        raise ConfigError(
+            f"{path} is one file of a saved dictionary: pass the folder that holds it ({path.parent}) to "
+            "load_dictionary"
+        )
     if path.is_file():
         return _load_legacy_checkpoint(path, map_location)
     fetch = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
@@ -56,14 +61,27 @@ def load_dictionary(
     weights_path = _resolve(path_or_repo_id, WEIGHTS_FILE, fetch)
     state_dict = _read_safetensors(weights_path, map_location)
     if config.get("format") == FORMAT_NAME:
-        return dictionary_from_state(config, state_dict, source=str(path_or_repo_id))
-    if "dict_class" in config and "activation_dim" in config:
-        return from_dictionary_learning(state_dict, config)
-    raise DictionaryFormatError(
-        f"{config_path} is neither a crosscoder dictionary (no 'format': '{FORMAT_NAME}') nor a "
-        "dictionary_learning one (no 'dict_class' and 'activation_dim'): point at a folder written by "
-        "save_pretrained"
-    )
+        dictionary = dictionary_from_state(config, state_dict, source=str(path_or_repo_id))
+    elif "dict_class" in config and "activation_dim" in config:
+        dictionary = from_dictionary_learning(state_dict, config, source=str(weights_path))
+    else:
+        raise DictionaryFormatError(
+            f"{config_path} is neither a crosscoder dictionary (no 'format': '{FORMAT_NAME}') nor a "
+            "dictionary_learning one (no 'dict_class' and 'activation_dim'): point at a folder written by "
+            "save_pretrained"
+        )
+    _check_finite(dictionary, weights_path)
+    return dictionary
+
+
+def _check_finite(dictionary: SparseDictionary, path: Path) -> None:
+    """Refuse a dictionary whose weights or buffers hold NaN or Inf (a diverged run or a damaged file)."""
+    broken = [name for name, tensor in dictionary.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise DictionaryFormatError(
+            f"{path}: {', '.join(broken)} hold NaN or Inf values, so the dictionary cannot be used: the run that "
+            "wrote it diverged or the file is damaged; load an earlier checkpoint or retrain"
+        )
 
 
 def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) -> Path:
@@ -169,7 +187,9 @@ def load_state_dict_checked(dictionary: SparseDictionary, state_dict: dict[str, 
 
 
 # ---------------------------------------------------------------------------- dictionary_learning interop
-def from_dictionary_learning(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> SparseDictionary:
+def from_dictionary_learning(
+    state_dict: dict[str, torch.Tensor], config: dict[str, Any], source: str = "dictionary_learning checkpoint"
+) -> SparseDictionary:
     """Convert a science-of-finetuning / ``dictionary_learning`` dictionary (docs/architecture.md §6; the
     normalisation mapping: docs/methods.md §1.2).
 
@@ -177,19 +197,20 @@ def from_dictionary_learning(state_dict: dict[str, torch.Tensor], config: dict[s
     ``decoder.bias [L, d]``; SAEs: ``encoder.weight [F, d]``, ``decoder.weight [d, F]``, ``b_dec [d]``.
     Optional normalisation buffers ``activation_mean`` / ``activation_std`` (NaN = off) and
     ``activation_global_scale`` map onto ``input_mean`` and ``input_scale``: the converted dictionary gives
-    the same outputs on raw activations.
+    the same outputs on raw activations. ``source`` names the file in errors.
     """
     class_name = config.get("dict_class")
     metadata = {"converted_from": f"dictionary_learning {class_name}"}
+    tensors = _CheckedTensors(state_dict, f"{source} (dictionary_learning {class_name})")
     try:
         if class_name in ("BatchTopKCrossCoder", "CrossCoder"):
-            return _crosscoder_from_dictionary_learning(state_dict, config, class_name, metadata)
+            return _crosscoder_from_dictionary_learning(tensors, config, class_name, metadata)
         if class_name == "BatchTopKSAE":
-            return _sae_from_dictionary_learning(state_dict, config, metadata)
+            return _sae_from_dictionary_learning(tensors, metadata)
     except KeyError as error:
         raise DictionaryFormatError(
-            f"dictionary_learning {class_name} checkpoint lacks the tensor {error}: it is truncated or not a "
-            f"{class_name}"
+            f"{source}: dictionary_learning {class_name} checkpoint lacks the tensor {error}: it is truncated or not "
+            f"a {class_name}"
         ) from error
     raise DictionaryFormatError(
         f"dictionary_learning class {class_name!r} is not supported; supported: BatchTopKCrossCoder, CrossCoder, "
@@ -197,8 +218,32 @@ def from_dictionary_learning(state_dict: dict[str, torch.Tensor], config: dict[s
     )
 
 
+class _CheckedTensors:
+    """A dictionary_learning state dict whose tensors are checked against the shapes the conversion needs."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        self.state_dict, self.source = state_dict, source
+
+    def get(self, name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+        """The tensor ``name`` (a missing one is a ``KeyError``), of ``shape`` (None: any size; () also takes a
+        one-element tensor, returned as a scalar)."""
+        tensor = self.state_dict[name]
+        if shape == () and tensor.numel() == 1:
+            return tensor.reshape(())
+        fits = tensor.dim() == len(shape) and all(
+            size in (None, actual) for size, actual in zip(shape, tensor.shape, strict=True)
+        )
+        if not fits:
+            expected = ", ".join("*" if size is None else str(size) for size in shape)
+            raise DictionaryFormatError(
+                f"{self.source}: tensor '{name}' has shape {list(tensor.shape)}, but the other tensors need "
+                f"[{expected}]: the file is damaged or its tensors come from different dictionaries"
+            )
+        return tensor
+
+
 def _crosscoder_from_dictionary_learning(
-    state_dict: dict[str, torch.Tensor], config: dict[str, Any], class_name: str, metadata: dict[str, Any]
+    tensors: _CheckedTensors, config: dict[str, Any], class_name: str, metadata: dict[str, Any]
 ) -> SparseDictionary:
     mode = config.get("code_normalization", "CROSSCODER")
     if mode != "CROSSCODER":
@@ -208,46 +253,50 @@ def _crosscoder_from_dictionary_learning(
     for option in ("encoder_layers", "num_decoder_layers", "latent_processor"):
         if config.get(option) is not None:
             raise DictionaryFormatError(f"dictionary_learning option {option}={config[option]!r} is not supported")
-    encoder = state_dict["encoder.weight"]  # [L, d, F]
+    encoder = tensors.get("encoder.weight", (None, None, None))  # [L, d, F]
     n_sources, d_model, dict_size = encoder.shape
     dictionary: SparseDictionary
     if class_name == "BatchTopKCrossCoder":
-        dictionary = BatchTopKCrossCoder(d_model, dict_size, int(state_dict["k"]), n_sources, metadata=metadata)
-        dictionary.threshold.copy_(state_dict["threshold"].reshape(()))
+        dictionary = BatchTopKCrossCoder(d_model, dict_size, int(tensors.get("k", ())), n_sources, metadata=metadata)
+        dictionary.threshold.copy_(tensors.get("threshold", ()))
     else:
         dictionary = L1CrossCoder(d_model, dict_size, n_sources, metadata=metadata)
     with torch.no_grad():
         dictionary.W_enc.copy_(encoder.permute(2, 0, 1))
-        dictionary.b_enc.copy_(state_dict["encoder.bias"])
-        dictionary.W_dec.copy_(state_dict["decoder.weight"].permute(1, 0, 2))
-        dictionary.b_dec.copy_(state_dict["decoder.bias"])
-    _copy_normalisation(dictionary, state_dict)
+        dictionary.b_enc.copy_(tensors.get("encoder.bias", (dict_size,)))
+        dictionary.W_dec.copy_(tensors.get("decoder.weight", (n_sources, dict_size, d_model)).permute(1, 0, 2))
+        dictionary.b_dec.copy_(tensors.get("decoder.bias", (n_sources, d_model)))
+    _copy_normalisation(dictionary, tensors)
     return dictionary.eval()
 
 
-def _sae_from_dictionary_learning(
-    state_dict: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, Any]
-) -> SparseDictionary:
-    dict_size, d_model = state_dict["encoder.weight"].shape
-    dictionary = BatchTopKSAE(d_model, dict_size, int(state_dict["k"]), metadata=metadata)
+def _sae_from_dictionary_learning(tensors: _CheckedTensors, metadata: dict[str, Any]) -> SparseDictionary:
+    encoder = tensors.get("encoder.weight", (None, None))  # [F, d]
+    dict_size, d_model = encoder.shape
+    dictionary = BatchTopKSAE(d_model, dict_size, int(tensors.get("k", ())), metadata=metadata)
     with torch.no_grad():
-        dictionary.W_enc.copy_(state_dict["encoder.weight"][:, None, :])
-        dictionary.b_enc.copy_(state_dict["encoder.bias"])
-        dictionary.W_dec.copy_(state_dict["decoder.weight"].T[:, None, :])
-        dictionary.b_dec.copy_(state_dict["b_dec"][None, :])
-        dictionary.threshold.copy_(state_dict["threshold"].reshape(()))
-    _copy_normalisation(dictionary, state_dict)
+        dictionary.W_enc.copy_(encoder[:, None, :])
+        dictionary.b_enc.copy_(tensors.get("encoder.bias", (dict_size,)))
+        dictionary.W_dec.copy_(tensors.get("decoder.weight", (d_model, dict_size)).T[:, None, :])
+        dictionary.b_dec.copy_(tensors.get("b_dec", (d_model,))[None, :])
+        dictionary.threshold.copy_(tensors.get("threshold", ()))
+    _copy_normalisation(dictionary, tensors)
     return dictionary.eval()
 
 
 @torch.no_grad()
-def _copy_normalisation(dictionary: SparseDictionary, state_dict: dict[str, torch.Tensor]) -> None:
+def _copy_normalisation(dictionary: SparseDictionary, tensors: _CheckedTensors) -> None:
     """dictionary_learning normalises ``(x − mean) · global_scale`` when mean and std are both finite."""
-    mean, std = state_dict.get("activation_mean"), state_dict.get("activation_std")
+    mean, std = tensors.state_dict.get("activation_mean"), tensors.state_dict.get("activation_std")
     if mean is None or std is None or mean.isnan().any() or std.isnan().any():
         return
+    if isinstance(dictionary, BatchTopKSAE):  # one vector per token: mean [d], one scale
+        mean, scale = tensors.get("activation_mean", (dictionary.d_model,)), tensors.get("activation_global_scale", ())
+    else:
+        mean = tensors.get("activation_mean", (dictionary.n_sources, dictionary.d_model))
+        scale = tensors.get("activation_global_scale", (dictionary.n_sources,))
     dictionary.input_mean.copy_(mean.reshape(dictionary.input_mean.shape))
-    dictionary.input_scale.copy_(state_dict["activation_global_scale"].reshape(dictionary.input_scale.shape))
+    dictionary.input_scale.copy_(scale.reshape(dictionary.input_scale.shape))
 
 
 def _load_legacy_checkpoint(path: Path, map_location: str | torch.device) -> SparseDictionary:
@@ -265,7 +314,9 @@ def _load_legacy_checkpoint(path: Path, map_location: str | torch.device) -> Spa
     config = _read_config(config_path) if config_path.is_file() else {}
     if "dict_class" not in config:
         config["dict_class"] = _guess_dictionary_learning_class(state_dict, path)
-    return from_dictionary_learning(state_dict, config)
+    dictionary = from_dictionary_learning(state_dict, config, source=str(path))
+    _check_finite(dictionary, path)
+    return dictionary
 
 
 def _guess_dictionary_learning_class(state_dict: dict[str, Any], path: Path) -> str:

@@ -29,23 +29,38 @@ def resolve_device(device: str) -> str:
 def load_causal_lm(
     name: str, *, revision: str | None, dtype: str, device: str, trust_remote_code: bool
 ) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from a local folder or a Hub id (offline: from the HF cache)."""
+    """A causal LM and its tokenizer from a local folder or a Hub id (offline: from the HF cache); refuses a
+    checkpoint that lacks weights the model's config declares (transformers would initialise them randomly)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with library_progress_bars(enabled=True):
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                name, revision=revision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                name,
+                revision=revision,
+                dtype=_DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
             )
     except OSError as error:
         if Path(name).is_dir():
-            raise
+            raise DataError(
+                f"model folder {name} cannot be loaded: {error} It must hold a transformers model as "
+                "save_pretrained writes it (a valid config.json, the weights, the tokenizer files)"
+            ) from error
         raise InputNotFoundError(
             f"model '{name}' is neither a local folder nor in the Hugging Face cache, or the Hub cannot be reached "
             f"({type(error).__name__}): download it where there is network (`hf download {name}`) and copy the cache "
             "(HF_HOME) here, or pass a local folder"
         ) from error
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise DataError(
+            f"model {name}: {len(missing)} weights its config.json declares are not in its checkpoint (e.g. "
+            f"{', '.join(missing[:3])}) and would be random: use the checkpoint that matches the config (e.g. "
+            "num_hidden_layers in config.json must count the layers the weights hold)"
+        )
     return model.to(device).eval(), tokenizer
 
 

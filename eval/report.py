@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActiv
     overridden = bool(config.base_model or config.chat_model)
     settings = StreamSettings(
         layers=config.layers or tuple(recorded.get("layers") or ()),
-        context_length=int(recorded.get("context_length") or 1024),
+        context_length=int(recorded.get("context_length") or _default_context(base_model, config.trust_remote_code)),
         block_sequences=64,
         model_batch_size=16,
         drop_first_tokens=int(recorded.get("drop_first_tokens", 1)),
@@ -144,6 +145,7 @@ def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActiv
 
 def evaluate(config: EvalConfig) -> dict:
     """Run every analysis and write the report folder; returns the report."""
+    _check_out(config.out)
     dictionary = load_dictionary(config.dictionary)
     stream = open_stream(dictionary, config)
     if stream.d_model != dictionary.d_model:
@@ -164,7 +166,6 @@ def evaluate(config: EvalConfig) -> dict:
                 return
 
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
     is_crosscoder = dictionary.n_sources == 2
     report: dict = {
         "dictionary": config.dictionary,
@@ -284,6 +285,21 @@ def evaluate(config: EvalConfig) -> dict:
     return report
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any compute, an ``--out`` that is a file or cannot be created or written; creates it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: pass a folder for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--out {out} cannot be created or written ({error.strerror or type(error).__name__}): pass a writable "
+            "folder for the report"
+        ) from error
+
+
 def _conversations(stream: PairedActivationStream, config: EvalConfig) -> list[list[dict[str, str]]]:
     """The first ``kl_conversations`` conversations of the datasets that have a messages column."""
     column = stream.settings.messages_column
@@ -296,3 +312,15 @@ def _conversations(stream: PairedActivationStream, config: EvalConfig) -> list[l
             if len(found) >= config.kl_conversations:
                 return found
     return found
+
+
+def _default_context(model: str, trust_remote_code: bool) -> int:
+    """For a dictionary that records no context length: 1024 tokens, or fewer if the model takes fewer (a model
+    that cannot be read is reported when it is loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        limit = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).max_position_embeddings
+    except (OSError, ValueError, AttributeError):
+        return 1024
+    return min(1024, limit) if isinstance(limit, int) else 1024

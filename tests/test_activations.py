@@ -195,7 +195,13 @@ def test_different_tokenizers(pair, tokenizer):
     base, chat = pair
     with pytest.raises(ValueError, match=r"tokenizers differ on .* ids"):
         PairedActivationStream(
-            base, chat, tokenizer, [text_dataset()], StreamSettings(layers=(1,)), batch_size=8, base_tokenizer=other
+            base,
+            chat,
+            tokenizer,
+            [text_dataset()],
+            StreamSettings(layers=(1,), context_length=24),
+            batch_size=8,
+            base_tokenizer=other,
         )
 
 

@@ -547,7 +547,7 @@ def test_cli_builds_a_cache_from_the_configured_stream(tmp_path, monkeypatch, ca
     argv = ["build", "--out", str(folder), "--num-tokens", "950", "--batch-size", "50", "--shard-tokens", "100"]
     status = cache_cli.main([*argv, "--dtype", "bfloat16", "--no-progress"])
     assert status == 0
-    assert made[0].num_tokens == 950 and not made[0].progress
+    assert not made[0].progress
     manifest = read_manifest(folder)
     assert (manifest["num_tokens"], manifest["dtype"], len(manifest["shards"])) == (950, "bfloat16", 10)
     assert json.loads(capsys.readouterr().out)["num_tokens"] == 950

@@ -52,7 +52,7 @@ def test_unknown_preset_exits_2_and_lists_the_known_ones(tmp_path):
 def test_invalid_value_exits_with_the_reason(tmp_path):
     result = run_train("--k", "0", cwd=tmp_path)
     assert result.returncode == 2
-    assert "k must be positive" in result.stdout + result.stderr
+    assert "--k must be > 0, got 0" in result.stdout + result.stderr
 
 
 def test_config_round_trips_through_its_dict():

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import crosscoder
-from crosscoder.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from crosscoder.errors import DataError, NonFiniteError
+from crosscoder.checkpoint import CheckpointError, checksum_path, list_checkpoints, load_checkpoint
+from crosscoder.errors import NonFiniteError
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, relative_norm_difference
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 from crosscoder.training.schedules import current_k, lr_factor
@@ -201,10 +201,11 @@ def test_batch_of_another_shape_is_refused(tmp_path):
         crosscoder.train(config, batches())
 
 
-def test_running_out_of_batches_is_an_error(tmp_path):
+def test_running_out_of_batches_ends_the_run_early_and_saves_it(tmp_path):
     config = small_config(tmp_path, normalization_tokens=256)
-    with pytest.raises(DataError, match="ran out after 5 of 60 steps"):
+    with pytest.warns(UserWarning, match="ran out after 5 of 60 steps: the run ended early"):
         crosscoder.train(config, [PLANTED.sample(256, torch.Generator().manual_seed(i)) for i in range(5)])
+    assert crosscoder.load_dictionary(config.run_dir / "batchtopk_crosscoder").metadata["training_steps"] == 5
 
 
 def test_empty_batch_source_is_an_error(tmp_path):
@@ -241,14 +242,17 @@ def test_corrupt_checkpoint_is_named_on_resume(tmp_path, damage):
     latest = list_checkpoints(config.run_dir)[-1]
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match=rf"{latest.name} does not match its sha256.*step_000000020\.pt"):
+        crosscoder.train(dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, 256))
+    checksum_path(latest).unlink()  # as written before checkpoints had checksums: torch still notices the damage
     with pytest.raises(CheckpointError, match=rf"{latest.name} is corrupt or truncated.*step_000000020\.pt"):
         crosscoder.train(dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, 256))
 
 
 def test_k_out_of_range_is_refused_by_the_config():
-    with pytest.raises(ValueError, match="k=64 must be smaller than dict_size=64"):
+    with pytest.raises(ValueError, match=r"--k \(64\) must be smaller than --dict-size \(64\)"):
         crosscoder.TrainConfig(k=64, dict_size=64)
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(ValueError, match="--k must be > 0, got 0"):
         crosscoder.TrainConfig(k=0)
 
 
@@ -258,5 +262,6 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
     latest = list_checkpoints(config.run_dir)[-1]
     state = torch.load(latest, weights_only=True)
     torch.save({**state, "format_version": 99}, latest)
+    checksum_path(latest).unlink()
     with pytest.raises(CheckpointError, match="checkpoint format 99, newer than this crosscoder reads"):
         crosscoder.train(dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, 256))

@@ -23,6 +23,8 @@ from crosscoder.errors import ConfigError, CrosscoderError
 class _BuildOptions:
     out: Path | None = None
     """Cache folder (created; an interrupted build in it is continued)."""
+    num_tokens: int | None = None
+    """Tokens to cache (default: the preset's num_tokens)."""
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     """Tokens per shard file."""
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
@@ -52,8 +54,9 @@ def _paired_stream(config: Any) -> ChunkSource:
 def _build_command(argv: Sequence[str]) -> int:
     import tyro
 
-    from crosscoder.config import TrainConfig, preset
+    from crosscoder.config import TrainConfig, output_folder_problem, preset
 
+    # --num-tokens is the cache's size, read here so that no training rule (such as one batch at least) applies to it
     options, rest = tyro.cli(_BuildOptions, args=list(argv), return_unknown_args=True, add_help=False)
     base = preset(options.preset) if options.preset is not None else TrainConfig()
     config = tyro.cli(
@@ -69,8 +72,12 @@ def _build_command(argv: Sequence[str]) -> int:
     )
     if options.out is None:
         raise ConfigError("name the cache folder with --out DIR")
+    problem = output_folder_problem(options.out)
+    if problem is not None:
+        raise ConfigError(f"--out {options.out} cannot hold the cache: {problem}; pass a writable folder")
+    num_tokens = options.num_tokens if options.num_tokens is not None else config.num_tokens
     ActivationCache.build(
-        options.out, _paired_stream(config), config.num_tokens, options.shard_tokens, options.dtype, config.progress
+        options.out, _paired_stream(config), num_tokens, options.shard_tokens, options.dtype, config.progress
     )
     _print_info(options.out)
     return 0

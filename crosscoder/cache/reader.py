@@ -10,6 +10,7 @@ takes its slice of every global batch.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from crosscoder.cache.builder import CacheBuilder
 from crosscoder.cache.format import (
     DEFAULT_SHARD_TOKENS,
+    SHARD_FILE_KINDS,
     STORED_DTYPES,
     TOKEN_DTYPE,
     check_shard_sizes,
@@ -88,8 +90,8 @@ class ActivationCache:
         if not self.manifest["complete"] and not allow_incomplete:
             raise CacheError(
                 f"the cache in {self.folder} is incomplete ({self.manifest['num_tokens']:,} of "
-                f"{self.manifest['requested_tokens']:,} tokens): run the build again to finish it, or pass "
-                "allow_incomplete=True to read the finished shards"
+                f"{self.manifest['requested_tokens']:,} tokens): run the build again to finish it, or read the "
+                "finished shards with --allow-incomplete-cache (allow_incomplete=True in Python)"
             )
         if batch_size <= 0 or batch_size * world_size > self.num_tokens:
             raise CacheError(
@@ -133,6 +135,17 @@ class ActivationCache:
     def description(self) -> dict[str, Any]:
         """What produced the activations (the source's ``description()``: models, layers, dtype, filters)."""
         return self.manifest["description"]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this cache's activations for a resumed training run: the manifest's description (models,
+        revisions, layers, datasets, filters), the stored dtype and one sha256 over every shard file's checksum."""
+        checksums = "".join(shard[f"{kind}_sha256"] for shard in self.manifest["shards"] for kind in SHARD_FILE_KINDS)
+        return {
+            "source": "activation cache",
+            **self.description,
+            "stored_dtype": self.manifest["dtype"],
+            "shards_sha256": hashlib.sha256(checksums.encode()).hexdigest(),
+        }
 
     @property
     def num_shards(self) -> int:

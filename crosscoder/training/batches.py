@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,15 +34,28 @@ class PositionedBatches:
         self.consumed = int(position["batches"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """(batch, position) pairs; closing this generator closes the source's iterator too (which stops a
+        prefetching source's thread)."""
         iterator = iter(self.source)
-        for _ in itertools.islice(iterator, self._skip):
-            pass
-        for batch in iterator:
-            self.consumed += 1
-            position: dict[str, Any] = {"batches": self.consumed}
-            if isinstance(self.source, ResumableBatches):
-                position["source"] = self.source.state_dict()
-            yield batch, position
+        try:
+            for _ in itertools.islice(iterator, self._skip):
+                pass
+            for batch in iterator:
+                self.consumed += 1
+                position: dict[str, Any] = {"batches": self.consumed}
+                if isinstance(self.source, ResumableBatches):
+                    position["source"] = self.source.state_dict()
+                yield batch, position
+        finally:
+            if isinstance(iterator, Generator):
+                iterator.close()
+
+
+def data_fingerprint(source: Iterable[torch.Tensor]) -> dict[str, Any] | None:
+    """What identifies the data a source yields (recorded in checkpoints, compared on resume): its ``fingerprint()``
+    where it has one (a paired stream, a cache, an activation file), else None (a plain Python iterable)."""
+    fingerprint = getattr(source, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
 
 
 def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch.Tensor]:
@@ -64,7 +77,14 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
     if config.cache is not None:
         from crosscoder.cache import ActivationCache
 
-        return ActivationCache(config.cache, local, seed=config.seed, rank=rank, world_size=world)
+        return ActivationCache(
+            config.cache,
+            local,
+            seed=config.seed,
+            rank=rank,
+            world_size=world,
+            allow_incomplete=config.allow_incomplete_cache,
+        )
     if config.activations is not None:
         return TensorActivations.from_file(config.activations, local, config.seed, rank, world)
     if config.synthetic:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
 from crosscoder.errors import NonFiniteError
 from crosscoder.metrics import ReconstructionStats, active_counts
@@ -42,11 +43,13 @@ def validate(
 class FiniteGuard:
     """Records, without host syncs, the first step whose batch or loss was not finite; ``check`` raises."""
 
-    def __init__(self, device: torch.device, context: Distributed) -> None:
+    def __init__(self, device: torch.device, context: Distributed, config: TrainConfig) -> None:
         self.first_bad: dict[str, torch.Tensor] = {}
-        self.device, self.context = device, context
+        self.device, self.context, self.config = device, context, config
 
     def watch(self, what: str, bad: torch.Tensor, step: int) -> None:
+        """Note ``step`` if ``bad`` (0-d bool) and nothing was noted for ``what`` (``"batch"`` or a dictionary's
+        name) before."""
         first = self.first_bad.setdefault(what, torch.full((), -1, dtype=torch.long, device=self.device))
         first.copy_(torch.where((first < 0) & bad, step, first))
 
@@ -59,13 +62,29 @@ class FiniteGuard:
                 bad_step = -1 if int(seen) == torch.iinfo(torch.long).max else int(seen)
             else:
                 bad_step = int(first)
-            if bad_step >= 0:
-                kept = (
-                    f"the last good checkpoint {last_checkpoint} is intact"
-                    if last_checkpoint
-                    else "no checkpoint was written yet"
-                )
+            if bad_step < 0:
+                continue
+            if what == "batch":
                 raise NonFiniteError(
-                    f"{what} at step {bad_step} contains NaN or Inf; training stopped and {kept}. "
-                    "Fix the data (for example drop outlier tokens) or lower the learning rate, then resume"
+                    f"the batch at step {bad_step} contains NaN or Inf; training stopped and "
+                    f"{self._kept(last_checkpoint)}. Fix the data (for example drop outlier tokens), then "
+                    f"{self._start_again()}"
                 )
+            raise self.diverged(what, bad_step, last_checkpoint)
+
+    def diverged(self, name: str, step: int, last_checkpoint: Path | None) -> NonFiniteError:
+        """The error for a dictionary whose loss became NaN/Inf on finite batches: its training diverged."""
+        return NonFiniteError(
+            f"the {name} loss became NaN/Inf at step {step} on finite batches: training diverged, most likely because "
+            f"the learning rate is too high for this data (--lr {self.config.lr:g}); training stopped and "
+            f"{self._kept(last_checkpoint)}. Lower the learning rate (or lengthen --warmup-steps), then "
+            f"{self._start_again()}"
+        )
+
+    @staticmethod
+    def _kept(last_checkpoint: Path | None) -> str:
+        return f"the last good checkpoint {last_checkpoint} is intact" if last_checkpoint else "no checkpoint exists"
+
+    def _start_again(self) -> str:
+        # a resume would repeat the same steps exactly, and the settings that fix them differ from the checkpoint's
+        return f"start a new run (another --run-name, or move the run folder {self.config.run_dir} aside)"

@@ -7,7 +7,9 @@ from crosscoder.config import TrainConfig
 
 def lr_factor(config: TrainConfig, step: int) -> float:
     """Multiplier of the learning rate: linear warm-up, then constant, with an optional linear decay to 0 over the
-    final ``decay_fraction`` of the steps."""
+    final ``decay_fraction`` of the steps. The steps are the config's: a run resumed with a lower ``num_tokens``
+    follows the schedule of its new total from the step after the resume (the first step uses the learning rate the
+    checkpoint recorded), which drops the rate there if that step lies inside the new decay window."""
     factor = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
     total = config.total_steps
     decay_start = total * (1 - config.decay_fraction)

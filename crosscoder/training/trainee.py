@@ -73,6 +73,14 @@ class Trainee:
                 self.loss_sums[name] = self.loss_sums.get(name, 0) + value
         return result.loss
 
+    @torch.no_grad()
+    def scores_finite(self, x: torch.Tensor) -> bool:
+        """Whether the scores f·c the dictionary ranks are finite on raw x: [batch, n_sources, d_model] (one host
+        sync; tells a diverged dictionary from other failures of a step)."""
+        dictionary = self.dictionary
+        codes = dictionary.activations_normalized(dictionary.normalize(dictionary.input_from_pair(x)))
+        return bool(torch.isfinite(codes * dictionary.code_norms()).all())
+
     def read_window(self, steps: int, config: TrainConfig, context: Distributed) -> dict[str, float]:
         """Metrics averaged since the last read over all processes (one host sync), then reset."""
         if context.data_parallel:
