@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import tyro
 
 from crosscoder.config import PRESETS, TrainConfig, preset
-from crosscoder.demo import explain, resolve_model_organism, summary
+from crosscoder.demo import explain, lens_summary, resolve_model_organism, summary
 from crosscoder.distributed import shutdown_distributed
 from crosscoder.errors import CrosscoderError
 from crosscoder.training import train
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in dictionaries:
         print(f"  {name}: {config.run_dir / name}")
     lines = summary(dictionaries)
-    if config.model_organism:
-        lines += explain(dictionaries, config)
+    if config.model_organism:  # the lens leads: what changed, read without any dictionary
+        lines = lens_summary(config) + lines + explain(dictionaries, config)
     print("\n".join(lines))
     return 0

@@ -77,6 +77,52 @@ def summary(dictionaries: dict[str, SparseDictionary]) -> list[str]:
     return lines
 
 
+def lens_summary(config: TrainConfig, n_texts: int = 100, n_positions: int = 32, n_tokens: int = 8) -> list[str]:
+    """What the Activation Difference Lens reads off the organism (docs/methods.md §10), in a few seconds: the mean
+    chat − base activation δ at positions 0–4 of general text, through the chat model's logit lens and Patchscope,
+    with the share of its top tokens that are frequent in the baking chats (and the same for the controls). The
+    report is written to ``run_dir/adl``."""
+    from crosscoder.eval.adl import LensConfig, run_lens
+
+    organism = build_model_organism(seed=config.seed, progress=False)
+    sources = organism.stream_sources()
+    report = run_lens(
+        LensConfig(
+            base_model=sources["base_model"],
+            chat_model=sources["chat_model"],
+            datasets=(str(organism.general_data),),
+            domain_data=str(organism.chat_data),
+            out=config.run_dir / "adl",
+            layers=tuple(config.layers or sources["layers"]),
+            n_positions=n_positions,
+            max_samples=n_texts,
+            steering=False,
+            causal=False,
+            overwrite=True,
+            progress=False,
+        )
+    )
+    lines = [
+        f"Activation Difference Lens (δ = mean chat − base activation over {report['counts']['samples']} general "
+        f"texts; relevance = share of the top 20 tokens frequent in the baking chats, δ vs the base/chat means):"
+    ]
+    for layer, result in report["results"].items():
+        for position, item in result["positions"].items():
+            lens, scope = item["logit_lens"]["delta"], item["patchscope"]["delta"]
+            relevance = item["relevance"]
+            shares = {kind: relevance["logit_lens"][kind]["share"] for kind in ("delta", "base_mean", "chat_mean")}
+            lines.append(
+                f"  layer {layer} position {position}: logit lens {_tokens(lens['tokens'][:n_tokens])}; Patchscope "
+                f"(×{scope['scale']:g}) {_tokens(scope['tokens'][:n_tokens])}; relevance {shares['delta']:.0%} vs "
+                f"{shares['base_mean']:.0%} / {shares['chat_mean']:.0%}"
+            )
+    return lines
+
+
+def _tokens(tokens: list[str]) -> str:
+    return ", ".join(repr(token.strip()) for token in tokens)
+
+
 def explain(
     dictionaries: dict[str, SparseDictionary], config: TrainConfig, n_blocks: int = 6, n_latents: int = 6
 ) -> list[str]:

@@ -44,6 +44,10 @@ class DictionaryFormatError(CrosscoderError, ValueError):
     """A saved dictionary cannot be read: unknown format, newer format version, or inconsistent tensors."""
 
 
+class OutOfMemoryError(CrosscoderError, MemoryError):
+    """A step or a dictionary does not fit in the device's memory at the requested sizes."""
+
+
 class PushError(CrosscoderError, RuntimeError):
     """Pushing to the Hugging Face Hub failed; the local files are complete."""
 

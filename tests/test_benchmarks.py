@@ -76,3 +76,20 @@ def test_findings_quick_writes_its_report(organism_cache, tmp_path):
     markdown = (tmp_path / "findings" / "findings.md").read_text()
     assert "| batchtopk |" in markdown and "gap closed" in markdown
     assert all(name.replace("_", " ") in markdown for name in written["checks"])
+
+
+@pytest.mark.slow
+def test_adl_mixing_quick_writes_its_curve(tmp_path):
+    """``bench/adl_mixing.py --quick`` on two tiny organisms: one point per mix with δ's and the controls' relevance
+    (tiny organisms learn little: the curve itself comes from the full run)."""
+    environment = {**os.environ, "CROSSCODER_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, str(BENCH / "adl_mixing.py"), "--quick", "--quiet", "--mixes", "0", "1"]
+    command += ["--no-steering", "--out", str(tmp_path / "mixing")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads(result.stdout.strip().splitlines()[-1])["points"]
+    assert [point["general_mix"] for point in points] == [0.0, 1.0]
+    for point in points:
+        for reader in ("logit_lens", "patchscope"):
+            assert 0 <= point[reader]["delta"] <= 1 and 0 <= point[reader]["controls"] <= 1
+    assert "| 1 |" in (tmp_path / "mixing" / "adl_mixing.md").read_text()

@@ -99,5 +99,9 @@ def test_train_py_without_arguments_diffs_the_model_organism(tmp_path, organism_
     )
     assert result.returncode == 0, result.stderr
     assert "chat-only" in result.stdout
+    # the closing summary leads with the lens, then explains every dictionary
+    lens = result.stdout.index("Activation Difference Lens")
+    assert lens < result.stdout.index("batchtopk_crosscoder: fve") < result.stdout.index("diff_sae: the")
+    assert "position 0: logit lens" in result.stdout and (tmp_path / "demo" / "adl" / "report.json").is_file()
     cc = crosscoder.load_dictionary(tmp_path / "demo" / "batchtopk_crosscoder")
     assert cc.metadata["training_steps"] == 150 and cc.metadata["metrics"]["fve"] > 0.5

@@ -35,7 +35,7 @@ from crosscoder.training.batches import (
 )
 from crosscoder.training.checkpointing import checkpoint_to_resume, set_rng_state, write_checkpoint
 from crosscoder.training.interruption import RunInterrupted, StopRequests
-from crosscoder.training.monitoring import FiniteGuard, validate
+from crosscoder.training.monitoring import FiniteGuard, out_of_memory_advice, validate
 from crosscoder.training.run_log import RunLogger
 from crosscoder.training.saving import finished_dictionaries, push_dictionaries, save_dictionaries
 from crosscoder.training.trainee import resolved_dict_size, restore_trainees, start_trainees
@@ -99,7 +99,8 @@ def train(
             first = take_tokens(positioned, config.normalization_tokens)
             dict_size = resolved_dict_size(config, first[0][0].shape[-1])
             context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, dict_size))
-            trainees = start_trainees(config, [batch for batch, _ in first], device, context)
+            with out_of_memory_advice(config, "building the dictionaries"):
+                trainees = start_trainees(config, [batch for batch, _ in first], device, context)
             iterator = itertools.chain(first, positioned)
             step, tokens = 0, 0
         shapes = accepted_shapes([trainee.dictionary for trainee in trainees])
@@ -144,7 +145,8 @@ def train(
                 tokens_per_step = x.shape[0] * (context.world_size if context.data_parallel else 1)
                 for trainee in trainees:
                     try:
-                        loss = trainee.step(x, step, config, context)
+                        with out_of_memory_advice(config, f"training {trainee.name} at step {step}"):
+                            loss = trainee.step(x, step, config, context)
                     except ValueError as error:  # on CPU, BatchTopK refuses non-finite scores: a diverged dictionary
                         if trainee.scores_finite(x):
                             raise

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
-from crosscoder.errors import NonFiniteError
+from crosscoder.errors import NonFiniteError, OutOfMemoryError
 from crosscoder.metrics import ReconstructionStats, active_counts
 from crosscoder.training.trainee import Trainee
 
@@ -88,3 +90,23 @@ class FiniteGuard:
     def _start_again(self) -> str:
         # a resume would repeat the same steps exactly, and the settings that fix them differ from the checkpoint's
         return f"start a new run (another --run-name, or move the run folder {self.config.run_dir} aside)"
+
+
+@contextmanager
+def out_of_memory_advice(config: TrainConfig, what: str) -> Iterator[None]:
+    """Turn an allocation failure (CUDA out of memory, or the CPU allocator refusing) while doing ``what`` into one
+    message saying the size that was asked for and what to lower; any other error passes through."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        text = str(error)
+        cpu_refused = "can't allocate memory" in text or "DefaultCPUAllocator" in text
+        if not (isinstance(error, torch.OutOfMemoryError) or cpu_refused):
+            raise
+        asked = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text)
+        size = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+        raise OutOfMemoryError(
+            f"out of memory while {what}{size} with --batch-size {config.batch_size} and dict_size "
+            f"{config.dict_size or f'{config.expansion_factor} × d_model'}: the score matrix alone takes batch_size × "
+            f"dict_size × 4 bytes; try --batch-size {max(config.batch_size // 4, 1)} or fewer latents"
+        ) from error
