@@ -145,7 +145,8 @@ class Provenance:
         }
         if config.get("model_organism"):  # the models are the organism's (rebuilt elsewhere from its seed)
             from_config["model_organism"] = True
-        activations = {key: value for key, value in from_config.items() if value is not None}
+        streamed = data_source == "paired models"  # else the stream settings of the config were never used
+        activations = {key: value for key, value in from_config.items() if value is not None and streamed}
         if description:  # what the source itself reports wins (e.g. the revision's commit hash, a cache's models)
             activations.update({key: description[key] for key in STREAM_FIELDS if key in description})
         return cls(
