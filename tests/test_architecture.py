@@ -95,3 +95,18 @@ def test_every_cited_section_exists():
                     if section not in headings[name]:
                         missing.append(f"{path.relative_to(ROOT)}: docs/{name} §{section}")
     assert missing == []
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages explicitly: a new subpackage left out would be missing from an installed
+    wheel while working in the editable checkout."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    roots = {"crosscoder": "crosscoder", "kernels": "crosscoder.kernels", "eval": "crosscoder.eval"}
+    found = set()
+    for folder, name in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join([name, *parts]))
+    assert found <= listed, sorted(found - listed)
