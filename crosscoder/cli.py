@@ -21,7 +21,9 @@ from crosscoder.config import PRESETS, TrainConfig, preset
 from crosscoder.demo import explain, lens_summary, resolve_model_organism, summary
 from crosscoder.distributed import shutdown_distributed
 from crosscoder.errors import CrosscoderError
+from crosscoder.eval.recovery import planted_recovery
 from crosscoder.training import train
+from crosscoder.training.batches import planted_dictionary
 from crosscoder.training.interruption import RunInterrupted
 
 
@@ -74,5 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = summary(dictionaries)
     if config.model_organism:  # the lens leads: what changed, read without any dictionary
         lines = lens_summary(config) + lines + explain(dictionaries, config)
+    if config.synthetic:  # the self-check: did each dictionary find the planted latents?
+        planted = planted_dictionary(config)
+        lines += [f"{name}: {planted_recovery(d, planted).describe()}" for name, d in dictionaries.items()]
     print("\n".join(lines))
     return 0

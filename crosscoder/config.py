@@ -177,8 +177,13 @@ class TrainConfig:
     """Continue from the latest checkpoint of output_dir/run_name."""
     log_every: int = 50
     """Steps between logged metrics (and the finiteness check)."""
+    validation_tokens: int = 0
+    """Tokens of the training data source read again in another order (seed + 1) to validate every dictionary with
+    its inference threshold at the end (and every ``validate_every`` steps): the saved metrics then mean what
+    evaluation measures. Held out only where the source is larger than the run (streamed datasets, synthetic data);
+    a cache or a tensor file is re-read. 0 = no validation unless ``train`` is given validation batches."""
     validate_every: int = 0
-    """Steps between validation passes when a validation stream is given (0 = only at the end)."""
+    """Steps between validation passes when there is validation data (0 = only at the end)."""
     wandb_project: str | None = None
     """Log to this Weights & Biases project (None = no wandb)."""
     wandb_mode: Literal["online", "offline"] = "online"
@@ -355,6 +360,7 @@ _NUMERIC_RULES: dict[str, _Range] = {
     "keep_checkpoints": _Range(1, closed=(True, False)),
     "log_every": _POSITIVE,
     "validate_every": _NON_NEGATIVE,
+    "validation_tokens": _NON_NEGATIVE,
 }
 
 
@@ -403,6 +409,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "resume",
         "log_every",
         "validate_every",
+        "validation_tokens",
         "checkpoint_every",
         "keep_checkpoints",
         "wandb_project",

@@ -54,3 +54,16 @@ class PushError(CrosscoderError, RuntimeError):
 
 class NonFiniteError(CrosscoderError, RuntimeError):
     """A batch or a loss became NaN/Inf; training stopped without writing a checkpoint."""
+
+
+class EndpointError(CrosscoderError, RuntimeError):
+    """An LLM endpoint (OpenAI-compatible chat completions) refused a request or sent an unreadable reply; ``status``
+    is the HTTP status it answered with (None when it did not answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EndpointUnreachableError(EndpointError):
+    """An LLM endpoint did not answer at all (connection refused, timeouts) after every retry."""

@@ -1,9 +1,10 @@
 """One command from a dictionary to a report folder: ``python -m crosscoder.eval DICTIONARY --out DIR``.
 
-Writes ``report.json``, ``delta_norm_histogram.png``, ``nu_scatter.png`` and ``dashboard.html``. Models and data
-default to those the dictionary was trained on (its provenance record, ``crosscoder.provenance``); flags override
-them. Each
-analysis streams the same activations afresh (the stream is deterministic), so memory stays bounded.
+Writes ``report.json``, ``delta_norm_histogram.png``, ``nu_scatter.png``, the activation store (``store/``) and the
+latent workspace (``index.html``, docs/methods.md §11). Models and data default to those the dictionary was trained
+on (its provenance record, ``crosscoder.provenance``); flags override them. Each analysis streams the same
+activations afresh (the stream is deterministic), so memory stays bounded; ``--no-models`` writes what the weights
+alone give.
 """
 
 from __future__ import annotations
@@ -24,13 +25,21 @@ from crosscoder.activations import PairedActivationStream, StreamSettings
 from crosscoder.chunks import ActivationChunk
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.errors import ConfigError, DataError
-from crosscoder.eval.dashboard import render_dashboard
 from crosscoder.eval.exclusivity import CHAT_ONLY, SHARED, decoder_cosine, latent_classes, relative_norm_difference
-from crosscoder.eval.inspection import PAD, top_contexts
+from crosscoder.eval.inspection import PAD
 from crosscoder.eval.kl import crosscoder_patch, diff_sae_patch, downstream_kl, latent_subset_patch
 from crosscoder.eval.latent_scaling import compute_betas, compute_sae_betas
 from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
 from crosscoder.eval.reconstruction import reconstruction
+from crosscoder.eval.workspace import (
+    StoreSettings,
+    WorkspaceContent,
+    collect_store,
+    export_json,
+    latent_columns,
+    model_analyses,
+    write_workspace,
+)
 from crosscoder.hub import load_dictionary
 from crosscoder.models import resolve_device
 from crosscoder.provenance import Provenance
@@ -43,11 +52,30 @@ class EvalConfig:
     dictionary: tyro.conf.Positional[str]
     """Dictionary to evaluate: a folder written by save_pretrained or a Hub repo id."""
     out: Path = Path("eval")
-    """Output folder (report.json, plots, dashboard.html)."""
+    """Output folder (report.json, plots, the activation store and the workspace index.html)."""
     num_tokens: int = 200_000
     """Tokens of paired activations streamed for reconstruction, Latent Scaling and top contexts."""
     n_top: int = 10
     """Top-activating contexts per latent."""
+    n_quantiles: int = 5
+    """Activation quantile buckets per latent in the workspace."""
+    per_quantile: int = 4
+    """Examples per quantile bucket."""
+    latents: tuple[int, ...] | None = None
+    """Latents for the expensive per-latent analyses (KL effect, steering); default: those carrying most of the
+    difference (frequency · mean activation · decoder difference)."""
+    n_effects: int = 16
+    """Latents whose KL effect is measured when --latents is not given."""
+    n_steer: int = 4
+    """Of those, latents steered with."""
+    steer_multiple: float = 4.0
+    """Steering strength as a multiple of the latent's maximum activation."""
+    no_models: bool = False
+    """Build only what the weights give (Δnorm, classes, cosines, norms): no model is loaded, no data streamed."""
+    export_json: bool = False
+    """Also write the per-latent records as JSON files (out/export/shard_NNNNN.json)."""
+    shard_size: int = 256
+    """Latents per workspace shard (loaded on demand by the page)."""
     n_shared_baseline: int | None = None
     """Shared latents sampled as the Latent Scaling baseline (None = as many as chat-only latents)."""
     n_leaning: int = 10
@@ -147,6 +175,8 @@ def evaluate(config: EvalConfig) -> dict:
     """Run every analysis and write the report folder; returns the report."""
     _check_out(config.out)
     dictionary = load_dictionary(config.dictionary)
+    if config.no_models:
+        return _weights_only(dictionary, config)
     stream = open_stream(dictionary, config)
     if stream.d_model != dictionary.d_model:
         raise DataError(
@@ -241,24 +271,31 @@ def evaluate(config: EvalConfig) -> dict:
             )
         patches = {"diff_sae": diff_sae_patch(dictionary)} if isinstance(dictionary, BatchTopKSAE) else {}
 
-    examples = top_contexts(dictionary, chunks(), latents, n_top=config.n_top, progress=config.progress)
+    stream.load_state_dict(start)
+    settings = StoreSettings(
+        dictionary.dict_size, config.n_top, config.n_quantiles, config.per_quantile, seed=config.seed
+    )
+    store = collect_store(
+        dictionary, stream, out / "store", settings, max_tokens=config.num_tokens, progress=config.progress
+    )
     tokenizer = stream.tokenizer
     for row in rows:
         centre_tokens = [
             tokenizer.decode([example.token_ids[example.center]])
-            for example in examples[int(row["latent"])]
+            for example in store.top_examples(int(row["latent"]))
             if example.token_ids[example.center] != PAD
         ]
         row["top_tokens"] = " ".join(repr(token) for token in dict.fromkeys(centre_tokens))[:120]
 
     conversations = _conversations(stream, config)
+    layer = stream.settings.layers[0]
     if conversations and patches:
         kl = downstream_kl(
             stream.base_model,
             stream.chat_model,
             tokenizer,
             conversations,
-            stream.settings.layers[0],
+            layer,
             patches,
             first_tokens=config.first_tokens,
             progress=config.progress,
@@ -266,23 +303,77 @@ def evaluate(config: EvalConfig) -> dict:
         report["downstream_kl"] = dataclasses.asdict(kl)
     else:
         report["downstream_kl"] = "skipped: no dataset with a messages column"
+    analyses = model_analyses(
+        dictionary,
+        store,
+        stream.base_model,
+        stream.chat_model,
+        tokenizer,
+        layer,
+        conversations,
+        latents=config.latents,
+        n_effects=config.n_effects,
+        n_steer=config.n_steer,
+        steer_multiple=config.steer_multiple,
+        first_tokens=config.first_tokens,
+        progress=config.progress,
+    )
     report["latents"] = rows
+    report["latent_effects"] = {str(latent): effect for latent, effect in analyses.kl.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    render_dashboard(
-        out / "dashboard.html",
-        f"{type(dictionary).__name__}: {config.dictionary}",
-        rows,
-        examples,
-        lambda token: tokenizer.decode([token]),
-        images,
-        {
-            "FVE": f"{recon.fve:.4f}",
-            "L0": f"{recon.l0:.2f}",
-            "dead fraction": f"{recon.dead_fraction:.3f}",
-            **({"latent classes": report["exclusivity"]["counts"]} if is_crosscoder else {}),
-        },
+    summary = {
+        "FVE": f"{recon.fve:.4f}",
+        "L0": f"{recon.l0:.2f}",
+        "dead fraction": f"{recon.dead_fraction:.3f}",
+        "tokens": store.tokens,
+        **({"latent classes": report["exclusivity"]["counts"]} if is_crosscoder else {}),
+    }
+    _write(
+        config,
+        WorkspaceContent(
+            f"{type(dictionary).__name__}: {config.dictionary}",
+            dictionary.dict_size,
+            latent_columns(dictionary, store, rows, analyses.kl),
+            summary,
+            [image.name for image in images],
+            store,
+            lambda token: tokenizer.decode([token]),
+            analyses.readout,
+            analyses.readout_latents,
+            analyses.kl,
+            analyses.steering,
+        ),
     )
     return report
+
+
+def _weights_only(dictionary: SparseDictionary, config: EvalConfig) -> dict:
+    """``--no-models``: the report and workspace of what the weights alone give."""
+    report: dict = {
+        "dictionary": config.dictionary,
+        "class": type(dictionary).__name__,
+        "dict_size": dictionary.dict_size,
+        "d_model": dictionary.d_model,
+    }
+    images = []
+    if dictionary.n_sources == 2:
+        delta = relative_norm_difference(dictionary)
+        classes = latent_classes(delta)
+        report["exclusivity"] = {"counts": {label: classes.count(label) for label in sorted(set(classes))}}
+        images.append(delta_norm_histogram(delta, config.out / "delta_norm_histogram.png").name)
+    (config.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    summary = {"weights only": "no model was loaded (--no-models)", **report.get("exclusivity", {})}
+    title = f"{type(dictionary).__name__}: {config.dictionary}"
+    columns = latent_columns(dictionary, None)
+    _write(config, WorkspaceContent(title, dictionary.dict_size, columns, summary, images))
+    return report
+
+
+def _write(config: EvalConfig, content: WorkspaceContent) -> None:
+    """The workspace (and its JSON export with ``--export-json``)."""
+    write_workspace(config.out, content, shard_size=config.shard_size, progress=config.progress)
+    if config.export_json:
+        export_json(config.out, config.out / "export")
 
 
 def _check_out(out: Path) -> None:

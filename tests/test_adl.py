@@ -124,6 +124,52 @@ def test_mean_differences_equal_a_brute_force_computation(pair, tokenizer, tmp_p
     assert loaded.norms == means.norms and loaded.n_samples == 14
 
 
+def test_chat_data_means_equal_a_brute_force_computation(pair, tokenizer, tmp_path):
+    """Positions −3…−1 (the last tokens before the first assistant message) and 0…n−1 (its first tokens), each
+    conversation rendered with the chat template and run whole, one at a time."""
+    base, chat = pair
+    k, n, layers = 3, 4, [1, 2]
+    conversations = chat_rows(7)
+    conversations[2]["messages"][0]["content"] = "A much longer question about bread, flour, ovens and yeast?"
+    conversations.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"}]})
+    conversations.append(
+        {"messages": [{"role": "system", "content": "You bake."}, *chat_rows(1)[0]["messages"],
+                      {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Yes, more flour."}]}
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="1 of 9 conversations had fewer than 3 tokens before or 4 tokens"):
+        means = adl.chat_mean_differences(base, chat, tokenizer, conversations, layers, n_positions=n, k=k,
+                                          batch_size=4)  # fmt: skip
+    assert (means.n_samples, means.n_dropped, means.first_position) == (8, 1, -3)
+    assert means.positions == [-3, -2, -1, 0, 1, 2, 3]
+
+    windows = {"base": {layer: [] for layer in layers}, "chat": {layer: [] for layer in layers}}
+    for row in conversations[:7] + conversations[8:]:
+        messages = row["messages"]
+        first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        render = tokenizer.apply_chat_template
+        start = len(render(messages[:first_assistant], add_generation_prompt=True, return_dict=False))
+        ids = torch.tensor([render(messages, return_dict=False)[: start + n]])
+        for name, model in (("base", base), ("chat", chat)):
+            with torch.no_grad():
+                states = model(ids, output_hidden_states=True).hidden_states
+            for layer in layers:
+                windows[name][layer].append(states[layer + 1][0, start - k : start + n].double())
+    for layer in layers:
+        h_base, h_chat = torch.stack(windows["base"][layer]), torch.stack(windows["chat"][layer])
+        torch.testing.assert_close(means.base_mean[layer], h_base.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(means.delta[layer], (h_chat - h_base).mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(means.vector("chat_mean", layer, -3), h_chat.mean(0)[0], atol=1e-5, rtol=1e-5)
+        assert means.norms["chat"][layer] == pytest.approx(float(h_chat[:, 5:].norm(dim=-1).mean()), rel=1e-6)
+    with pytest.raises(ConfigError, match=r"outside the chat positions -3 … 3"):
+        means.vector("delta", 1, -4)
+
+    paths = means.save(tmp_path)
+    assert paths.chat_means.exists() and not paths.means.exists()
+    loaded = adl.MeanDifferences.load(tmp_path, variant="chat")
+    assert loaded.first_position == -3 and loaded.variant == "chat"
+    torch.testing.assert_close(loaded.vector("delta", 2, 3), means.vector("delta", 2, 3))
+
+
 def test_max_samples_bounds_the_texts_and_the_default_layer_is_the_middle(pair, tokenizer):
     base, chat = pair
     means = adl.mean_differences(base, chat, tokenizer, texts(), n_positions=6, max_samples=5)
@@ -281,6 +327,49 @@ def test_llm_grader_protocol_against_a_local_mock_server(endpoint, monkeypatch, 
     assert index == 0 and reason.startswith("offline fallback")
 
 
+def candidate_lines(request: dict) -> list[str]:
+    """The numbered candidate tokens of a relevance request, in the order sent."""
+    content = request["body"]["messages"][1]["content"]
+    return content.split("Candidate tokens:\n")[1].splitlines()
+
+
+def test_llm_relevance_labels_three_cyclic_permutations_and_keeps_what_all_agree_on(endpoint):
+    url, mock = endpoint
+    grader = adl.LLMGrader(url, "judge-model")
+    tokens, frequent = [" bake", " python", " oven", " the"], [" flour", " bake"]
+    mock.replies += [
+        "1: RELEVANT\n2: IRRELEVANT\n3: RELEVANT\n4: RELEVANT",  # bake, python, oven, the
+        "1: IRRELEVANT\n2: RELEVANT\n3: IRRELEVANT\n4: RELEVANT",  # python, oven, the, bake
+        "1: RELEVANT\n2: RELEVANT\n3: RELEVANT\n4: RELEVANT",  # oven, the, bake, python
+    ]
+    labels, source = grader.relevant(tokens, "Baking recipes.", frequent, offline=lambda: [False] * 4)
+    # all agree: " the" is relevant in two answers of three, so not relevant (a majority vote would keep it)
+    assert labels == [True, False, True, False] and source == "llm:judge-model"
+    assert [candidate_lines(request) for request in mock.requests] == [
+        ["1. ' bake'", "2. ' python'", "3. ' oven'", "4. ' the'"],
+        ["1. ' python'", "2. ' oven'", "3. ' the'", "4. ' bake'"],
+        ["1. ' oven'", "2. ' the'", "3. ' bake'", "4. ' python'"],
+    ]
+    content = mock.requests[0]["body"]["messages"][1]["content"]
+    assert "Baking recipes." in content and "' flour', ' bake'" in content
+    assert "RELEVANT" in mock.requests[0]["body"]["messages"][0]["content"]
+
+    # scores from the labels, probability-weighted as the trivial relevance is
+    entry = {"tokens": tokens, "token_ids": [10, 11, 12, 13], "probs": [0.4, 0.3, 0.2, 0.1]}
+    alternating = "1: RELEVANT\n2: IRRELEVANT\n3: RELEVANT\n4: IRRELEVANT"
+    mock.replies += [alternating, "1: IRRELEVANT\n2: RELEVANT\n3: IRRELEVANT\n4: RELEVANT", alternating]
+    scores = adl.llm_relevance(entry, {13: 50}, None, grader, "Baking recipes.", frequent)
+    assert scores["share"] == 0.5 and scores["weighted"] == pytest.approx(0.6)
+    assert scores["relevant"] == [" bake", " oven"] and scores["labelled_by"] == "llm:judge-model"
+
+    # one permutation left unlabelled: the trivial labels for the whole list, noted
+    mock.replies += ["1: RELEVANT\n2: RELEVANT\n3: RELEVANT\n4: RELEVANT", "1: RELEVANT"]
+    with pytest.warns(UserWarning, match="did not label all 4 tokens"):
+        scores = adl.llm_relevance(entry, {13: 50}, None, grader, "Baking recipes.", frequent)
+    assert scores["relevant"] == [" the"] and scores["labelled_by"] == "offline fallback"
+    assert any("did not label" in note for note in grader.describe()["notes"])
+
+
 def test_an_unreachable_grader_falls_back_to_offline_and_says_so():
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -294,6 +383,10 @@ def test_an_unreachable_grader_falls_back_to_offline_and_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked no more, warned no more
         assert grader.coherent("p", ["x"], offline=lambda: [True]) == [True]
+        assert grader.relevant(["a", "b"], "d", ["f"], offline=lambda: [True, False]) == (
+            [True, False],
+            "offline fallback",
+        )
 
 
 # ---------------------------------------------------------------------------- relevance
@@ -373,6 +466,42 @@ def test_strength_search_finds_the_largest_coherent_strength(pair, tokenizer):
     assert [t["strength"] for t in result["trials"][:3]] == [50.0, 25.0, 37.5]
 
 
+def test_strength_search_over_three_prompts_averages_their_thresholds(monkeypatch, tokenizer):
+    """[0, 100] on the first prompt, then [0, 2 × its threshold] on two more; the mean of the three thresholds."""
+    thresholds = {"A": 30.0, "B": 20.0, "C": 90.0, "D": 1.0}  # C passes everywhere in [0, 2 × 30]; D is not searched
+    asked = []
+
+    def fake_generate(model, tokenizer, prompt, **kwargs):
+        asked.append((prompt, kwargs["strength"], kwargs["seed"]))
+        return [adl.Generation(prompt, (), ())] * kwargs["n_samples"]
+
+    def judge(prompt, generations):  # a fake coherence judge: coherent below the prompt's threshold
+        strength = asked[-1][1]
+        return [strength < thresholds[prompt]] * len(generations)
+
+    monkeypatch.setattr(adl.steering, "generate", fake_generate)
+    steps = 8
+    result = adl.search_strength(None, tokenizer, torch.ones(32), 1, list("ABCD"), judge, steps=steps, n_samples=4,
+                                 seed=10)  # fmt: skip
+    first, second, third = result["per_prompt"]
+    assert [p["prompt"] for p in result["per_prompt"]] == ["A", "B", "C"] and len(asked) == 3 * steps
+    assert first["range"] == [0.0, 100.0] and 30 - 100 / 2**steps <= first["strength"] < 30
+    upper = 2 * first["strength"]
+    assert second["range"] == third["range"] == [0.0, upper]
+    assert second["trials"][0]["strength"] == first["strength"]  # the middle of [0, 2 s₁]
+    assert 20 - upper / 2**steps <= second["strength"] < 20
+    assert third["strength"] == pytest.approx(upper * (1 - 2**-steps))  # every tested strength passes
+    expected = (first["strength"] + second["strength"] + third["strength"]) / 3
+    assert result["strength"] == pytest.approx(expected)
+    assert {prompt: seed for prompt, _, seed in asked} == {"A": 10, "B": 11, "C": 12}
+
+    # nothing passes on the first prompt: every threshold is 0 and the other prompts are not searched
+    thresholds["A"], asked[:] = 0.0, []
+    result = adl.search_strength(None, tokenizer, torch.ones(32), 1, list("ABC"), judge, steps=4, n_samples=4)
+    assert result["strength"] == 0.0 and [p["strength"] for p in result["per_prompt"]] == [0.0] * 3
+    assert len(asked) == 4 and result["per_prompt"][1]["trials"] == []
+
+
 def test_loss_coherence_compares_with_unsteered_samples(pair, tokenizer):
     _, chat = pair
     unsteered = adl.generate(chat, tokenizer, "Hi", n_samples=3, max_new_tokens=6)
@@ -412,6 +541,53 @@ def test_causal_effect_of_a_direction(pair, tokenizer):
     assert effect["domain"]["tokens"] == sum(assistant_tokens) > 0  # only assistant tokens are scored
     assert len(effect["general"]["random_project_out"]["values"]) == 2
     json.dumps(effect)
+
+
+def test_random_activation_differences_are_normalised_chat_minus_base_on_drawn_tokens(pair, tokenizer):
+    base, chat = pair
+    general = texts()[:3]
+    directions, drawn = adl.random_activation_differences(base, chat, tokenizer, general, 2, 6, seed=1, max_length=20)
+    assert directions.shape == (6, 32) and len(set(drawn)) == 6 and all(5 <= p < 20 for _, p in drawn)
+    for direction, (row, position) in zip(directions, drawn, strict=True):
+        ids = torch.tensor([tokenizer(general[row])["input_ids"][:20]])
+        with torch.no_grad():
+            difference = (
+                chat(ids, output_hidden_states=True).hidden_states[3]
+                - base(ids, output_hidden_states=True).hidden_states[3]
+            )
+        expected = difference[0, position] / difference[0, position].norm()
+        torch.testing.assert_close(direction, expected, atol=1e-5, rtol=1e-4)
+    again, drawn_again = adl.random_activation_differences(base, chat, tokenizer, general, 2, 6, seed=1, max_length=20)
+    assert drawn_again == drawn and torch.equal(again, directions)
+
+
+def test_causal_effect_controls_and_the_losses_after_the_first_tokens(pair, tokenizer):
+    base, chat = pair
+    general, skip, max_length = texts()[:3], 20, 48
+    effect = adl.causal_effect(base, chat, tokenizer, torch.randn(32), 2, {"general": general}, n_random=3,
+                               n_random_differences=3, difference_texts=texts()[10:14], max_length=max_length,
+                               skip=skip)["general"]  # fmt: skip
+    directions, differences = effect["random_project_out"], effect["random_difference_project_out"]
+    assert len(directions["values"]) == len(differences["values"]) == 3
+    assert not set(directions["values"]) & set(differences["values"])  # a second family, not the same directions
+    values = torch.tensor(differences["values"], dtype=torch.float64)
+    assert differences["mean"] == pytest.approx(float(values.mean())) and differences["std"] == pytest.approx(
+        float(values.std())
+    )
+    assert set(effect["random_difference_base_projection"]) == {"mean", "std", "max", "values"}
+    # the losses after the first 20 tokens, by hand
+    losses = []
+    for text in general:
+        ids = torch.tensor([tokenizer(text)["input_ids"][:max_length]])
+        with torch.no_grad():
+            logits = chat(ids).logits[0, :-1]
+        losses.append(F.cross_entropy(logits, ids[0, 1:], reduction="none")[skip - 1 :])
+    after = effect["after_first"]
+    assert after["skip"] == skip and after["tokens"] == sum(len(loss) for loss in losses) < effect["tokens"]
+    assert after["chat"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+    assert len(after["random_difference_project_out"]["values"]) == 3 and math.isfinite(after["project_out"])
+    with pytest.raises(ConfigError, match="difference_texts"):
+        adl.causal_effect(base, chat, tokenizer, torch.randn(32), 2, {"general": general}, n_random_differences=1)
 
 
 # ---------------------------------------------------------------------------- architectures
@@ -470,9 +646,10 @@ def lens_folder(tmp_path_factory, tokenizer):
     domain = write_jsonl(root / "domain.jsonl", chat_rows(40))
     arguments = [
         "--base-model", str(base_path), "--chat-model", str(chat_path), "--datasets", str(general),
-        "--domain-data", str(domain), "--layers", "1", "2", "--positions", "0", "3", "--n-positions", "8",
-        "--max-samples", "30", "--patchscope-scales", "1", "4", "20", "--steer-samples", "2", "--steer-tokens", "4",
-        "--search-steps", "2", "--causal-texts", "4", "--causal-random", "2", "--causal-max-length", "64",
+        "--domain-data", str(domain), "--chat-data", str(domain), "--layers", "1", "2", "--positions", "0", "3",
+        "--n-positions", "8", "--max-samples", "30", "--patchscope-scales", "1", "4", "20", "--steer-samples", "2",
+        "--steer-tokens", "4", "--search-steps", "2", "--causal-texts", "4", "--causal-random", "2",
+        "--causal-random-differences", "2", "--causal-max-length", "64",
         "--min-count", "3", "--out", str(root / "out"), "--no-progress",
     ]  # fmt: skip
     previous = torch.get_num_threads()
@@ -502,7 +679,34 @@ def test_the_command_writes_every_result_for_every_layer_and_position(lens_folde
                 assert 0 <= entry["relevance"]["logit_lens"][vector]["share"] <= 1
             steering = entry["steering"]
             assert len(steering["samples"]) == len(adl.steering_prompts()) and "similarity" in steering
+            assert [search["prompt"] for search in steering["search"]] == list(adl.steering_prompts()[:3])
+            assert steering["strength"] == pytest.approx(sum(s["strength"] for s in steering["search"]) / 3)
             assert set(entry["causal_effect"]) == {"domain", "general"}
+            for causal in entry["causal_effect"].values():
+                assert len(causal["random_difference_project_out"]["values"]) == 2
+                assert causal["after_first"]["skip"] == 20 and "std" in causal["random_project_out"]
+    assert report["relevance_labels"].startswith("trivial only")
+
+
+def test_the_command_reads_the_chat_data_around_the_assistant_turn(lens_folder):
+    root, _ = lens_folder
+    report = adl.load_report(root / "out")
+    chat_data = report["chat_data"]
+    assert chat_data["positions"] == [-3, -2, -1, 0, 3] and chat_data["first_position"] == -3
+    assert chat_data["counts"]["samples"] > 0
+    for layer in ("1", "2"):
+        result = chat_data["results"][layer]
+        assert len(result["difference_norms"]) == 3 + 8
+        assert result["positions"]["-1"]["label"] == "1 before the assistant turn"
+        assert result["positions"]["3"]["label"] == "assistant token 3"
+        for entry in result["positions"].values():
+            assert set(entry["logit_lens"]) == set(entry["patchscope"]) == set(adl.VECTORS)
+            assert 0 <= entry["relevance"]["logit_lens"]["delta"]["share"] <= 1
+    means = adl.MeanDifferences.load(root / "out", variant="chat")
+    assert means.positions == list(range(-3, 8)) and means.n_samples == chat_data["counts"]["samples"]
+    lens = adl.logit_lens_details(report, 2, -2, data="chat")
+    assert lens["tokens"] == chat_data["results"]["2"]["positions"]["-2"]["logit_lens"]["delta"]["tokens"]
+    assert adl.patchscope_details(report, 1, 0, "chat_mean", data="chat")["tokens"]
 
 
 def test_the_python_api_reads_the_report(lens_folder):
@@ -540,11 +744,18 @@ def test_the_command_refuses_bad_inputs_with_one_line(lens_folder, capsys):
 
 
 def grader_arguments(arguments: list[str], out, url: str) -> list[str]:
-    """The fixture's command with a grader, one layer and position, and no causal effect: quick."""
+    """The fixture's command with a grader, one layer and position, no chat data and no causal effect: quick."""
+    chat_data = arguments.index("--chat-data")
     return [
-        *arguments, "--out", str(out), "--layers", "1", "--positions", "0", "--no-causal", "--steer-samples", "2",
-        "--grader-url", url, "--grader-model", "judge-model", "--grader-key-env", "ADL_TEST_KEY",
+        *arguments[:chat_data], *arguments[chat_data + 2 :], "--out", str(out), "--layers", "1", "--positions", "0",
+        "--no-causal", "--steer-samples", "2", "--grader-url", url, "--grader-model", "judge-model",
+        "--grader-key-env", "ADL_TEST_KEY", "--description", "Chats about baking bread.",
     ]  # fmt: skip
+
+
+def relevant_in_test(token: str) -> bool:
+    """The mock grader's relevance: tokens with an "e"."""
+    return "e" in token
 
 
 def test_the_command_asks_the_grader_and_never_writes_its_key(lens_folder, endpoint, monkeypatch):
@@ -552,11 +763,17 @@ def test_the_command_asks_the_grader_and_never_writes_its_key(lens_folder, endpo
     url, mock = endpoint
     monkeypatch.setenv("ADL_TEST_KEY", "sk-test-secret")
 
-    class Replies(list):  # answers by question: list 2 for scales, every text coherent
+    class Replies(list):  # answers by question: list 2 for scales, every text coherent, tokens with an "e" relevant
         def pop(self, _index=0):
             request = mock.requests[-1]["body"]["messages"]
             if "lists of tokens" in request[0]["content"]:
                 return "2"
+            if "RELEVANT" in request[0]["content"]:
+                lines = candidate_lines(mock.requests[-1])
+                return "\n".join(
+                    f"{n}: {'RELEVANT' if relevant_in_test(line.split('. ', 1)[1]) else 'IRRELEVANT'}"
+                    for n, line in enumerate(lines, start=1)
+                )
             return "\n".join(f"{n}: COHERENT" for n in range(1, request[1]["content"].count("Text ") + 1))
 
     mock.replies = Replies()
@@ -565,7 +782,19 @@ def test_the_command_asks_the_grader_and_never_writes_its_key(lens_folder, endpo
     assert report["grader"]["name"] == "llm:judge-model" and not report["grader"]["notes"]
     entry = report["results"]["1"]["positions"]["0"]
     assert all(entry["patchscope"][vector]["scale"] == 4.0 for vector in adl.VECTORS)  # list 2 of (1, 4, 20)
-    assert all(trial["coherent"] == 1.0 for trial in entry["steering"]["search"]["trials"])
+    for reader in ("logit_lens", "patchscope"):  # the LLM's relevance next to the trivial one, for δ and controls
+        for vector in adl.VECTORS:
+            scores, top = entry["relevance"][reader][vector], entry[reader][vector]["tokens"][:20]
+            assert scores["llm"]["labelled_by"] == "llm:judge-model"
+            assert scores["llm"]["relevant"] == [token for token in top if relevant_in_test(repr(token))]
+            assert "share" in scores and scores["n_tokens"] == scores["llm"]["n_tokens"]
+    relevance_requests = [r for r in mock.requests if "RELEVANT" in r["body"]["messages"][0]["content"]]
+    assert len(relevance_requests) == 3 * 2 * 3  # three permutations, two readers, three vectors
+    assert "Chats about baking bread." in relevance_requests[0]["body"]["messages"][1]["content"]
+    assert report["relevance_labels"].startswith("trivial (top 20") and "all agree" in report["relevance_labels"]
+    searches = entry["steering"]["search"]
+    assert all(trial["coherent"] == 1.0 for search in searches for trial in search["trials"])
+    assert [search["prompt"] for search in searches] == list(adl.steering_prompts()[:3])
     assert all(request["auth"] == "Bearer sk-test-secret" for request in mock.requests)
     written = "".join(path.read_text(errors="ignore") for path in (root / "graded").iterdir())
     assert "sk-test-secret" not in written
@@ -582,6 +811,8 @@ def test_the_command_falls_back_to_offline_when_the_grader_does_not_answer(lens_
     assert "did not answer" in report["grader"]["unreachable"]
     scope = report["results"]["1"]["positions"]["0"]["patchscope"]["delta"]
     assert scope["reason"].startswith("offline fallback")
+    scores = report["results"]["1"]["positions"]["0"]["relevance"]["logit_lens"]["delta"]
+    assert scores["llm"]["labelled_by"] == "offline fallback" and scores["llm"]["share"] == scores["share"]
 
 
 @pytest.mark.slow
@@ -599,5 +830,6 @@ def test_the_report_page_renders_in_headless_chromium(lens_folder):
     dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Activation Difference Lens" in dom.stdout and 'id="layer-2-position-3"' in dom.stdout
-    assert dom.stdout.count('<table class="lens">') == 4 and dom.stdout.count("<img ") == 2
+    assert dom.stdout.count('<table class="lens">') == 4 + 2 * 5 and dom.stdout.count("<img ") == 2  # 2 × 5 chat
+    assert 'id="chat-layer-2-position--1"' in dom.stdout and "1 before the assistant turn" in dom.stdout
     assert dom.stdout.count('class="sample steered"') >= 4

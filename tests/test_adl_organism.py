@@ -1,12 +1,13 @@
 """The Activation Difference Lens on the model organism (a tiny Llama finetuned on baking chats): the difference
 between the two models on the first tokens of unrelated text (Python documentation) reads as baking, more than
-either model's own mean does, steers the chat model towards baking, and carries the chat model's baking loss."""
+either model's own mean does, steers the chat model towards baking, and carries the chat model's baking loss; an
+organism finetuned on general text only (``general_mix=1.0``) reads far less of it."""
 
 import pytest
 import torch
 
 from crosscoder.eval import adl
-from crosscoder.organism import DOMAIN_WORDS
+from crosscoder.organism import DOMAIN_WORDS, build_model_organism
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +24,13 @@ def is_domain_token(token: str) -> bool:
     return token.strip().lower() in DOMAIN_WORDS
 
 
-@pytest.fixture(scope="module")
-def organism_report(default_organism, tmp_path_factory):
-    """The lens command's run on the organism, with small sampling settings (about a minute on one CPU thread)."""
-    out = tmp_path_factory.mktemp("adl-organism")
-    config = adl.LensConfig(
-        base_model=str(default_organism.base_path),
-        chat_model=str(default_organism.chat_path),
-        datasets=(str(default_organism.general_data),),
-        domain_data=str(default_organism.chat_data),
+def lens_config(organism, out, **overrides) -> adl.LensConfig:
+    """The lens on an organism with small sampling settings, relevance judged against the baking chats."""
+    settings = dict(
+        base_model=str(organism.base_path),
+        chat_model=str(organism.chat_path),
+        datasets=(str(organism.general_data),),
+        domain_data=str(organism.chat_data),
         out=out,
         positions=POSITIONS,
         n_positions=32,
@@ -41,17 +40,39 @@ def organism_report(default_organism, tmp_path_factory):
         steer_tokens=24,
         causal_texts=24,
         causal_random=4,
+        causal_random_differences=4,
         causal_max_length=96,
         progress=False,
     )
+    return adl.LensConfig(**{**settings, **overrides})
+
+
+def run_on_one_thread(config: adl.LensConfig) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = adl.run_lens(config)
+        return adl.run_lens(config)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def organism_report(default_organism, tmp_path_factory):
+    """The lens command's run on the organism, with small sampling settings (about a minute on one CPU thread)."""
+    report = run_on_one_thread(lens_config(default_organism, tmp_path_factory.mktemp("adl-organism")))
     assert report["layers"] == [default_organism.layer] == [1]
     return report
+
+
+@pytest.fixture(scope="module")
+def general_only_report(organism_cache, tmp_path_factory):
+    """The lens (relevance only) on an organism finetuned on general text alone (``general_mix=1.0``: no baking data
+    at all), built in the session's cache (about 75 s on 2 cores)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSCODER_CACHE", str(organism_cache))
+        organism = build_model_organism(general_mix=1.0, progress=False)
+    out = tmp_path_factory.mktemp("adl-general-only")
+    return run_on_one_thread(lens_config(organism, out, steering=False, causal=False))
 
 
 def positions(report):
@@ -105,3 +126,30 @@ def test_the_organism_report_is_complete(organism_report):
     assert norms["base"]["1"] > 0 and norms["chat"]["1"] > 0
     view = adl.overview(organism_report)
     assert set(view["results"]["1"]) == {str(p) for p in POSITIONS}
+
+
+def shares(report, reader: str) -> dict[str, dict[str, float]]:
+    """Relevance share per position of δ and of the larger control."""
+    return {
+        position: {
+            "delta": entry["relevance"][reader]["delta"]["share"],
+            "controls": max(entry["relevance"][reader][kind]["share"] for kind in ("base_mean", "chat_mean")),
+        }
+        for position, entry in positions(report).items()
+    }
+
+
+def test_a_general_only_finetune_reads_far_less_of_the_domain(organism_report, general_only_report):
+    """The seeds' ablation at its end point. Measured (these settings, 2-core CPU): the baking organism's δ scores
+    0.90–0.95 at every position and reader, the general-only organism's 0.20–0.35, the controls ≤ 0.10 in both. So
+    δ's relevance falls by ≥ 0.55 — but stays above the controls rather than at their level (the issue expected
+    the latter; docs/methods.md §10.5 and the README report it as measured). The margins leave 3 of the 20 tokens
+    for a rebuild's float-order differences."""
+    for reader in ("logit_lens", "patchscope"):
+        domain, general_only = shares(organism_report, reader), shares(general_only_report, reader)
+        for position in domain:
+            drop = domain[position]["delta"] - general_only[position]["delta"]
+            assert drop >= 0.4, (reader, position, domain[position], general_only[position])
+            assert general_only[position]["controls"] <= 0.15, (reader, position, general_only[position])
+        best = {key: max(values[key] for values in general_only.values()) for key in ("delta", "controls")}
+        assert best["delta"] > best["controls"], (reader, best)  # what δ keeps without any baking data

@@ -170,7 +170,7 @@ def test_latent_sharded_training_equals_one_process_and_saves_one_consolidated_f
     assert one_log["batchtopk_crosscoder/aux_loss"] > 0
     for key in (
         "batchtopk_crosscoder/l0",
-        "batchtopk_crosscoder/dead_fraction",
+        "batchtopk_crosscoder/dead_fraction_train",
         "batchtopk_crosscoder/aux_loss",
         "diff_sae/fve",
     ):

@@ -59,7 +59,8 @@ def trained_on_a_file(root, d_model=32):
 
 def evaluate(*arguments):
     command = [sys.executable, "-m", "crosscoder.eval", *map(str, arguments), "--num-tokens", "400"]
-    command += ["--kl-conversations", "2", "--n-leaning", "2", "--no-progress", "--device", "cpu"]
+    command += ["--kl-conversations", "2", "--n-leaning", "2", "--n-effects", "2", "--n-steer", "1"]
+    command += ["--no-progress", "--device", "cpu"]
     return subprocess.run(command, capture_output=True, text=True)
 
 

@@ -1,6 +1,7 @@
 """The training loop on planted data: recovery, threshold, constraints, logging, bad input."""
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -10,11 +11,17 @@ from safetensors.torch import save_file
 
 import crosscoder
 from crosscoder.checkpoint import CheckpointError, checksum_path, list_checkpoints, load_checkpoint
-from crosscoder.errors import NonFiniteError
+from crosscoder.config import DICTIONARY_NAMES
+from crosscoder.distributed import Distributed
+from crosscoder.errors import ConfigError, NonFiniteError
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, relative_norm_difference
+from crosscoder.eval.recovery import planted_recovery
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+from crosscoder.training import Trainee, validate
+from crosscoder.training.batches import default_batches, held_out_batches
 from crosscoder.training.schedules import current_k, lr_factor
 
+ARCHITECTURE_OF = {name: architecture for architecture, name in DICTIONARY_NAMES.items()}
 PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
 
 
@@ -57,13 +64,10 @@ def trained(tmp_path_factory):
 def test_planted_latents_are_recovered_with_the_right_exclusivity(trained):
     dictionaries, _ = trained
     cc = dictionaries["batchtopk_crosscoder"]
-    raw_decoder = (cc.W_dec / cc.input_scale[:, None]).detach()  # decoder rows in raw activation space
-    learned = raw_decoder.flatten(1) / raw_decoder.flatten(1).norm(dim=-1, keepdim=True)
-    planted = PLANTED.directions.flatten(1) / PLANTED.directions.flatten(1).norm(dim=-1, keepdim=True)
-    best = (planted @ learned.T).max(dim=1)
+    recovery = planted_recovery(cc, PLANTED)
 
-    assert (best.values > 0.9).float().mean() >= 0.9
-    classes = latent_classes(relative_norm_difference(cc)[best.indices])
+    assert recovery.fraction >= 0.9
+    classes = latent_classes(relative_norm_difference(cc)[recovery.best_latents])
     n_shared, n_base_only = PLANTED.n_shared, PLANTED.n_base_only
     assert classes[n_shared : n_shared + n_base_only] == [BASE_ONLY] * n_base_only
     assert classes[n_shared + n_base_only :] == [CHAT_ONLY] * PLANTED.n_chat_only
@@ -115,7 +119,7 @@ def test_final_dictionaries_are_saved_with_training_metadata(trained):
         "batchtopk_crosscoder/fve",
         "batchtopk_crosscoder/fve_source_1",
         "batchtopk_crosscoder/l0",
-        "batchtopk_crosscoder/dead_fraction",
+        "batchtopk_crosscoder/dead_fraction_train",
         "batchtopk_crosscoder/threshold",
         "batchtopk_crosscoder/lr",
         "diff_sae/aux_loss",
@@ -265,3 +269,24 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
     checksum_path(latest).unlink()
     with pytest.raises(CheckpointError, match="checkpoint format 99, newer than this crosscoder reads"):
         crosscoder.train(dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, 256))
+
+
+def test_validation_tokens_make_the_saved_metrics_those_of_held_out_batches_with_the_threshold(tmp_path):
+    config = small_config(tmp_path, synthetic=True, architectures=("batchtopk", "diff_sae"), validation_tokens=1000)
+    dictionaries = crosscoder.train(config)
+    held_out = held_out_batches(config)
+    assert sum(len(batch) for batch in held_out) == 1024  # whole batches, at least validation_tokens
+    assert not any(
+        torch.equal(held_out[0], batch) for batch in itertools.islice(default_batches(config, Distributed()), 4)
+    )
+    for name, dictionary in dictionaries.items():
+        saved = crosscoder.load_dictionary(config.run_dir / name).metadata["metrics"]
+        trainee = Trainee.new(ARCHITECTURE_OF[name], dictionary, config)
+        assert saved == pytest.approx(validate(trainee, held_out, torch.device("cpu")))
+        assert "dead_fraction" in saved and "dead_fraction_train" not in saved
+
+
+def test_validation_tokens_with_batches_given_is_refused(tmp_path):
+    config = small_config(tmp_path, validation_tokens=512)
+    with pytest.raises(ConfigError, match="validation_tokens=512 re-reads the data source the config names"):
+        crosscoder.train(config, PlantedActivations(PLANTED, 256))

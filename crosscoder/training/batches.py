@@ -58,6 +58,26 @@ def data_fingerprint(source: Iterable[torch.Tensor]) -> dict[str, Any] | None:
     return fingerprint() if callable(fingerprint) else None
 
 
+def held_out_batches(config: TrainConfig) -> list[torch.Tensor]:
+    """``config.validation_tokens`` tokens of the configured source read in another order (seed + 1), as whole
+    batches [batch_size, n_sources, d_model] on the CPU; every process reads the same ones."""
+    source = default_batches(dataclasses.replace(config, seed=config.seed + 1, prefetch_blocks=0), Distributed())
+    batches, tokens = [], 0
+    for batch in source:
+        batches.append(batch.cpu())
+        tokens += batch.shape[0]
+        if tokens >= config.validation_tokens:
+            break
+    if not batches:
+        raise DataError("validation_tokens is set but the data source yielded no batch to validate on")
+    return batches
+
+
+def planted_dictionary(config: TrainConfig) -> PlantedDictionary:
+    """The planted dictionary a ``synthetic`` run trains on (and is checked against)."""
+    return PlantedDictionary.random(seed=config.seed)
+
+
 def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch.Tensor]:
     """The batch source the config names — paired models, a cache, a tensor file or planted synthetic data —
     yielding this process's share of each global batch."""
@@ -88,7 +108,7 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
     if config.activations is not None:
         return TensorActivations.from_file(config.activations, local, config.seed, rank, world)
     if config.synthetic:
-        return PlantedActivations(PlantedDictionary.random(seed=config.seed), local, config.seed, rank, world)
+        return PlantedActivations(planted_dictionary(config), local, config.seed, rank, world)
     raise ConfigError(
         "no training data named: pass --base-model and --chat-model (with --datasets), --cache DIR, "
         "--activations FILE, --model-organism (offline demo models) or --synthetic (planted dictionary)"

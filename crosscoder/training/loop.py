@@ -22,6 +22,7 @@ import torch
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.distributed import init_distributed, rank_device
+from crosscoder.errors import ConfigError
 from crosscoder.models import resolve_device
 from crosscoder.progress import progress_bar
 from crosscoder.sharding import check_shardable, shards_latents
@@ -31,6 +32,7 @@ from crosscoder.training.batches import (
     check_batch_shape,
     data_fingerprint,
     default_batches,
+    held_out_batches,
     take_tokens,
 )
 from crosscoder.training.checkpointing import checkpoint_to_resume, set_rng_state, write_checkpoint
@@ -48,8 +50,9 @@ def train(
 ) -> dict[str, SparseDictionary]:
     """Train the configured dictionaries on batches x: [batch, n_sources, d_model] (raw activations).
 
-    ``batches`` defaults to what the config names. ``validation_batches`` (re-iterable) are evaluated with
-    the inference threshold every ``validate_every`` steps and at the end. Returns the trained dictionaries
+    ``batches`` defaults to what the config names. ``validation_batches`` (re-iterable; default: the source read
+    again for ``config.validation_tokens``) are evaluated with the inference threshold every ``validate_every``
+    steps and at the end; the saved metrics are then theirs. Returns the trained dictionaries
     by name; each is also saved to ``config.run_dir / name`` (and then pushed when ``push_to_hub`` is set).
 
     Ending early: on SIGINT / SIGTERM the run finishes its step, writes a checkpoint and raises ``RunInterrupted``
@@ -58,6 +61,11 @@ def train(
     returns its saved dictionaries untouched.
     """
     config.check_output_dir()  # a file in the way or a read-only folder fails before any compute
+    if batches is not None and validation_batches is None and config.validation_tokens:
+        raise ConfigError(
+            f"validation_tokens={config.validation_tokens} re-reads the data source the config names, but batches "
+            "were given: pass validation_batches as well, or set validation_tokens=0"
+        )
     context = init_distributed(resolve_device(config.device))
     if context.enabled and config.parallelism == "latents" and config.dict_size is not None:  # before any compute
         check_shardable(config.dict_size, config.k, context)
@@ -81,6 +89,16 @@ def train(
     # the tokens the run was started for (num_tokens may have been lowered on resume since)
     planned = checkpoint.get("planned_tokens", checkpoint["config"]["num_tokens"]) if checkpoint else config.num_tokens
     run_facts = {"data_fingerprint": fingerprint, "planned_tokens": planned}
+
+    held_out: list[torch.Tensor] = []
+
+    def validation() -> Iterable[torch.Tensor] | None:
+        """The batches given, else (read once, when first needed) ``config.validation_tokens`` of the source."""
+        if validation_batches is not None or not config.validation_tokens:
+            return validation_batches
+        if not held_out:
+            held_out.extend(held_out_batches(config))
+        return held_out
 
     stream = PositionedBatches(source)
     stop = StopRequests(abort_on_repeat=not context.enabled, announce=context.is_main)
@@ -159,11 +177,11 @@ def train(
 
                 if step % config.log_every == 0 or step == total:
                     log_window()
-                if validation_batches is not None and config.validate_every and step % config.validate_every == 0:
+                if config.validate_every and step % config.validate_every == 0 and validation() is not None:
                     logger.log(
                         step,
                         tokens,
-                        {f"{t.name}/val": validate(t, validation_batches, device, context) for t in trainees},
+                        {f"{t.name}/val": validate(t, validation(), device, context) for t in trainees},
                     )
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                     guard.check(last_checkpoint)
@@ -200,8 +218,8 @@ def train(
         elif planned != config.num_tokens:
             ended_early = {"reason": "num_tokens was lowered on resume", "planned_tokens": planned}
         final_metrics = (
-            {t.name: validate(t, validation_batches, device, context) for t in trainees}
-            if validation_batches
+            {t.name: validate(t, validation(), device, context) for t in trainees}
+            if validation() is not None
             else logger.last
         )
         logger.finish()

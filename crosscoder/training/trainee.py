@@ -97,7 +97,7 @@ class Trainee:
         counters = (
             context.all_gather_rows(self.tokens_since_fired) if context.latent_parallel else self.tokens_since_fired
         )
-        metrics["dead_fraction"] = float((counters >= config.dead_tokens).float().mean())
+        metrics["dead_fraction_train"] = float((counters >= config.dead_tokens).float().mean())
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.dictionary.uses_batch_topk:
             metrics["threshold"] = float(self.dictionary.threshold)

@@ -3,6 +3,7 @@ of the two models' activations on the first tokens of unrelated text.
 
 >>> from crosscoder.eval import adl
 >>> means = adl.mean_differences(base, chat, tokenizer, texts)          # δ, base and chat means, norms
+>>> adl.chat_mean_differences(base, chat, tokenizer, conversations)    # around the assistant turn, positions −3 …
 >>> adl.logit_lens(means.vector("delta", layer, 0), chat, tokenizer)    # tokens + probs (and the inverse)
 >>> adl.patchscope(vector, chat, tokenizer, layer, norm=means.norms["chat"][layer])
 >>> adl.steer(chat, tokenizer, vector, layer, strength, prompts, norm=means.norms["chat"][layer])
@@ -11,10 +12,11 @@ of the two models' activations on the first tokens of unrelated text.
 report folder whose files ``LensPaths`` names; ``overview`` and the ``*_details`` functions read it.
 """
 
-from crosscoder.eval.adl.causal import causal_effect, random_directions
+from crosscoder.eval.adl.causal import causal_effect, random_activation_differences, random_directions
 from crosscoder.eval.adl.differences import (
     VECTORS,
     MeanDifferences,
+    chat_mean_differences,
     check_pair,
     default_layer,
     mean_differences,
@@ -24,7 +26,7 @@ from crosscoder.eval.adl.graders import Grader, LLMGrader, OfflineGrader
 from crosscoder.eval.adl.lens import final_norm, lens_logits, logit_lens, unembedding
 from crosscoder.eval.adl.patchscope import DEFAULT_SCALES, IDENTITY_PROMPTS, patched_distributions, patchscope
 from crosscoder.eval.adl.paths import LensPaths
-from crosscoder.eval.adl.relevance import frequent_tokens, is_generic, relevance, stopwords
+from crosscoder.eval.adl.relevance import frequent_tokens, is_generic, llm_relevance, relevance, stopwords
 from crosscoder.eval.adl.report import LensConfig, run_lens
 from crosscoder.eval.adl.steering import (
     Generation,
@@ -33,6 +35,7 @@ from crosscoder.eval.adl.steering import (
     cosine,
     find_strength,
     generate,
+    search_strength,
     steer,
     steering_prompts,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "bag_of_tokens",
     "causal_effect",
     "causal_effect_details",
+    "chat_mean_differences",
     "check_pair",
     "cosine",
     "default_layer",
@@ -69,6 +73,7 @@ __all__ = [
     "generate",
     "is_generic",
     "lens_logits",
+    "llm_relevance",
     "load_report",
     "logit_lens",
     "logit_lens_details",
@@ -77,10 +82,12 @@ __all__ = [
     "patched_distributions",
     "patchscope",
     "patchscope_details",
+    "random_activation_differences",
     "random_directions",
     "relevance",
     "resolve_layers",
     "run_lens",
+    "search_strength",
     "steer",
     "steering_details",
     "steering_prompts",

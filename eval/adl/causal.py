@@ -3,7 +3,9 @@
 At block ``layer`` of the chat model each token's component along the unit direction ``v̂`` is removed
 (``project_out``: ``h − (h·v̂) v̂``) or set to the base model's value on the same tokens (``base_projection``:
 ``h − (h·v̂) v̂ + (h^base·v̂) v̂``); the chat model's mean next-token loss is measured on each dataset with and
-without the change, and against the same changes along random unit directions.
+without the change, and against the same changes along two control families: random unit directions and random
+activation differences (``h^chat − h^base`` on one token of a general text, normalised). Every loss is given over
+all scored tokens and over those after each row's first ``skip = 20``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crosscoder.errors import ConfigError, DataError
+from crosscoder.eval.adl.differences import NORM_SKIP_POSITIONS, pad_right
 from crosscoder.eval.adl.patchscope import unit
 from crosscoder.eval.adl.relevance import document_text
 from crosscoder.eval.kl import assistant_token_mask
@@ -23,6 +26,9 @@ from crosscoder.models import decoder_blocks, residual_outputs
 from crosscoder.progress import progress_bar
 
 VARIANTS = ("project_out", "base_projection")
+
+SKIP_TOKENS = 20
+"""The losses are also reported over the tokens after each row's first this many (docs/methods.md §10.7)."""
 
 
 def scored_tokens(tokenizer: Any, row: Any, max_length: int) -> tuple[list[int], list[bool]]:
@@ -46,6 +52,44 @@ def random_directions(d_model: int, n: int, seed: int) -> torch.Tensor:
     return directions / directions.norm(dim=-1, keepdim=True)
 
 
+@torch.no_grad()
+def random_activation_differences(
+    base: nn.Module,
+    chat: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layer: int,
+    n: int,
+    seed: int,
+    *,
+    max_length: int = 256,
+    skip: int = NORM_SKIP_POSITIONS,
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``n`` unit vectors ``[n, d_model]``: ``(h^chat − h^base) / ‖h^chat − h^base‖`` at block ``layer`` on one token
+    each, drawn at random (seeded, without replacement while enough tokens exist) among positions ``≥ skip`` of the
+    first ``max_length`` tokens of ``texts`` (the attention-sink positions the mean norm skips are left out,
+    docs/methods.md §10.1); and the ``(text, position)`` drawn."""
+    encode = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
+    rows = [list(ids) for ids in encode["input_ids"]]
+    candidates = [(row, position) for row, ids in enumerate(rows) for position in range(skip, len(ids))]
+    if not candidates:
+        raise DataError(f"no general text has more than {skip} tokens to draw random activation differences from")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(-(-n // len(candidates)))])
+    drawn = [candidates[int(index)] for index in order[:n]]
+    used = sorted({row for row, _ in drawn})
+    input_ids, mask = pad_right([rows[row] for row in used], tokenizer.pad_token_id or 0)
+    hidden = [
+        residual_outputs(model, input_ids.to(model.device), mask.to(model.device), [layer])[:, :, 0].float().cpu()
+        for model in (base, chat)
+    ]  # each [texts, length, d]
+    slot = {row: index for index, row in enumerate(used)}
+    differences = torch.stack(
+        [hidden[1][slot[row], position] - hidden[0][slot[row], position] for row, position in drawn]
+    )
+    return torch.stack([unit(difference) for difference in differences]), drawn
+
+
 def _projection_hook(direction: torch.Tensor, base_hidden: torch.Tensor | None):
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -58,10 +102,12 @@ def _projection_hook(direction: torch.Tensor, base_hidden: torch.Tensor | None):
     return hook
 
 
-def _loss_sum(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the targets that are not -100 (float64, on the CPU)."""
+def _loss_sums(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, skip: int):
+    """Summed next-token cross-entropy over the targets that are not -100, ``[2]`` float64 on the CPU: all of
+    them, and those of tokens at positions ``≥ skip``."""
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum").double().cpu()
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")  # [batch, S − 1]
+    return torch.stack([losses.sum(), losses[:, max(skip - 1, 0) :].sum()]).double().cpu()
 
 
 @torch.no_grad()
@@ -73,39 +119,46 @@ def _losses(
     directions: torch.Tensor,
     batch_size: int,
     pad_id: int,
+    skip: int,
     progress: bool,
     description: str,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Loss sums: unpatched (scalar) and ``[len(VARIANTS), n_directions]``; the number of scored tokens."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss sums, each over all scored tokens and over those at positions ``≥ skip``: unpatched ``[2]``, patched
+    ``[2, len(VARIANTS), n_directions]``; the numbers of scored tokens ``[2]``."""
     block = decoder_blocks(chat)[layer]
     device = chat.device
-    plain = torch.zeros((), dtype=torch.float64)
-    patched = torch.zeros(len(VARIANTS), len(directions), dtype=torch.float64)
-    n_tokens = 0
+    plain = torch.zeros(2, dtype=torch.float64)
+    patched = torch.zeros(2, len(VARIANTS), len(directions), dtype=torch.float64)
+    n_tokens = torch.zeros(2, dtype=torch.long)
     for first in progress_bar(range(0, len(rows), batch_size), desc=description, enabled=progress):
         group = rows[first : first + batch_size]
-        length = max(len(ids) for ids, _ in group)
-        input_ids = torch.full((len(group), length), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        scored = torch.zeros(len(group), length, dtype=torch.bool)
-        for row, (ids, score) in enumerate(group):
-            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-            scored[row, : len(ids)] = torch.tensor(score)
+        input_ids, mask = pad_right([ids for ids, _ in group], pad_id)
+        scored = pad_right([score for _, score in group], False)[0].bool()
         targets = input_ids[:, 1:].masked_fill(~scored[:, 1:], -100).to(device)
-        n_tokens += int((targets != -100).sum())
+        counted = targets != -100
+        n_tokens += torch.stack([counted.sum(), counted[:, max(skip - 1, 0) :].sum()]).cpu()
         input_ids, mask = input_ids.to(device), mask.to(device)
 
-        plain += _loss_sum(chat, input_ids, mask, targets)
+        plain += _loss_sums(chat, input_ids, mask, targets, skip)
         h_base = residual_outputs(base, input_ids.to(base.device), mask.to(base.device), [layer])[:, :, 0].to(device)
         for v, variant in enumerate(VARIANTS):
             for d, direction in enumerate(directions):
                 hook = _projection_hook(direction, h_base if variant == "base_projection" else None)
                 handle = block.register_forward_hook(hook)
                 try:
-                    patched[v, d] += _loss_sum(chat, input_ids, mask, targets)
+                    patched[:, v, d] += _loss_sums(chat, input_ids, mask, targets, skip)
                 finally:
                     handle.remove()
     return plain, patched, n_tokens
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    """Mean, standard deviation, maximum and the values of a control family's losses."""
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "max": float("nan"), "values": []}
+    tensor = torch.tensor(values, dtype=torch.float64)
+    std = float(tensor.std()) if len(values) > 1 else 0.0
+    return {"mean": float(tensor.mean()), "std": std, "max": float(tensor.max()), "values": values}
 
 
 @torch.no_grad()
@@ -118,20 +171,34 @@ def causal_effect(
     data: dict[str, Sequence[Any]],
     *,
     n_random: int = 4,
+    n_random_differences: int = 0,
+    difference_texts: Sequence[str] | None = None,
     seed: int = 0,
     batch_size: int = 8,
     max_length: int = 256,
+    skip: int = SKIP_TOKENS,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """The chat model's loss on each dataset of ``data`` (name → rows) with ``v̂`` projected out at ``layer`` or set
-    to the base model's projection, against ``n_random`` random unit directions (docs/methods.md §10.7).
+    to the base model's projection, against two control families (docs/methods.md §10.7): ``n_random`` random unit
+    directions and ``n_random_differences`` random activation differences drawn from ``difference_texts``
+    (``random_activation_differences``).
 
-    Per dataset: ``{"tokens", "chat", "project_out", "base_projection", "random_project_out": {"mean", "max",
-    "values"}, "random_base_projection": {…}}`` (mean loss in nats over the scored tokens)."""
-    if n_random < 0 or batch_size < 1 or max_length < 2:
-        raise ConfigError("n_random must be ≥ 0, batch_size ≥ 1 and max_length ≥ 2")
+    Per dataset: ``{"tokens", "chat", "project_out", "base_projection", "random_project_out": {"mean", "std",
+    "max", "values"}, "random_base_projection": {…}, "random_difference_project_out": {…},
+    "random_difference_base_projection": {…}, "after_first": {"skip", the same fields over the tokens at
+    positions ≥ skip}}`` (mean loss in nats over the scored tokens)."""
+    if n_random < 0 or n_random_differences < 0 or batch_size < 1 or max_length < 2 or skip < 0:
+        raise ConfigError("n_random and n_random_differences must be ≥ 0, batch_size ≥ 1, max_length ≥ 2, skip ≥ 0")
+    if n_random_differences and not difference_texts:
+        raise ConfigError("random activation differences need general texts to draw them from (difference_texts)")
     d_model = chat.config.get_text_config().hidden_size
-    directions = torch.cat([unit(vector)[None], random_directions(d_model, n_random, seed)])
+    families = {"": random_directions(d_model, n_random, seed)}
+    if n_random_differences:
+        families["difference_"] = random_activation_differences(
+            base, chat, tokenizer, difference_texts, layer, n_random_differences, seed, max_length=max_length
+        )[0]
+    directions = torch.cat([unit(vector)[None], *families.values()])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: dict[str, dict[str, Any]] = {}
     for name, rows in data.items():
@@ -143,17 +210,21 @@ def causal_effect(
                 f"within its first {max_length} tokens (raise --causal-max-length)"
             )
         plain, patched, n_tokens = _losses(
-            base, chat, prepared, layer, directions, batch_size, pad_id, progress, f"causal effect ({name})"
+            base, chat, prepared, layer, directions, batch_size, pad_id, skip, progress, f"causal effect ({name})"
         )
-        mean = patched / n_tokens
-        entry: dict[str, Any] = {"tokens": n_tokens, "chat": float(plain / n_tokens)}
-        for v, variant in enumerate(VARIANTS):
-            entry[variant] = float(mean[v, 0])
-            values = mean[v, 1:].tolist()
-            entry[f"random_{variant}"] = {
-                "mean": sum(values) / len(values) if values else float("nan"),
-                "max": max(values) if values else float("nan"),
-                "values": values,
+        scopes = []
+        for part in range(2):
+            mean = patched[part] / n_tokens[part] if n_tokens[part] else torch.full_like(patched[part], float("nan"))
+            scope: dict[str, Any] = {
+                "tokens": int(n_tokens[part]),
+                "chat": float(plain[part] / n_tokens[part]) if n_tokens[part] else float("nan"),
             }
-        results[name] = entry
+            for v, variant in enumerate(VARIANTS):
+                scope[variant] = float(mean[v, 0])
+                first = 1
+                for prefix, family in families.items():
+                    scope[f"random_{prefix}{variant}"] = _summary(mean[v, first : first + len(family)].tolist())
+                    first += len(family)
+            scopes.append(scope)
+        results[name] = {**scopes[0], "after_first": {"skip": skip, **scopes[1]}}
     return results

@@ -21,6 +21,7 @@ from torch import nn
 
 from crosscoder.errors import ConfigError, DataError, InputNotFoundError
 from crosscoder.eval.adl.paths import LensPaths
+from crosscoder.eval.kl import assistant_token_mask
 from crosscoder.models import residual_outputs
 from crosscoder.progress import progress_bar
 
@@ -108,16 +109,26 @@ class MeanDifferences:
     n_dropped: int
     """Texts read but dropped: fewer than ``n_positions`` tokens."""
     norm_skip: int = NORM_SKIP_POSITIONS
+    first_position: int = 0
+    """Label of row 0 of the tensors: 0 for text, ``−k`` for the chat variant (rows ``−k … −1`` are the last tokens
+    before the assistant turn, ``0 …`` its first tokens)."""
+    variant: str = "text"
+    """``"text"`` (the first tokens of general texts) or ``"chat"`` (around the assistant turn of conversations)."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def positions(self) -> list[int]:
+        """The position labels of the tensors' rows."""
+        return list(range(self.first_position, self.first_position + self.n_positions))
+
     def vector(self, kind: str, layer: int, position: int) -> torch.Tensor:
-        """One vector ``[d_model]``: ``kind`` in ``VECTORS``."""
+        """One vector ``[d_model]``: ``kind`` in ``VECTORS``, ``position`` one of ``positions``."""
         if kind not in VECTORS:
             raise ConfigError(f"unknown vector {kind!r}: use one of {VECTORS}")
         if layer not in self.layers:
             raise ConfigError(f"layer {layer} was not computed (layers: {self.layers})")
-        check_positions([position], self.n_positions)
-        return getattr(self, kind)[layer][position]
+        check_positions([position], self.n_positions, self.first_position)
+        return getattr(self, kind)[layer][position - self.first_position]
 
     def difference_norms(self, layer: int) -> list[float]:
         """``‖δ_p‖`` for every position."""
@@ -131,6 +142,8 @@ class MeanDifferences:
             "n_samples": self.n_samples,
             "n_dropped_short": self.n_dropped,
             "norm_skip": self.norm_skip,
+            "first_position": self.first_position,
+            "variant": self.variant,
             "norms": {
                 model: {str(layer): value for layer, value in by_layer.items()}
                 for model, by_layer in self.norms.items()
@@ -139,31 +152,33 @@ class MeanDifferences:
         }
 
     def save(self, folder: Path) -> LensPaths:
-        """Write ``means.safetensors`` and ``means.json`` into ``folder``."""
+        """Write ``means.safetensors`` and ``means.json`` into ``folder`` (the chat variant: ``chat_means.*``)."""
         from safetensors.torch import save_file
 
         paths = LensPaths(Path(folder))
         paths.out.mkdir(parents=True, exist_ok=True)
+        tensors_path, meta_path = paths.means_files(self.variant)
         tensors = {
             f"{kind}.layer{layer}": getattr(self, kind)[layer].contiguous() for kind in VECTORS for layer in self.layers
         }
-        save_file(tensors, str(paths.means))
-        paths.means_meta.write_text(json.dumps(self.record(), indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(tensors_path))
+        meta_path.write_text(json.dumps(self.record(), indent=2) + "\n", encoding="utf-8")
         return paths
 
     @classmethod
-    def load(cls, folder: Path) -> MeanDifferences:
+    def load(cls, folder: Path, variant: str = "text") -> MeanDifferences:
         """Read what ``save`` wrote."""
         from safetensors.torch import load_file
 
-        paths = LensPaths(Path(folder))
-        if not (paths.means.exists() and paths.means_meta.exists()):
-            raise InputNotFoundError(f"{folder} holds no saved mean differences ({paths.means.name})")
-        record = json.loads(paths.means_meta.read_text(encoding="utf-8"))
-        tensors = load_file(str(paths.means))
+        tensors_path, meta_path = LensPaths(Path(folder)).means_files(variant)
+        if not (tensors_path.exists() and meta_path.exists()):
+            raise InputNotFoundError(f"{folder} holds no saved mean differences ({tensors_path.name})")
+        record = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(tensors_path))
         layers = [int(layer) for layer in record["layers"]]
         by_kind = {kind: {layer: tensors[f"{kind}.layer{layer}"] for layer in layers} for kind in VECTORS}
-        known = {"layers", "n_positions", "n_samples", "n_dropped_short", "norm_skip", "norms"}
+        known = {"layers", "n_positions", "n_samples", "n_dropped_short", "norm_skip", "norms", "first_position",
+                 "variant"}  # fmt: skip
         return cls(
             layers=layers,
             n_positions=int(record["n_positions"]),
@@ -174,14 +189,21 @@ class MeanDifferences:
             n_samples=int(record["n_samples"]),
             n_dropped=int(record["n_dropped_short"]),
             norm_skip=int(record["norm_skip"]),
+            first_position=int(record.get("first_position", 0)),
+            variant=str(record.get("variant", "text")),
             metadata={key: value for key, value in record.items() if key not in known},
         )
 
 
-def check_positions(positions: Iterable[int], n_positions: int) -> list[int]:
-    """``positions`` as a list; ``ConfigError`` for one outside ``[0, n_positions)``."""
+def check_positions(positions: Iterable[int], n_positions: int, first: int = 0) -> list[int]:
+    """``positions`` as a list; ``ConfigError`` for one outside ``[first, first + n_positions)``."""
     chosen = [int(position) for position in positions]
-    bad = [position for position in chosen if not 0 <= position < n_positions]
+    bad = [position for position in chosen if not first <= position < first + n_positions]
+    if bad and first < 0:
+        raise ConfigError(
+            f"position(s) {bad} are outside the chat positions {first} … {first + n_positions - 1} ({-first} before "
+            f"the assistant turn, {n_positions + first} of it)"
+        )
     if bad:
         raise ConfigError(
             f"position(s) {bad} are beyond the {n_positions} positions averaged: positions are 0-based token "
@@ -191,6 +213,15 @@ def check_positions(positions: Iterable[int], n_positions: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the stream
+def pad_right(rows: Sequence[Sequence[Any]], pad: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids (or flags) right-padded with ``pad`` to the longest: values and attention mask, both
+    ``[len(rows), longest]``."""
+    length = max(len(row) for row in rows)
+    values = torch.tensor([list(row) + [pad] * (length - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    return values, mask
+
+
 def first_ids(tokenizer: Any, text: str, n: int) -> list[int]:
     """The first ``n`` (or fewer) token ids of ``text`` tokenized whole with special tokens. Only a prefix of
     ``20 · n`` characters is tokenized unless it has fewer than ``n`` tokens (a cut that far away cannot change the
@@ -222,6 +253,116 @@ def first_tokens(
         yield list(ids[:n_positions])
 
 
+def assistant_windows(
+    tokenizer: Any, conversations: Iterable[Any], k: int, n: int, max_samples: int, counts: dict[str, int]
+) -> Iterator[tuple[list[int], int]]:
+    """Per conversation (``{"messages": […]}`` or a message list) rendered with the chat template: its ids up to the
+    first assistant message's ``n``-th token and where the window of its last ``k`` tokens before that message
+    starts. Conversations with fewer than ``k`` tokens before or ``n`` tokens in the first assistant message are
+    dropped (``counts``), up to ``max_samples`` kept."""
+    kept = 0
+    for row in conversations:
+        if kept >= max_samples:
+            return
+        messages = row.get("messages") if isinstance(row, dict) else row
+        if not (isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise DataError("each chat-data row needs a 'messages' list of {role, content} (a conversation)")
+        counts["read"] += 1
+        ids, positions = assistant_token_mask(tokenizer, messages)
+        start = next((index for index, position in enumerate(positions) if position == 0), None)
+        if start is None or start < k or positions[start : start + n] != list(range(n)):
+            counts["dropped"] += 1
+            continue
+        kept += 1
+        yield list(ids[: start + n]), start - k
+
+
+def _accumulate(
+    base: nn.Module,
+    chat: nn.Module,
+    windows: Iterable[tuple[list[int], int]],
+    layers: list[int],
+    n_positions: int,
+    *,
+    batch_size: int,
+    norm_skip: int,
+    progress: bool,
+    total: int,
+    description: str,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sums over the windows ``ids[start : start + n_positions]`` of ``(ids, start)`` rows, each batch run through
+    both models once (right-padded): ``[3 (base, chat, chat − base), layers, n_positions, d]`` and the models'
+    activation-norm sums over window rows ``≥ norm_skip`` ``[2, layers]``, float64; the number of rows."""
+    d_model = chat.config.get_text_config().hidden_size
+    device = chat.device
+    sums = torch.zeros(3, len(layers), n_positions, d_model, dtype=torch.float64, device=device)
+    norm_sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)
+    n_samples = 0
+    bar = progress_bar(total=total, desc=description, unit="text", enabled=progress)
+
+    def run(group: list[tuple[list[int], int]]) -> None:
+        ids, mask = pad_right([row for row, _ in group], 0)
+        outputs = []
+        for model in (base, chat):
+            hidden = residual_outputs(model, ids.to(model.device), mask.to(model.device), layers)  # [b, S, layers, d]
+            window = torch.stack([hidden[row, start : start + n_positions] for row, (_, start) in enumerate(group)])
+            outputs.append(window.to(device, torch.float64))  # [b, n, layers, d]
+        h_base, h_chat = outputs
+        sums[0] += h_base.sum(0).transpose(0, 1)
+        sums[1] += h_chat.sum(0).transpose(0, 1)
+        sums[2] += (h_chat - h_base).sum(0).transpose(0, 1)
+        for index, h in enumerate(outputs):
+            norm_sums[index] += h[:, norm_skip:].norm(dim=-1).sum(dim=(0, 1))
+        bar.update(len(group))
+
+    batch: list[tuple[list[int], int]] = []
+    for window in windows:
+        batch.append(window)
+        n_samples += 1
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    bar.close()
+    return sums, norm_sums, n_samples
+
+
+def _means(
+    sums: torch.Tensor,
+    norm_sums: torch.Tensor,
+    n_samples: int,
+    layers: list[int],
+    n_positions: int,
+    skip: int,
+    n_dropped: int,
+    **fields: Any,
+) -> MeanDifferences:
+    """The ``MeanDifferences`` of ``_accumulate``'s sums."""
+    means = (sums / n_samples).cpu()
+    norm_means = (norm_sums / (n_samples * (n_positions - skip))).cpu()
+    return MeanDifferences(
+        layers=layers,
+        n_positions=n_positions,
+        base_mean={layer: means[0, i] for i, layer in enumerate(layers)},
+        chat_mean={layer: means[1, i] for i, layer in enumerate(layers)},
+        delta={layer: means[2, i] for i, layer in enumerate(layers)},
+        norms={
+            "base": {layer: float(norm_means[0, i]) for i, layer in enumerate(layers)},
+            "chat": {layer: float(norm_means[1, i]) for i, layer in enumerate(layers)},
+        },
+        n_samples=n_samples,
+        n_dropped=n_dropped,
+        norm_skip=skip,
+        **fields,
+    )
+
+
+def _check_sizes(*sizes: int) -> None:
+    if min(sizes) < 1:
+        raise ConfigError("n_positions, max_samples and batch_size must be positive")
+
+
 @torch.no_grad()
 def mean_differences(
     base: nn.Module,
@@ -245,42 +386,14 @@ def mean_differences(
     ``ConfigError`` for a layer out of range."""
     check_pair(base, chat, tokenizer, base_tokenizer)
     layers = resolve_layers(chat, layers)
-    if n_positions < 1 or max_samples < 1 or batch_size < 1:
-        raise ConfigError("n_positions, max_samples and batch_size must be positive")
+    _check_sizes(n_positions, max_samples, batch_size)
     skip = norm_skip if n_positions > norm_skip else 0
-    d_model = chat.config.get_text_config().hidden_size
-    device = chat.device
-    sums = torch.zeros(3, len(layers), n_positions, d_model, dtype=torch.float64, device=device)
-    norm_sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)
     counts = {"read": 0, "dropped": 0}
-    n_samples = 0
-    bar = progress_bar(total=max_samples, desc="mean differences", unit="text", enabled=progress)
-    batch: list[list[int]] = []
-
-    def run(group: list[list[int]]) -> None:
-        ids = torch.tensor(group, dtype=torch.long)
-        mask = torch.ones_like(ids)
-        outputs = [
-            residual_outputs(model, ids.to(model.device), mask.to(model.device), layers).to(device, torch.float64)
-            for model in (base, chat)
-        ]  # each [batch, n, layers, d]
-        h_base, h_chat = outputs
-        sums[0] += h_base.sum(0).transpose(0, 1)
-        sums[1] += h_chat.sum(0).transpose(0, 1)
-        sums[2] += (h_chat - h_base).sum(0).transpose(0, 1)
-        for index, h in enumerate(outputs):
-            norm_sums[index] += h[:, skip:].norm(dim=-1).sum(dim=(0, 1))
-        bar.update(len(group))
-
-    for ids in first_tokens(tokenizer, texts, n_positions, max_samples, counts):
-        batch.append(ids)
-        n_samples += 1
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    bar.close()
+    windows = ((ids, 0) for ids in first_tokens(tokenizer, texts, n_positions, max_samples, counts))
+    sums, norm_sums, n_samples = _accumulate(
+        base, chat, windows, layers, n_positions, batch_size=batch_size, norm_skip=skip, progress=progress,
+        total=max_samples, description="mean differences",
+    )  # fmt: skip
     if n_samples == 0:
         raise DataError(
             f"none of the {counts['read']} texts read has {n_positions} tokens: all {counts['dropped']} were dropped "
@@ -292,19 +405,54 @@ def mean_differences(
             f"the means average the other {n_samples}",
             stacklevel=3,
         )
-    means = (sums / n_samples).cpu()
-    norm_means = (norm_sums / (n_samples * (n_positions - skip))).cpu()
-    return MeanDifferences(
-        layers=layers,
-        n_positions=n_positions,
-        base_mean={layer: means[0, i] for i, layer in enumerate(layers)},
-        chat_mean={layer: means[1, i] for i, layer in enumerate(layers)},
-        delta={layer: means[2, i] for i, layer in enumerate(layers)},
-        norms={
-            "base": {layer: float(norm_means[0, i]) for i, layer in enumerate(layers)},
-            "chat": {layer: float(norm_means[1, i]) for i, layer in enumerate(layers)},
-        },
-        n_samples=n_samples,
-        n_dropped=counts["dropped"],
-        norm_skip=skip,
+    return _means(sums, norm_sums, n_samples, layers, n_positions, skip, counts["dropped"])
+
+
+@torch.no_grad()
+def chat_mean_differences(
+    base: nn.Module,
+    chat: nn.Module,
+    tokenizer: Any,
+    conversations: Iterable[Any],
+    layers: Sequence[int] | int | None = None,
+    n_positions: int = 128,
+    max_samples: int = 10_000,
+    *,
+    k: int = 3,
+    batch_size: int = 16,
+    base_tokenizer: Any = None,
+    norm_skip: int = NORM_SKIP_POSITIONS,
+    progress: bool = False,
+) -> MeanDifferences:
+    """The chat-data variant (docs/methods.md §10.1): the same means over the last ``k`` tokens before the first
+    assistant message and its first ``n_positions`` tokens, each conversation rendered with ``tokenizer``'s chat
+    template; positions ``−k … −1, 0 … n_positions − 1`` (``first_position = −k``; tensors ``[k + n, d]``)."""
+    check_pair(base, chat, tokenizer, base_tokenizer)
+    layers = resolve_layers(chat, layers)
+    _check_sizes(n_positions, max_samples, batch_size, k + 1)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the chat-data variant renders conversations with the chat tokenizer's chat template, and "
+                          "this tokenizer has none")  # fmt: skip
+    window = k + n_positions
+    skip = norm_skip if window > norm_skip else 0
+    counts = {"read": 0, "dropped": 0}
+    sums, norm_sums, n_samples = _accumulate(
+        base, chat, assistant_windows(tokenizer, conversations, k, n_positions, max_samples, counts), layers, window,
+        batch_size=batch_size, norm_skip=skip, progress=progress, total=max_samples,
+        description="mean differences (chat data)",
+    )  # fmt: skip
+    if n_samples == 0:
+        raise DataError(
+            f"none of the {counts['read']} conversations read has {k} tokens before its first assistant message and "
+            f"{n_positions} tokens in it: all were dropped; pass longer conversations or a smaller --n-positions"
+        )
+    if counts["dropped"]:
+        warnings.warn(
+            f"{counts['dropped']} of {counts['read']} conversations had fewer than {k} tokens before or "
+            f"{n_positions} tokens in their first assistant message and were dropped; the means average the other "
+            f"{n_samples}",
+            stacklevel=3,
+        )
+    return _means(
+        sums, norm_sums, n_samples, layers, window, skip, counts["dropped"], first_position=-k, variant="chat"
     )

@@ -49,7 +49,11 @@ def _relevance_cell(entry: dict[str, Any], reader: str, kind: str) -> str:
     if not isinstance(relevance, dict):
         return "–"
     scores = relevance[reader][kind]
-    return f"{scores['share']:.2f} ({scores['weighted']:.2f} weighted)"
+    cell = f"{scores['share']:.2f} ({scores['weighted']:.2f} weighted)"
+    if "llm" in scores:
+        llm = scores["llm"]
+        cell += f"<br>LLM: {llm['share']:.2f} ({llm['weighted']:.2f} weighted; {html.escape(llm['labelled_by'])})"
+    return cell
 
 
 def _relevant(entry: dict[str, Any], reader: str, kind: str) -> set[str]:
@@ -79,7 +83,11 @@ def _lens_table(entry: dict[str, Any]) -> str:
 def _steering(steering: Any) -> str:
     if not isinstance(steering, dict):
         return f"<p>Steering: {html.escape(str(steering))}</p>"
-    parts = [f"<h4>Steering with δ (strength {steering['strength']:.3g} × the chat mean norm)</h4>"]
+    thresholds = ", ".join(f"{search['strength']:.3g}" for search in steering["search"])
+    parts = [
+        f"<h4>Steering with δ (strength {steering['strength']:.3g} × the chat mean norm: the mean of the thresholds "
+        f"{thresholds} found on the first prompts)</h4>"
+    ]
     similarity = steering.get("similarity")
     if similarity:
         parts.append(
@@ -95,20 +103,35 @@ def _steering(steering: Any) -> str:
     return "".join(parts)
 
 
+def _causal_row(name: str, e: dict[str, Any]) -> str:
+    controls = "".join(
+        f"<td>{e[key]['mean']:.4f} ± {e[key]['std']:.4f}</td>" if key in e else "<td>–</td>"
+        for key in (
+            "random_project_out",
+            "random_difference_project_out",
+            "random_base_projection",
+            "random_difference_base_projection",
+        )
+    )
+    return (
+        f"<tr><th>{html.escape(name)}</th><td>{e['tokens']}</td><td>{e['chat']:.4f}</td><td>{e['project_out']:.4f}</td>"
+        f"<td>{e['base_projection']:.4f}</td>{controls}</tr>"
+    )
+
+
 def _causal(causal: Any) -> str:
     if not isinstance(causal, dict):
         return f"<p>Causal effect: {html.escape(str(causal))}</p>"
     header = (
         "<tr><th>data</th><th>tokens</th><th>chat</th><th>δ projected out</th><th>δ set to base</th>"
-        "<th>random projected out (mean, max)</th><th>random set to base (mean, max)</th></tr>"
+        "<th>random directions projected out (mean ± std)</th><th>random differences projected out</th>"
+        "<th>random directions set to base</th><th>random differences set to base</th></tr>"
     )
-    rows = [
-        f"<tr><th>{html.escape(name)}</th><td>{e['tokens']}</td><td>{e['chat']:.4f}</td><td>{e['project_out']:.4f}</td>"
-        f"<td>{e['base_projection']:.4f}</td>"
-        f"<td>{e['random_project_out']['mean']:.4f}, {e['random_project_out']['max']:.4f}</td>"
-        f"<td>{e['random_base_projection']['mean']:.4f}, {e['random_base_projection']['max']:.4f}</td></tr>"
-        for name, e in causal.items()
-    ]
+    rows = []
+    for name, e in causal.items():
+        rows.append(_causal_row(name, e))
+        if "after_first" in e:
+            rows.append(_causal_row(f"{name}, after token {e['after_first']['skip']}", e["after_first"]))
     return f'<h4>Causal effect (chat model loss, nats)</h4><table class="causal">{header}{"".join(rows)}</table>'
 
 
@@ -133,6 +156,22 @@ def render_html(report: dict[str, Any], path: Path, images: list[Path] = ()) -> 
                 f"<h3>Layer {layer}, position {position} (‖δ‖ = {result['difference_norms'][int(position)]:.3f})</h3>"
                 f"{_lens_table(entry)}{_steering(entry['steering'])}{_causal(entry['causal_effect'])}</section>"
             )
+    chat_data = report.get("chat_data")
+    if chat_data:
+        chat_counts = chat_data["counts"]
+        sections.append(
+            f'<h2 id="chat-data">Chat data: {html.escape(str(chat_data["file"]))}</h2><p>{chat_counts["samples"]} '
+            f"conversations averaged around the first assistant turn ({chat_counts['dropped_short']} dropped as "
+            "shorter).</p>"
+        )
+        for layer, result in chat_data["results"].items():
+            for position, entry in result["positions"].items():
+                row = int(position) - chat_data["first_position"]
+                sections.append(
+                    f'<section class="position" id="chat-layer-{layer}-position-{position}"><h3>Chat data, layer '
+                    f"{layer}, position {position}: {html.escape(entry['label'])} (‖δ‖ = "
+                    f"{result['difference_norms'][row]:.3f})</h3>{_lens_table(entry)}</section>"
+                )
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Activation Difference Lens</title><style>{STYLE}</style></head><body>"

@@ -32,6 +32,20 @@ class LensPaths:
         return Path(self.out) / "means.json"
 
     @property
+    def chat_means(self) -> Path:
+        """``chat_means.safetensors``: the chat-data variant of ``means`` (``--chat-data``), rows from ``−k``."""
+        return Path(self.out) / "chat_means.safetensors"
+
+    @property
+    def chat_means_meta(self) -> Path:
+        """``chat_means.json``: layers, counts, first position and norms of ``chat_means.safetensors``."""
+        return Path(self.out) / "chat_means.json"
+
+    def means_files(self, variant: str = "text") -> tuple[Path, Path]:
+        """The tensors and record of the ``"text"`` or ``"chat"`` means."""
+        return (self.chat_means, self.chat_means_meta) if variant == "chat" else (self.means, self.means_meta)
+
+    @property
     def html(self) -> Path:
         """``report.html``: the self-contained report page."""
         return Path(self.out) / "report.html"
@@ -55,4 +69,6 @@ class LensPaths:
             "html": self.html,
             "difference_norms_plot": self.difference_norms_plot,
             "relevance_plot": self.relevance_plot,
+            "chat_means": self.chat_means,
+            "chat_means_meta": self.chat_means_meta,
         }

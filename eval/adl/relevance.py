@@ -3,19 +3,21 @@
 The finetuning data's *frequent tokens* are its tokens counted at least ``min_count`` times that are not generic:
 not special tokens, not of length ≤ 1 after stripping, not made only of punctuation and whitespace, and not in the
 shipped stopword list. A list of top tokens scores the share of them that are frequent tokens, and the same share
-weighted by the tokens' probabilities.
+weighted by the tokens' probabilities. With an LLM grader and a description of the finetune, the grader's labels
+give the same two scores (``llm_relevance``).
 """
 
 from __future__ import annotations
 
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 from crosscoder.errors import DataError
+from crosscoder.eval.adl.graders import Grader
 
 MIN_COUNT = 10
 """A token of the finetuning data is frequent from this many occurrences."""
@@ -73,13 +75,19 @@ def frequent_tokens(tokenizer: Any, rows: Iterable[Any], min_count: int = MIN_CO
     }
 
 
-def relevance(entry: dict[str, Any], frequent: dict[int, int] | set[int], k: int | None = None) -> dict[str, Any]:
-    """Share of the (first ``k``) tokens of a lens entry (``token_ids``, ``probs``) that are frequent tokens, and the
-    probability-weighted share; the relevant tokens themselves."""
+def relevance(
+    entry: dict[str, Any],
+    frequent: dict[int, int] | set[int],
+    k: int | None = None,
+    labels: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """Share of the (first ``k``) tokens of a lens entry (``token_ids``, ``probs``) that are relevant, and the
+    probability-weighted share; the relevant tokens themselves. Relevant: among the ``frequent`` tokens ("trivial"
+    relevance), or as ``labels`` say (one flag per token, e.g. an LLM grader's)."""
     ids = list(entry["token_ids"])[:k]
     probs = list(entry["probs"])[:k]
     tokens = list(entry.get("tokens", ids))[:k]
-    hits = [token_id in frequent for token_id in ids]
+    hits = [token_id in frequent for token_id in ids] if labels is None else list(labels)
     total = sum(probs)
     return {
         "share": sum(hits) / len(ids) if ids else 0.0,
@@ -87,3 +95,19 @@ def relevance(entry: dict[str, Any], frequent: dict[int, int] | set[int], k: int
         "relevant": [token for token, hit in zip(tokens, hits, strict=True) if hit],
         "n_tokens": len(ids),
     }
+
+
+def llm_relevance(
+    entry: dict[str, Any],
+    frequent: dict[int, int],
+    k: int | None,
+    grader: Grader,
+    description: str,
+    frequent_text: Sequence[str],
+) -> dict[str, Any]:
+    """``relevance`` with the grader's RELEVANT / IRRELEVANT labels (docs/methods.md §10.5): the top ``k`` tokens
+    are labelled given the finetune's ``description`` and its data's frequent tokens ``frequent_text``; where the
+    grader falls back, the trivial labels. Adds ``labelled_by`` (the grader's name or ``"offline fallback"``)."""
+    ids, tokens = list(entry["token_ids"])[:k], list(entry["tokens"])[:k]
+    labels, source = grader.relevant(tokens, description, frequent_text, lambda: [i in frequent for i in ids])
+    return {**relevance(entry, frequent, k, labels), "labelled_by": source}

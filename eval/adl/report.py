@@ -12,44 +12,42 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from crosscoder.documents import open_dataset
-from crosscoder.errors import ConfigError, DataError, OutputExistsError
+from crosscoder.errors import ConfigError, OutputExistsError
 from crosscoder.eval.adl.causal import causal_effect
 from crosscoder.eval.adl.differences import (
-    VECTORS,
     check_pair,
     check_positions,
     mean_differences,
     resolve_layers,
 )
-from crosscoder.eval.adl.graders import Grader, LLMGrader, OfflineGrader
+from crosscoder.eval.adl.graders import PERMUTATIONS, Grader, LLMGrader, OfflineGrader
 from crosscoder.eval.adl.html import render_html
-from crosscoder.eval.adl.lens import logit_lens
-from crosscoder.eval.adl.patchscope import DEFAULT_SCALES, patchscope
+from crosscoder.eval.adl.inputs import domain_rows, general_texts, read_prompts
+from crosscoder.eval.adl.patchscope import DEFAULT_SCALES
 from crosscoder.eval.adl.paths import LensPaths
 from crosscoder.eval.adl.plots import difference_norm_plot, relevance_plot
-from crosscoder.eval.adl.relevance import frequent_tokens, relevance, token_counts
+from crosscoder.eval.adl.reading import Reader, chat_variant
+from crosscoder.eval.adl.relevance import frequent_tokens, token_counts
 from crosscoder.eval.adl.steering import (
     LossCoherence,
     bag_of_tokens,
     content_tokens,
     cosine,
-    find_strength,
     generate,
-    steering_prompts,
+    search_strength,
 )
 from crosscoder.models import load_causal_lm, resolve_device
 from crosscoder.progress import progress_bar
 
 FORMAT = "activation-difference-lens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``steering.search`` is a list of per-prompt searches (docs/methods.md §10.6)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,14 @@ class LensConfig:
     domain_data: str | None = None
     """A sample of the finetuning data (jsonl with a text or messages column): token relevance, steering similarity,
     the causal effect on domain data. Without it those parts are skipped."""
+    description: str | None = None
+    """What the finetune was about, in a sentence or two: with --grader-url the LLM labels each top token RELEVANT or
+    IRRELEVANT given it (docs/methods.md §10.5); without it only the offline relevance is computed."""
+    chat_data: str | None = None
+    """Conversations (jsonl with a messages column): also average around the assistant turn, over the last
+    --chat-k tokens before it and its first --n-positions tokens (off by default)."""
+    chat_k: int = 3
+    """Tokens before the assistant turn averaged in the chat-data variant (positions −k … −1)."""
     layers: tuple[int, ...] | None = None
     """Layers (0-based block outputs); default int(0.5 · (n_layers − 1))."""
     positions: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -99,7 +105,7 @@ class LensConfig:
     """Steer with δ at every layer and position."""
     steering_prompts_file: Path | None = None
     """Prompts to steer (a JSON list of strings or one prompt a line); default: the shipped generic prompts. The
-    strength is searched on the first."""
+    strength is searched on the first --search-prompts of them."""
     steer_samples: int = 10
     """Samples per strength and prompt."""
     steer_tokens: int = 128
@@ -107,9 +113,11 @@ class LensConfig:
     steer_temperature: float = 1.2
     """Sampling temperature."""
     search_steps: int = 10
-    """Binary-search steps for the strength."""
+    """Binary-search steps for the strength, per prompt."""
     max_strength: float = 100.0
-    """Upper end of the strength search."""
+    """Upper end of the strength search on the first prompt (the next prompts search up to twice its threshold)."""
+    search_prompts: int = 3
+    """Prompts the strength is searched on (the first ones); the strength is the mean of their thresholds."""
     coherent_fraction: float = 0.75
     """Fraction of coherent samples a strength needs."""
     coherence_factor: float = 1.5
@@ -120,7 +128,12 @@ class LensConfig:
     causal_texts: int = 64
     """Rows of general and of finetuning data the causal effect is measured on."""
     causal_random: int = 8
-    """Random unit directions as controls."""
+    """Random unit directions as controls (the paper: 64)."""
+    causal_random_differences: int = 8
+    """Random activation differences (chat − base on one token of a general text, normalised) as a second control
+    family (the paper: 64)."""
+    causal_skip: int = 20
+    """The losses are also reported over the tokens after each row's first this many."""
     causal_max_length: int = 256
     """Tokens per row in the causal effect."""
     grader_url: str | None = None
@@ -149,57 +162,7 @@ class LensConfig:
     """Show progress bars."""
 
 
-# ---------------------------------------------------------------------------- inputs
-def general_texts(config: LensConfig) -> Iterator[str]:
-    """Texts of the general datasets, taken from each in turn."""
-    iterators = [(spec, iter(open_dataset(spec, config.dataset_split, True, config.seed))) for spec in config.datasets]
-    while iterators:
-        for spec, iterator in list(iterators):
-            row = next(iterator, None)
-            if row is None:
-                iterators.remove((spec, iterator))
-                continue
-            if config.text_column not in row:
-                raise DataError(
-                    f"{spec} has no '{config.text_column}' column (columns: {sorted(row)}): set --text-column"
-                )
-            yield row[config.text_column]
-
-
-def domain_rows(config: LensConfig) -> list[Any]:
-    """The first ``domain_samples`` rows of the finetuning data (``text`` or ``messages``)."""
-    if config.domain_data is None:
-        return []
-    dataset = open_dataset(config.domain_data, config.dataset_split, True, config.seed)
-    rows = []
-    for row in itertools.islice(iter(dataset), config.domain_samples):
-        if isinstance(row.get("messages"), list):
-            rows.append({"messages": row["messages"]})
-        elif isinstance(row.get("text"), str):
-            rows.append({"text": row["text"]})
-        else:
-            raise DataError(
-                f"{config.domain_data}: each row needs a 'text' or a 'messages' column (columns: {sorted(row)})"
-            )
-    if not rows:
-        raise DataError(f"{config.domain_data} holds no rows")
-    return rows
-
-
-def read_prompts(path: Path | None) -> tuple[str, ...]:
-    """Steering prompts from a JSON list or a file of one prompt a line; the shipped ones without a file."""
-    if path is None:
-        return steering_prompts()
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        prompts = json.loads(text)
-    except json.JSONDecodeError:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
-        raise ConfigError(f"{path}: give the steering prompts as a JSON list of strings or one prompt a line")
-    return tuple(prompts)
-
-
+# ---------------------------------------------------------------------------- graders
 def make_grader(config: LensConfig) -> Grader:
     """The offline grader, or the LLM grader when ``--grader-url`` is given."""
     if config.grader_url is None:
@@ -229,7 +192,7 @@ class _Steering:
         for index, prompt in enumerate(self.prompts):
             generations = self._generate(prompt, None, None, 0.0, self._seed(index))
             self.unsteered[prompt] = [g.text for g in generations]
-            if index == 0:
+            if index < config.search_prompts:
                 self.loss_judge.set_reference(prompt, generations)
 
     def _seed(self, index: int) -> int:
@@ -256,15 +219,16 @@ class _Steering:
 
     def run(self, vector: torch.Tensor, layer: int, norm: float) -> dict[str, Any]:
         config = self.config
-        search = find_strength(
+        search = search_strength(
             self.chat,
             self.tokenizer,
             vector,
             layer,
-            self.prompts[0],
+            self.prompts,
             self.judge,
-            norm=norm,
             high=config.max_strength,
+            n_prompts=config.search_prompts,
+            norm=norm,
             steps=config.search_steps,
             n_samples=config.steer_samples,
             coherent_fraction=config.coherent_fraction,
@@ -281,7 +245,7 @@ class _Steering:
         result: dict[str, Any] = {
             "strength": strength,
             "norm": norm,
-            "search": {"prompt": self.prompts[0], "trials": search["trials"]},
+            "search": search["per_prompt"],
             "samples": samples,
         }
         if self.domain_bag is not None:
@@ -371,6 +335,7 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
         "chat_model": config.chat_model,
         "datasets": list(config.datasets),
         "domain_data": config.domain_data,
+        "description": config.description,
         "layers": layers,
         "positions": list(config.positions),
         "n_positions": config.n_positions,
@@ -386,33 +351,11 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
         },
         "results": {},
     }
-    skipped = "skipped: no --domain-data"
+    reader = Reader(base, chat, tokenizer, config, grader, frequent, report["frequent_tokens"] or [])
     tasks = [(layer, position) for layer in layers for position in config.positions]
     for layer, position in progress_bar(tasks, desc="lens", unit="position", enabled=config.progress):
         chat_norm, base_norm = means.norms["chat"][layer], means.norms["base"][layer]
-        entry: dict[str, Any] = {"logit_lens": {}, "patchscope": {}}
-        for kind in VECTORS:
-            vector = means.vector(kind, layer, position)
-            entry["logit_lens"][kind] = logit_lens(vector, chat, tokenizer, k=config.lens_k)
-            model, norm = (base, base_norm) if kind == "base_mean" else (chat, chat_norm)
-            entry["patchscope"][kind] = patchscope(
-                vector,
-                model,
-                tokenizer,
-                layer,
-                config.patchscope_scales,
-                norm=norm,
-                top_k=config.patchscope_top_k,
-                keep=config.patchscope_keep,
-                grader=grader,
-            )
-        if frequent is not None:
-            entry["relevance"] = {
-                reader: {kind: relevance(entry[reader][kind], frequent, config.relevance_k) for kind in VECTORS}
-                for reader in ("logit_lens", "patchscope")
-            }
-        else:
-            entry["relevance"] = skipped
+        entry = reader.read(means, layer, position, {"base": base_norm, "chat": chat_norm})
         delta = means.vector("delta", layer, position)
         entry["steering"] = steering.run(delta, layer, chat_norm) if steering else "skipped: --no-steering"
         if config.causal:
@@ -424,8 +367,11 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
                 layer,
                 causal_data,
                 n_random=config.causal_random,
+                n_random_differences=config.causal_random_differences,
+                difference_texts=causal_data["general"],
                 seed=config.seed,
                 max_length=config.causal_max_length,
+                skip=config.causal_skip,
             )
         else:
             entry["causal_effect"] = "skipped: --no-causal"
@@ -433,6 +379,14 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
             str(layer), {"difference_norms": means.difference_norms(layer), "positions": {}}
         )
         result["positions"][str(position)] = entry
+    report["relevance_labels"] = (
+        f"trivial (top {config.relevance_k} tokens among the finetuning data's frequent tokens); llm: {grader.name} "
+        f"given --description, {PERMUTATIONS} cyclic permutations, relevant when all agree"
+        if reader.labels_with_llm
+        else "trivial only (the LLM labels need --grader-url and --description)"
+    )
+    if config.chat_data is not None:
+        report["chat_data"] = chat_variant(config, reader, layers, means.norms)
     report["grader"] = describe_grader(grader)
     if steering is not None:
         report["steering_coherence"] = (
@@ -449,6 +403,8 @@ def write_outputs(report: dict[str, Any], paths: LensPaths) -> dict[str, Path]:
     """Plots, ``report.json`` and ``report.html`` for a finished report; returns the files written by role."""
     paths.out.mkdir(parents=True, exist_ok=True)
     written = {"means": paths.means, "means_meta": paths.means_meta}
+    if "chat_data" in report:
+        written.update({"chat_means": paths.chat_means, "chat_means_meta": paths.chat_means_meta})
     images = [difference_norm_plot(report, paths.difference_norms_plot)]
     written["difference_norms_plot"] = images[0]
     if report["domain_data"] is not None:

@@ -2,9 +2,10 @@
 
 ``strength · norm · v̂`` is added to block ``layer``'s output at every position — the prompt's and each generated
 token's — while the chat model samples answers to generic prompts rendered with its chat template. The strength is
-found by binary search in ``[low, high]`` for the largest strength whose samples stay coherent (a grader's
-judgement, offline: ``LossCoherence``). Steered and unsteered samples are compared by their bag-of-tokens cosine
-with the finetuning data.
+found by binary search for the largest strength whose samples stay coherent (a grader's judgement, offline:
+``LossCoherence``): in ``[0, 100]`` on a first prompt, then in ``[0, 2×]`` that on two more, averaged
+(``search_strength``). Steered and unsteered samples are compared by their bag-of-tokens cosine with the finetuning
+data.
 """
 
 from __future__ import annotations
@@ -268,6 +269,44 @@ def find_strength(
         else:
             high = middle
     return {"strength": low, "trials": trials}
+
+
+def search_strength(
+    model: nn.Module,
+    tokenizer: Any,
+    vector: torch.Tensor,
+    layer: int,
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    high: float = 100.0,
+    n_prompts: int = 3,
+    seed: int = 0,
+    **search: Any,
+) -> dict[str, Any]:
+    """The steering strength over several prompts (docs/methods.md §10.6): ``find_strength`` in ``[0, high]`` on
+    the first prompt gives ``s₁``, then in ``[0, 2 s₁]`` on each of the next ``n_prompts − 1`` prompts (no search
+    when ``s₁ = 0``: their threshold is 0 too); the strength is the mean of the per-prompt thresholds.
+
+    ``search`` goes to ``find_strength`` (``norm``, ``steps``, ``n_samples``, …); prompt ``i`` samples with seed
+    ``seed + i``. Returns ``{"strength", "per_prompt": [{"prompt", "range", "strength", "trials"}]}``."""
+    if n_prompts < 1 or not prompts:
+        raise ConfigError(
+            f"the strength search needs --search-prompts ≥ 1 and a prompt (got {n_prompts} and {len(prompts)} prompts)"
+        )
+    per_prompt = []
+    upper = high
+    for index, prompt in enumerate(list(prompts)[:n_prompts]):
+        if upper > 0:
+            found = find_strength(
+                model, tokenizer, vector, layer, prompt, judge, high=upper, seed=seed + index, **search
+            )
+        else:
+            found = {"strength": 0.0, "trials": []}
+        per_prompt.append({"prompt": prompt, "range": [0.0, upper], **found})
+        if index == 0:
+            upper = 2 * found["strength"]
+    return {"strength": sum(p["strength"] for p in per_prompt) / len(per_prompt), "per_prompt": per_prompt}
 
 
 # ---------------------------------------------------------------------------- similarity to the finetuning data

@@ -25,9 +25,14 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def entry(report: dict[str, Any], layer: int | str, position: int | str) -> dict[str, Any]:
-    """Everything the report holds for one layer and position."""
-    results = report["results"]
+def entry(report: dict[str, Any], layer: int | str, position: int | str, data: str = "text") -> dict[str, Any]:
+    """Everything the report holds for one layer and position of the general text (``data="text"``) or of the chat
+    data (``"chat"``, positions from ``−k``)."""
+    if data not in ("text", "chat"):
+        raise ConfigError(f"unknown data {data!r}: use 'text' (general text) or 'chat' (--chat-data)")
+    if data == "chat" and "chat_data" not in report:
+        raise ConfigError("the report holds no chat-data results: run the lens with --chat-data")
+    results = report["chat_data"]["results"] if data == "chat" else report["results"]
     if str(layer) not in results:
         raise ConfigError(f"layer {layer} is not in the report (layers: {sorted(int(k) for k in results)})")
     positions = results[str(layer)]["positions"]
@@ -76,11 +81,17 @@ def overview(report: dict[str, Any], *, k: int = 10, example_chars: int = 200) -
 
 
 def logit_lens_details(
-    report: dict[str, Any], layer: int, position: int, vector: str = "delta", k: int | None = None
+    report: dict[str, Any],
+    layer: int,
+    position: int,
+    vector: str = "delta",
+    k: int | None = None,
+    *,
+    data: str = "text",
 ) -> dict[str, Any]:
     """The stored logit lens of one vector (``delta``, ``base_mean`` or ``chat_mean``): top tokens with
-    probabilities and the inverse."""
-    lens = entry(report, layer, position)["logit_lens"][_vector(vector)]
+    probabilities and the inverse; ``data="chat"`` reads the chat-data variant."""
+    lens = entry(report, layer, position, data)["logit_lens"][_vector(vector)]
     cut = slice(None, k)
     return {
         "layer": int(layer),
@@ -93,11 +104,17 @@ def logit_lens_details(
 
 
 def patchscope_details(
-    report: dict[str, Any], layer: int, position: int, vector: str = "delta", scale: float | None = None
+    report: dict[str, Any],
+    layer: int,
+    position: int,
+    vector: str = "delta",
+    scale: float | None = None,
+    *,
+    data: str = "text",
 ) -> dict[str, Any]:
     """The Patchscope of one vector: the chosen scale's tokens (or ``scale``'s), the grader's reason, and every
-    scale's tokens and agreement."""
-    scope = entry(report, layer, position)["patchscope"][_vector(vector)]
+    scale's tokens and agreement; ``data="chat"`` reads the chat-data variant."""
+    scope = entry(report, layer, position, data)["patchscope"][_vector(vector)]
     chosen = scope if scale is None else next((s for s in scope["scales"] if abs(s["scale"] - scale) < 1e-9), None)
     if chosen is None:
         raise ConfigError(f"scale {scale} was not run (scales: {[s['scale'] for s in scope['scales']]})")
