@@ -1,4 +1,5 @@
-"""Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders and difference SAEs.
+"""Model diffing with sparse dictionaries: BatchTopK/L1 crosscoders, their Matryoshka and dedicated-feature variants,
+and difference SAEs.
 
 The parts and how data flows between them: docs/architecture.md; every formula: docs/methods.md.
 """
@@ -9,8 +10,11 @@ from crosscoder.config import TrainConfig
 from crosscoder.dictionary import (
     BatchTopKCrossCoder,
     BatchTopKSAE,
+    DedicatedCrossCoder,
     DictionaryFormatError,
     L1CrossCoder,
+    MatryoshkaCrossCoder,
+    MatryoshkaSAE,
     SparseDictionary,
 )
 from crosscoder.hub import load_dictionary
@@ -20,8 +24,11 @@ __all__ = [
     "ActivationCache",
     "BatchTopKCrossCoder",
     "BatchTopKSAE",
+    "DedicatedCrossCoder",
     "DictionaryFormatError",
     "L1CrossCoder",
+    "MatryoshkaCrossCoder",
+    "MatryoshkaSAE",
     "PairedActivationStream",
     "SparseDictionary",
     "TrainConfig",

@@ -7,6 +7,7 @@ that validates each, the fields a resume may change, and the named presets.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import tyro
 
 from crosscoder.errors import ConfigError
 
-Architecture = Literal["batchtopk", "l1", "diff_sae"]
+Architecture = Literal["batchtopk", "l1", "diff_sae", "matryoshka", "matryoshka_diff_sae", "dedicated"]
 Parallelism = Literal["auto", "data", "latents"]
 
 #: Saved-dictionary name of each architecture (a run folder holds one subfolder per dictionary).
@@ -25,7 +26,13 @@ DICTIONARY_NAMES: dict[str, str] = {
     "batchtopk": "batchtopk_crosscoder",
     "l1": "l1_crosscoder",
     "diff_sae": "diff_sae",
+    "matryoshka": "matryoshka_crosscoder",
+    "matryoshka_diff_sae": "matryoshka_diff_sae",
+    "dedicated": "dedicated_crosscoder",
 }
+
+#: The architectures latent sharding can split (the others' prefixes or partitions span the latent index).
+LATENT_SHARDABLE: tuple[str, ...] = ("batchtopk", "diff_sae")
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,9 @@ class TrainConfig:
     # ---------------------------------------------------------------- what to train
     architectures: tuple[Architecture, ...] = ("batchtopk",)
     """Dictionaries trained side by side on the same batches: batchtopk (BatchTopK crosscoder), l1 (L1
-    crosscoder), diff_sae (BatchTopK SAE on chat − base)."""
+    crosscoder), diff_sae (BatchTopK SAE on chat − base), matryoshka and matryoshka_diff_sae (the same two trained on
+    nested prefixes, --matryoshka-prefixes), dedicated (BatchTopK crosscoder with base-only and chat-only latents,
+    --exclusive-fractions)."""
     expansion_factor: int = 32
     """Latents per activation dimension: dict_size = expansion_factor · d_model (unless dict_size is set)."""
     dict_size: int | None = None
@@ -52,6 +61,14 @@ class TrainConfig:
     """Input of the difference SAE (source 0 = base, 1 = chat)."""
     source_names: tuple[str, ...] | None = None
     """Names of the sources in order (recorded in the dictionaries' configs); default: base, chat."""
+    matryoshka_prefixes: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
+    """Matryoshka dictionaries: nested prefixes of the latents as fractions of dict_size (increasing, ending at 1);
+    the loss averages the reconstruction losses of the selected latents below each prefix."""
+    exclusive_fractions: tuple[float, float] = (0.1, 0.1)
+    """Dedicated crosscoder: fractions of the latents exclusive to the base and to the chat model (their decoders
+    for the other model are fixed at zero); the rest are shared."""
+    exclusive_encoder: Literal["own", "both"] = "own"
+    """Dedicated crosscoder: an exclusive latent's encoder reads its own model only (own) or both models (both)."""
 
     # ---------------------------------------------------------------- data: where batches come from (name one)
     base_model: str | None = None
@@ -250,11 +267,47 @@ class TrainConfig:
             problems.append(f"name one data source, not {' and '.join(named)}")
         if bool(self.base_model) != bool(self.chat_model):
             problems.append("--base-model and --chat-model go together")
-        if self.parallelism == "latents" and "l1" in self.architectures:
+        unshardable = [name for name in self.architectures if name not in LATENT_SHARDABLE]
+        if self.parallelism == "latents" and unshardable:
             problems.append(
-                "parallelism='latents' supports the BatchTopK dictionaries (batchtopk, diff_sae), not l1: use 'data'"
+                f"parallelism='latents' supports the BatchTopK dictionaries (batchtopk, diff_sae), not "
+                f"{', '.join(unshardable)} (L1 codes are not selected globally; Matryoshka prefixes and dedicated "
+                "partitions span the latent index): use --parallelism data"
+            )
+        prefixes = self.matryoshka_prefixes
+        if (
+            not prefixes
+            or prefixes[-1] != 1
+            or not all(small < large for small, large in itertools.pairwise((0, *prefixes)))
+        ):
+            problems.append(
+                f"--matryoshka-prefixes must be increasing fractions of dict_size in (0, 1] ending at 1, got "
+                f"{list(prefixes)}"
+            )
+        if len(self.exclusive_fractions) != 2 or not (
+            all(0 <= fraction < 1 for fraction in self.exclusive_fractions) and sum(self.exclusive_fractions) < 1
+        ):
+            problems.append(
+                f"--exclusive-fractions takes two fractions ≥ 0 (base-only, chat-only) summing to less than 1 (the "
+                f"rest are shared), got {list(self.exclusive_fractions)}"
             )
         return problems
+
+    def threshold_window_problem(self) -> str | None:
+        """Why the inference threshold θ (an EMA, docs/methods.md §1.6) would not settle on the final weights: fewer
+        than ``3 / (1 − threshold_beta)`` steps after ``threshold_start_step`` leave more than ~5 % of its weight on
+        early, stale estimates (θ then sits above the final batch thresholds and silences rare latents)."""
+        if all(architecture == "l1" for architecture in self.architectures):
+            return None
+        steps = self.total_steps - self.threshold_start_step
+        if steps * (1 - self.threshold_beta) >= 3 - 1e-9:
+            return None
+        return (
+            f"threshold_beta={self.threshold_beta} averages θ over ~{round(1 / (1 - self.threshold_beta))} steps but "
+            f"only {max(steps, 0)} steps follow threshold_start_step={self.threshold_start_step}: θ will keep "
+            f"{self.threshold_beta ** max(steps, 0):.0%} of its first estimate and lag the final weights; set "
+            f"threshold_beta ≤ {1 - 3 / max(steps, 3):.4g} or train longer"
+        )
 
     def check_output_dir(self) -> None:
         """Refuse, before any compute, an ``output_dir`` that cannot hold this run's folder: a file in the way, or a
@@ -291,7 +344,16 @@ class TrainConfig:
         for name in ("output_dir", "activations", "cache"):
             if converted.get(name) is not None:
                 converted[name] = Path(converted[name])
-        for name in ("architectures", "source_names", "layers", "datasets", "dataset_weights", "drop_token_ids"):
+        for name in (
+            "architectures",
+            "source_names",
+            "layers",
+            "datasets",
+            "dataset_weights",
+            "drop_token_ids",
+            "matryoshka_prefixes",
+            "exclusive_fractions",
+        ):
             if converted.get(name) is not None:
                 converted[name] = tuple(converted[name])
         return cls(**converted)

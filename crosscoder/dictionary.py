@@ -16,6 +16,7 @@ live elsewhere.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOv
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
 from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import sparse_decode
+from crosscoder.kernels.sparse_decode import prefix_decode, sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
 from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
 
@@ -45,18 +46,25 @@ class TrainingOutput:
     """What one training forward pass returns (normalised space), in the sparse format of the kernels.
 
     codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
-    reconstruction: [batch, n_sources, d_model]; scores: [batch, dict_size] the ranked ``f · c`` without gradients
-    (BatchTopK; AuxK picks dead latents from them, else None; held in the ``StepBuffers`` when the call got them,
-    so overwritten by the next such call); encoder_input: [batch, n_sources · d_model];
+    prefix_reconstructions: [n_prefixes, batch, n_sources, d_model] the reconstructions from the selected latents
+    below each of ``prefix_sizes`` (one prefix, the whole dictionary, except for Matryoshka dictionaries);
+    scores: [batch, dict_size] the ranked ``f · c`` without gradients (BatchTopK; AuxK picks dead latents from them,
+    else None; held in the ``StepBuffers`` when the call got them, so overwritten by the next such call);
+    encoder_input: [batch, n_sources · d_model];
     min_kept_score: smallest kept ``f · c`` (0-d; BatchTopK only, else None) for the θ EMA.
     """
 
     codes: SparseCodes
     values: torch.Tensor
-    reconstruction: torch.Tensor
+    prefix_reconstructions: torch.Tensor
     scores: torch.Tensor | None
     encoder_input: torch.Tensor
     min_kept_score: torch.Tensor | None
+
+    @property
+    def reconstruction(self) -> torch.Tensor:
+        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix)."""
+        return self.prefix_reconstructions[-1]
 
     def dense_codes(self) -> torch.Tensor:
         """[batch, dict_size] codes with zeros where nothing was selected."""
@@ -132,6 +140,8 @@ class SparseDictionary(
         self.init_decoder_norm = float(init_decoder_norm)
         self.source_names = list(source_names) if source_names is not None else None
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.prefix_sizes: tuple[int, ...] = (dict_size,)
+        """Nested prefixes of the latent index whose reconstructions training fits (Matryoshka; else the whole)."""
 
         self.W_enc = nn.Parameter(torch.empty(dict_size, n_sources, d_model))
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
@@ -271,9 +281,9 @@ class SparseDictionary(
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes))
-        decoded = _sum_shards(sparse_decode(values, codes, W_dec), context)
-        reconstruction = decoded.view(-1, self.n_sources, self.d_model) + self.b_dec
-        return TrainingOutput(codes, values, reconstruction, scores, encoder_input, min_kept)
+        decoded = _sum_shards(prefix_decode(values, codes, W_dec, self.prefix_sizes), context)
+        reconstructions = decoded.view(len(self.prefix_sizes), -1, self.n_sources, self.d_model) + self.b_dec
+        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, min_kept)
 
     def dead_latent_reconstruction(
         self, out: TrainingOutput, dead: torch.Tensor, k_aux: int, context: Distributed | None = None
@@ -542,9 +552,199 @@ class BatchTopKSAE(SparseDictionary):
         )
 
 
+class _Nested:
+    """Matryoshka training on top of a BatchTopK dictionary (docs/methods.md §12.1): one BatchTopK selection over all
+    latents; the loss averages the reconstruction losses of the selected latents below each of ``prefix_sizes``;
+    inference as the plain dictionary (one global θ)."""
+
+    prefix_sizes: tuple[int, ...]
+    dict_size: int
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {**super()._init_kwargs(), "prefix_sizes": list(self.prefix_sizes)}  # type: ignore[misc]
+
+    def _nesting(self) -> str:
+        return f"trained as a Matryoshka dictionary on the nested prefixes {list(self.prefix_sizes)} of its latents"
+
+
+class MatryoshkaCrossCoder(_Nested, BatchTopKCrossCoder):
+    """BatchTopK crosscoder trained on nested prefixes of its latents (docs/methods.md §12.1).
+
+    prefix_sizes: increasing latent counts ending at dict_size, e.g. [F/16, F/8, F/4, F/2, F]. x: [batch, n_sources,
+    d_model] raw activations; codes: [batch, dict_size].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        k: int,
+        prefix_sizes: list[int],
+        n_sources: int = 2,
+        init_decoder_norm: float = 1.0,
+        source_names: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata)
+        self.prefix_sizes = _checked_prefix_sizes(prefix_sizes, dict_size)
+
+    def describe(self) -> str:
+        """One sentence for the model card."""
+        return f"{super().describe()[:-1]}, {self._nesting()}."
+
+
+class MatryoshkaSAE(_Nested, BatchTopKSAE):
+    """BatchTopK SAE (e.g. a diff-SAE) trained on nested prefixes of its latents (docs/methods.md §12.1).
+
+    prefix_sizes: increasing latent counts ending at dict_size. x: [batch, d_model] raw activations.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        k: int,
+        prefix_sizes: list[int],
+        input: str | DictionaryInput = CHAT_MINUS_BASE,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(d_model, dict_size, k, input, metadata)
+        self.prefix_sizes = _checked_prefix_sizes(prefix_sizes, dict_size)
+
+    def describe(self) -> str:
+        """One sentence for the model card."""
+        return f"{super().describe()[:-1]}, {self._nesting()}."
+
+
+class DedicatedCrossCoder(BatchTopKCrossCoder):
+    """Dedicated-feature crosscoder (docs/methods.md §12.2): latents ``[0, n_shared)`` are shared, the next
+    ``exclusive_sizes[0]`` base-only and the last ``exclusive_sizes[1]`` chat-only. An exclusive latent's decoder
+    rows for the other model's sources are structurally zero: zero from initialisation, their gradient removed before
+    every optimizer step; with ``exclusive_encoder="own"`` its encoder rows for the other model are too (it reads its
+    own model only). BatchTopK ranks all partitions together.
+
+    Sources ``[0, S/2)`` belong to the base model, ``[S/2, S)`` to the chat model (one source each for one layer).
+    x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dict_size: int,
+        k: int,
+        exclusive_sizes: list[int],
+        exclusive_encoder: str = "own",
+        n_sources: int = 2,
+        init_decoder_norm: float = 1.0,
+        source_names: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        sizes = list(exclusive_sizes) if isinstance(exclusive_sizes, (list, tuple)) else None
+        if (
+            sizes is None
+            or len(sizes) != 2
+            or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in sizes)
+            or (isinstance(dict_size, int) and sum(sizes) >= dict_size)
+        ):
+            raise ConfigError(
+                f"exclusive_sizes={exclusive_sizes!r} is invalid: give two latent counts ≥ 0 [base-only, chat-only] "
+                f"that leave some of dict_size={dict_size!r} latents shared"
+            )
+        if exclusive_encoder not in ("own", "both"):
+            raise ConfigError(
+                f"exclusive_encoder={exclusive_encoder!r} is invalid: 'own' (an exclusive latent reads its own "
+                "model only) or 'both'"
+            )
+        if not isinstance(n_sources, int) or n_sources % 2:
+            raise ConfigError(
+                f"a DedicatedCrossCoder needs the base sources then the chat sources, an even n_sources, got "
+                f"{n_sources!r}"
+            )
+        # read by reset_parameters, which the base initialiser calls
+        self.exclusive_sizes, self.exclusive_encoder = (sizes[0], sizes[1]), exclusive_encoder
+        super().__init__(d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata)
+
+    def partitions(self) -> dict[str, slice]:
+        """The latents of each partition: ``shared``, ``base-only``, ``chat-only`` (contiguous, in that order)."""
+        n_base, n_chat = self.exclusive_sizes
+        n_shared = self.dict_size - n_base - n_chat
+        return {
+            "shared": slice(0, n_shared),
+            "base-only": slice(n_shared, n_shared + n_base),
+            "chat-only": slice(n_shared + n_base, self.dict_size),
+        }
+
+    def structural_zeros(self) -> list[tuple[slice, slice]]:
+        """The (latents, sources) blocks of ``W_dec`` that are structurally zero (and of ``W_enc`` with
+        ``exclusive_encoder="own"``): base-only latents × chat sources, chat-only latents × base sources."""
+        half = self.n_sources // 2
+        partitions = self.partitions()
+        return [(partitions["base-only"], slice(half, None)), (partitions["chat-only"], slice(0, half))]
+
+    def _masked(self) -> list[torch.Tensor]:
+        return [self.W_dec, self.W_enc] if self.exclusive_encoder == "own" else [self.W_dec]
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The base initialisation with the structural zeros imposed."""
+        super().reset_parameters(generator)
+        for parameter in self._masked():
+            for latents, sources in self.structural_zeros():
+                parameter[latents, sources] = 0
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient of the structural zeros, so that no optimizer moves them (Adam's moments stay 0)."""
+        for parameter in self._masked():
+            if parameter.grad is not None:
+                for latents, sources in self.structural_zeros():
+                    parameter.grad[latents, sources] = 0
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super()._init_kwargs(),
+            "exclusive_sizes": list(self.exclusive_sizes),
+            "exclusive_encoder": self.exclusive_encoder,
+        }
+
+    def describe(self) -> str:
+        """One sentence for the model card."""
+        n_base, n_chat = self.exclusive_sizes
+        return (
+            f"{super().describe()[:-1]}, with dedicated features: {n_base} base-only and {n_chat} chat-only latents "
+            f"whose decoders for the other model are fixed at zero ({self.dict_size - n_base - n_chat} shared)."
+        )
+
+
 DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
-    cls.__name__: cls for cls in (BatchTopKCrossCoder, L1CrossCoder, BatchTopKSAE)
+    cls.__name__: cls
+    for cls in (
+        BatchTopKCrossCoder,
+        L1CrossCoder,
+        BatchTopKSAE,
+        MatryoshkaCrossCoder,
+        MatryoshkaSAE,
+        DedicatedCrossCoder,
+    )
 }
+
+
+def _checked_prefix_sizes(prefix_sizes: object, dict_size: int) -> tuple[int, ...]:
+    """``prefix_sizes`` as a tuple when they are increasing positive latent counts ending at ``dict_size``."""
+    sizes = tuple(prefix_sizes) if isinstance(prefix_sizes, (list, tuple)) else ()
+    valid = (
+        sizes
+        and all(isinstance(size, int) and not isinstance(size, bool) for size in sizes)
+        and sizes[0] > 0
+        and all(small < large for small, large in itertools.pairwise(sizes))
+        and sizes[-1] == dict_size
+    )
+    if not valid:
+        raise ConfigError(
+            f"prefix_sizes={prefix_sizes!r} is invalid: give increasing latent counts > 0 ending at "
+            f"dict_size={dict_size}, e.g. {[dict_size // 4, dict_size // 2, dict_size]}"
+        )
+    return sizes
 
 
 def _check_positive_int(name: str, value: object) -> None:

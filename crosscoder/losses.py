@@ -22,6 +22,12 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: Literal["mse
     raise ValueError(f"unknown reconstruction loss {kind!r}: use 'mse' or 'l2'")
 
 
+def matryoshka_loss(x: torch.Tensor, prefix_reconstructions: torch.Tensor, kind: Literal["mse", "l2"]) -> torch.Tensor:
+    """The mean over nested prefixes of their reconstruction losses, ``(1/g) Σ_i L_rec(x, x̂^(i))`` (docs/methods.md
+    §12.1). x: [batch, n_sources, d_model]; prefix_reconstructions: [g, batch, n_sources, d_model]."""
+    return torch.stack([reconstruction_loss(x, x_hat, kind) for x_hat in prefix_reconstructions]).mean()
+
+
 def l1_penalty(values: torch.Tensor, value_code_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``mean_b Σ_j f_j · c_j`` over the active entries. values, value_code_norms: [nnz] (``c`` of each entry's
     latent)."""

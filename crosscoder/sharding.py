@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from crosscoder.config import TrainConfig
+from crosscoder.config import LATENT_SHARDABLE, TrainConfig
 from crosscoder.dictionary import DICTIONARY_CLASSES, SparseDictionary
 from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError
@@ -45,13 +45,14 @@ def check_shardable(dict_size: int, k: int | None, context: Distributed) -> None
 def shards_latents(config: TrainConfig, world_size: int, dict_size: int) -> bool:
     """Whether ``world_size`` processes split the latents rather than the batch (``TrainConfig.parallelism``):
     ``auto`` splits them when that communicates less per step than all-reducing the gradients (the dictionary has at
-    least as many latents as the global batch has tokens) and every dictionary can be split evenly."""
+    least as many latents as the global batch has tokens) and every dictionary can be split (``LATENT_SHARDABLE``),
+    evenly."""
     if world_size <= 1 or config.parallelism == "data":
         return False
     if config.parallelism == "latents":
         return True
     return (
-        "l1" not in config.architectures
+        all(architecture in LATENT_SHARDABLE for architecture in config.architectures)
         and sharding_problem(dict_size, config.k, world_size) is None
         and dict_size >= config.batch_size
     )

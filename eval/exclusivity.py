@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from crosscoder.dictionary import SparseDictionary
+from crosscoder.dictionary import DedicatedCrossCoder, SparseDictionary
 from crosscoder.errors import ConfigError
 
 CHAT_ONLY, BASE_ONLY, SHARED, OTHER = "chat-only", "base-only", "shared", "other"
@@ -54,3 +54,17 @@ def latent_classes(delta_norm: torch.Tensor) -> list[str]:
         else:
             classes.append(OTHER)
     return classes
+
+
+def class_counts(crosscoder: SparseDictionary, classes: list[str]) -> dict[str, dict]:
+    """``{"counts": {class: latents}}`` and, for a dedicated-feature crosscoder, ``"by_partition": {partition:
+    {class: latents}}`` (docs/methods.md §12.2): how many of its structural partitions' latents Δnorm classes where.
+    classes: [dict_size] from ``latent_classes``."""
+    summary: dict[str, dict] = {"counts": _counts(classes)}
+    if isinstance(crosscoder, DedicatedCrossCoder):
+        summary["by_partition"] = {name: _counts(classes[rows]) for name, rows in crosscoder.partitions().items()}
+    return summary
+
+
+def _counts(classes: list[str]) -> dict[str, int]:
+    return {label: classes.count(label) for label in sorted(set(classes))}

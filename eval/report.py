@@ -25,7 +25,14 @@ from crosscoder.activations import PairedActivationStream, StreamSettings
 from crosscoder.chunks import ActivationChunk
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.errors import ConfigError, DataError
-from crosscoder.eval.exclusivity import CHAT_ONLY, SHARED, decoder_cosine, latent_classes, relative_norm_difference
+from crosscoder.eval.exclusivity import (
+    CHAT_ONLY,
+    SHARED,
+    class_counts,
+    decoder_cosine,
+    latent_classes,
+    relative_norm_difference,
+)
 from crosscoder.eval.inspection import PAD
 from crosscoder.eval.kl import crosscoder_patch, diff_sae_patch, downstream_kl, latent_subset_patch
 from crosscoder.eval.latent_scaling import compute_betas, compute_sae_betas
@@ -218,8 +225,7 @@ def evaluate(config: EvalConfig) -> dict:
         delta = relative_norm_difference(dictionary)
         cosine = decoder_cosine(dictionary)
         classes = latent_classes(delta)
-        counts = {label: classes.count(label) for label in sorted(set(classes))}
-        report["exclusivity"] = {"counts": counts}
+        report["exclusivity"] = class_counts(dictionary, classes)
         images.append(delta_norm_histogram(delta, out / "delta_norm_histogram.png"))
         chat_only = [j for j, label in enumerate(classes) if label == CHAT_ONLY]
         shared = [j for j, label in enumerate(classes) if label == SHARED and frequencies[j] > 0]
@@ -359,7 +365,7 @@ def _weights_only(dictionary: SparseDictionary, config: EvalConfig) -> dict:
     if dictionary.n_sources == 2:
         delta = relative_norm_difference(dictionary)
         classes = latent_classes(delta)
-        report["exclusivity"] = {"counts": {label: classes.count(label) for label in sorted(set(classes))}}
+        report["exclusivity"] = class_counts(dictionary, classes)
         images.append(delta_norm_histogram(delta, config.out / "delta_norm_histogram.png").name)
     (config.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     summary = {"weights only": "no model was loaded (--no-models)", **report.get("exclusivity", {})}

@@ -36,7 +36,8 @@ Two implementations of the histogram, compared exactly in the tests (``backend.p
 
 - **Triton** (CUDA): ``_radix_histogram_kernel``, grid ``(min(cdiv(n, BLOCK), MAX_PROGRAMS),)``; each program walks
   ``BLOCK``-entry tiles with a stride, adds ``tl.histogram`` of each tile into a ``[2**digit_bits]`` int32
-  register histogram and writes it as one row of a ``[programs, 2**digit_bits]`` partial table; the rows are
+  register histogram (entries not counted — zeros, other prefixes, past the end — go to bin 0 and are subtracted
+  from it, as in the reference) and writes it as one row of a ``[programs, 2**digit_bits]`` partial table; the rows are
   summed in int64. The prefix is read from a device tensor, so the whole threshold search (histograms, digit
   choices, ``all_reduce``) runs without a host sync; ``batch_topk`` syncs once, in the ``nonzero`` that lists the
   kept entries. Digits of ``TRITON_DIGIT_BITS = (7, 8, 8, 8)``: four full passes with small histograms
@@ -301,8 +302,11 @@ if HAS_TRITON:
             counted = in_range & (key != 0)
             if PREFIX_BITS > 0:
                 counted = counted & ((key >> (31 - PREFIX_BITS)) == prefix)
-            digit = (key >> (31 - PREFIX_BITS - DIGIT_BITS)) & (n_bins - 1)
-            counts += tl.histogram(digit, n_bins, mask=counted)
+            digit = tl.where(counted, (key >> (31 - PREFIX_BITS - DIGIT_BITS)) & (n_bins - 1), 0)
+            # entries not counted land in bin 0 and are taken out again: tl.histogram's mask= is newer than
+            # Triton 3.0, the oldest supported
+            n_not_counted = BLOCK - tl.sum(counted.to(tl.int32), axis=0)
+            counts += tl.histogram(digit, n_bins) - tl.where(tl.arange(0, n_bins) == 0, n_not_counted, 0)
         tl.store(partial_ptr + program * n_bins + tl.arange(0, n_bins), counts)
 
 

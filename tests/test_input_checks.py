@@ -109,6 +109,7 @@ BAD_VALUES: list[tuple[str, object, dict[str, object], str]] = [
     ("keep_checkpoints", 0, {}, "--keep-checkpoints must be ≥ 1, got 0"),
     ("log_every", 0, {}, "--log-every must be > 0, got 0"),
     ("validate_every", -1, {}, "--validate-every must be ≥ 0, got -1"),
+    ("validation_tokens", -1, {}, "--validation-tokens must be ≥ 0, got -1"),
 ]
 
 
@@ -142,6 +143,16 @@ def test_every_numeric_field_has_a_range_rule():
 def test_out_of_range_lists_are_refused(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         TrainConfig(**values)
+
+
+def test_a_threshold_average_longer_than_the_run_is_named_with_the_beta_that_fits():
+    short = TrainConfig(num_tokens=1024 * 1500, batch_size=1024, threshold_start_step=300, threshold_beta=0.999)
+    assert short.threshold_window_problem() == (
+        "threshold_beta=0.999 averages θ over ~1000 steps but only 1200 steps follow threshold_start_step=300: θ will "
+        "keep 30% of its first estimate and lag the final weights; set threshold_beta ≤ 0.9975 or train longer"
+    )
+    assert dataclasses.replace(short, threshold_beta=0.9975).threshold_window_problem() is None
+    assert dataclasses.replace(short, architectures=("l1",)).threshold_window_problem() is None  # no threshold
 
 
 @pytest.mark.parametrize(

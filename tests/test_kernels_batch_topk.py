@@ -2,7 +2,8 @@
 thresholds, tie-breaking, the zero rule, the distributed ``all_reduce`` hook, and input errors.
 
 The Triton kernel runs under the interpreter on CPU: ``TRITON_INTERPRET=1`` must be set before
-``crosscoder.kernels`` is first imported (``conftest.py`` does; so does this module, when imported first).
+``crosscoder.kernels`` is first imported (``conftest.py`` does; so does this module, when imported first). With
+``TRITON_INTERPRET=0`` and a GPU (``bench/gpu.sh``) the same tests run the compiled kernel on CUDA tensors.
 """
 
 import os
@@ -30,11 +31,21 @@ backends = pytest.mark.parametrize(
 )
 
 
+TRITON_DEVICE = torch.device("cpu" if backend.TRITON_INTERPRETED or not torch.cuda.is_available() else "cuda")
+"""Where the Triton kernel runs: on CPU tensors in the interpreter, else on the GPU."""
+
+
 @pytest.fixture
 def backend_name(request):
     """Runs the test with the kernel backend forced to the parameter ("reference" or "triton")."""
     with backend.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def device(backend_name) -> torch.device:
+    """The device of the test's scores: the Triton kernel's (``TRITON_DEVICE``) or, for the reference, the CPU."""
+    return TRITON_DEVICE if backend_name == "triton" else torch.device("cpu")
 
 
 def relu_gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -86,7 +97,8 @@ def test_radix_histogram_triton_equals_reference_and_definition(scores, prefix_b
     for prefix in {0, busiest}:
         expected = histogram_by_definition(scores, prefix, prefix_bits, digit_bits)
         reference = bt.radix_histogram_reference(scores, prefix, prefix_bits, digit_bits)
-        triton_counts = bt.radix_histogram_triton(scores, torch.tensor(prefix), prefix_bits, digit_bits)
+        on_device = scores.to(TRITON_DEVICE)
+        triton_counts = bt.radix_histogram_triton(on_device, torch.tensor(prefix), prefix_bits, digit_bits).cpu()
         assert reference.dtype == triton_counts.dtype == torch.int64
         assert torch.equal(reference, expected)
         assert torch.equal(triton_counts, expected)
@@ -97,7 +109,8 @@ def test_radix_histogram_triton_tile_loop_covers_every_entry_once(monkeypatch) -
     monkeypatch.setattr(bt, "BLOCK", 64)
     monkeypatch.setattr(bt, "MAX_PROGRAMS", 3)  # 2000 entries: 32 tiles over 3 programs
     scores = relu_gaussian(40, 50)
-    assert torch.equal(bt.radix_histogram_triton(scores, 0, 0, 8), histogram_by_definition(scores, 0, 0, 8))
+    counts = bt.radix_histogram_triton(scores.to(TRITON_DEVICE), 0, 0, 8).cpu()
+    assert torch.equal(counts, histogram_by_definition(scores, 0, 0, 8))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -125,8 +138,8 @@ def test_radix_histogram_counts_neither_zero_nor_negative_zero() -> None:
 # ------------------------------------------------------------------------------------------------ threshold
 @backends
 @pytest.mark.parametrize("n_keep", [1, 7, 300, 2047])
-def test_threshold_is_exactly_the_n_keep_th_largest_score(backend_name, n_keep) -> None:
-    scores = relu_gaussian(33, 129)
+def test_threshold_is_exactly_the_n_keep_th_largest_score(device, n_keep) -> None:
+    scores = relu_gaussian(33, 129).to(device)
     threshold = bt.batch_topk_threshold(scores, n_keep)
     ranked = scores.flatten().sort(descending=True).values
     assert threshold.value.dtype == torch.float32
@@ -143,8 +156,8 @@ def test_every_digit_schedule_finds_the_same_threshold(digit_bits) -> None:
 
 
 @backends
-def test_bfloat16_threshold_is_a_bfloat16_score(backend_name) -> None:
-    scores = relu_gaussian(17, 70).bfloat16()
+def test_bfloat16_threshold_is_a_bfloat16_score(device) -> None:
+    scores = relu_gaussian(17, 70).bfloat16().to(device)
     threshold = bt.batch_topk_threshold(scores, 50)
     assert threshold.value.dtype == torch.bfloat16
     assert threshold.value.item() == scores.flatten().sort(descending=True).values[49].item()
@@ -153,8 +166,8 @@ def test_bfloat16_threshold_is_a_bfloat16_score(backend_name) -> None:
 # ------------------------------------------------------------------------------------------------ selection
 @backends
 @pytest.mark.parametrize("n_keep", [1, 64, 500])
-def test_batch_topk_keeps_the_n_keep_largest_sorted_by_row_then_latent(backend_name, n_keep) -> None:
-    scores = relu_gaussian(19, 83)
+def test_batch_topk_keeps_the_n_keep_largest_sorted_by_row_then_latent(device, n_keep) -> None:
+    scores = relu_gaussian(19, 83).to(device)
     selection = bt.batch_topk(scores, n_keep)
     assert selection.rows.numel() == n_keep == selection.n_selected.item()
     assert torch.equal(kept_flat(selection), expected_kept(scores, n_keep))
@@ -162,8 +175,8 @@ def test_batch_topk_keeps_the_n_keep_largest_sorted_by_row_then_latent(backend_n
 
 
 @backends
-def test_ties_at_the_threshold_are_kept_lowest_flat_index_first(backend_name) -> None:
-    scores = torch.randint(0, 4, (9, 31), generator=torch.Generator().manual_seed(1)).float()  # values 0..3
+def test_ties_at_the_threshold_are_kept_lowest_flat_index_first(device) -> None:
+    scores = torch.randint(0, 4, (9, 31), generator=torch.Generator().manual_seed(1)).float().to(device)  # 0..3
     n_above = int((scores > 2).sum())
     n_keep = n_above + 5  # 5 of the many 2.0s
     selection = bt.batch_topk(scores, n_keep)
@@ -176,8 +189,8 @@ def test_ties_at_the_threshold_are_kept_lowest_flat_index_first(backend_name) ->
 
 
 @backends
-def test_fewer_positive_scores_than_n_keep_keeps_every_positive_score_and_no_zero(backend_name) -> None:
-    scores = relu_gaussian(8, 20)  # about 80 positive scores
+def test_fewer_positive_scores_than_n_keep_keeps_every_positive_score_and_no_zero(device) -> None:
+    scores = relu_gaussian(8, 20).to(device)  # about 80 positive scores
     scores[0, :3] = -0.0
     n_positive = int((scores > 0).sum())
     selection = bt.batch_topk(scores, n_positive + 50)
@@ -187,16 +200,16 @@ def test_fewer_positive_scores_than_n_keep_keeps_every_positive_score_and_no_zer
 
 
 @backends
-def test_n_keep_above_numel_keeps_every_positive_entry(backend_name) -> None:
-    scores = torch.rand(2, 3) + 0.5
+def test_n_keep_above_numel_keeps_every_positive_entry(device) -> None:
+    scores = torch.rand(2, 3, device=device) + 0.5
     assert bt.batch_topk_mask(scores, 100).sum().item() == 6
-    nothing = bt.batch_topk(torch.zeros(4, 5), 100)
+    nothing = bt.batch_topk(torch.zeros(4, 5, device=device), 100)
     assert nothing.rows.numel() == 0 and nothing.threshold.item() == 0.0 and nothing.n_selected.item() == 0
 
 
 @backends
-def test_an_empty_batch_keeps_nothing(backend_name) -> None:
-    selection = bt.batch_topk(torch.zeros(0, 7), 10)
+def test_an_empty_batch_keeps_nothing(device) -> None:
+    selection = bt.batch_topk(torch.zeros(0, 7, device=device), 10)
     assert selection.rows.numel() == 0 and selection.n_selected.item() == 0 and selection.threshold.item() == 0.0
 
 
@@ -249,9 +262,9 @@ def run_ranks(
 @backends
 @pytest.mark.parametrize("split", [(6, 6), (3, 9)])
 def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_batch(
-    backend_name, split, monkeypatch
+    backend_name, device, split, monkeypatch
 ) -> None:
-    if backend_name == "triton" and not torch.cuda.is_available():  # the interpreter is not thread-safe
+    if backend_name == "triton" and backend.TRITON_INTERPRETED:  # the interpreter is not thread-safe
         lock, launch = threading.Lock(), bt.radix_histogram_triton
 
         def serialized(*args):
@@ -259,7 +272,7 @@ def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_
                 return launch(*args)
 
         monkeypatch.setattr(bt, "radix_histogram_triton", serialized)
-    scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float() / 7  # many ties
+    scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float().to(device) / 7  # ties
     threshold = scores.flatten().sort(descending=True).values[120].item()
     n_keep = int((scores > threshold).sum()) + int((scores == threshold).sum()) // 2  # half of the ties
     assert all((shard == threshold).sum() > 1 for shard in scores.split(split))  # ties on both ranks

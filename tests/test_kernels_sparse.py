@@ -2,17 +2,15 @@
 dense PyTorch.
 
 The Triton kernels run on CPU in Triton's interpreter, which must be switched on before Triton is first imported:
-this module sets ``TRITON_INTERPRET=1`` before its imports, and ``tests/conftest.py`` must do the same when
-another test module imports ``crosscoder.kernels`` first. Shapes are small and odd (not multiples of the block
-sizes); the interpreter is slow.
+this module sets ``TRITON_INTERPRET=1`` (unless set) before its imports, and ``tests/conftest.py`` must do the same
+when another test module imports ``crosscoder.kernels`` first. With ``TRITON_INTERPRET=0`` and a GPU
+(``bench/gpu.sh``) the Triton side of each test runs compiled, on CUDA tensors. Shapes are small and odd (not
+multiples of the block sizes); the interpreter is slow. That every kernel compiles: ``test_kernels_compile.py``.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import subprocess
-import sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from crosscoder.kernels.sparse_decode import (
     entry_dot,
     latent_scatter_sum,
     latent_value_sums,
+    prefix_decode,
     row_gather_sum,
     sparse_decode,
 )
@@ -40,20 +39,33 @@ TOLERANCES = {  # (rtol, atol) for Triton against the reference, and for either 
 BACKENDS = ["reference", "triton"]
 
 
-def require_interpreted_triton() -> None:
+def triton_device() -> torch.device:
+    """Where the Triton kernels run: CPU tensors in the interpreter, else CUDA tensors (compiled)."""
     if not backend.HAS_TRITON:
         pytest.skip("Triton is not installed")
-    if not backend.TRITON_INTERPRETED:
-        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set: set it at the top of tests/conftest.py")
+    if backend.TRITON_INTERPRETED:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.fail(
+            "Triton runs compiled but there is no GPU: TRITON_INTERPRET=1 must be set before Triton is first "
+            "imported (at the top of tests/conftest.py)"
+        )
+    return torch.device("cuda")
 
 
 @pytest.fixture(params=BACKENDS)
-def kernel_backend(request):
-    """Run the test under each backend; the Triton one in the interpreter on CPU tensors."""
-    if request.param == "triton":
-        require_interpreted_triton()
+def device(request) -> torch.device:
+    """Run the test under each backend, on its device: the reference on CPU, Triton on ``triton_device()``."""
+    chosen = triton_device() if request.param == "triton" else torch.device("cpu")
     with backend.use_backend(request.param):
-        yield request.param
+        yield chosen
+
+
+def move(codes: SparseCodes, device: torch.device) -> SparseCodes:
+    """The same codes on ``device``."""
+    return SparseCodes(
+        codes.rows.to(device), codes.latents.to(device), codes.row_offsets.to(device), codes.batch_size, codes.dict_size
+    )
 
 
 def make_codes(
@@ -191,29 +203,31 @@ def test_reference_primitives_equal_dense_products(pattern):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_triton_primitives_match_reference(pattern, dtype):
-    require_interpreted_triton()
+    device = triton_device()
     make, d_model = PATTERNS[pattern]
     codes = make()
     inputs = random_like_pattern(codes, d_model, dtype)
     with backend.use_backend("triton"):
-        triton_out = all_primitives(*inputs, codes)
+        triton_out = all_primitives(*(tensor.to(device) for tensor in inputs), move(codes, device))
     with backend.use_backend("reference"):
         reference_out = all_primitives(*inputs, codes)
     rtol, atol = TOLERANCES[dtype]
     for name, tensor in triton_out.items():
         assert tensor.dtype == dtype, name
-        torch.testing.assert_close(tensor, reference_out[name], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(tensor.cpu(), reference_out[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_bfloat16_sums_accumulate_in_float32(kernel_backend):
+def test_bfloat16_sums_accumulate_in_float32(device):
     # 300 terms of 1·1: a bfloat16 accumulator stalls at 256 (256 + 1 rounds back to 256); float32 reaches 300.
-    codes = SparseCodes.from_mask(torch.ones(300, 1, dtype=torch.bool))  # one latent active in 300 rows
-    ones = torch.ones(codes.nnz, dtype=torch.bfloat16)
-    assert latent_scatter_sum(ones, codes, torch.ones(300, 2, dtype=torch.bfloat16)).tolist() == [[300.0, 300.0]]
+    codes = SparseCodes.from_mask(torch.ones(300, 1, dtype=torch.bool, device=device))  # one latent in 300 rows
+    ones = torch.ones(codes.nnz, dtype=torch.bfloat16, device=device)
+    table = torch.ones(300, 2, dtype=torch.bfloat16, device=device)
+    assert latent_scatter_sum(ones, codes, table).tolist() == [[300.0, 300.0]]
     assert latent_value_sums(ones, codes).tolist() == [300.0]
-    wide = SparseCodes.from_mask(torch.ones(1, 300, dtype=torch.bool))  # one row with 300 active latents
-    assert row_gather_sum(ones, wide, torch.ones(300, 2, dtype=torch.bfloat16)).tolist() == [[300.0, 300.0]]
-    dots = entry_dot(wide, torch.ones(1, 300, dtype=torch.bfloat16), torch.ones(300, 300, dtype=torch.bfloat16))
+    wide = SparseCodes.from_mask(torch.ones(1, 300, dtype=torch.bool, device=device))  # one row, 300 latents
+    assert row_gather_sum(ones, wide, table).tolist() == [[300.0, 300.0]]
+    left, right = (torch.ones(rows, 300, dtype=torch.bfloat16, device=device) for rows in (1, 300))
+    dots = entry_dot(wide, left, right)
     assert dots.dtype == torch.bfloat16 and dots.unique().tolist() == [300.0]
 
 
@@ -228,10 +242,11 @@ def test_sparse_decode_passes_gradcheck_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sparse_decode_matches_dense_decode_and_its_gradients(dtype, kernel_backend):
+def test_sparse_decode_matches_dense_decode_and_its_gradients(dtype, device):
     make, d_model = PATTERNS["odd_sizes"]
     codes = make()
-    values, grad_out, weight = random_like_pattern(codes, d_model, dtype)
+    values, grad_out, weight = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, dtype))
+    codes = move(codes, device)
     sparse_values, sparse_weight = values.clone().requires_grad_(), weight.clone().requires_grad_()
     out = sparse_decode(sparse_values, codes, sparse_weight)
     out.backward(grad_out)
@@ -246,9 +261,30 @@ def test_sparse_decode_matches_dense_decode_and_its_gradients(dtype, kernel_back
     torch.testing.assert_close(sparse_weight.grad.float(), dense_weight.grad, rtol=rtol, atol=atol)
 
 
-def test_decoder_gradient_is_zero_exactly_on_inactive_latents(kernel_backend):
+@pytest.mark.parametrize("prefix_sizes", [(37,), (1, 5, 36, 37), (20, 37)], ids=str)
+def test_prefix_decode_equals_a_dense_decode_of_each_prefix_and_its_gradients(prefix_sizes, device):
+    """Matryoshka's cumulative block decode (docs/methods.md §12.1) against one dense decode per prefix."""
+    make, d_model = PATTERNS["odd_sizes"]
+    codes = make()
+    values, _, weight = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, torch.float32))
+    grad_out = torch.randn(len(prefix_sizes), codes.batch_size, d_model, device=device)
+    codes = move(codes, device)
+    sparse_values, sparse_weight = values.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = prefix_decode(sparse_values, codes, sparse_weight, prefix_sizes)
+    out.backward(grad_out)
+    dense_values, dense_weight = values.clone().requires_grad_(), weight.clone().requires_grad_()
+    dense = codes.to_dense(dense_values)
+    expected = torch.stack([dense[:, :size] @ dense_weight[:size] for size in prefix_sizes])
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_values.grad, dense_values.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_weight.grad, dense_weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_gradient_is_zero_exactly_on_inactive_latents(device):
     codes = make_codes(10, 12, 0.15, seed=3)
-    values, grad_out, weight = random_like_pattern(codes, 20, torch.float32)
+    values, grad_out, weight = (tensor.to(device) for tensor in random_like_pattern(codes, 20, torch.float32))
+    codes = move(codes, device)
     weight.requires_grad_()
     sparse_decode(values, codes, weight).backward(grad_out)
     inactive = codes.latent_offsets[1:] == codes.latent_offsets[:-1]
@@ -257,15 +293,15 @@ def test_decoder_gradient_is_zero_exactly_on_inactive_latents(kernel_backend):
     assert (weight.grad[~inactive].abs().sum(dim=1) > 0).all()
 
 
-def test_decode_of_empty_codes_is_zero_with_zero_gradients(kernel_backend):
-    codes = SparseCodes.from_mask(torch.zeros(4, 6, dtype=torch.bool))
-    values = torch.zeros(0, requires_grad=True)
-    weight = torch.randn(6, 5, requires_grad=True)
+def test_decode_of_empty_codes_is_zero_with_zero_gradients(device):
+    codes = SparseCodes.from_mask(torch.zeros(4, 6, dtype=torch.bool, device=device))
+    values = torch.zeros(0, device=device, requires_grad=True)
+    weight = torch.randn(6, 5, device=device, requires_grad=True)
     out = sparse_decode(values, codes, weight)
-    out.backward(torch.randn(4, 5))
-    assert torch.equal(out, torch.zeros(4, 5))
+    out.backward(torch.randn(4, 5, device=device))
+    assert torch.equal(out, torch.zeros(4, 5, device=device))
     assert values.grad.shape == (0,)
-    assert torch.equal(weight.grad, torch.zeros(6, 5))
+    assert torch.equal(weight.grad, torch.zeros(6, 5, device=device))
 
 
 # ---------------------------------------------------------------------------------------------- autograd: encoder
@@ -286,26 +322,28 @@ def test_gather_active_passes_gradcheck_in_float64():
         )
 
 
-def test_gather_active_returns_the_active_pre_activations(kernel_backend):
+def test_gather_active_returns_the_active_pre_activations(device):
     codes = make_codes(8, 10, 0.3)
-    _, x, W_enc = random_like_pattern(codes, 6, torch.float32)
-    b_enc = torch.randn(10)
+    _, x, W_enc = (tensor.to(device) for tensor in random_like_pattern(codes, 6, torch.float32))
+    b_enc = torch.randn(10, device=device)
+    codes = move(codes, device)
     pre_active = active_pre_activations(x, W_enc, b_enc, codes)
     assert torch.equal(gather_active(pre_active, x, W_enc, b_enc, codes), pre_active)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sparse_training_step_matches_dense_pytorch(dtype, kernel_backend):
+def test_sparse_training_step_matches_dense_pytorch(dtype, device):
     """Encoder GEMM → BatchTopK-like mask → ReLU → decode → MSE: every gradient equals dense autograd's."""
     make, d_model = PATTERNS["odd_sizes"]
-    codes = make()
+    codes = move(make(), device)
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(codes.batch_size, d_model, generator=generator).to(dtype)
+    x = torch.randn(codes.batch_size, d_model, generator=generator).to(device, dtype)
     params = {
         "W_enc": torch.randn(codes.dict_size, d_model, generator=generator) / d_model**0.5,
         "b_enc": torch.rand(codes.dict_size, generator=generator),
         "W_dec": torch.randn(codes.dict_size, d_model, generator=generator) / d_model**0.5,
     }
+    params = {name: p.to(device) for name, p in params.items()}
     sparse = {name: p.to(dtype).requires_grad_() for name, p in params.items()}
     x_sparse = x.clone().requires_grad_()  # as for the SAE, whose input x − b_dec needs a gradient
     encoder = (x_sparse, sparse["W_enc"], sparse["b_enc"])
@@ -315,7 +353,7 @@ def test_sparse_training_step_matches_dense_pytorch(dtype, kernel_backend):
 
     dense = {name: p.to(dtype).float().requires_grad_() for name, p in params.items()}
     x_dense = x.float().requires_grad_()
-    mask = codes.to_dense(torch.ones(codes.nnz))
+    mask = codes.to_dense(torch.ones(codes.nnz, device=device))
     dense_codes = torch.relu(x_dense @ dense["W_enc"].T + dense["b_enc"]) * mask
     (dense_codes @ dense["W_dec"] - x_dense.detach()).pow(2).sum().backward()
 
@@ -332,12 +370,13 @@ def test_sparse_training_step_matches_dense_pytorch(dtype, kernel_backend):
 
 
 @pytest.mark.parametrize("x_requires_grad", [True, False])
-def test_encoder_gradients_match_dense_sampled_pre_activations(x_requires_grad, kernel_backend):
+def test_encoder_gradients_match_dense_sampled_pre_activations(x_requires_grad, device):
     """∂W_enc, ∂b_enc (and ∂x when asked) of Σ_e r_e · pre[rows_e, latents_e] against dense autograd."""
     make, d_model = PATTERNS["odd_sizes"]
     codes = make()
-    weights, x, W_enc = random_like_pattern(codes, d_model, torch.float64, seed=2)
-    b_enc = torch.randn(codes.dict_size, dtype=torch.float64)
+    weights, x, W_enc = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, torch.float64, seed=2))
+    b_enc = torch.randn(codes.dict_size, dtype=torch.float64, device=device)
+    codes = move(codes, device)
     sparse_inputs = [
         x.clone().requires_grad_(x_requires_grad),
         W_enc.clone().requires_grad_(),
@@ -360,11 +399,12 @@ def test_encoder_gradients_match_dense_sampled_pre_activations(x_requires_grad, 
 
 
 # ---------------------------------------------------------------------------------------------- determinism
-def test_forward_and_gradients_are_bitwise_reproducible(kernel_backend):
+def test_forward_and_gradients_are_bitwise_reproducible(device):
     """Scatter-adds into latent rows are segmented sums over the latent-sorted view: no atomics, same bits."""
     codes = make_codes(64, 48, 0.2, seed=4, busy_latents=(0, 1))
-    values, x, weight = random_like_pattern(codes, 40, torch.float32)
-    b_enc = torch.randn(48)
+    values, x, weight = (tensor.to(device) for tensor in random_like_pattern(codes, 40, torch.float32))
+    b_enc = torch.randn(48, device=device)
+    codes = move(codes, device)
 
     def step():
         inputs = [t.clone().requires_grad_() for t in (x, weight, b_enc)]
@@ -451,38 +491,6 @@ def test_forcing_triton_on_cpu_without_the_interpreter_explains_how(monkeypatch)
     monkeypatch.setattr(backend, "TRITON_INTERPRETED", False)
     with backend.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 set before Triton"):
         backend.resolve_backend(torch.device("cpu"))
-
-
-COMPILE_FOR_H100 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from crosscoder.kernels import sparse_decode as sd
-
-for dtype in ("fp32", "bf16"):
-    common = {"ACC_FP64": False, "BLOCK_E": sd.BLOCK_ENTRIES, "BLOCK_D": sd.BLOCK_D_MAX}
-    for has_order in (False, True):
-        signature = {"offsets_ptr": "*i64", "index_ptr": "*i64", "order_ptr": "*i64", "values_ptr": f"*{dtype}",
-                     "table_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "D": "i32", "table_stride": "i32",
-                     "out_stride": "i32", "HAS_ORDER": "constexpr", **dict.fromkeys(common, "constexpr")}
-        source = ASTSource(sd._segment_gather_sum_kernel, signature, constexprs={"HAS_ORDER": has_order, **common})
-        triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    signature = {"row_offsets_ptr": "*i64", "latents_ptr": "*i64", "left_ptr": f"*{dtype}", "right_ptr": f"*{dtype}",
-                 "out_ptr": f"*{dtype}", "D": "i32", "left_stride": "i32", "right_stride": "i32",
-                 **dict.fromkeys(common, "constexpr")}
-    triton.compile(ASTSource(sd._row_entry_dot_kernel, signature, constexprs=common), target=GPUTarget("cuda", 90, 32))
-print("compiled")
-"""
-
-
-def test_triton_kernels_compile_for_h100_without_a_gpu(tmp_path):
-    """The interpreter accepts code the compiler may not: compile every kernel to an sm_90 cubin (Triton's ptxas)."""
-    if not backend.HAS_TRITON or "nvidia" not in __import__("triton").backends.backends:
-        pytest.skip("needs Triton with its NVIDIA backend")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
 def test_block_sizes_are_smaller_than_the_test_shapes_so_every_loop_runs_several_times():

@@ -18,7 +18,8 @@ CONFIG = crosscoder.TrainConfig(
 
 
 def dense_loss(dictionary, x_normalized, config, dead):
-    """The dense step: ReLU codes, torch.topk over the flattened scores, dense decode, dense AuxK (no b_dec)."""
+    """The dense step: ReLU codes, torch.topk over the flattened scores, dense decode, dense AuxK (no b_dec); for a
+    Matryoshka dictionary the mean of the losses of every prefix's own dense decode (brute force)."""
     encoder_input = x_normalized - dictionary.b_dec if dictionary.subtracts_decoder_bias else x_normalized
     activations = F.relu(encoder_input.flatten(1) @ dictionary.W_enc.flatten(1).T + dictionary.b_enc)
     code_norms = dictionary.code_norms()
@@ -30,9 +31,12 @@ def dense_loss(dictionary, x_normalized, config, dead):
     else:
         codes = activations
     flat_decoder = dictionary.W_dec.flatten(1)
-    reconstruction = (codes @ flat_decoder).view_as(x_normalized) + dictionary.b_dec
-    error = x_normalized - reconstruction
-    loss = error.pow(2).sum(dim=(1, 2)).mean() if config.loss == "mse" else error.norm(dim=-1).mean()
+    prefix_losses = []
+    for size in dictionary.prefix_sizes:  # one prefix, the whole dictionary, unless Matryoshka; the last is whole
+        reconstruction = (codes[:, :size] @ flat_decoder[:size]).view_as(x_normalized) + dictionary.b_dec
+        error = x_normalized - reconstruction
+        prefix_losses.append(error.pow(2).sum(dim=(1, 2)).mean() if config.loss == "mse" else error.norm(dim=-1).mean())
+    loss = sum(prefix_losses) / len(prefix_losses)
     if not dictionary.uses_batch_topk:
         return loss + config.l1_coefficient * (codes * code_norms).sum(-1).mean()
     if not dead.any():
@@ -53,6 +57,12 @@ def make(kind):
         dictionary = crosscoder.BatchTopKCrossCoder(d_model=12, dict_size=40, k=3)
     elif kind == "sae":
         dictionary = crosscoder.BatchTopKSAE(d_model=12, dict_size=40, k=3)
+    elif kind == "matryoshka":
+        dictionary = crosscoder.MatryoshkaCrossCoder(d_model=12, dict_size=40, k=3, prefix_sizes=[3, 10, 25, 40])
+    elif kind == "matryoshka_sae":
+        dictionary = crosscoder.MatryoshkaSAE(d_model=12, dict_size=40, k=3, prefix_sizes=[7, 40])
+    elif kind == "dedicated":
+        dictionary = crosscoder.DedicatedCrossCoder(d_model=12, dict_size=40, k=3, exclusive_sizes=[5, 6])
     else:
         dictionary = crosscoder.L1CrossCoder(d_model=12, dict_size=40, init_decoder_norm=0.3)
     with torch.no_grad():
@@ -98,19 +108,19 @@ def assert_same(results):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1"])
+@pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1", "matryoshka", "matryoshka_sae", "dedicated"])
 def test_training_step_equals_dense_step_with_dead_latents(kind, backend):
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True
     assert_same(run_both(kind, backend, CONFIG, dead))
 
 
-@pytest.mark.parametrize("kind", ["batchtopk", "sae"])
+@pytest.mark.parametrize("kind", ["batchtopk", "sae", "matryoshka"])
 def test_training_step_without_dead_latents_has_no_aux_term(kind):
     assert_same(run_both(kind, "reference", CONFIG, torch.zeros(40, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("kind", ["batchtopk", "l1"])
+@pytest.mark.parametrize("kind", ["batchtopk", "l1", "matryoshka"])
 def test_training_step_clips_and_uses_the_configured_loss(kind):
     config = dataclasses.replace(CONFIG, grad_clip=0.05, loss="l2")
     dead = torch.zeros(40, dtype=torch.bool)

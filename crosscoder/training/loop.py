@@ -61,6 +61,8 @@ def train(
     returns its saved dictionaries untouched.
     """
     config.check_output_dir()  # a file in the way or a read-only folder fails before any compute
+    if (problem := config.threshold_window_problem()) is not None:
+        warnings.warn(problem, stacklevel=2)
     if batches is not None and validation_batches is None and config.validation_tokens:
         raise ConfigError(
             f"validation_tokens={config.validation_tokens} re-reads the data source the config names, but batches "

@@ -14,7 +14,7 @@ import torch
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary, StepBuffers, TrainingOutput
 from crosscoder.distributed import Distributed
-from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
+from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
 from crosscoder.sharding import SHARDED
 from crosscoder.training.schedules import current_k, l1_coefficient
 
@@ -42,11 +42,15 @@ def training_loss(
 
     x_normalized: [batch, n_sources, d_model] (this process's share under data parallelism; the global batch under
     latent sharding); dead: [dict_size] bool, the latents AuxK may revive. BatchTopK: reconstruction +
-    ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c.
+    ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c. A Matryoshka dictionary fits the mean of its
+    prefixes' reconstruction losses instead of the full reconstruction's (still logged as ``reconstruction_loss``).
     """
     out = dictionary.training_forward(x_normalized, current_k(config, step), context, buffers)
     reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
     losses = {"reconstruction_loss": reconstruction}
+    fitted = reconstruction
+    if len(out.prefix_reconstructions) > 1:
+        fitted = losses["matryoshka_loss"] = matryoshka_loss(x_normalized, out.prefix_reconstructions, config.loss)
     if dictionary.uses_batch_topk:
         dead_anywhere = dead.any()
         if context.latent_parallel:  # each process counts its own latents
@@ -61,11 +65,11 @@ def training_loss(
             if dead_reconstruction is not None
             else reconstruction.new_zeros(())
         )
-        loss = reconstruction + config.aux_coefficient * losses["aux_loss"]
+        loss = fitted + config.aux_coefficient * losses["aux_loss"]
     else:
         value_code_norms = dictionary.code_norms()[out.codes.latents]
         losses["l1_penalty"] = l1_penalty(out.values, value_code_norms, x_normalized.shape[0])
-        loss = reconstruction + l1_coefficient(config, step) * losses["l1_penalty"]
+        loss = fitted + l1_coefficient(config, step) * losses["l1_penalty"]
     return loss, losses, out
 
 

@@ -10,7 +10,16 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from crosscoder.config import DICTIONARY_NAMES, Architecture, TrainConfig
-from crosscoder.dictionary import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, SparseDictionary, StepBuffers
+from crosscoder.dictionary import (
+    BatchTopKCrossCoder,
+    BatchTopKSAE,
+    DedicatedCrossCoder,
+    L1CrossCoder,
+    MatryoshkaCrossCoder,
+    MatryoshkaSAE,
+    SparseDictionary,
+    StepBuffers,
+)
 from crosscoder.distributed import Distributed
 from crosscoder.hub import dictionary_from_state
 from crosscoder.metrics import ReconstructionStats
@@ -137,10 +146,20 @@ def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int
     dict_size = resolved_dict_size(config, d_model)
     names = list(config.source_names) if config.source_names else (["base", "chat"] if n_sources == 2 else None)
     norm = {} if config.init_decoder_norm is None else {"init_decoder_norm": config.init_decoder_norm}
+    prefix_sizes = [round(fraction * dict_size) for fraction in config.matryoshka_prefixes]
     if architecture == "batchtopk":
         return BatchTopKCrossCoder(d_model, dict_size, config.k, n_sources, source_names=names, **norm)
     if architecture == "l1":
         return L1CrossCoder(d_model, dict_size, n_sources, source_names=names, **norm)
+    if architecture == "matryoshka":
+        return MatryoshkaCrossCoder(d_model, dict_size, config.k, prefix_sizes, n_sources, source_names=names, **norm)
+    if architecture == "dedicated":
+        exclusive = [round(fraction * dict_size) for fraction in config.exclusive_fractions]
+        return DedicatedCrossCoder(
+            d_model, dict_size, config.k, exclusive, config.exclusive_encoder, n_sources, source_names=names, **norm
+        )
+    if architecture == "matryoshka_diff_sae":
+        return MatryoshkaSAE(d_model, dict_size, config.k, prefix_sizes, input=config.diff_direction)
     return BatchTopKSAE(d_model, dict_size, config.k, input=config.diff_direction)
 
 
