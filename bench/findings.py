@@ -70,7 +70,7 @@ def train_side_by_side(args: argparse.Namespace) -> tuple[dict, crosscoder.Train
         config = dataclasses.replace(
             config, num_tokens=256 * 24, batch_size=256, dict_size=128, k=4, normalization_tokens=1024,
             warmup_steps=5, threshold_start_step=8, dead_tokens=2048, log_every=8, context_length=64,
-            block_sequences=16,
+            block_sequences=16, validation_tokens=1024,
         )  # fmt: skip
     config = resolve_model_organism(config)
     if config.run_dir.exists():  # a finished comparison is never overwritten: it is moved aside with its date

@@ -6,10 +6,13 @@
   decode, sparse encoder gradient; AuxK, clipping, Adam) plus the step's bookkeeping — what ``crosscoder.train`` runs;
 - floor: one encoder GEMM ``[B, S·d] × [S·d, F]`` into a reused output (as the step writes its scores), the only
   dense work a step needs.
-Also the diff-SAE step (ours) and, when ``dictionary_learning`` is importable (an optional, separate
-environment: it pins a CUDA torch), its ``BatchTopKTrainer.update`` at the same diff-SAE shapes.
+Also the diff-SAE step (ours), the crosscoder variants' steps (docs/methods.md §12: Matryoshka with the default
+prefixes F/16 … F, dedicated-feature with 10% base-only and 10% chat-only latents) and, when
+``dictionary_learning`` is importable (an optional, separate environment: it pins a CUDA torch), its
+``BatchTopKTrainer.update`` at the same diff-SAE shapes.
 Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth) is its
-own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor.
+own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor,
+``matryoshka_vs_batchtopk`` and ``dedicated_vs_batchtopk`` = the variant's step / ours.
 
     python bench/step.py                                   # CPU: d=512, 2 sources, F=16384, k=64, B=4096
     python bench/step.py --d-model 2304 --dict-size 73728 --k 100 --batch 4096   # on a GPU
@@ -111,6 +114,8 @@ VARIANTS = {
     "ours": our_step,
     "floor": floor_step,
     "ours_diff_sae": lambda args, device: our_step(args, device, "diff_sae"),
+    "ours_matryoshka": lambda args, device: our_step(args, device, "matryoshka"),
+    "ours_dedicated": lambda args, device: our_step(args, device, "dedicated"),
     "dictionary_learning_diff_sae": dictionary_learning_step,
 }
 
@@ -186,6 +191,12 @@ def main() -> None:
         **{f"{name}_peak_mb": value["peak_mb"] for name, value in results.items() if value},
         "speedup_vs_dense": round(seconds("dense") / seconds("ours"), 3),
         "ratio_to_floor": round(seconds("ours") / seconds("floor"), 3),
+        **{
+            f"{name}_vs_batchtopk": round(seconds(f"ours_{name}") / seconds("ours"), 3)
+            if seconds(f"ours_{name}")
+            else None
+            for name in ("matryoshka", "dedicated")
+        },
         "dictionary_learning_vs_ours_diff_sae": (
             round(seconds("dictionary_learning_diff_sae") / seconds("ours_diff_sae"), 3)
             if seconds("dictionary_learning_diff_sae")

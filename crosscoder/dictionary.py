@@ -1,17 +1,18 @@
-"""Sparse dictionaries over paired activations: BatchTopK and L1 crosscoders, and the BatchTopK SAE.
+"""Sparse dictionaries over paired activations: BatchTopK and L1 crosscoders, and the BatchTopK SAE; and the
+variants made for diffing, Matryoshka (crosscoder and SAE) and dedicated-feature crosscoders.
 
-All three follow docs/methods.md §1. Layout is latent-major so a latent's weights are contiguous:
-``W_enc, W_dec: [dict_size, n_sources, d_model]``, ``b_enc: [dict_size]``, ``b_dec: [n_sources, d_model]``.
-Source order is part of the config; for diffing, 0 = base and 1 = chat.
+The three base classes follow docs/methods.md §1, the variants docs/methods.md §12. Layout is latent-major so a
+latent's weights are contiguous: ``W_enc, W_dec: [dict_size, n_sources, d_model]``, ``b_enc: [dict_size]``,
+``b_dec: [n_sources, d_model]``. Source order is part of the config; for diffing, 0 = base and 1 = chat.
 
 The public API is raw-in / raw-out: ``encode``, ``decode`` and ``forward`` apply the stored per-source
 normalisation ``x_n = (x - input_mean) * input_scale`` internally. Training works in the normalised space
 (``normalize`` once, then ``training_forward``).
 
-One concept, kept in one module (~570 lines): the three classes share every pass — inference encode/decode, the
-sparse training forward and AuxK's dead-latent decode — and differ only in a few overrides; the model card
-(``crosscoder.model_card``), loading (``crosscoder.hub``) and the input choice (``crosscoder.dictionary_input``)
-live elsewhere.
+One concept, kept in one module (~780 lines): the classes share every pass — inference encode/decode, the
+sparse training forward and AuxK's dead-latent decode — and differ only in a few overrides (a variant: its
+prefixes or its structural zeros); the model card (``crosscoder.model_card``), loading (``crosscoder.hub``) and
+the input choice (``crosscoder.dictionary_input``) live elsewhere.
 """
 
 from __future__ import annotations

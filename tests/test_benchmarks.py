@@ -30,7 +30,7 @@ TINY = {
     ],
 }
 FIGURES = {
-    "step.py": ["speedup_vs_dense", "ratio_to_floor"],
+    "step.py": ["speedup_vs_dense", "ratio_to_floor", "matryoshka_vs_batchtopk", "dedicated_vs_batchtopk"],
     "selection.py": ["n_keep"],
     "stream.py": ["ratio_to_floor", "ratio_to_truncated", "layer_stop_speedup"],
     "scaling.py": ["scaling_2_procs", "scaling_2_procs_data_parallel", "scaling_2_procs_latent_sharded"],
@@ -51,6 +51,20 @@ def test_benchmark_runs_and_ends_with_one_json_line(script, tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for name in FIGURES[script]:
         assert figures[name] > 0, name
+
+
+@pytest.mark.slow
+def test_variants_quick_compares_the_three_crosscoders_on_planted_data(tmp_path):
+    """``bench/variants.py --quick``: the structure of its JSON line (the numbers are measured by the full run)."""
+    command = [sys.executable, str(BENCH / "variants.py"), "--quick"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["dictionaries"]) == {"batchtopk", "dedicated", "matryoshka"}
+    for row in summary["dictionaries"].values():
+        assert 0 <= row["recovered"] <= 1 and 0 <= row["exclusive_recall"] <= 1
+        assert row["exclusive_planted"] == 6 and 0 <= row["exclusive_found"] <= 6
+        assert row["exclusive_precision"] is None or 0 <= row["exclusive_precision"] <= 1
 
 
 @pytest.mark.slow

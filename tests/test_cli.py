@@ -1,6 +1,7 @@
 """The command line: ``python train.py`` with presets, overrides, --help and clean errors."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +64,17 @@ def test_config_round_trips_through_its_dict():
 
 
 @pytest.mark.slow
-def test_train_py_runs_the_synthetic_self_check(tmp_path):
-    result = run_train(
-        "--preset", "synthetic", "--num-tokens", "51200", "--output-dir", str(tmp_path), "--no-progress", cwd=tmp_path
-    )
+def test_train_py_runs_the_synthetic_self_check_and_recovers_the_planted_latents(tmp_path):
+    result = run_train("--preset", "synthetic", "--output-dir", str(tmp_path), "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "batchtopk_crosscoder" in result.stdout and "fve=" in result.stdout
     for name in ("batchtopk_crosscoder", "diff_sae"):
-        assert crosscoder.load_dictionary(tmp_path / "synthetic" / name).metadata["training_steps"] == 100
+        dictionary = crosscoder.load_dictionary(tmp_path / "synthetic" / name)
+        assert dictionary.metadata["training_steps"] == 8000
+        assert "dead_fraction" in dictionary.metadata["metrics"]  # validated on held-out planted data, with θ
+        recovered = re.search(rf"{name}: recovered (\d+) of 64 planted latents", result.stdout)
+        assert recovered is not None, result.stdout
+        assert int(recovered.group(1)) >= 61  # ≥ 95 %
 
 
 @pytest.mark.slow

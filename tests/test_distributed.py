@@ -93,6 +93,21 @@ def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
     assert [path.name for path in checkpoints] == ["step_000000020.pt", "step_000000030.pt"]
 
 
+@pytest.mark.slow
+def test_two_processes_train_the_same_variants_as_one(tmp_path):
+    """Matryoshka and dedicated-feature dictionaries train data-parallel (auto never shards their latents)."""
+    variants = [*ARGS, "--architectures", "matryoshka", "dedicated", "matryoshka_diff_sae", "--num-tokens", "5120"]
+    run([sys.executable, str(TRAIN), *variants, "--output-dir", str(tmp_path / "one")], tmp_path)
+    run([*torchrun(), str(TRAIN), *variants, "--output-dir", str(tmp_path / "two")], tmp_path)
+    for name in ("matryoshka_crosscoder", "dedicated_crosscoder", "matryoshka_diff_sae"):
+        assert crosscoder.load_dictionary(tmp_path / "two" / "synthetic" / name).metadata["parallelism"] == "data"
+        one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
+        two = load_file(tmp_path / "two" / "synthetic" / name / "model.safetensors")
+        for key in one:
+            difference = (one[key] - two[key]).abs().max().item()
+            assert difference < 1e-5 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
+
+
 @pytest.mark.parametrize("shard_latents", [False, True])
 def test_each_process_reads_only_its_share_of_every_global_batch(tmp_path, shard_latents):
     """Data parallel or latent-sharded, no two processes read (or stream through the models) the same tokens; the

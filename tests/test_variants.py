@@ -18,6 +18,7 @@ from crosscoder.eval.exclusivity import class_counts, latent_classes, relative_n
 from crosscoder.eval.recovery import exclusive_recovery, planted_recovery
 from crosscoder.sharding import shards_latents
 from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+from crosscoder.training.trainee import new_dictionary
 
 PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
 
@@ -32,6 +33,7 @@ def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
         lr=2e-3,
         warmup_steps=5,
         threshold_start_step=5,
+        threshold_beta=0.8,
         dead_tokens=2048,
         normalization_tokens=1024,
         checkpoint_every=10,
@@ -111,6 +113,9 @@ def test_the_config_checks_the_variants_options_and_refuses_latent_sharding():
         crosscoder.TrainConfig(matryoshka_prefixes=(0.25, 0.5))
     with pytest.raises(ConfigError, match=r"--exclusive-fractions .* summing to less than 1"):
         crosscoder.TrainConfig(exclusive_fractions=(0.5, 0.5))
+    tiny = crosscoder.TrainConfig(architectures=("matryoshka",), dict_size=16, k=2, matryoshka_prefixes=(0.02, 1.0))
+    with pytest.raises(ConfigError, match=r"round to the latent counts \[0, 16\] of dict_size=16"):
+        new_dictionary("matryoshka", tiny, d_model=4, n_sources=2)
     for architecture in ("matryoshka", "matryoshka_diff_sae", "dedicated"):
         with pytest.raises(ConfigError, match=f"not {architecture} .*: use --parallelism data"):
             crosscoder.TrainConfig(parallelism="latents", architectures=(architecture,))

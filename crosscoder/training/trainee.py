@@ -21,6 +21,7 @@ from crosscoder.dictionary import (
     StepBuffers,
 )
 from crosscoder.distributed import Distributed
+from crosscoder.errors import ConfigError
 from crosscoder.hub import dictionary_from_state
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
@@ -147,6 +148,11 @@ def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int
     names = list(config.source_names) if config.source_names else (["base", "chat"] if n_sources == 2 else None)
     norm = {} if config.init_decoder_norm is None else {"init_decoder_norm": config.init_decoder_norm}
     prefix_sizes = [round(fraction * dict_size) for fraction in config.matryoshka_prefixes]
+    if architecture.startswith("matryoshka") and (prefix_sizes[0] < 1 or len(set(prefix_sizes)) < len(prefix_sizes)):
+        raise ConfigError(
+            f"--matryoshka-prefixes {list(config.matryoshka_prefixes)} round to the latent counts {prefix_sizes} of "
+            f"dict_size={dict_size}, which must increase from at least 1: use fewer or larger fractions"
+        )
     if architecture == "batchtopk":
         return BatchTopKCrossCoder(d_model, dict_size, config.k, n_sources, source_names=names, **norm)
     if architecture == "l1":
