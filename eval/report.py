@@ -156,7 +156,7 @@ def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActiv
         outlier_norm_factor=float(recorded.get("outlier_norm_factor", 100.0)),
         text_column=reading.get("text_column") or "text",
         messages_column=reading.get("messages_column") or "messages",
-        seed=int(reading.get("seed") or 0),
+        seed=int(reading.get("seed") or 0) + 1,  # the datasets in another order than training read them
     )
     device = resolve_device(config.device)
     dtypes = recorded.get("dtype") or ["float32", "float32"]
@@ -204,12 +204,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     out = config.out
     is_crosscoder = dictionary.n_sources == 2
-    report: dict = {
-        "dictionary": config.dictionary,
-        "class": type(dictionary).__name__,
-        "dict_size": dictionary.dict_size,
-        "d_model": dictionary.d_model,
-    }
+    report = _report_header(dictionary, config)
     images = []
     rows: list[dict[str, object]] = []
 
@@ -353,14 +348,19 @@ def evaluate(config: EvalConfig) -> dict:
     return report
 
 
-def _weights_only(dictionary: SparseDictionary, config: EvalConfig) -> dict:
-    """``--no-models``: the report and workspace of what the weights alone give."""
-    report: dict = {
+def _report_header(dictionary: SparseDictionary, config: EvalConfig) -> dict:
+    """What every report starts with: which dictionary, its class and shape."""
+    return {
         "dictionary": config.dictionary,
         "class": type(dictionary).__name__,
         "dict_size": dictionary.dict_size,
         "d_model": dictionary.d_model,
     }
+
+
+def _weights_only(dictionary: SparseDictionary, config: EvalConfig) -> dict:
+    """``--no-models``: the report and workspace of what the weights alone give."""
+    report = _report_header(dictionary, config)
     images = []
     if dictionary.n_sources == 2:
         delta = relative_norm_difference(dictionary)
