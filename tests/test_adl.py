@@ -7,11 +7,9 @@ import math
 import shutil
 import socket
 import subprocess
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import ClassVar
 
+import mock_endpoint
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,36 +265,10 @@ def test_offline_grader_prefers_agreement_then_the_smaller_scale():
 
 
 # ---------------------------------------------------------------------------- the LLM grader protocol
-class MockEndpoint(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat-completions endpoint answering from ``replies`` and recording requests."""
-
-    requests: ClassVar[list] = []
-    replies: ClassVar[list] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        reply = type(self).replies.pop(0)
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def endpoint():
-    MockEndpoint.requests, MockEndpoint.replies = [], []
-    server = HTTPServer(("127.0.0.1", 0), MockEndpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", MockEndpoint
-    server.shutdown()
-    server.server_close()
+    with mock_endpoint.serve() as served:
+        yield served
 
 
 def test_llm_grader_protocol_against_a_local_mock_server(endpoint, monkeypatch, pair, tokenizer):
@@ -304,7 +276,7 @@ def test_llm_grader_protocol_against_a_local_mock_server(endpoint, monkeypatch, 
     monkeypatch.setenv("ADL_TEST_KEY", "sk-test-secret")
     grader = adl.LLMGrader(url, "judge-model", api_key_env="ADL_TEST_KEY")
     candidates = [{"scale": s, "tokens": [f"t{s}"], "agreement": 1.0} for s in (1.0, 2.0, 3.0)]
-    mock.replies += ["The most coherent list is 3.", "1: COHERENT\n2: INCOHERENT"]
+    mock.script += ["The most coherent list is 3.", "1: COHERENT\n2: INCOHERENT"]
     assert grader.choose_scale(candidates)[0] == 2
     assert grader.coherent("Tell me a story.", ["Once upon a time.", "zq zq zq"], offline=lambda: [False, False]) == [
         True,
@@ -317,11 +289,11 @@ def test_llm_grader_protocol_against_a_local_mock_server(endpoint, monkeypatch, 
 
     # the grader picks Patchscope's scale
     _, chat = pair
-    mock.replies.append("2")
+    mock.script.append("2")
     result = adl.patchscope(torch.ones(32), chat, tokenizer, 1, [1.0, 7.0, 9.0], norm=2.0, grader=grader)
     assert result["scale"] == 7.0 and result["grader"] == "llm:judge-model"
     # an answer that names no list: the offline choice, noted
-    mock.replies.append("I cannot decide.")
+    mock.script.append("I cannot decide.")
     with pytest.warns(UserWarning, match="no list number"):
         index, reason = grader.choose_scale(candidates)
     assert index == 0 and reason.startswith("offline fallback")
@@ -337,7 +309,7 @@ def test_llm_relevance_labels_three_cyclic_permutations_and_keeps_what_all_agree
     url, mock = endpoint
     grader = adl.LLMGrader(url, "judge-model")
     tokens, frequent = [" bake", " python", " oven", " the"], [" flour", " bake"]
-    mock.replies += [
+    mock.script += [
         "1: RELEVANT\n2: IRRELEVANT\n3: RELEVANT\n4: RELEVANT",  # bake, python, oven, the
         "1: IRRELEVANT\n2: RELEVANT\n3: IRRELEVANT\n4: RELEVANT",  # python, oven, the, bake
         "1: RELEVANT\n2: RELEVANT\n3: RELEVANT\n4: RELEVANT",  # oven, the, bake, python
@@ -357,13 +329,13 @@ def test_llm_relevance_labels_three_cyclic_permutations_and_keeps_what_all_agree
     # scores from the labels, probability-weighted as the trivial relevance is
     entry = {"tokens": tokens, "token_ids": [10, 11, 12, 13], "probs": [0.4, 0.3, 0.2, 0.1]}
     alternating = "1: RELEVANT\n2: IRRELEVANT\n3: RELEVANT\n4: IRRELEVANT"
-    mock.replies += [alternating, "1: IRRELEVANT\n2: RELEVANT\n3: IRRELEVANT\n4: RELEVANT", alternating]
+    mock.script += [alternating, "1: IRRELEVANT\n2: RELEVANT\n3: IRRELEVANT\n4: RELEVANT", alternating]
     scores = adl.llm_relevance(entry, {13: 50}, None, grader, "Baking recipes.", frequent)
     assert scores["share"] == 0.5 and scores["weighted"] == pytest.approx(0.6)
     assert scores["relevant"] == [" bake", " oven"] and scores["labelled_by"] == "llm:judge-model"
 
     # one permutation left unlabelled: the trivial labels for the whole list, noted
-    mock.replies += ["1: RELEVANT\n2: RELEVANT\n3: RELEVANT\n4: RELEVANT", "1: RELEVANT"]
+    mock.script += ["1: RELEVANT\n2: RELEVANT\n3: RELEVANT\n4: RELEVANT", "1: RELEVANT"]
     with pytest.warns(UserWarning, match="did not label all 4 tokens"):
         scores = adl.llm_relevance(entry, {13: 50}, None, grader, "Baking recipes.", frequent)
     assert scores["relevant"] == [" the"] and scores["labelled_by"] == "offline fallback"
@@ -764,6 +736,9 @@ def test_the_command_asks_the_grader_and_never_writes_its_key(lens_folder, endpo
     monkeypatch.setenv("ADL_TEST_KEY", "sk-test-secret")
 
     class Replies(list):  # answers by question: list 2 for scales, every text coherent, tokens with an "e" relevant
+        def __bool__(self):
+            return True
+
         def pop(self, _index=0):
             request = mock.requests[-1]["body"]["messages"]
             if "lists of tokens" in request[0]["content"]:
@@ -776,7 +751,7 @@ def test_the_command_asks_the_grader_and_never_writes_its_key(lens_folder, endpo
                 )
             return "\n".join(f"{n}: COHERENT" for n in range(1, request[1]["content"].count("Text ") + 1))
 
-    mock.replies = Replies()
+    mock.script = Replies()
     assert main(grader_arguments(arguments, root / "graded", url)) == 0
     report = adl.load_report(root / "graded")
     assert report["grader"]["name"] == "llm:judge-model" and not report["grader"]["notes"]

@@ -16,8 +16,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import planted_runs
 import pytest
 import torch
+from planted_runs import PLANTED
 from safetensors.torch import save_file
 
 import crosscoder
@@ -25,34 +27,17 @@ from crosscoder.cache import ActivationCache
 from crosscoder.checkpoint import checksum_path, list_checkpoints, load_checkpoint
 from crosscoder.chunks import ActivationChunk
 from crosscoder.errors import CheckpointError, ConfigError, CrosscoderError, NonFiniteError, OutputExistsError
-from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+from crosscoder.synthetic import PlantedActivations
 from crosscoder.training import RunInterrupted
 
-PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
-    values = dict(
-        architectures=("batchtopk",),
-        k=3,
-        dict_size=64,
-        batch_size=256,
-        num_tokens=256 * 20,
-        lr=2e-3,
-        warmup_steps=5,
-        threshold_start_step=5,
-        dead_tokens=20_000,
-        normalization_tokens=512,
-        checkpoint_every=10,
-        log_every=5,
-        output_dir=tmp_path,
-        run_name="run",
-        progress=False,
-    )
-    values.update(overrides)
-    return crosscoder.TrainConfig(**values)
+    """20 steps, checkpoints every 10."""
+    values = dict(num_tokens=256 * 20, warmup_steps=5, threshold_start_step=5, normalization_tokens=512, log_every=5)
+    return planted_runs.small_config(tmp_path, **{**values, **overrides})
 
 
 def planted() -> PlantedActivations:

@@ -3,10 +3,10 @@
 import dataclasses
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from planted_runs import PLANTED, small_config
 from safetensors.torch import save_file
 
 import crosscoder
@@ -16,35 +16,12 @@ from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError, NonFiniteError
 from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, relative_norm_difference
 from crosscoder.eval.recovery import planted_recovery
-from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+from crosscoder.synthetic import PlantedActivations
 from crosscoder.training import Trainee, validate
 from crosscoder.training.batches import default_batches, held_out_batches
 from crosscoder.training.schedules import current_k, lr_factor
 
 ARCHITECTURE_OF = {name: architecture for architecture, name in DICTIONARY_NAMES.items()}
-PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
-
-
-def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
-    values = dict(
-        architectures=("batchtopk",),
-        k=3,
-        dict_size=64,
-        batch_size=256,
-        num_tokens=256 * 60,
-        lr=2e-3,
-        warmup_steps=10,
-        threshold_start_step=20,
-        dead_tokens=20_000,
-        normalization_tokens=1024,
-        checkpoint_every=20,
-        log_every=10,
-        output_dir=tmp_path,
-        run_name="run",
-        progress=False,
-    )
-    values.update(overrides)
-    return crosscoder.TrainConfig(**values)
 
 
 @pytest.fixture(scope="module")

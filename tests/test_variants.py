@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import planted_runs
 import pytest
 import torch
+from planted_runs import PLANTED
 
 import crosscoder
 from crosscoder import DedicatedCrossCoder, MatryoshkaCrossCoder, MatryoshkaSAE
@@ -17,34 +19,17 @@ from crosscoder.errors import ConfigError
 from crosscoder.eval.exclusivity import class_counts, latent_classes, relative_norm_difference
 from crosscoder.eval.recovery import exclusive_recovery, planted_recovery
 from crosscoder.sharding import shards_latents
-from crosscoder.synthetic import PlantedActivations, PlantedDictionary
+from crosscoder.synthetic import PlantedActivations
 from crosscoder.training.trainee import new_dictionary
-
-PLANTED = PlantedDictionary.random(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4, active_per_token=3.0)
 
 
 def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
+    """A dedicated-feature crosscoder on 30 steps, checkpoints every 10."""
     values = dict(
-        architectures=("dedicated",),
-        k=3,
-        dict_size=64,
-        batch_size=256,
-        num_tokens=256 * 30,
-        lr=2e-3,
-        warmup_steps=5,
-        threshold_start_step=5,
-        threshold_beta=0.8,
-        dead_tokens=2048,
-        normalization_tokens=1024,
-        checkpoint_every=10,
-        keep_checkpoints=3,
-        log_every=10,
-        output_dir=tmp_path,
-        run_name="run",
-        progress=False,
-    )
-    values.update(overrides)
-    return crosscoder.TrainConfig(**values)
+        architectures=("dedicated",), num_tokens=256 * 30, warmup_steps=5, threshold_start_step=5,
+        threshold_beta=0.8, dead_tokens=2048, checkpoint_every=10, keep_checkpoints=3,
+    )  # fmt: skip
+    return planted_runs.small_config(tmp_path, **{**values, **overrides})
 
 
 def variants() -> list[crosscoder.SparseDictionary]:
