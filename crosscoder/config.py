@@ -31,6 +31,8 @@ DICTIONARY_NAMES: dict[str, str] = {
     "dedicated": "dedicated_crosscoder",
 }
 
+#: The architectures whose encoder may read x̃ − b_dec (``centered_encoder``); the SAEs always do, L1 never.
+CENTERABLE: tuple[Architecture, ...] = ("batchtopk", "matryoshka", "dedicated")
 #: The architectures latent sharding can split (the others' prefixes or partitions span the latent index).
 LATENT_SHARDABLE: tuple[str, ...] = ("batchtopk", "diff_sae")
 
@@ -69,6 +71,10 @@ class TrainConfig:
     for the other model are fixed at zero); the rest are shared."""
     exclusive_encoder: Literal["own", "both"] = "own"
     """Dedicated crosscoder: an exclusive latent's encoder reads its own model only (own) or both models (both)."""
+    centered_encoder: bool = False
+    """BatchTopK crosscoders (plain, Matryoshka, dedicated): the encoder reads x̃ − b_dec, as the SAE's does, instead
+    of x̃ as the reference crosscoders' do (off, for their behaviour). The demo turns it on: on the organism it
+    halved the latents that never fire (docs/methods.md §2.5)."""
 
     # ---------------------------------------------------------------- data: where batches come from (name one)
     base_model: str | None = None
@@ -283,6 +289,11 @@ class TrainConfig:
             problems.append(
                 f"--matryoshka-prefixes must be increasing fractions of dict_size in (0, 1] ending at 1, got "
                 f"{list(prefixes)}"
+            )
+        if self.centered_encoder and not set(self.architectures) & set(CENTERABLE):
+            problems.append(
+                f"--centered-encoder applies to {', '.join(CENTERABLE)} crosscoders, but the run trains "
+                f"{', '.join(self.architectures)}: add one of them or drop the flag"
             )
         if len(self.exclusive_fractions) != 2 or not (
             all(0 <= fraction < 1 for fraction in self.exclusive_fractions) and sum(self.exclusive_fractions) < 1
@@ -507,6 +518,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
             threshold_beta=0.99,  # θ settles within the 1,200 steps after threshold_start_step
             dead_tokens=300_000,
             aux_coefficient=1.0,
+            centered_encoder=True,
             validation_tokens=200_000,  # as many as `python -m crosscoder.eval` reads by default
             normalization_tokens=16_384,
             model_dtype="float32",

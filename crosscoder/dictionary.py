@@ -105,7 +105,8 @@ class SparseDictionary(
     """
 
     uses_batch_topk: ClassVar[bool] = True
-    subtracts_decoder_bias: ClassVar[bool] = False
+    subtracts_decoder_bias: bool = False
+    """Whether the encoder reads ``x̃ − b_dec`` (the SAE; a crosscoder built with ``centered_encoder=True``)."""
     input: DictionaryInput = PAIRED
     """What the dictionary reads from a paired batch (``input_from_pair``)."""
 
@@ -438,7 +439,8 @@ class SparseDictionary(
 class BatchTopKCrossCoder(SparseDictionary):
     """Crosscoder with BatchTopK sparsity ranked by ``f · c`` and an inference threshold θ (docs/methods.md §1.5–§1.6).
 
-    x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
+    ``centered_encoder``: encode ``x̃ − b_dec`` as the SAE does, instead of ``x̃`` as the reference crosscoders do
+    (docs/methods.md §1.3). x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
     """
 
     def __init__(
@@ -450,8 +452,19 @@ class BatchTopKCrossCoder(SparseDictionary):
         init_decoder_norm: float = 1.0,
         source_names: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        *,
+        centered_encoder: bool = False,
     ) -> None:
+        if not isinstance(centered_encoder, bool):
+            raise ConfigError(f"centered_encoder must be true or false, got {centered_encoder!r}")
+        self.subtracts_decoder_bias = centered_encoder
         super().__init__(d_model, dict_size, n_sources, k, init_decoder_norm, source_names, metadata)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._init_kwargs()
+        if self.subtracts_decoder_bias:  # written only when set: other crosscoders' files stay as they were
+            kwargs["centered_encoder"] = True
+        return kwargs
 
 
 class L1CrossCoder(SparseDictionary):
@@ -585,8 +598,13 @@ class MatryoshkaCrossCoder(_Nested, BatchTopKCrossCoder):
         init_decoder_norm: float = 1.0,
         source_names: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        *,
+        centered_encoder: bool = False,
     ) -> None:
-        super().__init__(d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata)
+        super().__init__(
+            d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata,
+            centered_encoder=centered_encoder,
+        )  # fmt: skip
         self.prefix_sizes = _checked_prefix_sizes(prefix_sizes, dict_size)
 
     def describe(self) -> str:
@@ -639,6 +657,8 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         init_decoder_norm: float = 1.0,
         source_names: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        *,
+        centered_encoder: bool = False,
     ) -> None:
         sizes = list(exclusive_sizes) if isinstance(exclusive_sizes, (list, tuple)) else None
         if (
@@ -663,7 +683,10 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
             )
         # read by reset_parameters, which the base initialiser calls
         self.exclusive_sizes, self.exclusive_encoder = (sizes[0], sizes[1]), exclusive_encoder
-        super().__init__(d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata)
+        super().__init__(
+            d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata,
+            centered_encoder=centered_encoder,
+        )  # fmt: skip
 
     def partitions(self) -> dict[str, slice]:
         """The latents of each partition: ``shared``, ``base-only``, ``chat-only`` (contiguous, in that order)."""

@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels
+from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels, load_dictionary
 from crosscoder.dictionary import StepBuffers
+from crosscoder.errors import ConfigError
 
 D_MODEL, DICT_SIZE, K, N_SOURCES, BATCH = 8, 32, 3, 2, 6
 
@@ -446,3 +447,32 @@ def test_decode_rejects_codes_of_wrong_width(shape: tuple[int, ...]) -> None:
         ValueError, match=re.escape(f"expected codes of shape [batch, dict_size=32], got {list(shape)}")
     ):
         crosscoder.decode(torch.rand(shape))
+
+
+def test_a_centered_crosscoder_encodes_the_input_minus_b_dec_and_keeps_the_choice_when_saved(tmp_path):
+    torch.manual_seed(0)
+    cc = BatchTopKCrossCoder(d_model=6, dict_size=20, k=2, centered_encoder=True)
+    with torch.no_grad():
+        cc.b_dec.normal_()
+        cc.b_enc.normal_(std=0.1)
+        cc.input_scale.copy_(torch.tensor([0.5, 2.0]))
+        cc.threshold.fill_(0.3)
+    x = torch.randn(5, 2, 6)
+    centered = (x * cc.input_scale[:, None] - cc.b_dec).flatten(1)  # normalised, minus b_dec
+    activations = torch.relu(centered @ cc.W_enc.flatten(1).T + cc.b_enc)
+    expected = activations * (activations * cc.code_norms() > 0.3)
+    torch.testing.assert_close(cc.encode(x), expected)
+    plain = BatchTopKCrossCoder(d_model=6, dict_size=20, k=2)
+    plain.load_state_dict(cc.state_dict())
+    assert not torch.allclose(plain.encode(x), expected)  # the reference crosscoder encodes x̃ itself
+
+    cc.save_pretrained(tmp_path / "centered")
+    loaded = load_dictionary(tmp_path / "centered")
+    assert loaded.subtracts_decoder_bias and loaded.config()["centered_encoder"] is True
+    torch.testing.assert_close(loaded.encode(x), expected)
+    assert "centered_encoder" not in plain.config()  # files of uncentered crosscoders stay as they were
+
+
+def test_centered_encoder_must_be_a_bool():
+    with pytest.raises(ConfigError, match="centered_encoder must be true or false, got 'yes'"):
+        BatchTopKCrossCoder(d_model=6, dict_size=20, k=2, centered_encoder="yes")

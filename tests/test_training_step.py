@@ -55,6 +55,9 @@ def make(kind):
     torch.manual_seed(0)
     if kind == "batchtopk":
         dictionary = crosscoder.BatchTopKCrossCoder(d_model=12, dict_size=40, k=3)
+    elif kind == "centered":
+        dictionary = crosscoder.BatchTopKCrossCoder(d_model=12, dict_size=40, k=3, centered_encoder=True)
+        assert dictionary.subtracts_decoder_bias  # the dense step then encodes x̃ − b_dec
     elif kind == "sae":
         dictionary = crosscoder.BatchTopKSAE(d_model=12, dict_size=40, k=3)
     elif kind == "matryoshka":
@@ -108,14 +111,14 @@ def assert_same(results):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1", "matryoshka", "matryoshka_sae", "dedicated"])
+@pytest.mark.parametrize("kind", ["batchtopk", "centered", "sae", "l1", "matryoshka", "matryoshka_sae", "dedicated"])
 def test_training_step_equals_dense_step_with_dead_latents(kind, backend):
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True
     assert_same(run_both(kind, backend, CONFIG, dead))
 
 
-@pytest.mark.parametrize("kind", ["batchtopk", "sae", "matryoshka"])
+@pytest.mark.parametrize("kind", ["batchtopk", "centered", "sae", "matryoshka"])
 def test_training_step_without_dead_latents_has_no_aux_term(kind):
     assert_same(run_both(kind, "reference", CONFIG, torch.zeros(40, dtype=torch.bool)))
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from crosscoder.config import DICTIONARY_NAMES, Architecture, TrainConfig
+from crosscoder.config import CENTERABLE, DICTIONARY_NAMES, Architecture, TrainConfig
 from crosscoder.dictionary import (
     BatchTopKCrossCoder,
     BatchTopKSAE,
@@ -153,6 +153,8 @@ def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int
             f"--matryoshka-prefixes {list(config.matryoshka_prefixes)} round to the latent counts {prefix_sizes} of "
             f"dict_size={dict_size}, which must increase from at least 1: use fewer or larger fractions"
         )
+    if architecture in CENTERABLE:
+        norm["centered_encoder"] = config.centered_encoder
     if architecture == "batchtopk":
         return BatchTopKCrossCoder(d_model, dict_size, config.k, n_sources, source_names=names, **norm)
     if architecture == "l1":
