@@ -172,6 +172,16 @@ def test_the_client_names_what_went_wrong(endpoint, monkeypatch):
         ChatClient(url, "m", api_key_env="AGENT_MISSING_KEY", require_key=True)
 
 
+def test_a_key_is_never_sent_in_clear_text_to_another_machine(monkeypatch):
+    monkeypatch.setenv("AGENT_TEST_KEY", KEY)
+    with pytest.raises(ConfigError, match=r"refusing to send the API key in AGENT_TEST_KEY in clear text to http://"):
+        ChatClient("http://llm.example.org/v1", "m", api_key_env="AGENT_TEST_KEY")
+    ChatClient("https://llm.example.org/v1", "m", api_key_env="AGENT_TEST_KEY")  # encrypted: fine
+    ChatClient("http://127.0.0.1:8000/v1", "m", api_key_env="AGENT_TEST_KEY")  # this machine: fine
+    monkeypatch.delenv("AGENT_TEST_KEY")
+    ChatClient("http://llm.example.org/v1", "m", api_key_env="AGENT_TEST_KEY")  # no key to leak
+
+
 # ---------------------------------------------------------------------------- the loop
 def test_the_loop_runs_tools_enforces_budgets_and_records_the_transcript(endpoint, tmp_path):
     url, mock = endpoint

@@ -18,7 +18,7 @@ from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, latent_classes, re
 from crosscoder.eval.recovery import planted_recovery
 from crosscoder.synthetic import PlantedActivations
 from crosscoder.training import Trainee, validate
-from crosscoder.training.batches import default_batches, held_out_batches
+from crosscoder.training.batches import default_batches, held_out_batches, planted_dictionary
 from crosscoder.training.schedules import current_k, lr_factor
 
 ARCHITECTURE_OF = {name: architecture for architecture, name in DICTIONARY_NAMES.items()}
@@ -255,7 +255,8 @@ def test_validation_tokens_make_the_saved_metrics_those_of_held_out_batches_with
     assert sum(len(batch) for batch in held_out) == 1024  # whole batches, at least validation_tokens
     assert not any(
         torch.equal(held_out[0], batch) for batch in itertools.islice(default_batches(config, Distributed()), 4)
-    )
+    )  # another order: not the training batches, but new samples of the planted dictionary trained on
+    assert torch.equal(held_out[0], next(iter(PlantedActivations(planted_dictionary(config), 256, config.seed + 1))))
     for name, dictionary in dictionaries.items():
         saved = crosscoder.load_dictionary(config.run_dir / name).metadata["metrics"]
         trainee = Trainee.new(ARCHITECTURE_OF[name], dictionary, config)

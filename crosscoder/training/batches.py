@@ -59,9 +59,15 @@ def data_fingerprint(source: Iterable[torch.Tensor]) -> dict[str, Any] | None:
 
 
 def held_out_batches(config: TrainConfig) -> list[torch.Tensor]:
-    """``config.validation_tokens`` tokens of the configured source read in another order (seed + 1), as whole
-    batches [batch_size, n_sources, d_model] on the CPU; every process reads the same ones."""
-    source = default_batches(dataclasses.replace(config, seed=config.seed + 1, prefetch_blocks=0), Distributed())
+    """``config.validation_tokens`` tokens of the configured source read in another order (seed + 1; for synthetic
+    data, new samples of the same planted dictionary), as whole batches [batch_size, n_sources, d_model] on the CPU;
+    every process reads the same ones. A paired-model source loads its models a second time to read them."""
+    if config.synthetic:  # the same planted dictionary, other samples
+        source: Iterable[torch.Tensor] = PlantedActivations(
+            planted_dictionary(config), config.batch_size, config.seed + 1
+        )
+    else:
+        source = default_batches(dataclasses.replace(config, seed=config.seed + 1, prefetch_blocks=0), Distributed())
     batches, tokens = [], 0
     for batch in source:
         batches.append(batch.cpu())

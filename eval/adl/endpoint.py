@@ -13,6 +13,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,6 +88,12 @@ class ChatClient:
             self.url += "/chat/completions"
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"endpoint {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        if api_key_env and os.environ.get(api_key_env) and self.url.startswith("http://") and not _is_local(host):
+            raise ConfigError(
+                f"refusing to send the API key in {api_key_env} in clear text to {self.url}: use https:// for a remote "
+                "endpoint (plain http is fine for a server on this machine)"
+            )
         if require_key and not (api_key_env and os.environ.get(api_key_env)):
             raise ConfigError(
                 f"the environment variable {api_key_env} that should hold the API key for {self.url} is not set: "
@@ -176,3 +183,8 @@ class ChatClient:
         self.usage.prompt_tokens += prompt
         self.usage.completion_tokens += int(completion)
         return Reply(content, prompt, int(completion))
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` names this machine (plain http to it does not leave the machine)."""
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -150,7 +150,7 @@ def run(config: AgentConfig) -> dict[str, Any]:
                 ) from None
             raise
         grade = read_json(folder / GRADE)
-        if grader is not None and grade is None:
+        if grader is not None and (grade is None or grade.get("score") is None):  # ungraded, or no score parsed
             grade = grader.grade(stats["description"], str(truth))
             (folder / GRADE).write_text(json.dumps(grade, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         runs.append({"run": index, "stopped": stats["stopped"], "score": grade and grade["score"], **stats["budgets"]})

@@ -211,7 +211,9 @@ def run_agent(client: ChatClient, toolbox: Toolbox, limits: Limits, folder: Path
             if budget.remaining()["llm_calls"] == 0:
                 run.finished, run.stopped = True, "budget: no LLM calls left"
                 break
-            reply = client.complete(run.messages)
+            left = budget.remaining()["tokens"]  # one reply may not overrun the token budget
+            cap = left if client.max_tokens is None else min(client.max_tokens, left)
+            reply = client.complete(run.messages, max_tokens=max(1, cap))
             budget.charge_call(reply.completion_tokens)
             run.count("prompt_tokens", reply.prompt_tokens)
             run.messages.append({"role": "assistant", "content": reply.content})

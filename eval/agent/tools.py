@@ -212,6 +212,7 @@ def lens_tools(report: dict[str, Any], lens_dir: Path, models: Models, sampling:
     def steering_samples(arguments: dict[str, Any], _seed: int) -> dict[str, Any]:
         steering = stored(arguments["layer"], arguments["position"])
         n = arguments["n"]
+        check_n(n)
         return {
             "strength": steering["strength"],
             "samples": [

@@ -27,9 +27,11 @@ from crosscoder.progress import progress_bar
 
 
 def dictionary_fingerprint(dictionary: SparseDictionary) -> str:
-    """A short hash of the dictionary's class, shapes and weights: a store is reused only for the same weights."""
-    digest = hashlib.sha256(type(dictionary).__name__.encode())
-    for tensor in (dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.threshold, dictionary.input_scale):
+    """A short hash of the dictionary's class, encoder choice, shapes and weights: a store is reused only for the same
+    codes."""
+    digest = hashlib.sha256(f"{type(dictionary).__name__} {dictionary.subtracts_decoder_bias}".encode())
+    tensors = (dictionary.W_enc, dictionary.b_enc, dictionary.W_dec, dictionary.b_dec, dictionary.threshold)
+    for tensor in (*tensors, dictionary.input_scale, dictionary.input_mean):
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -47,10 +49,13 @@ def collect_store(
     progress: bool = False,
 ) -> ActivationStore:
     """The store of ``dictionary`` over the chunks of ``source`` from its current position up to ``max_tokens``
-    tokens (per process), saved in ``folder``; resumed from a partial store there, or read back when complete."""
+    tokens (per process), saved in ``folder``; resumed from a partial store there, or read back when complete — only
+    for the same weights, token count, processes and data (the source's ``description()``, where it has one)."""
     context = context or Distributed()
     fingerprint = dictionary_fingerprint(dictionary)
-    identity = {"fingerprint": fingerprint, "max_tokens": max_tokens, "world_size": context.world_size}
+    description = getattr(source, "description", None)  # what the source reads (models, datasets, order)
+    data = json.loads(json.dumps(description() if callable(description) else description, default=str))  # as saved
+    identity = {"fingerprint": fingerprint, "max_tokens": max_tokens, "world_size": context.world_size, "data": data}
     part = folder / (f"rank{context.rank}" if context.enabled else "partial")
     finished = _read(folder, settings, identity)
     if finished is not None:

@@ -189,7 +189,8 @@ def _buckets(examples: list[dict[str, Any]], n_quantiles: int) -> list[dict[str,
 
 def _readout_lists(readout: Readout, row: int, decode: Callable[[int], str] | None) -> dict[str, list]:
     def pairs(ids: torch.Tensor, logits: torch.Tensor) -> list:
-        return [[decode(i) if decode else i, round(v, 4)] for i, v in zip(ids.tolist(), logits.tolist(), strict=True)]
+        pairs_ = zip(ids.tolist(), logits.tolist(), strict=True)
+        return [[decode(i) if decode else i, round(v, 4)] for i, v in pairs_ if i >= 0]  # -1: no row in this model
 
     return {
         "promoted": pairs(readout.promoted[row], readout.promoted_logits[row]),

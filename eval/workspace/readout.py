@@ -38,7 +38,8 @@ def decoder_directions(dictionary: SparseDictionary, latents: torch.Tensor | Seq
 
 @dataclass(frozen=True)
 class Readout:
-    """Per latent the ``k`` promoted and suppressed token ids with their logits: each [n_latents, k]."""
+    """Per latent the ``k`` promoted and suppressed token ids with their logits: each [n_latents, k]; ids are -1 for
+    a latent with no decoder row in that model (a dedicated crosscoder's exclusive latent)."""
 
     promoted: torch.Tensor
     promoted_logits: torch.Tensor
@@ -63,9 +64,12 @@ def unembedding_readout(
         parts: list[tuple[torch.Tensor, ...]] = []
         starts = range(0, len(ids), batch_size)
         for start in progress_bar(starts, desc=f"unembedding readout ({name})", enabled=progress, unit="batch"):
-            logits = lens_logits(model, decoder_directions(dictionary, ids[start : start + batch_size])[name])
+            directions = decoder_directions(dictionary, ids[start : start + batch_size])[name]
+            logits = lens_logits(model, directions)
             top = logits.topk(min(k, logits.shape[-1]), dim=-1)
             bottom = logits.topk(min(k, logits.shape[-1]), dim=-1, largest=False)
-            parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+            absent = (directions.norm(dim=-1) == 0).cpu()[:, None]  # a latent with no decoder row in this model
+            top_ids, bottom_ids = (ids.cpu().masked_fill(absent, -1) for ids in (top.indices, bottom.indices))
+            parts.append((top_ids, top.values.cpu(), bottom_ids, bottom.values.cpu()))
         result[name] = Readout(*(torch.cat(column) for column in zip(*parts, strict=True)))
     return result
