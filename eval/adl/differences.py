@@ -227,7 +227,7 @@ def first_ids(tokenizer: Any, text: str, n: int) -> list[int]:
     ``20 · n`` characters is tokenized unless it has fewer than ``n`` tokens (a cut that far away cannot change the
     first ``n``)."""
     prefix = text[: 20 * n]
-    ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prefix, add_special_tokens=True, verbose=False)["input_ids"]
     if len(ids) < n and len(prefix) < len(text):
         ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
     return list(ids[:n])
