@@ -36,7 +36,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
     """20 steps, checkpoints every 10."""
-    values = dict(num_tokens=256 * 20, warmup_steps=5, threshold_start_step=5, normalization_tokens=512, log_every=5)
+    values = dict(
+        num_tokens=256 * 20, warmup_steps=5, threshold_start_step=5, normalization_tokens=512, checkpoint_every=10,
+        log_every=5,
+    )  # fmt: skip
     return planted_runs.small_config(tmp_path, **{**values, **overrides})
 
 

@@ -91,6 +91,7 @@ RESUME_FLAGS = [
     "--preset", "synthetic", "--dict-size", "64", "--k", "4", "--batch-size", "128", "--num-tokens", "2560",
     "--normalization-tokens", "512", "--warmup-steps", "2", "--threshold-start-step", "5", "--checkpoint-every", "10",
     "--keep-checkpoints", "2", "--log-every", "5", "--run-name", "release-0.1", "--no-progress",
+    "--lr", "1e-3",  # the synthetic preset's rate in that release
 ]  # fmt: skip
 
 
