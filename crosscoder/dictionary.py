@@ -411,7 +411,8 @@ class SparseDictionary(
     def describe(self) -> str:
         """One sentence for the model card."""
         names = self.source_names or [f"source {s}" for s in range(self.n_sources)]
-        return f"A crosscoder over {self.n_sources} sources (in order: {', '.join(names)})."
+        centered = ", whose encoder reads the activations minus `b_dec`" if self.subtracts_decoder_bias else ""
+        return f"A crosscoder over {self.n_sources} sources (in order: {', '.join(names)}){centered}."
 
     def usage_snippet(self) -> str:
         """Python lines for the model card's usage section."""
