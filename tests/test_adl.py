@@ -13,8 +13,18 @@ import mock_endpoint
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import build_tokenizer, chat_rows, corpus, finetuned_copy, gpt2, llama, save_pair, write_jsonl
-from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from tiny_models import (
+    build_tokenizer,
+    chat_rows,
+    corpus,
+    finetuned_copy,
+    gemma2,
+    gpt2,
+    llama,
+    qwen3,
+    save_pair,
+    write_jsonl,
+)
 
 from crosscoder.errors import ConfigError, DataError
 from crosscoder.eval import adl
@@ -36,44 +46,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def gemma2(vocab_size: int, seed: int = 0) -> Gemma2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=4,  # shorter than the prompts: the sliding-window layers matter
-        final_logit_softcapping=5.0,  # small enough to change the logits
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return Gemma2ForCausalLM(config).eval()
-
-
-def qwen3(vocab_size: int, seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return Qwen3ForCausalLM(config).eval()
 
 
 FAMILIES = {"llama": llama, "gemma2": gemma2, "qwen3": qwen3, "gpt2": gpt2}

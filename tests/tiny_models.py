@@ -8,7 +8,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
@@ -48,9 +58,9 @@ def build_tokenizer(vocab_size: int = 400, extra_tokens: tuple[str, ...] = ()) -
     return wrapped
 
 
-def llama(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def _llama_style(vocab_size: int, hidden: int, layers: int) -> dict:
+    """The config fields Llama, Gemma-2 and Qwen-3 share, for a tiny model."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -62,7 +72,25 @@ def llama(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> 
         eos_token_id=2,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+
+
+def llama(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**_llama_style(vocab_size, hidden, layers))).eval()
+
+
+def gemma2(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> Gemma2ForCausalLM:
+    """Gemma-2's quirks made to matter: sliding-window layers shorter than the prompts, a small final softcap."""
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        **_llama_style(vocab_size, hidden, layers), head_dim=8, sliding_window=4, final_logit_softcapping=5.0
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def qwen3(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(**_llama_style(vocab_size, hidden, layers), head_dim=8)).eval()
 
 
 def gpt2(vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:

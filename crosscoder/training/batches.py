@@ -62,12 +62,7 @@ def held_out_batches(config: TrainConfig) -> list[torch.Tensor]:
     """``config.validation_tokens`` tokens of the configured source read in another order (seed + 1; for synthetic
     data, new samples of the same planted dictionary), as whole batches [batch_size, n_sources, d_model] on the CPU;
     every process reads the same ones. A paired-model source loads its models a second time to read them."""
-    if config.synthetic:  # the same planted dictionary, other samples
-        source: Iterable[torch.Tensor] = PlantedActivations(
-            planted_dictionary(config), config.batch_size, config.seed + 1
-        )
-    else:
-        source = default_batches(dataclasses.replace(config, seed=config.seed + 1, prefetch_blocks=0), Distributed())
+    source = default_batches(dataclasses.replace(config, prefetch_blocks=0), Distributed(), order_seed=config.seed + 1)
     batches, tokens = [], 0
     for batch in source:
         batches.append(batch.cpu())
@@ -84,11 +79,13 @@ def planted_dictionary(config: TrainConfig) -> PlantedDictionary:
     return PlantedDictionary.random(seed=config.seed)
 
 
-def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch.Tensor]:
+def default_batches(config: TrainConfig, context: Distributed, order_seed: int | None = None) -> Iterable[torch.Tensor]:
     """The batch source the config names — paired models, a cache, a tensor file or planted synthetic data —
-    yielding this process's share of each global batch."""
+    yielding this process's share of each global batch. ``order_seed`` (default ``config.seed``) seeds only the
+    order or sampling of the data, never what the data is (a synthetic run's planted dictionary stays the same)."""
     local = context.local_batch_size(config.batch_size)
     rank, world = context.rank, context.world_size
+    seed = config.seed if order_seed is None else order_seed
     if config.model_organism and not config.base_model:
         raise ConfigError(
             "model_organism names models that must be built first: call crosscoder.demo.resolve_model_organism(config) "
@@ -98,7 +95,7 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
         from crosscoder.activations import PairedActivationStream
 
         return PairedActivationStream.from_config(
-            dataclasses.replace(config, batch_size=local), rank=rank, world_size=world
+            dataclasses.replace(config, batch_size=local, seed=seed), rank=rank, world_size=world
         )
     if config.cache is not None:
         from crosscoder.cache import ActivationCache
@@ -106,15 +103,15 @@ def default_batches(config: TrainConfig, context: Distributed) -> Iterable[torch
         return ActivationCache(
             config.cache,
             local,
-            seed=config.seed,
+            seed=seed,
             rank=rank,
             world_size=world,
             allow_incomplete=config.allow_incomplete_cache,
         )
     if config.activations is not None:
-        return TensorActivations.from_file(config.activations, local, config.seed, rank, world)
+        return TensorActivations.from_file(config.activations, local, seed, rank, world)
     if config.synthetic:
-        return PlantedActivations(planted_dictionary(config), local, config.seed, rank, world)
+        return PlantedActivations(planted_dictionary(config), local, seed, rank, world)
     raise ConfigError(
         "no training data named: pass --base-model and --chat-model (with --datasets), --cache DIR, "
         "--activations FILE, --model-organism (offline demo models) or --synthetic (planted dictionary)"

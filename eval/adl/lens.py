@@ -26,7 +26,7 @@ def final_norm(model: nn.Module) -> nn.Module:
     candidates = [model.base_model]
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
-        with contextlib.suppress(AttributeError, NotImplementedError):
+        with contextlib.suppress(AttributeError, NotImplementedError):  # some heads define it but cannot answer
             candidates.append(get_decoder())
     for owner in candidates:
         for name in FINAL_NORM_NAMES:
