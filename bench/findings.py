@@ -6,17 +6,21 @@ reproduce a paper's finding (``findings.md`` says so). Writes into ``--out`` (de
 ``findings.json``, ``findings.md``, ``delta_norm_histograms.png`` and ``nu_scatter_<architecture>.png``; ends with
 one line of JSON.
 
-    python bench/findings.py                 # the demo's settings (about 10 minutes on 2 CPU cores)
+    python bench/findings.py                 # the demo's settings (about 8 minutes on 2 CPU cores)
+    python bench/findings.py --architectures l1 batchtopk diff_sae    # the papers' three only (about 5 minutes)
     python bench/findings.py --quick         # tiny settings, for the test suite (checks structure, not science)
 
-What is compared (docs/methods.md §5–§8):
-- Δnorm classes of the two crosscoders (the L1 penalty makes "chat-only" latents the BatchTopK one does not);
+What is compared (docs/methods.md §5–§8, §12):
+- Δnorm classes of the crosscoders (the L1 penalty makes "chat-only" latents the BatchTopK one does not), and of the
+  two variants built for diffing, a Matryoshka and a dedicated-feature BatchTopK crosscoder (``--architectures``
+  chooses; the dedicated one's classes are also counted within each of its partitions);
 - Latent Scaling of each crosscoder's chat-only latents (or, with fewer than ``--n-focus``, its most chat-leaning
   ones): the shares judged genuine, complete shrinkage and latent decoupling;
 - the downstream KL gap closed on assistant tokens by each crosscoder's reconstruction and by its focus latents
   alone, by the diff-SAE's reconstruction and by as many of its most active latents;
 - which latents point at the finetuning domain: the share of top-activating contexts containing a domain word,
-  for the focus latents against shared latents picked at random (a control);
+  for the focus latents against ``--n-control`` latents that fired, picked at random (shared ones for a crosscoder,
+  any but the focus for the diff-SAE; a control);
 - FVE, L0 and the dead fraction of each on held-out tokens (inference threshold).
 """
 
@@ -35,9 +39,16 @@ import torch
 
 import crosscoder
 from crosscoder.activations import PairedActivationStream
-from crosscoder.config import preset
+from crosscoder.config import DICTIONARY_NAMES, preset
 from crosscoder.demo import resolve_model_organism
-from crosscoder.eval.exclusivity import BASE_ONLY, CHAT_ONLY, SHARED, latent_classes, relative_norm_difference
+from crosscoder.eval.exclusivity import (
+    BASE_ONLY,
+    CHAT_ONLY,
+    SHARED,
+    class_counts,
+    latent_classes,
+    relative_norm_difference,
+)
 from crosscoder.eval.inspection import PAD, top_contexts
 from crosscoder.eval.kl import (
     crosscoder_patch,
@@ -51,26 +62,30 @@ from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
 from crosscoder.eval.reconstruction import reconstruction
 from crosscoder.organism import DOMAIN_WORDS, build_model_organism
 
-ARCHITECTURES = ("l1", "batchtopk", "diff_sae")
-CROSSCODERS = {"l1": "l1_crosscoder", "batchtopk": "batchtopk_crosscoder"}
+#: What can be compared, in the order they are analysed (the diff-SAE's focus count follows the BatchTopK one's).
+ARCHITECTURES = ("l1", "batchtopk", "matryoshka", "dedicated", "diff_sae")
+#: The papers' comparison (``paper_checks``) needs these three.
+PAPERS = ("l1", "batchtopk", "diff_sae")
+SAES = ("diff_sae",)
 
 
 def train_side_by_side(args: argparse.Namespace) -> tuple[dict, crosscoder.TrainConfig]:
-    """The three dictionaries, trained on one stream at the demo's settings (``--quick``: tiny ones)."""
+    """The dictionaries, trained on one stream at the demo's settings (``--quick``: tiny ones)."""
     config = dataclasses.replace(
         preset("demo"),
-        architectures=ARCHITECTURES,
+        architectures=args.architectures,
         run_name="findings",
         output_dir=args.out / "runs",
         progress=not args.quiet,
         checkpoint_every=0,
         seed=args.seed,
+        l1_coefficient=args.l1_coefficient or preset("demo").l1_coefficient,
     )
     if args.quick:
         config = dataclasses.replace(
             config, num_tokens=256 * 24, batch_size=256, dict_size=128, k=4, normalization_tokens=1024,
-            warmup_steps=5, threshold_start_step=8, dead_tokens=2048, log_every=8, context_length=64,
-            block_sequences=16, validation_tokens=1024,
+            warmup_steps=5, threshold_start_step=8, threshold_beta=0.8, dead_tokens=2048, log_every=8,
+            context_length=64, block_sequences=16, validation_tokens=1024,
         )  # fmt: skip
     config = resolve_model_organism(config)
     if config.run_dir.exists():  # a finished comparison is never overwritten: it is moved aside with its date
@@ -119,9 +134,8 @@ def compare(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     results: dict = {"dictionaries": {}, "kl_patches": {}}
     patches, deltas = {}, {}
-    for architecture in ARCHITECTURES:
-        name = {"diff_sae": "diff_sae", **CROSSCODERS}[architecture]
-        dictionary = dictionaries[name]
+    for architecture in args.architectures:
+        dictionary = dictionaries[DICTIONARY_NAMES[architecture]]
         inputs = [dictionary.input_from_pair(chunk.activations.float()) for chunk in chunks]
         recon = reconstruction(dictionary, inputs)
         entry: dict = {
@@ -130,16 +144,18 @@ def compare(args: argparse.Namespace) -> dict:
             "dead_fraction": recon.dead_fraction,
             "dict_size": dictionary.dict_size,
         }
-        if architecture in CROSSCODERS:
+        if architecture not in SAES:
             delta = relative_norm_difference(dictionary)
             deltas[architecture] = delta
             classes = latent_classes(delta)
+            if "by_partition" in (counts := class_counts(dictionary, classes)):
+                entry["by_partition"] = counts["by_partition"]
             chat_only = [j for j, label in enumerate(classes) if label == CHAT_ONLY]
             focus = (
                 chat_only if len(chat_only) >= args.n_focus else delta.argsort(descending=True)[: args.n_focus].tolist()
             )
             shared = [j for j, label in enumerate(classes) if label == SHARED and recon.frequencies[j] > 0]
-            control = [shared[i] for i in torch.randperm(len(shared), generator=generator)[: len(focus)].tolist()]
+            control = [shared[i] for i in torch.randperm(len(shared), generator=generator)[: args.n_control].tolist()]
             scaling = compute_betas(dictionary, [chunk.activations.float() for chunk in chunks], focus)
             verdicts = scaling.verdicts()
             nu_scatter(
@@ -167,7 +183,8 @@ def compare(args: argparse.Namespace) -> dict:
         else:
             n_top = max(args.n_focus, len(results["dictionaries"].get("batchtopk", {}).get("focus_latents", [])))
             focus = recon.frequencies.argsort(descending=True)[:n_top].tolist()
-            control = torch.randperm(dictionary.dict_size, generator=generator)[: len(focus)].tolist()
+            fired = sorted(set(recon.frequencies.nonzero().flatten().tolist()) - set(focus))
+            control = [fired[i] for i in torch.randperm(len(fired), generator=generator)[: args.n_control].tolist()]
             entry["focus"] = f"{len(focus)} most active latents"
             patches["diff_sae: reconstruction"] = diff_sae_patch(dictionary)
             patches["diff_sae: focus latents"] = sae_latent_subset_patch(dictionary, focus)
@@ -179,9 +196,9 @@ def compare(args: argparse.Namespace) -> dict:
         results["dictionaries"][architecture] = entry
 
     delta_norm_histogram(
-        {f"{architecture} crosscoder": deltas[architecture] for architecture in CROSSCODERS},
+        {f"{architecture} crosscoder": delta for architecture, delta in deltas.items()},
         args.out / "delta_norm_histograms.png",
-        title="Δnorm: L1 vs BatchTopK crosscoder (organism)",
+        title="Δnorm of each crosscoder (organism)",
     )
     organism = build_model_organism(seed=config.seed, progress=False)
     with open(organism.chat_data, encoding="utf-8") as lines:
@@ -198,12 +215,14 @@ def compare(args: argparse.Namespace) -> dict:
     results["kl_patches"] = {"gap_nats": kl.all_tokens["base"], "gap_closed": kl.gap_closed, "kl": kl.all_tokens}
     results["settings"] = {
         "quick": args.quick,
+        "architectures": list(args.architectures),
         "training_tokens": config.num_tokens,
         "dict_size": config.dict_size,
         "k": config.k,
         "l1_coefficient": config.l1_coefficient,
         "eval_tokens": sum(len(chunk.token_ids) for chunk in chunks),
         "kl_conversations": len(conversations),
+        "control_latents": args.n_control,
         "seed": config.seed,
     }
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -231,6 +250,9 @@ def paper_checks(results: dict) -> dict[str, bool]:
         "diff_sae_top_latents_point_at_the_domain_more_than_batchtopk_focus_latents": (
             dictionaries["diff_sae"]["domain_share"] > batchtopk["domain_share"]
         ),
+        "diff_sae_top_latents_point_at_the_domain_more_than_its_random_latents": (
+            dictionaries["diff_sae"]["domain_share"] > dictionaries["diff_sae"]["domain_share_control"]
+        ),
     }
 
 
@@ -238,6 +260,10 @@ def write_markdown(results: dict, path: Path) -> None:
     dictionaries, kl = results["dictionaries"], results["kl_patches"]
     settings = results["settings"]
     command = "python bench/findings.py" + (" --quick" if settings["quick"] else "")
+    if tuple(settings["architectures"]) != ARCHITECTURES:
+        command += " --architectures " + " ".join(settings["architectures"])
+    if settings["l1_coefficient"] != preset("demo").l1_coefficient:
+        command += f" --l1-coefficient {settings['l1_coefficient']}"
     lines = [
         "# Findings on the model organism",
         "",
@@ -247,8 +273,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"KL. Command: `{command}`.",
         "",
         "| dictionary | FVE | L0 | dead | chat-only | base-only | shared | focus | genuine | shrinkage | decoupling "
-        "| domain share (focus / control) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| never fired | domain share (focus / control) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for architecture, entry in dictionaries.items():
         classes = entry.get("classes", {})
@@ -257,9 +283,17 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| {architecture} | {entry['fve']:.3f} | {entry['l0']:.1f} | {entry['dead_fraction']:.3f} | "
             f"{classes.get('chat_only', '–')} | {classes.get('base_only', '–')} | {classes.get('shared', '–')} | "
             f"{entry['focus']} | {_share(scaling.get('genuine'))} | {_share(scaling.get('complete_shrinkage'))} | "
-            f"{_share(scaling.get('latent_decoupling'))} | {_share(entry['domain_share'])} / "
+            f"{_share(scaling.get('latent_decoupling'))} | {_share(scaling.get('never_fired'))} | "
+            f"{_share(entry['domain_share'])} / "
             f"{_share(entry['domain_share_control'])} |"
         )
+    for architecture, entry in dictionaries.items():
+        if "by_partition" in entry:
+            lines += ["", f"Δnorm classes within each partition of the {architecture} crosscoder:", ""]
+            lines += [
+                f"- {partition}: " + ", ".join(f"{count} {label}" for label, count in counts.items())
+                for partition, counts in entry["by_partition"].items()
+            ]
     lines += [
         "",
         f"Downstream KL on assistant tokens (gap KL(P_chat ‖ P_base-patched) = {kl['gap_nats']:.4f} nats):",
@@ -287,9 +321,23 @@ def main() -> None:
     parser.add_argument("--kl-conversations", type=int, default=None, help="chats for the KL (default 64; quick 4)")
     parser.add_argument("--n-focus", type=int, default=10, help="latents analysed when there are fewer chat-only")
     parser.add_argument("--n-top", type=int, default=10, help="top contexts per latent")
+    parser.add_argument("--n-control", type=int, default=50, help="random latents of the domain-share control")
+    parser.add_argument(
+        "--architectures",
+        nargs="+",
+        choices=ARCHITECTURES,
+        default=list(ARCHITECTURES),
+        help=f"dictionaries to compare (at least {', '.join(PAPERS)}; default all)",
+    )
+    parser.add_argument(
+        "--l1-coefficient", type=float, default=None, help="the L1 crosscoder's λ (default: the demo preset's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
+    if missing := [name for name in PAPERS if name not in args.architectures]:
+        parser.error(f"--architectures must include {', '.join(PAPERS)} (the papers' comparison); add {missing}")
+    args.architectures = tuple(name for name in ARCHITECTURES if name in args.architectures)
     args.eval_tokens = args.eval_tokens or (4096 if args.quick else 100_000)
     args.kl_conversations = args.kl_conversations or (4 if args.quick else 64)
     args.out.mkdir(parents=True, exist_ok=True)
