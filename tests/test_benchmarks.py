@@ -100,10 +100,10 @@ def test_findings_quick_writes_its_report(organism_cache, tmp_path):
 @pytest.mark.slow
 def test_findings_on_the_real_settings_show_the_papers_directions_where_the_organism_does(organism_cache, tmp_path):
     """``bench/findings.py`` at the demo's settings with the papers' three dictionaries (about 5 minutes): the
-    directions the organism shows (the diff-SAE closes more of the KL gap than the crosscoder's reconstruction and
-    its chat-leaning latents, and its top latents point at the domain), and every direction it does not show
-    reported as not reproduced. L1 having more chat-only latents than BatchTopK is not asserted: at these settings
-    neither has any (README, Results)."""
+    directions the organism shows — the L1 crosscoder (at matched sparsity) has more chat-only latents than the
+    BatchTopK one, the diff-SAE closes more of the KL gap than the crosscoder's reconstruction and its chat-leaning
+    latents, and its top latents point at the domain — and every direction it does not show reported as not
+    reproduced (README, Results)."""
     environment = {**os.environ, "CROSSCODER_CACHE": str(organism_cache)}
     out = tmp_path / "findings"
     command = [sys.executable, str(BENCH / "findings.py"), "--quiet", "--out", str(out)]
@@ -111,6 +111,7 @@ def test_findings_on_the_real_settings_show_the_papers_directions_where_the_orga
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     checks = json.loads(result.stdout.strip().splitlines()[-1])["checks"]
+    assert checks["l1_has_more_chat_only_latents_than_batchtopk"]
     assert checks["diff_sae_closes_at_least_as_much_kl_gap_as_crosscoder_focus_latents"]
     assert checks["diff_sae_closes_more_kl_gap_than_crosscoder_reconstruction"]
     assert checks["diff_sae_top_latents_point_at_the_domain_more_than_batchtopk_focus_latents"]

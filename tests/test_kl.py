@@ -14,6 +14,7 @@ from crosscoder.eval.kl import (
     latent_subset_patch,
     sae_latent_subset_patch,
 )
+from crosscoder.eval.workspace import kl_effects, removal_patches
 
 LAYER = 1
 
@@ -115,3 +116,60 @@ def test_conversations_without_assistant_turns_are_refused(setup):
     tokenizer, base, chat, _ = setup
     with pytest.raises(ValueError, match="no conversation has an assistant message"):
         downstream_kl(base, chat, tokenizer, [[{"role": "user", "content": "hi"}]], LAYER, {})
+
+
+def test_removing_a_latent_from_the_patch_equals_decoding_without_it(setup):
+    """The latent workspace's KL effect (docs/methods.md §11.3): the "without j" patch equals the full patch decoded
+    from codes with latent j zeroed, and its effect is the KL of that brute-force patch minus the full patch's."""
+    tokenizer, base, chat, conversations = setup
+    torch.manual_seed(1)
+    cc = crosscoder.BatchTopKCrossCoder(d_model=32, dict_size=64, k=4)
+    sae = crosscoder.BatchTopKSAE(d_model=32, dict_size=64, k=4)
+    with torch.no_grad():
+        cc.threshold.fill_(0.1)
+        cc.input_scale.copy_(torch.tensor([1.5, 0.5]))
+        sae.threshold.fill_(0.05)
+        sae.input_scale.fill_(2.0)
+
+    def cc_without(latent):
+        def patch(h_base, h_chat):
+            codes = cc.encode(torch.stack([h_base, h_chat], 1))
+            codes[:, latent] = 0
+            x_hat = cc.decode(codes)
+            return h_base + x_hat[:, 1] - x_hat[:, 0]
+
+        return patch
+
+    def sae_without(latent):
+        def patch(h_base, h_chat):
+            codes = sae.encode(h_chat - h_base)
+            codes[:, latent] = 0
+            return h_base + sae.decode(codes)
+
+        return patch
+
+    h_base, h_chat = torch.randn(40, 32), torch.randn(40, 32)
+    for dictionary, brute_force in ((cc, cc_without), (sae, sae_without)):
+        codes = dictionary.encode(dictionary.input_from_pair(torch.stack([h_base, h_chat], 1)))
+        latents = codes.count_nonzero(0).argsort(descending=True)[:3].tolist()  # latents that fire here
+        assert codes[:, latents[-1]].count_nonzero() > 0
+        patches = removal_patches(dictionary, latents)
+        for latent in latents:
+            torch.testing.assert_close(
+                patches[f"without {latent}"](h_base, h_chat), brute_force(latent)(h_base, h_chat), atol=1e-5, rtol=1e-5
+            )
+        effects = kl_effects(base, chat, tokenizer, conversations, LAYER, dictionary, latents[:2], first_tokens=3)
+        reference = downstream_kl(
+            base,
+            chat,
+            tokenizer,
+            conversations,
+            LAYER,
+            {"full": patches["full"], **{latent: brute_force(latent) for latent in latents[:2]}},
+            first_tokens=3,
+        ).all_tokens
+        for latent in latents[:2]:
+            expected = reference[latent] - reference["full"]
+            assert effects[latent]["kl_effect"] == pytest.approx(expected, rel=1e-3, abs=1e-5)  # a difference of KLs
+            assert effects[latent]["gap_share"] == pytest.approx(expected / reference["base"], rel=1e-3, abs=1e-5)
+            assert abs(expected) > 0  # removing a latent that fires changes the patched model
