@@ -8,6 +8,7 @@ what the defaults give. Ends with one line of JSON.
 
     python bench/variants.py            # d=32, 48 shared + 8 base-only + 8 chat-only planted, F=128, 2000 steps
     python bench/variants.py --quick    # a tiny run that checks the pipeline (what the test suite runs)
+    python bench/variants.py --exclusive-k 1 1   # the dedicated crosscoder with a budget per partition (§12.2)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def compare(args: argparse.Namespace, out: Path) -> dict:
         threshold_start_step=args.steps // 10,
         threshold_beta=0.99,
         dead_tokens=args.batch * 200,
+        exclusive_k=tuple(args.exclusive_k) if args.exclusive_k else None,
         normalization_tokens=args.batch * 8,
         checkpoint_every=0,
         log_every=max(1, args.steps // 10),
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--held-out", type=int, default=8192, help="planted tokens that decide which latents fire")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--exclusive-k", type=int, nargs=2, metavar=("BASE", "CHAT"), help="dedicated: budgets of its exclusive latents"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the pipeline, not the science")
     args = parser.parse_args()
     if args.quick:
@@ -105,7 +110,8 @@ def main() -> None:
             f"{architecture:>12} {row['recovered']:>10.2f} {row['exclusive_recall']:>13.2f} {precision:>16} "
             f"{row['exclusive_claims']:>7}"
         )
-    shape = {name: getattr(args, name) for name in ("d_model", "shared", "exclusive", "dict_size", "k", "batch")}
+    names = ("d_model", "shared", "exclusive", "dict_size", "k", "batch", "exclusive_k")
+    shape = {name: getattr(args, name) for name in names}
     print(json.dumps({"shape": {**shape, "steps": args.steps, "seed": args.seed}, **summary}))
 
 

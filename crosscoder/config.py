@@ -69,6 +69,11 @@ class TrainConfig:
     exclusive_fractions: tuple[float, float] = (0.1, 0.1)
     """Dedicated crosscoder: fractions of the latents exclusive to the base and to the chat model (their decoders
     for the other model are fixed at zero); the rest are shared."""
+    exclusive_k: tuple[int, int] | None = None
+    """Dedicated crosscoder: per-token BatchTopK budgets BASE CHAT of the base-only and chat-only latents, each at
+    least 1 and at most its partition's latent count (0 for an empty partition); the shared latents get k − BASE − CHAT.
+    Each partition keeps its own k_p · batch_size largest scores and has its own inference threshold; k-annealing
+    scales the budgets with k (docs/methods.md §12.2). None: all partitions share one budget k."""
     exclusive_encoder: Literal["own", "both"] = "own"
     """Dedicated crosscoder: an exclusive latent's encoder reads its own model only (own) or both models (both)."""
     centered_encoder: bool = False
@@ -302,6 +307,17 @@ class TrainConfig:
                 f"--exclusive-fractions takes two fractions ≥ 0 (base-only, chat-only) summing to less than 1 (the "
                 f"rest are shared), got {list(self.exclusive_fractions)}"
             )
+        if self.exclusive_k is not None:
+            if "dedicated" not in self.architectures:
+                problems.append(
+                    f"--exclusive-k applies to the dedicated crosscoder, but the run trains "
+                    f"{', '.join(self.architectures)}: add dedicated to --architectures or drop the flag"
+                )
+            if len(self.exclusive_k) != 2 or min(self.exclusive_k) < 0 or sum(self.exclusive_k) >= self.k:
+                problems.append(
+                    f"--exclusive-k takes two per-token budgets ≥ 0 (base-only, chat-only) summing to less than --k "
+                    f"({self.k}), the rest going to the shared latents, got {list(self.exclusive_k)}"
+                )
         return problems
 
     def threshold_window_problem(self) -> str | None:
@@ -364,6 +380,7 @@ class TrainConfig:
             "drop_token_ids",
             "matryoshka_prefixes",
             "exclusive_fractions",
+            "exclusive_k",
         ):
             if converted.get(name) is not None:
                 converted[name] = tuple(converted[name])

@@ -30,7 +30,7 @@ from torch import nn
 from crosscoder.dictionary_input import CHAT_MINUS_BASE, PAIRED, DictionaryInput
 from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
-from crosscoder.kernels.batch_topk import BatchTopKSelection, batch_topk
+from crosscoder.kernels.batch_topk import batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import prefix_decode, sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
@@ -51,8 +51,11 @@ class TrainingOutput:
     below each of ``prefix_sizes`` (one prefix, the whole dictionary, except for Matryoshka dictionaries);
     scores: [batch, dict_size] the ranked ``f · c`` without gradients (BatchTopK; AuxK picks dead latents from them,
     else None; held in the ``StepBuffers`` when the call got them, so overwritten by the next such call);
-    encoder_input: [batch, n_sources · d_model];
-    min_kept_score: smallest kept ``f · c`` (0-d; BatchTopK only, else None) for the θ EMA.
+    encoder_input: [batch, n_sources · d_model] what the encoder multiplied;
+    encoder_center: [n_sources · d_model] ``b_dec`` when ``encoder_input`` is ``x̃ − b_dec`` formed without autograd: the
+    encoder's gradient reaches ``b_dec`` through it (``gather_active``'s ``center``), else None;
+    min_kept_score: smallest kept ``f · c`` (BatchTopK only, else None) for the θ EMA: 0-d, or one per partition
+    ([3]) for a dedicated crosscoder with per-partition budgets.
     """
 
     codes: SparseCodes
@@ -60,6 +63,7 @@ class TrainingOutput:
     prefix_reconstructions: torch.Tensor
     scores: torch.Tensor | None
     encoder_input: torch.Tensor
+    encoder_center: torch.Tensor | None
     min_kept_score: torch.Tensor | None
 
     @property
@@ -101,10 +105,14 @@ class SparseDictionary(
 ):
     """Shared encoder over ``n_sources`` stacked activations, one decoder per source (docs/methods.md §1.1–§1.3).
 
-    Subclasses choose the sparsity (``uses_batch_topk``) and whether ``b_dec`` is subtracted before encoding.
+    Subclasses choose the sparsity (``uses_batch_topk``), whether the code norms are identically one
+    (``unit_code_norms``) and whether ``b_dec`` is subtracted before encoding.
     """
 
     uses_batch_topk: ClassVar[bool] = True
+    unit_code_norms: ClassVar[bool] = False
+    """Whether ``c_j ≡ 1`` (the SAE's unit-norm decoder rows): the scores ``f · c`` are then the activations themselves,
+    and the training forward ranks them without scaling the encoder."""
     subtracts_decoder_bias: bool = False
     """Whether the encoder reads ``x̃ − b_dec`` (the SAE; a crosscoder built with ``centered_encoder=True``)."""
     input: DictionaryInput = PAIRED
@@ -201,7 +209,10 @@ class SparseDictionary(
         return self.W_dec.norm(dim=-1)
 
     def code_norms(self) -> torch.Tensor:
-        """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (docs/methods.md §1.4): [dict_size]."""
+        """Code normalisation ``c_j = Σ_s ‖W_dec[j, s]‖₂`` (docs/methods.md §1.4), or ones with ``unit_code_norms``:
+        [dict_size]."""
+        if self.unit_code_norms:
+            return torch.ones(self.dict_size, dtype=self.W_dec.dtype, device=self.W_dec.device)
         return self.decoder_norms().sum(dim=-1)
 
     def encoder_input(self, x_normalized: torch.Tensor) -> torch.Tensor:
@@ -223,17 +234,38 @@ class SparseDictionary(
         """Inference sparsity: keep ``f_j`` where ``f_j · c_j > θ``. activations: [batch, dict_size]."""
         if not self.uses_batch_topk:
             return activations
-        return activations * (activations * self.code_norms() > self.threshold)
+        return activations * (activations * self.code_norms() > self.latent_thresholds())
+
+    def latent_thresholds(self) -> torch.Tensor:
+        """θ of every latent: the 0-d global θ (it broadcasts over ``[dict_size]``; a dedicated crosscoder with
+        per-partition budgets has one per partition)."""
+        return self.threshold
+
+    def threshold_metrics(self) -> dict[str, float]:
+        """θ as logged during training: ``{"threshold": θ}``."""
+        return {"threshold": float(self.threshold)}
 
     def select_batch_topk(self, activations: torch.Tensor, k: int) -> torch.Tensor:
         """Training-time BatchTopK on dense activations (no gradients needed): keep the ``k · batch`` largest
         scores ``f · c`` of the whole batch. activations: [batch, dict_size] → codes (unscaled kept values)."""
-        return activations * self._batch_topk_selection(activations, k).to_mask()
+        codes, _ = self._select(activations * self.code_norms(), k, Distributed())
+        return codes.to_dense(codes.gather(activations))
 
     @torch.no_grad()
-    def _batch_topk_selection(self, activations: torch.Tensor, k: int) -> BatchTopKSelection:
-        """The ``k · batch`` largest positive scores ``f · c`` (radix select; see ``crosscoder.kernels``)."""
-        return batch_topk(activations * self.code_norms(), k * activations.shape[0])
+    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
+        """BatchTopK on scores [batch, dict_size] (``f · c ≥ 0``): the ``k · B`` largest of the global batch (B rows
+        over every data-parallel process; with latent sharding over every process's latents), by radix select (see
+        ``crosscoder.kernels``). Returns the kept entries and the smallest kept score (0-d), the input of the θ EMA."""
+        n_keep = k * scores.shape[0] * (context.world_size if context.data_parallel else 1)
+        selection = batch_topk(
+            scores,
+            n_keep,
+            context.all_reduce if context.enabled else None,
+            rank=context.rank,
+            world_size=context.world_size,
+        )
+        codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
+        return codes, selection.threshold
 
     def training_forward(
         self,
@@ -250,42 +282,56 @@ class SparseDictionary(
         The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
         """
-        encoder_input = self.encoder_input(x_normalized)
-        if context is not None and context.latent_parallel and encoder_input.requires_grad:
-            encoder_input = SumGradientsOverProcesses.apply(encoder_input, context)
+        encoder_input, center = self._training_encoder_input(x_normalized, context)
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
         scores = min_kept = None
         with torch.no_grad():
             if self.uses_batch_topk:
                 # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
-                # directly, and the kept f are recovered as scores / c on the kept entries only.
-                c = self.code_norms()
-                scaled, scores = None, None
-                if buffers is not None:
-                    scaled = buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
-                    scores = buffers.get("scores", (encoder_input.shape[0], W_enc.shape[0]), W_enc)
-                scaled = torch.mul(W_enc, c[:, None], out=scaled)
-                scores = torch.addmm(self.b_enc * c, encoder_input, scaled.T, out=scores).relu_()
-                context = context or Distributed()
-                n_keep = (k or self.k) * scores.shape[0] * (context.world_size if context.data_parallel else 1)
-                selection = batch_topk(
-                    scores,
-                    n_keep,
-                    context.all_reduce if context.enabled else None,
-                    rank=context.rank,
-                    world_size=context.world_size,
-                )
-                codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
-                kept = codes.gather(scores) / c[codes.latents]
-                min_kept = selection.threshold
+                # directly, and the kept f are recovered as scores / c on the kept entries only (with c ≡ 1 the
+                # scores are the activations: W_enc as it is).
+                weight, bias, c = W_enc, self.b_enc, None
+                if not self.unit_code_norms:
+                    c = self.code_norms()
+                    scaled = None if buffers is None else buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
+                    weight, bias = torch.mul(W_enc, c[:, None], out=scaled), self.b_enc * c
+                shape = (encoder_input.shape[0], W_enc.shape[0])
+                scores = None if buffers is None else buffers.get("scores", shape, W_enc)
+                scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
+                codes, min_kept = self._select(scores, k or self.k, context or Distributed())
+                kept = codes.gather(scores)
+                if c is not None:
+                    kept = kept / c[codes.latents]
             else:
                 pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
-        values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes))
+        values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center))
         decoded = _sum_shards(prefix_decode(values, codes, W_dec, self.prefix_sizes), context)
         reconstructions = decoded.view(len(self.prefix_sizes), -1, self.n_sources, self.d_model) + self.b_dec
-        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, min_kept)
+        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, center, min_kept)
+
+    def _training_encoder_input(
+        self, x_normalized: torch.Tensor, context: Distributed | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training forward's encoder input [batch, n_sources · d_model] and its center (``gather_active``).
+
+        An encoder reading ``x̃ − b_dec`` of an ``x̃`` without gradient (training) gets that input without autograd
+        and ``b_dec`` [n_sources · d_model] as the center: b_dec's encoder gradient is then ``−∂b_enc @ W_enc``
+        (F · d work) instead of the batch sum of a sparse ``∂(x̃ − b_dec)`` (nnz · d; docs/methods.md §4.4).
+        Otherwise the input keeps its graph and the center is None. Under latent sharding the gradient of what
+        feeds every process's latents (the center, or an input needing a gradient) is summed over processes.
+        """
+        sharded = context is not None and context.latent_parallel
+        if self.subtracts_decoder_bias and not x_normalized.requires_grad:
+            with torch.no_grad():
+                encoder_input = self.encoder_input(x_normalized)
+            center = self.b_dec.flatten()
+            return encoder_input, SumGradientsOverProcesses.apply(center, context) if sharded else center
+        encoder_input = self.encoder_input(x_normalized)
+        if sharded and encoder_input.requires_grad:
+            encoder_input = SumGradientsOverProcesses.apply(encoder_input, context)
+        return encoder_input, None
 
     def dead_latent_reconstruction(
         self, out: TrainingOutput, dead: torch.Tensor, k_aux: int, context: Distributed | None = None
@@ -303,7 +349,6 @@ class SparseDictionary(
             return None
         batch = out.scores.shape[0]
         with torch.no_grad():
-            c = self.code_norms()
             picks, picked_scores = _top_dead_latents(out.scores, dead, k_aux, columns=dead.device.type == "cpu")
             keep = picked_scores > 0
             if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
@@ -313,9 +358,11 @@ class SparseDictionary(
                 keep &= picked_scores >= everyone.topk(k_aux, dim=-1).values[:, -1:]
             rows, slots = keep.nonzero(as_tuple=True)  # row-major, latents ascending within a row
             codes = SparseCodes.from_sorted_indices(rows, picks[rows, slots], batch, self.dict_size)
-            kept = codes.gather(out.scores) / c[codes.latents]
+            kept = codes.gather(out.scores)
+            if not self.unit_code_norms:
+                kept = kept / self.code_norms()[codes.latents]
         W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
-        values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes))
+        values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes, out.encoder_center))
         return _sum_shards(sparse_decode(values, codes, W_dec), context).view(-1, self.n_sources, self.d_model)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
@@ -502,6 +549,7 @@ class BatchTopKSAE(SparseDictionary):
     """
 
     subtracts_decoder_bias = True
+    unit_code_norms = True  # decoder rows are unit-norm, so BatchTopK ranks the activations themselves
 
     def __init__(
         self,
@@ -537,22 +585,21 @@ class BatchTopKSAE(SparseDictionary):
     def from_sources(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0, :]
 
-    def code_norms(self) -> torch.Tensor:
-        """Decoder rows are unit-norm, so BatchTopK ranks the activations themselves: ``c_j = 1``."""
-        return torch.ones(self.dict_size, dtype=self.W_dec.dtype, device=self.W_dec.device)
-
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each decoder row (keeps rows on the unit sphere)."""
+        """Remove the gradient component parallel to each decoder row (keeps rows on the unit sphere), in place:
+        ``g_j ← g_j − ⟨g_j, w_j⟩ w_j`` with the [dict_size] dot products from one batched matmul (no [dict_size,
+        d_model] temporary)."""
         if self.W_dec.grad is not None:
             rows = self.W_dec.flatten(1)
             grad = self.W_dec.grad.flatten(1)
-            grad -= (grad * rows).sum(-1, keepdim=True) * rows
+            dots = torch.bmm(grad.unsqueeze(1), rows.unsqueeze(2)).view(-1, 1)
+            grad.addcmul_(rows, dots, value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Renormalise decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.flatten(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
+        """Renormalise decoder rows to unit norm, in place (only the [dict_size] norms are allocated)."""
+        self.W_dec.div_(self.W_dec.flatten(1).norm(dim=-1).clamp_min_(1e-12)[:, None, None])
 
     def describe(self) -> str:
         """One sentence for the model card."""
@@ -641,7 +688,9 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
     ``exclusive_sizes[0]`` base-only and the last ``exclusive_sizes[1]`` chat-only. An exclusive latent's decoder
     rows for the other model's sources are structurally zero: zero from initialisation, their gradient removed before
     every optimizer step; with ``exclusive_encoder="own"`` its encoder rows for the other model are too (it reads its
-    own model only). BatchTopK ranks all partitions together.
+    own model only). BatchTopK ranks all partitions together in one budget ``k · B``; with ``exclusive_k`` =
+    [k_base, k_chat] each partition has its own (``partition_budgets``) and its own inference threshold:
+    ``threshold`` is then [3], θ of the shared, base-only and chat-only partitions.
 
     Sources ``[0, S/2)`` belong to the base model, ``[S/2, S)`` to the chat model (one source each for one layer).
     x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
@@ -660,6 +709,7 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         metadata: dict[str, Any] | None = None,
         *,
         centered_encoder: bool = False,
+        exclusive_k: list[int] | None = None,
     ) -> None:
         sizes = list(exclusive_sizes) if isinstance(exclusive_sizes, (list, tuple)) else None
         if (
@@ -688,6 +738,9 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
             d_model, dict_size, k, n_sources, init_decoder_norm, source_names, metadata,
             centered_encoder=centered_encoder,
         )  # fmt: skip
+        self.exclusive_k = _checked_exclusive_k(exclusive_k, self.exclusive_sizes, k)
+        if self.exclusive_k is not None:
+            self.threshold = torch.full((3,), -1.0)  # one θ per partition, none estimated yet
 
     def partitions(self) -> dict[str, slice]:
         """The latents of each partition: ``shared``, ``base-only``, ``chat-only`` (contiguous, in that order)."""
@@ -725,20 +778,74 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
                 for latents, sources in self.structural_zeros():
                     parameter.grad[latents, sources] = 0
 
+    def partition_budgets(self, k: int) -> tuple[int, int, int]:
+        """Per-token budgets (shared, base-only, chat-only) when the dictionary keeps ``k`` latents per token (the
+        configured k, or k-annealing's k_t): each of ``exclusive_k`` scaled by ``k / self.k`` and rounded (Python's
+        ``round``), the shared partition the rest (docs/methods.md §12.2)."""
+        if self.exclusive_k is None:
+            raise ConfigError("this dedicated crosscoder ranks all partitions in one budget: it has no exclusive_k")
+        base, chat = (round(budget * k / self.k) for budget in self.exclusive_k)
+        return k - base - chat, base, chat
+
+    def latent_thresholds(self) -> torch.Tensor:
+        """θ of every latent: [dict_size], each partition's θ, with ``exclusive_k``; else the 0-d global θ."""
+        if self.exclusive_k is None:
+            return self.threshold
+        sizes = [part.stop - part.start for part in self.partitions().values()]
+        return self.threshold.repeat_interleave(
+            torch.tensor(sizes, device=self.threshold.device), output_size=self.dict_size
+        )
+
+    def threshold_metrics(self) -> dict[str, float]:
+        """θ as logged during training: one per partition with ``exclusive_k`` (``threshold_shared``,
+        ``threshold_base_only``, ``threshold_chat_only``)."""
+        if self.exclusive_k is None:
+            return super().threshold_metrics()
+        names = [f"threshold_{name.replace('-', '_')}" for name in self.partitions()]
+        return {name: float(theta) for name, theta in zip(names, self.threshold, strict=True)}
+
+    @torch.no_grad()
+    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
+        """With ``exclusive_k``: BatchTopK within each partition, its ``k_p · B`` largest scores among its own latents
+        (``k_p`` from ``partition_budgets(k)``; a budget of 0 keeps nothing), merged in CSR order; the smallest kept
+        score of each partition ([3]; 0 where nothing is kept). Without: one BatchTopK over all latents."""
+        if self.exclusive_k is None:
+            return super()._select(scores, k, context)
+        rows, latents, smallest = [], [], []
+        for part, budget in zip(self.partitions().values(), self.partition_budgets(k), strict=True):
+            if budget == 0:
+                smallest.append(scores.new_zeros(()))
+                continue
+            codes, threshold = super()._select(scores[:, part].contiguous(), budget, context)
+            rows.append(codes.rows)
+            latents.append(codes.latents + part.start)
+            smallest.append(threshold)
+        all_rows, all_latents = torch.cat(rows), torch.cat(latents)
+        order = torch.argsort(all_rows * self.dict_size + all_latents)
+        codes = SparseCodes.from_sorted_indices(all_rows[order], all_latents[order], *scores.shape)
+        return codes, torch.stack(smallest)
+
     def _init_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs = {
             **super()._init_kwargs(),
             "exclusive_sizes": list(self.exclusive_sizes),
             "exclusive_encoder": self.exclusive_encoder,
         }
+        if self.exclusive_k is not None:  # written only when set: one-budget dictionaries' files stay as they were
+            kwargs["exclusive_k"] = list(self.exclusive_k)
+        return kwargs
 
     def describe(self) -> str:
         """One sentence for the model card."""
         n_base, n_chat = self.exclusive_sizes
-        return (
+        sentence = (
             f"{super().describe()[:-1]}, with dedicated features: {n_base} base-only and {n_chat} chat-only latents "
-            f"whose decoders for the other model are fixed at zero ({self.dict_size - n_base - n_chat} shared)."
+            f"whose decoders for the other model are fixed at zero ({self.dict_size - n_base - n_chat} shared)"
         )
+        if self.exclusive_k is not None:
+            shared, base, chat = self.partition_budgets(self.k)
+            sentence += f"; BatchTopK keeps {shared} shared, {base} base-only and {chat} chat-only latents per token"
+        return sentence + "."
 
 
 DICTIONARY_CLASSES: dict[str, type[SparseDictionary]] = {
@@ -770,6 +877,31 @@ def _checked_prefix_sizes(prefix_sizes: object, dict_size: int) -> tuple[int, ..
             f"dict_size={dict_size}, e.g. {[dict_size // 4, dict_size // 2, dict_size]}"
         )
     return sizes
+
+
+def _checked_exclusive_k(exclusive_k: object, exclusive_sizes: tuple[int, int], k: int) -> tuple[int, int] | None:
+    """``exclusive_k`` as a tuple when it holds the per-token budgets [base-only, chat-only] of partitions of
+    ``exclusive_sizes`` latents: each at least 1 and at most its partition's size (0 for an empty partition), together
+    less than ``k`` (the shared partition keeps the rest); None stays None (one budget for all partitions)."""
+    if exclusive_k is None:
+        return None
+    budgets = tuple(exclusive_k) if isinstance(exclusive_k, (list, tuple)) else ()
+    valid = (
+        len(budgets) == 2
+        and all(isinstance(budget, int) and not isinstance(budget, bool) for budget in budgets)
+        and all(
+            0 < budget <= size or budget == size == 0 for budget, size in zip(budgets, exclusive_sizes, strict=True)
+        )
+        and sum(budgets) < k
+    )
+    if not valid:
+        raise ConfigError(
+            f"exclusive_k={exclusive_k!r} is invalid: give the per-token BatchTopK budgets [base-only, chat-only] of "
+            f"the exclusive partitions of {list(exclusive_sizes)} latents, each at least 1 and at most its partition's "
+            f"latent count (0 for an empty partition), summing to less than k={k} (the shared latents keep the rest); "
+            "or None for one budget over all latents"
+        )
+    return budgets[0], budgets[1]
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -146,7 +146,7 @@ class SumOverProcesses(torch.autograd.Function):
 
 class SumGradientsOverProcesses(torch.autograd.Function):
     """Identity on a replicated tensor whose gradient each process only partly computes (latent sharding: the SAE's
-    encoder input ``x − b_dec`` feeds every process's latents): the backward sums the parts."""
+    ``b_dec``, through the encoder input ``x − b_dec``, feeds every process's latents): the backward sums the parts."""
 
     @staticmethod
     def forward(ctx, replicated: torch.Tensor, context: Distributed) -> torch.Tensor:  # type: ignore[override]

@@ -165,8 +165,12 @@ def batch_topk(
     _check_ranks(all_reduce, rank, world_size)
     flat = scores.reshape(-1)
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
-    candidates = search.candidates if search.candidates is not None else _indices_at_least(flat, search.key)
-    keys = _keys(flat[candidates])
+    if search.candidates is None:
+        candidates = _indices_at_least(flat, search.key)
+        candidate_scores = flat[candidates]
+    else:
+        candidates, candidate_scores = search.candidates, search.candidate_scores
+    keys = _keys(candidate_scores)
     greater = keys > search.key
     equal = keys == search.key
     ties_before = torch.zeros((), dtype=torch.int64, device=flat.device)
@@ -355,6 +359,7 @@ class _Search:
     key: torch.Tensor  # 0-d int64: radix key of threshold.value
     ties_left: torch.Tensor  # 0-d int64: how many entries equal to the threshold are kept (over all ranks)
     candidates: torch.Tensor | None  # flat indices ⊇ the kept entries, ascending (reference path), else None
+    candidate_scores: torch.Tensor | None  # float32 scores at the candidates (reference path), else None
 
 
 def _radix_select(
@@ -365,7 +370,7 @@ def _radix_select(
     schedule = _digit_schedule(digit_bits, backend)
     histogram = radix_histogram_triton if backend == "triton" else radix_histogram_reference
     _check_score_values(flat)
-    source, candidates = flat, None
+    source, candidates, candidate_scores = flat, None, None
     prefix = torch.zeros((), dtype=torch.int64, device=flat.device)
     prefix_bits = 0
     n_greater = torch.zeros((), dtype=torch.int64, device=flat.device)
@@ -384,9 +389,9 @@ def _radix_select(
         if pass_index == 0 and backend == "reference":
             # Every entry that can still be kept has a first digit ≥ the chosen one: compact them once.
             candidates = _indices_at_least(flat, prefix << (KEY_BITS - prefix_bits))
-            source = flat[candidates].float()
+            source = candidate_scores = flat[candidates].float()
     value = prefix.to(torch.int32).view(torch.float32).to(flat.dtype)
-    return _Search(TopKThreshold(value, n_greater, n_selected), prefix, remaining, candidates)
+    return _Search(TopKThreshold(value, n_greater, n_selected), prefix, remaining, candidates, candidate_scores)
 
 
 def _choose_digit(counts: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,12 @@ the active entries ``pre[rows[e], latents[e]]`` (nnz,) to the graph as if they h
 - ``∂b_enc[j] = Σ_{e: latents[e] = j} g[e]``                (``latent_value_sums``)
 - ``∂x[b]     = Σ_{e in row b} g[e] · W_enc[latents[e]]``   (``row_gather_sum``, the decode forward's kernel)
 
-all O(nnz · D): the encoder GEMM is the only dense work of a training step. Kernels and dispatch live in
+all O(nnz · D): the encoder GEMM is the only dense work of a training step. When the input is centred,
+``x = x₀ − center`` with a constant ``x₀`` (the SAE's ``x − b_dec``), only ``center`` needs a gradient, and
+
+- ``∂center   = −Σ_b ∂x[b] = −Σ_j ∂b_enc[j] · W_enc[j]``     (one (F,) × (F, D) product)
+
+costs O(F · D) and reuses ``∂b_enc``: ``∂x`` (O(nnz · D)) is never formed. Kernels and dispatch live in
 ``sparse_decode.py`` and ``backend.py``.
 
 Typical use in a training forward (x: (B, D) with D = n_sources · d_model)::
@@ -33,7 +38,8 @@ from crosscoder.kernels.sparse_decode import latent_scatter_sum, latent_value_su
 
 
 class GatherActive(torch.autograd.Function):
-    """values (nnz,) = pre_active_values, differentiable as ``(x @ W_enc.T + b_enc)[rows, latents]``."""
+    """values (nnz,) = pre_active_values, differentiable as ``(x @ W_enc.T + b_enc)[rows, latents]``, with
+    ``x = x₀ − center`` for a constant x₀ when ``center`` is given."""
 
     @staticmethod
     def forward(
@@ -43,23 +49,30 @@ class GatherActive(torch.autograd.Function):
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,
         codes: SparseCodes,
+        center: torch.Tensor | None,
     ) -> torch.Tensor:
         ctx.codes = codes
         ctx.save_for_backward(x, W_enc)
         return pre_active_values.clone()
 
     @staticmethod
-    def backward(
-        ctx, grad_values: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, W_enc = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
-        needs_pre, needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        needs_pre, needs_x, needs_weight, needs_bias, _, needs_center = ctx.needs_input_grad
         grad = grad_values.contiguous().to(W_enc.dtype)
         grad_x = row_gather_sum(grad, codes, W_enc) if needs_x else None
         grad_weight = latent_scatter_sum(grad, codes, x) if needs_weight else None
-        grad_bias = latent_value_sums(grad, codes) if needs_bias else None
-        return (grad_values if needs_pre else None), grad_x, grad_weight, grad_bias, None
+        grad_bias = latent_value_sums(grad, codes) if needs_bias or needs_center else None
+        grad_center = torch.mv(W_enc.T, grad_bias).neg_() if needs_center else None
+        return (
+            grad_values if needs_pre else None,
+            grad_x,
+            grad_weight,
+            grad_bias if needs_bias else None,
+            None,
+            grad_center,
+        )
 
 
 def gather_active(
@@ -68,13 +81,18 @@ def gather_active(
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
     codes: SparseCodes,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attach the active pre-activations to the graph with a sparse encoder backward.
 
     pre_active_values: (nnz,) ``(x @ W_enc.T + b_enc)[codes.rows, codes.latents]`` computed without autograd
     (``codes.gather(pre)``); x: (B, D); W_enc: (F, D) contiguous (``W_enc.flatten(1)``); b_enc: (F,).
     All share one dtype. Returns a (nnz,) copy of ``pre_active_values``; gradients reach ``W_enc``, ``b_enc``
-    and, if it requires grad, ``x`` (e.g. the SAE's ``x − b_dec``), each in its own dtype.
+    and, if it requires grad, ``x``, each in its own dtype.
+
+    center: (D,) or None. Given, ``x`` is ``x₀ − center`` for an ``x₀`` that needs no gradient (the SAE's
+    ``x − b_dec``), formed without autograd: ``center`` receives ``−Σ_b ∂x[b] = −∂b_enc @ W_enc`` (O(F · D))
+    in place of the O(nnz · D) ``∂x``.
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
@@ -83,4 +101,12 @@ def gather_active(
     check_float_tensor("x", x, (codes.batch_size, W_enc.shape[1]), codes.device)
     check_float_tensor("b_enc", b_enc, (codes.dict_size,), codes.device)
     check_same_dtype(pre_active_values=pre_active_values, x=x, W_enc=W_enc, b_enc=b_enc)
-    return GatherActive.apply(pre_active_values, x, W_enc, b_enc, codes)
+    if center is not None:
+        check_float_tensor("center", center, (W_enc.shape[1],), codes.device)
+        check_same_dtype(x=x, center=center)
+        if x.requires_grad:
+            raise ValueError(
+                "x requires grad although center is given: form x = x0 - center without autograd (torch.no_grad), "
+                "center then receives the gradient of x; or pass center=None to take the gradient through x"
+            )
+    return GatherActive.apply(pre_active_values, x, W_enc, b_enc, codes, center)

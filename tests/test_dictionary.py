@@ -343,6 +343,49 @@ def test_sae_batch_topk_keeps_the_k_times_batch_largest_activations() -> None:
     assert _kept_indices(codes) == _largest_by_brute_force_sort(activations, K * BATCH)
 
 
+def test_sae_training_forward_ranks_its_activations_without_scaling_the_encoder() -> None:
+    """c ≡ 1 (``unit_code_norms``): the scores are the ReLU activations bit for bit, the kept values are those
+    activations, and no scaled copy of the encoder is made."""
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1)
+        sae.b_dec.normal_(std=0.1)
+    x = sae.normalize(torch.randn(BATCH, D_MODEL))
+    buffers = StepBuffers()
+    with torch.no_grad():
+        output = sae.training_forward(x, buffers=buffers)
+        activations = sae.activations_normalized(x)
+    assert sae.unit_code_norms and not BatchTopKCrossCoder.unit_code_norms
+    assert torch.equal(output.scores, activations)
+    assert torch.equal(output.values, output.codes.gather(activations))
+    assert set(buffers._tensors) == {"scores"}
+
+
+def test_sae_b_dec_gets_the_same_gradient_whether_or_not_the_input_needs_one() -> None:
+    """The encoder's share of ∂b_dec taken per latent (``x̃`` needs no gradient, the training case) equals the one
+    through a sparse ∂(x̃ − b_dec) (``x̃`` needs a gradient, which it then gets)."""
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
+    with torch.no_grad():
+        sae.b_dec.normal_(std=0.1)
+    x = sae.normalize(torch.randn(BATCH * 4, D_MODEL))
+    weights = torch.randn(BATCH * 4, 1, D_MODEL)
+
+    def b_dec_gradient(x_normalized: torch.Tensor) -> torch.Tensor:
+        sae.zero_grad()
+        output = sae.training_forward(x_normalized)
+        assert (output.encoder_center is None) == x_normalized.requires_grad
+        (output.reconstruction * weights).sum().backward()
+        return sae.b_dec.grad.clone()
+
+    per_latent = b_dec_gradient(x)
+    x_with_gradient = x.clone().requires_grad_()
+    through_input = b_dec_gradient(x_with_gradient)
+    assert x_with_gradient.grad is not None
+    torch.testing.assert_close(per_latent, through_input, rtol=1e-5, atol=1e-6)
+
+
 def _sae_after_backward_on_random_loss() -> BatchTopKSAE:
     torch.manual_seed(0)
     sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
@@ -362,6 +405,15 @@ def test_sae_before_optimizer_step_removes_decoder_parallel_gradient() -> None:
     sae.before_optimizer_step()
     parallel_after = (sae.W_dec.grad.flatten(1) * rows).sum(-1)
     torch.testing.assert_close(parallel_after, torch.zeros(DICT_SIZE), rtol=0, atol=1e-5)
+
+
+def test_sae_before_optimizer_step_subtracts_each_rows_projection_from_its_gradient() -> None:
+    sae = _sae_after_backward_on_random_loss()
+    rows, gradient = sae.W_dec.detach().flatten(1), sae.W_dec.grad.flatten(1).clone()
+    expected = gradient - (gradient * rows).sum(-1, keepdim=True) * rows
+
+    sae.before_optimizer_step()
+    torch.testing.assert_close(sae.W_dec.grad.flatten(1), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_sae_after_optimizer_step_restores_unit_decoder_norms_after_adam() -> None:

@@ -93,19 +93,35 @@ def test_two_processes_train_the_same_dictionaries_as_one(tmp_path):
     assert [path.name for path in checkpoints] == ["step_000000020.pt", "step_000000030.pt"]
 
 
-@pytest.mark.slow
-def test_two_processes_train_the_same_variants_as_one(tmp_path):
-    """Matryoshka and dedicated-feature dictionaries train data-parallel (auto never shards their latents)."""
-    variants = [*ARGS, "--architectures", "matryoshka", "dedicated", "matryoshka_diff_sae", "--num-tokens", "5120"]
-    run([sys.executable, str(TRAIN), *variants, "--output-dir", str(tmp_path / "one")], tmp_path)
-    run([*torchrun(), str(TRAIN), *variants, "--output-dir", str(tmp_path / "two")], tmp_path)
-    for name in ("matryoshka_crosscoder", "dedicated_crosscoder", "matryoshka_diff_sae"):
+def assert_two_processes_train_as_one(tmp_path: Path, arguments: list[str], names: tuple[str, ...]) -> None:
+    """Train with ``arguments`` in one process and data-parallel in two; the saved dictionaries ``names`` agree."""
+    run([sys.executable, str(TRAIN), *arguments, "--output-dir", str(tmp_path / "one")], tmp_path)
+    run([*torchrun(), str(TRAIN), *arguments, "--output-dir", str(tmp_path / "two")], tmp_path)
+    for name in names:
         assert crosscoder.load_dictionary(tmp_path / "two" / "synthetic" / name).metadata["parallelism"] == "data"
         one = load_file(tmp_path / "one" / "synthetic" / name / "model.safetensors")
         two = load_file(tmp_path / "two" / "synthetic" / name / "model.safetensors")
         for key in one:
             difference = (one[key] - two[key]).abs().max().item()
             assert difference < 1e-5 * max(1.0, one[key].abs().max().item()), f"{name}.{key} differs by {difference}"
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_variants_as_one(tmp_path):
+    """Matryoshka and dedicated-feature dictionaries train data-parallel (auto never shards their latents)."""
+    variants = [*ARGS, "--architectures", "matryoshka", "dedicated", "matryoshka_diff_sae", "--num-tokens", "5120"]
+    assert_two_processes_train_as_one(
+        tmp_path, variants, ("matryoshka_crosscoder", "dedicated_crosscoder", "matryoshka_diff_sae")
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_dedicated_crosscoder_with_per_partition_budgets_as_one(tmp_path):
+    """Each partition's own BatchTopK and θ are global over the processes (docs/methods.md §12.2)."""
+    budgets = [*ARGS, "--architectures", "dedicated", "--exclusive-k", "1", "1", "--num-tokens", "5120"]
+    assert_two_processes_train_as_one(tmp_path, budgets, ("dedicated_crosscoder",))
+    threshold = load_file(tmp_path / "two" / "synthetic" / "dedicated_crosscoder" / "model.safetensors")["threshold"]
+    assert threshold.shape == (3,) and (threshold > 0).all()
 
 
 @pytest.mark.parametrize("shard_latents", [False, True])

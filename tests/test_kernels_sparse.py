@@ -398,6 +398,46 @@ def test_encoder_gradients_match_dense_sampled_pre_activations(x_requires_grad, 
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_centered_input_sends_minus_the_batch_sum_of_the_input_gradient_to_the_center(dtype, device):
+    """x = x₀ − center (the SAE's x − b_dec) formed without autograd: ∂center = −∂b_enc @ W_enc equals dense
+    autograd through x₀ − center and the general path's batch sum of ∂x; ∂W_enc and ∂b_enc are unchanged."""
+    make, d_model = PATTERNS["odd_sizes"]
+    codes = make()
+    weights, x0, W_enc = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, dtype, seed=3))
+    generator = torch.Generator().manual_seed(4)
+    b_enc, center = (torch.randn(size, generator=generator).to(device, dtype) for size in (codes.dict_size, d_model))
+    codes = move(codes, device)
+
+    def gradients(path):
+        W, b, c = (tensor.clone().requires_grad_() for tensor in (W_enc, b_enc, center))
+        if path == "centered":
+            with torch.no_grad():
+                x = x0 - c
+            values = gather_active(active_pre_activations(x, W, b, codes), x, W, b, codes, center=c)
+        elif path == "through_x":  # the general path: ∂x, summed over the batch by autograd
+            x = x0 - c
+            values = gather_active(active_pre_activations(x, W, b, codes), x, W, b, codes)
+        else:
+            values = codes.gather((x0 - c) @ W.T + b)
+        (values * weights).sum().backward()
+        return {"W_enc": W.grad, "b_enc": b.grad, "center": c.grad}
+
+    rtol, atol = TOLERANCES[dtype]
+    centered = gradients("centered")
+    for path in ("through_x", "dense"):
+        for name, expected in gradients(path).items():
+            assert centered[name].dtype == dtype, name
+            torch.testing.assert_close(centered[name], expected, rtol=rtol, atol=atol, msg=f"{name} vs {path}")
+
+
+def test_centered_gather_active_refuses_an_input_that_requires_grad():
+    codes = make_codes(4, 6, 0.5)
+    x, center = torch.randn(4, 5, requires_grad=True), torch.randn(5, requires_grad=True)
+    with pytest.raises(ValueError, match="x requires grad although center is given: form x = x0 - center without"):
+        gather_active(torch.randn(codes.nnz), x, torch.randn(6, 5), torch.randn(6), codes, center=center)
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 def test_forward_and_gradients_are_bitwise_reproducible(device):
     """Scatter-adds into latent rows are segmented sums over the latent-sorted view: no atomics, same bits."""

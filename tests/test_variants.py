@@ -1,26 +1,33 @@
 """The crosscoder variants (docs/methods.md §12): Matryoshka and dedicated-feature dictionaries save, load, refuse bad
 structure, keep their structural zeros exactly through training and resume, and train on planted data to a recovery
-no random dictionary reaches. (Their training step equals the dense brute force: tests/test_training_step.py.)"""
+no random dictionary reaches; a dedicated crosscoder's per-partition budgets select, estimate θ, save and train as
+docs/methods.md §12.2 says. (Their training step equals the dense brute force: tests/test_training_step.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import socket
 from pathlib import Path
 
 import planted_runs
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from planted_runs import PLANTED
+from safetensors.torch import load_file
 
 import crosscoder
 from crosscoder import DedicatedCrossCoder, MatryoshkaCrossCoder, MatryoshkaSAE
 from crosscoder.checkpoint import list_checkpoints, load_checkpoint
+from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError
 from crosscoder.eval.exclusivity import class_counts, latent_classes, relative_norm_difference
 from crosscoder.eval.recovery import exclusive_recovery, planted_recovery
 from crosscoder.sharding import shards_latents
 from crosscoder.synthetic import PlantedActivations
-from crosscoder.training.trainee import new_dictionary
+from crosscoder.training.trainee import Trainee, new_dictionary
 
 
 def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
@@ -124,13 +131,7 @@ def test_dedicated_structural_zeros_stay_exactly_zero_through_training_and_resum
                 assert not state["state_dict"][name][latents, sources].any(), (path.name, name)
                 for moment in ("exp_avg", "exp_avg_sq"):
                     assert not moments[index][moment][latents, sources].any(), (path.name, name, moment)
-    final = {name: tensor.clone() for name, tensor in straight.state_dict().items()}
-    (config.run_dir / "checkpoints" / "step_000000030.pt").unlink()
-    resumed = crosscoder.train(
-        dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, config.batch_size, seed=1)
-    )["dedicated_crosscoder"]
-    for name, tensor in final.items():
-        assert torch.equal(resumed.state_dict()[name], tensor), name
+    resumed = resumed_from_the_middle(config, straight)
     for latents, sources in blocks:
         assert not resumed.W_dec[latents, sources].any() and not resumed.W_enc[latents, sources].any()
     assert (resumed.decoder_norms()[: resumed.partitions()["shared"].stop] > 0).all()
@@ -157,3 +158,199 @@ def untrained_like(dictionary: crosscoder.SparseDictionary) -> crosscoder.Sparse
     """A freshly initialised dictionary of the same class and structure."""
     skip = ("format", "format_version", "dict_class")
     return type(dictionary)(**{key: value for key, value in dictionary.config().items() if key not in skip})
+
+
+# ------------------------------------------------------------------------------ dedicated: a budget per partition
+def tied_dedicated() -> tuple[DedicatedCrossCoder, torch.Tensor]:
+    """A dedicated crosscoder (k=4: 1 shared, 1 base-only, 2 chat-only per token) with integer weights and integer
+    inputs, so that its scores f · c are small integers full of ties; x: [24, 2, 4] (normalised = raw)."""
+    torch.manual_seed(14)
+    dictionary = DedicatedCrossCoder(4, 20, 4, [3, 5], exclusive_k=[1, 2])
+    with torch.no_grad():
+        dictionary.W_enc.copy_(torch.randint(-1, 2, dictionary.W_enc.shape))
+        dictionary.b_enc.fill_(2)
+        dictionary.W_dec.zero_()[:, :, 0] = 1  # unit decoder rows: c = 2 (shared) or 1 (exclusive) exactly
+        for parameter in (dictionary.W_enc, dictionary.W_dec):
+            for latents, sources in dictionary.structural_zeros():
+                parameter[latents, sources] = 0
+    return dictionary, torch.randint(-2, 3, (24, 2, 4)).float()
+
+
+def brute_force_partition_topk(
+    scores: torch.Tensor, partitions: list[slice], budgets: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per partition, the ``k_p · B`` largest positive scores of its [B, n_p] block, ties to the lowest flat index of
+    the block (a stable descending sort): the [B, F] kept mask and each partition's smallest kept score ([3])."""
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    smallest = []
+    for part, budget in zip(partitions, budgets, strict=True):
+        block = scores[:, part].flatten()
+        chosen = torch.sort(block, descending=True, stable=True).indices[: budget * len(scores)]
+        chosen = chosen[block[chosen] > 0]
+        mask = torch.zeros_like(block, dtype=torch.bool)
+        mask[chosen] = True
+        kept[:, part] = mask.view(len(scores), -1)
+        smallest.append(block[chosen].min() if chosen.numel() else scores.new_zeros(()))
+    return kept, torch.stack(smallest)
+
+
+@pytest.mark.parametrize("k", [4, 6], ids=["k", "annealed_k"])
+def test_per_partition_budgets_select_each_partitions_own_batch_top_k_with_ties(k):
+    """The training selection equals a brute-force BatchTopK in each partition's columns (ties included); under
+    k-annealing the exclusive budgets scale with k (k=6: round(1.5)=2, round(3)=3, the shared partition the rest)."""
+    dictionary, x = tied_dedicated()
+    budgets = dictionary.partition_budgets(k)
+    assert budgets == {4: (1, 1, 2), 6: (1, 2, 3)}[k]
+    out = dictionary.training_forward(x, k)
+    assert out.codes.nnz == k * len(x)
+    partitions = list(dictionary.partitions().values())
+    kept, smallest = brute_force_partition_topk(out.scores, partitions, budgets)
+    for part, cut in zip(partitions, smallest, strict=True):  # integer scores: every cut falls inside a tie
+        at_cut = out.scores[:, part] == cut
+        assert 0 < (at_cut & kept[:, part]).sum() < at_cut.sum()
+    assert torch.equal(out.codes.to_dense(torch.ones(out.codes.nnz)) > 0, kept)
+    assert torch.equal(out.min_kept_score, smallest)
+    torch.testing.assert_close(out.values, (out.scores / dictionary.code_norms())[kept])
+    encoded = dictionary.select_batch_topk(dictionary.activations_normalized(x), k)  # encode(use_threshold=False)
+    assert torch.equal(encoded > 0, kept)
+
+
+def _partition_selection_worker(rank: int, folder: str, port: int) -> None:
+    """Rank ``rank`` of 2 (gloo): the training selection of its half of the rows of ``tied_dedicated``'s batch."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        dictionary, x = tied_dedicated()
+        share = x.chunk(2)[rank]
+        out = dictionary.training_forward(share, 6, Distributed(rank=rank, world_size=2))
+        kept = out.codes.to_dense(torch.ones(out.codes.nnz)) > 0
+        torch.save({"kept": kept, "min_kept_score": out.min_kept_score}, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_select_per_partition_what_one_process_selects(tmp_path):
+    """Data parallel, each partition's BatchTopK is global over the processes: two processes holding half the rows
+    each keep exactly the entries (ties included) and report the per-partition thresholds of one process."""
+    with socket.socket() as probe:  # a free port: bind to 0 and read it back
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_partition_selection_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    dictionary, x = tied_dedicated()
+    out = dictionary.training_forward(x, 6)
+    assert torch.equal(torch.cat([rank["kept"] for rank in ranks]), out.codes.to_dense(torch.ones(out.codes.nnz)) > 0)
+    for rank in ranks:
+        assert torch.equal(rank["min_kept_score"], out.min_kept_score)
+
+
+def test_per_partition_thresholds_are_estimated_from_each_partitions_smallest_kept_score_and_used_at_inference():
+    dictionary, x = tied_dedicated()
+    config = crosscoder.TrainConfig(architectures=("dedicated",), k=4, threshold_start_step=0, threshold_beta=0.5)
+    trainee = Trainee.new("dedicated", dictionary, config)
+    first = dictionary.training_forward(x).min_kept_score
+    trainee.step(x, 0, config, Distributed())
+    assert dictionary.threshold.shape == (3,) and torch.equal(dictionary.threshold, first)
+    second = dictionary.training_forward(x).min_kept_score
+    trainee.step(x, 1, config, Distributed())
+    torch.testing.assert_close(dictionary.threshold, 0.5 * first + 0.5 * second)
+    assert set(trainee.read_window(2, config, Distributed())) >= {
+        "threshold_shared", "threshold_base_only", "threshold_chat_only"
+    }  # fmt: skip
+    with torch.no_grad():
+        dictionary.threshold.copy_(torch.tensor([3.0, 0.5, 1.5]))
+    activations = dictionary.activations_normalized(x)
+    theta = torch.tensor([3.0] * 12 + [0.5] * 3 + [1.5] * 5)
+    expected = activations * (activations * dictionary.code_norms() > theta)
+    assert torch.equal(dictionary.select_with_threshold(activations), expected)
+    assert torch.equal(dictionary.encode(x), expected)
+
+
+def test_per_partition_budgets_and_thresholds_save_and_load(tmp_path):
+    dictionary, x = tied_dedicated()
+    with torch.no_grad():
+        dictionary.threshold.copy_(torch.tensor([3.0, 0.5, 1.5]))
+    dictionary.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["exclusive_k"] == [1, 2]
+    assert load_file(tmp_path / "saved" / "model.safetensors")["threshold"].tolist() == [3.0, 0.5, 1.5]
+    loaded = crosscoder.load_dictionary(tmp_path / "saved")
+    assert loaded.exclusive_k == (1, 2) and torch.equal(loaded.threshold, dictionary.threshold)
+    assert torch.equal(loaded.encode(x), dictionary.encode(x))
+    assert "1 shared, 1 base-only and 2 chat-only latents per token" in (tmp_path / "saved" / "README.md").read_text()
+
+
+def test_one_budget_keeps_the_files_of_before(tmp_path):
+    """Without exclusive_k nothing about the saved dictionary changes: no config key, a 0-d θ."""
+    dictionary = DedicatedCrossCoder(8, 32, 3, [3, 5])
+    with torch.no_grad():
+        dictionary.threshold.fill_(0.25)
+    dictionary.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert "exclusive_k" not in config and load_file(tmp_path / "saved" / "model.safetensors")["threshold"].shape == ()
+    loaded = crosscoder.load_dictionary(tmp_path / "saved")
+    assert loaded.exclusive_k is None and loaded.threshold.item() == 0.25
+
+
+def test_an_empty_exclusive_partition_takes_a_budget_of_zero():
+    dictionary = DedicatedCrossCoder(8, 32, 4, [0, 5], exclusive_k=[0, 1])
+    out = dictionary.training_forward(torch.randn(16, 2, 8))
+    assert dictionary.partition_budgets(4) == (3, 0, 1) and out.codes.nnz == 4 * 16
+    assert out.min_kept_score[1] == 0 and (out.codes.latents >= 27).sum() == 16
+
+
+def test_a_training_run_with_per_partition_budgets_keeps_them_and_the_structural_zeros(tmp_path):
+    """Trained with budgets (1 base-only, 1 chat-only of k=3): every partition keeps exactly k_p · B entries of a
+    batch, each θ is estimated, the structural zeros stay zero, and the run resumes bitwise (the middle checkpoint)."""
+    config = small_config(tmp_path, exclusive_k=(1, 1))
+    dictionary = crosscoder.train(config, PlantedActivations(PLANTED, config.batch_size, seed=1))[
+        "dedicated_crosscoder"
+    ]
+    assert dictionary.exclusive_k == (1, 1) and (dictionary.threshold > 0).all()
+    batch = PLANTED.sample(512, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = dictionary.training_forward(dictionary.normalize(batch))
+    counts = [
+        int(((out.codes.latents >= p.start) & (out.codes.latents < p.stop)).sum())
+        for p in dictionary.partitions().values()
+    ]
+    assert counts == [1 * 512, 1 * 512, 1 * 512]
+    for latents, sources in dictionary.structural_zeros():
+        assert not dictionary.W_dec[latents, sources].any() and not dictionary.W_enc[latents, sources].any()
+    resumed_from_the_middle(config, dictionary)
+
+
+def resumed_from_the_middle(config: crosscoder.TrainConfig, straight) -> crosscoder.DedicatedCrossCoder:
+    """Resume the 30-step run of ``config`` from its step-20 checkpoint: bitwise the dictionary trained straight."""
+    final = {name: tensor.clone() for name, tensor in straight.state_dict().items()}
+    (config.run_dir / "checkpoints" / "step_000000030.pt").unlink()
+    resumed = crosscoder.train(
+        dataclasses.replace(config, resume=True), PlantedActivations(PLANTED, config.batch_size, seed=1)
+    )["dedicated_crosscoder"]
+    for name, tensor in final.items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    return resumed
+
+
+def dedicated_config(**fields) -> crosscoder.TrainConfig:
+    return crosscoder.TrainConfig(architectures=("dedicated",), **fields)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: crosscoder.TrainConfig(exclusive_k=(1, 1)), "--exclusive-k applies to the dedicated crosscoder, but"),
+        (lambda: dedicated_config(k=4, exclusive_k=(2, 2)), r"summing to less than --k \(4\).* got \[2, 2\]"),
+        (lambda: dedicated_config(exclusive_k=(-1, 2)), r"two per-token budgets ≥ 0 .* got \[-1, 2\]"),
+        (lambda: DedicatedCrossCoder(8, 32, 8, [3, 5], exclusive_k=[4, 1]), r"\[4, 1\] is invalid: .* at most its"),
+        (lambda: DedicatedCrossCoder(8, 32, 8, [3, 5], exclusive_k=[0, 1]), r"of \[3, 5\] latents, each at least 1"),
+        (lambda: DedicatedCrossCoder(8, 32, 3, [3, 5], exclusive_k=[1, 2]), "summing to less than k=3"),
+        (lambda: DedicatedCrossCoder(8, 32, 3, [3, 5], exclusive_k=[1]), r"exclusive_k=\[1\] is invalid"),
+        (
+            lambda: new_dictionary("dedicated", dedicated_config(dict_size=32, k=8, exclusive_k=(4, 1)), 4, 2),
+            r"exclusive_k=\[4, 1\] is invalid: .* of \[3, 3\] latents",
+        ),
+    ],
+)
+def test_bad_partition_budgets_are_refused_naming_the_value_and_the_fix(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()

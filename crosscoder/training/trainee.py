@@ -110,7 +110,7 @@ class Trainee:
         metrics["dead_fraction_train"] = float((counters >= config.dead_tokens).float().mean())
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.dictionary.uses_batch_topk:
-            metrics["threshold"] = float(self.dictionary.threshold)
+            metrics.update(self.dictionary.threshold_metrics())
         self.window, self.loss_sums = ReconstructionStats(), {}
         return metrics
 
@@ -163,9 +163,11 @@ def new_dictionary(architecture: Architecture, config: TrainConfig, d_model: int
         return MatryoshkaCrossCoder(d_model, dict_size, config.k, prefix_sizes, n_sources, source_names=names, **norm)
     if architecture == "dedicated":
         exclusive = [round(fraction * dict_size) for fraction in config.exclusive_fractions]
+        budgets = list(config.exclusive_k) if config.exclusive_k is not None else None
         return DedicatedCrossCoder(
-            d_model, dict_size, config.k, exclusive, config.exclusive_encoder, n_sources, source_names=names, **norm
-        )
+            d_model, dict_size, config.k, exclusive, config.exclusive_encoder, n_sources, source_names=names,
+            exclusive_k=budgets, **norm,
+        )  # fmt: skip
     if architecture == "matryoshka_diff_sae":
         return MatryoshkaSAE(d_model, dict_size, config.k, prefix_sizes, input=config.diff_direction)
     return BatchTopKSAE(d_model, dict_size, config.k, input=config.diff_direction)
