@@ -12,7 +12,8 @@ prefixes F/16 … F, dedicated-feature with 10% base-only and 10% chat-only late
 ``BatchTopKTrainer.update`` at the same diff-SAE shapes.
 Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth) is its
 own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor,
-``matryoshka_vs_batchtopk`` and ``dedicated_vs_batchtopk`` = the variant's step / ours.
+``matryoshka_vs_batchtopk`` and ``dedicated_vs_batchtopk`` = the variant's step / ours, ``state_mb`` (crosscoder) and
+``diff_sae_state_mb``: the unavoidable state (``state_mb``), and ``<variant>_peak_over_state`` = its peak / that.
 
     python bench/step.py                                   # CPU: d=512, 2 sources, F=16384, k=64, B=4096
     python bench/step.py --d-model 2304 --dict-size 73728 --k 100 --batch 4096   # on a GPU
@@ -109,6 +110,14 @@ def dictionary_learning_step(args, device):
     return lambda: trainer.update(next(counter), x)
 
 
+def state_mb(args, architecture: str) -> float:
+    """The state no step can do without: fp32 weights, their gradients, Adam's two moments, and the batch of raw
+    paired activations [B, S, d]. A crosscoder (any variant) encodes S·d inputs, a diff-SAE d."""
+    width = args.d_model if architecture == "diff_sae" else args.sources * args.d_model
+    parameters = 2 * args.dict_size * width + args.dict_size + width  # W_enc, W_dec, b_enc, b_dec
+    return (4 * parameters + args.batch * args.sources * args.d_model) * 4 / 2**20
+
+
 VARIANTS = {
     "dense": dense_step,
     "ours": our_step,
@@ -124,6 +133,8 @@ def run_variant(args) -> dict:
     """Time one variant in this process: median of ``--repeats`` steps after warm-up, and peak memory."""
     device = args.device
     torch.manual_seed(0)
+    import crosscoder.training  # noqa: F401  (its modules' memory is not the step's)
+
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -189,6 +200,15 @@ def main() -> None:
         },
         **{f"{name}_ms": round(value["seconds"] * 1e3, 2) for name, value in results.items() if value},
         **{f"{name}_peak_mb": value["peak_mb"] for name, value in results.items() if value},
+        "state_mb": round(state_mb(args, "batchtopk"), 1),
+        "diff_sae_state_mb": round(state_mb(args, "diff_sae"), 1),
+        **{
+            f"{name}_peak_over_state": round(
+                results[name]["peak_mb"] / state_mb(args, "diff_sae" if name == "ours_diff_sae" else "batchtopk"), 3
+            )
+            for name in ("ours", "ours_diff_sae", "ours_matryoshka", "ours_dedicated")
+            if results.get(name)
+        },
         "speedup_vs_dense": round(seconds("dense") / seconds("ours"), 3),
         "ratio_to_floor": round(seconds("ours") / seconds("floor"), 3),
         **{

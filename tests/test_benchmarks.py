@@ -30,7 +30,14 @@ TINY = {
     ],
 }
 FIGURES = {
-    "step.py": ["speedup_vs_dense", "ratio_to_floor", "matryoshka_vs_batchtopk", "dedicated_vs_batchtopk"],
+    "step.py": [
+        "speedup_vs_dense",
+        "ratio_to_floor",
+        "matryoshka_vs_batchtopk",
+        "dedicated_vs_batchtopk",
+        "state_mb",
+        "ours_peak_over_state",
+    ],
     "selection.py": ["n_keep"],
     "stream.py": ["ratio_to_floor", "ratio_to_truncated", "layer_stop_speedup"],
     "scaling.py": ["scaling_2_procs", "scaling_2_procs_data_parallel", "scaling_2_procs_latent_sharded"],
