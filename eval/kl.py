@@ -20,6 +20,7 @@ from torch import nn
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.dictionary_input import BASE, CHAT
 from crosscoder.errors import ConfigError, DataError
+from crosscoder.eval.directions import decoder_directions
 from crosscoder.models import decoder_blocks, residual_outputs
 from crosscoder.progress import progress_bar
 
@@ -43,10 +44,8 @@ def latent_subset_patch(crosscoder: SparseDictionary, latents: torch.Tensor | li
     ids = torch.as_tensor(latents, dtype=torch.long)
     if ids.numel() == 0:
         raise ConfigError("the latent set is empty: name at least one latent to patch")
-    if ((ids < 0) | (ids >= crosscoder.dict_size)).any():
-        raise ConfigError(f"latent ids out of range for {crosscoder.dict_size} latents")
-    decoder = crosscoder.W_dec.detach() / crosscoder.input_scale[:, None]
-    difference = decoder[ids, CHAT] - decoder[ids, BASE]  # [|S|, d]
+    directions = decoder_directions(crosscoder, ids)
+    difference = directions["chat"] - directions["base"]  # [|S|, d]
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
         paired = crosscoder.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
@@ -74,15 +73,13 @@ def sae_latent_subset_patch(sae: BatchTopKSAE, latents: torch.Tensor | list[int]
     ids = torch.as_tensor(latents, dtype=torch.long)
     if ids.numel() == 0:
         raise ConfigError("the latent set is empty: name at least one latent to patch")
-    if ((ids < 0) | (ids >= sae.dict_size)).any():
-        raise ConfigError(f"latent ids out of range for {sae.dict_size} latents")
-    sign = _difference_sign(sae)
-    directions = sae.W_dec.detach()[ids, 0] / sae.input_scale[0]  # [|S|, d], raw space
+    _difference_sign(sae)  # a difference SAE only
+    directions = decoder_directions(sae, ids)["chat"]  # [|S|, d], signed to point from base to chat
 
     def patch(h_base: torch.Tensor, h_chat: torch.Tensor) -> torch.Tensor:
         difference = sae.input_from_pair(torch.stack([h_base, h_chat], dim=1).float())
         codes = sae.encode(difference)[:, ids.to(h_base.device)]
-        return h_base + (sign * codes @ directions.to(codes.device)).to(h_base.dtype)
+        return h_base + (codes @ directions.to(codes.device)).to(h_base.dtype)
 
     return patch
 

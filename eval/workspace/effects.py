@@ -23,6 +23,7 @@ from torch import nn
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
 from crosscoder.errors import ConfigError
 from crosscoder.eval.adl.steering import generate, steering_prompts
+from crosscoder.eval.directions import decoder_directions
 from crosscoder.eval.kl import (
     BASE_PATCH,
     Patch,
@@ -32,7 +33,6 @@ from crosscoder.eval.kl import (
     latent_subset_patch,
     sae_latent_subset_patch,
 )
-from crosscoder.eval.workspace.readout import decoder_directions
 
 FULL_PATCH = "full"
 

@@ -1,9 +1,9 @@
 """What each latent writes into each model, read through that model's final norm and unembedding
 (docs/methods.md §11.2).
 
-A latent's direction in model m is its raw-space decoder row for m: ``d_j^m / σ_m`` for a crosscoder (base half
-read by the base model, chat half by the chat model), and ``± d_j / σ`` for a difference SAE, signed so that it
-points from base to chat and read by both models. Its logits ``W_U · final_norm(d)`` (the logit lens of
+A latent's direction in model m is its raw-space decoder row for m (``crosscoder.eval.directions``): a crosscoder's
+base half is read by the base model, its chat half by the chat model; a difference SAE's one direction, pointing from
+base to chat, by both. Its logits ``W_U · final_norm(d)`` (the logit lens of
 ``crosscoder.eval.adl.lens``) name the tokens the direction promotes (largest) and suppresses (smallest).
 """
 
@@ -16,24 +16,9 @@ import torch
 from torch import nn
 
 from crosscoder.dictionary import SparseDictionary
-from crosscoder.dictionary_input import BASE, CHAT
-from crosscoder.errors import ConfigError
 from crosscoder.eval.adl.lens import lens_logits
+from crosscoder.eval.directions import decoder_directions
 from crosscoder.progress import progress_bar
-
-
-def decoder_directions(dictionary: SparseDictionary, latents: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
-    """Raw-space direction of each latent per model: ``{"base": [n, d_model], "chat": [n, d_model]}``."""
-    ids = torch.as_tensor(latents, dtype=torch.long)
-    if ((ids < 0) | (ids >= dictionary.dict_size)).any():
-        raise ConfigError(f"latent ids {ids.tolist()[:10]} are out of range for {dictionary.dict_size} latents")
-    decoder = dictionary.W_dec.detach()[ids.to(dictionary.W_dec.device)].float()
-    scale = dictionary.input_scale.float()
-    if dictionary.n_sources == 2:
-        return {"base": decoder[:, BASE] / scale[BASE], "chat": decoder[:, CHAT] / scale[CHAT]}
-    sign = -1.0 if dictionary.input.kind == "base_minus_chat" else 1.0
-    direction = sign * decoder[:, 0] / scale[0]
-    return {"base": direction, "chat": direction}
 
 
 @dataclass(frozen=True)
