@@ -33,7 +33,6 @@ from crosscoder.eval.exclusivity import (
     latent_classes,
     relative_norm_difference,
 )
-from crosscoder.eval.inspection import PAD
 from crosscoder.eval.kl import crosscoder_patch, diff_sae_patch, downstream_kl, latent_subset_patch
 from crosscoder.eval.latent_scaling import compute_betas, compute_sae_betas
 from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
@@ -280,13 +279,10 @@ def evaluate(config: EvalConfig) -> dict:
         dictionary, stream, out / "store", settings, max_tokens=config.num_tokens, progress=config.progress
     )
     tokenizer = stream.tokenizer
+    centre_tokens = store.top_centre_tokens()
     for row in rows:
-        centre_tokens = [
-            tokenizer.decode([example.token_ids[example.center]])
-            for example in store.top_examples(int(row["latent"]))
-            if example.token_ids[example.center] != PAD
-        ]
-        row["top_tokens"] = " ".join(repr(token) for token in dict.fromkeys(centre_tokens))[:120]
+        names = dict.fromkeys(repr(tokenizer.decode([token])) for token in centre_tokens[int(row["latent"])])
+        row["top_tokens"] = " ".join(names)[:120]
 
     conversations = _conversations(stream, config)
     layer = stream.settings.layers[0]

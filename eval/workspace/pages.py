@@ -200,11 +200,9 @@ def _readout_lists(readout: Readout, row: int, decode: Callable[[int], str] | No
 
 def _top_tokens(store: ActivationStore, vocab: dict[int, str]) -> list[str | None]:
     """Per latent the distinct tokens its top activations fire on, strongest first (None for a dead latent)."""
-    centres = store.top.window_ids[:, :, store.settings.before].tolist()
-    held = (store.top.keys >= 0).tolist()
     texts: list[str | None] = []
-    for tokens, kept in zip(centres, held, strict=True):
-        names = dict.fromkeys(repr(vocab[t]) for t, k in zip(tokens, kept, strict=True) if k and t in vocab)
+    for tokens in store.top_centre_tokens():
+        names = dict.fromkeys(repr(vocab[token]) for token in tokens if token in vocab)
         texts.append(" ".join(names)[:160] if names else None)
     return texts
 

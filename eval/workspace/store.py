@@ -251,6 +251,15 @@ class ActivationStore:
         """The latent's strongest activations, strongest first."""
         return _examples(self.top, latent, self.settings.before)
 
+    def top_centre_tokens(self) -> list[list[int]]:
+        """Per latent the distinct tokens its strongest activations fire on, strongest first (empty: never fired)."""
+        centres = self.top.window_ids[:, :, self.settings.before].tolist()
+        held = (self.top.keys >= 0).tolist()
+        return [
+            list(dict.fromkeys(token for token, kept in zip(tokens, slots, strict=True) if kept and token != PAD))
+            for tokens, slots in zip(centres, held, strict=True)
+        ]
+
     def quantile_examples(self, latent: int) -> list[list[Example]]:
         """The sampled activations cut into ``n_quantiles`` buckets of equal size, weakest bucket first (fewer or
         empty buckets when the latent fired fewer times than the sample holds)."""
