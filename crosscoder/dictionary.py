@@ -80,6 +80,11 @@ class TrainingOutput:
         return torch.bincount(self.codes.latents, minlength=self.codes.dict_size)
 
 
+CANDIDATE_MARGIN = 0.9
+"""The next step's BatchTopK candidates are the scores ≥ 0.9 × this step's threshold: low enough that θ rarely drops
+below it between steps (else the full select runs), high enough to leave a small fraction of the scores."""
+
+
 class StepBuffers:
     """The large temporaries of a training step (the ``[batch, dict_size]`` scores, the scaled encoder), kept from one
     step to the next: on CPU a fresh allocation of that size is paged in (and zeroed by the kernel) on every step.
@@ -87,6 +92,10 @@ class StepBuffers:
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
+        self.candidate_bound: float | None = None
+        """A lower bound for the next BatchTopK selection's candidates (CPU): this step's threshold lowered by
+        ``CANDIDATE_MARGIN`` (``crosscoder.kernels.batch_topk``'s ``candidate_bound``; the selection is exact
+        whatever it is)."""
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
@@ -252,10 +261,14 @@ class SparseDictionary(
         return codes.to_dense(codes.gather(activations))
 
     @torch.no_grad()
-    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
+    def _select(
+        self, scores: torch.Tensor, k: int, context: Distributed, buffers: StepBuffers | None = None
+    ) -> tuple[SparseCodes, torch.Tensor]:
         """BatchTopK on scores [batch, dict_size] (``f · c ≥ 0``): the ``k · B`` largest of the global batch (B rows
         over every data-parallel process; with latent sharding over every process's latents), by radix select (see
-        ``crosscoder.kernels``). Returns the kept entries and the smallest kept score (0-d), the input of the θ EMA."""
+        ``crosscoder.kernels``). Returns the kept entries and the smallest kept score (0-d), the input of the θ EMA.
+        With the training loop's ``buffers`` on CPU, the previous step's threshold bounds the candidates (the same
+        selection, one pass over the scores fewer when it holds; docs/methods.md §4.2)."""
         n_keep = k * scores.shape[0] * (context.world_size if context.data_parallel else 1)
         selection = batch_topk(
             scores,
@@ -263,7 +276,10 @@ class SparseDictionary(
             context.all_reduce if context.enabled else None,
             rank=context.rank,
             world_size=context.world_size,
+            candidate_bound=None if buffers is None else buffers.candidate_bound,
         )
+        if buffers is not None and scores.device.type == "cpu":  # reading the threshold syncs a GPU: CPU only
+            buffers.candidate_bound = CANDIDATE_MARGIN * float(selection.threshold)
         codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
         return codes, selection.threshold
 
@@ -298,7 +314,7 @@ class SparseDictionary(
                 shape = (encoder_input.shape[0], W_enc.shape[0])
                 scores = None if buffers is None else buffers.get("scores", shape, W_enc)
                 scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
-                codes, min_kept = self._select(scores, k or self.k, context or Distributed())
+                codes, min_kept = self._select(scores, k or self.k, context or Distributed(), buffers)
                 kept = codes.gather(scores)
                 if c is not None:
                     kept = kept / c[codes.latents]
@@ -805,12 +821,15 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         return {name: float(theta) for name, theta in zip(names, self.threshold, strict=True)}
 
     @torch.no_grad()
-    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
+    def _select(
+        self, scores: torch.Tensor, k: int, context: Distributed, buffers: StepBuffers | None = None
+    ) -> tuple[SparseCodes, torch.Tensor]:
         """With ``exclusive_k``: BatchTopK within each partition, its ``k_p · B`` largest scores among its own latents
         (``k_p`` from ``partition_budgets(k)``; a budget of 0 keeps nothing), merged in CSR order; the smallest kept
-        score of each partition ([3]; 0 where nothing is kept). Without: one BatchTopK over all latents."""
+        score of each partition ([3]; 0 where nothing is kept; no candidate bound). Without: one BatchTopK over all
+        latents."""
         if self.exclusive_k is None:
-            return super()._select(scores, k, context)
+            return super()._select(scores, k, context, buffers)
         rows, latents, smallest = [], [], []
         for part, budget in zip(self.partitions().values(), self.partition_budgets(k), strict=True):
             if budget == 0:

@@ -152,6 +152,7 @@ def batch_topk(
     rank: int = 0,
     world_size: int = 1,
     digit_bits: Sequence[int] | None = None,
+    candidate_bound: float | None = None,
 ) -> BatchTopKSelection:
     """Keep the ``n_keep`` largest entries of ``scores`` [batch, dict_size] (non-negative): exactly
     ``min(n_keep, #positive)`` entries, all scores above the threshold and the first ties at it (lowest flat index).
@@ -159,11 +160,20 @@ def batch_topk(
     With ``all_reduce`` (sum over ranks), ``n_keep`` is the global budget and the selection is the global BatchTopK
     over all ranks' rows; ``rank``/``world_size`` order the ties across ranks. ``digit_bits``: the digit widths of
     the histogram passes (default: ``REFERENCE_DIGIT_BITS`` or ``TRITON_DIGIT_BITS``).
+
+    ``candidate_bound`` (reference path; e.g. the previous step's threshold, a little lowered): when at least
+    ``n_keep`` scores (over all ranks) reach it, the kept entries are all among them, and the radix select runs over
+    those candidates only, skipping the first histogram pass over every score; otherwise the full select runs. The
+    selection is the same either way (docs/methods.md §4.2).
     """
     _check_scores(scores, dims=2)
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
     flat = scores.reshape(-1)
+    if candidate_bound is not None and resolve_backend(flat.device) == "reference":
+        selection = _batch_topk_above(scores, n_keep, all_reduce, rank, world_size, digit_bits, candidate_bound)
+        if selection is not None:
+            return selection
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
     if search.candidates is None:
         candidates = _indices_at_least(flat, search.key)
@@ -192,6 +202,36 @@ def batch_topk(
         n_selected=search.threshold.n_selected,
         batch_size=batch_size,
         dict_size=dict_size,
+    )
+
+
+def _batch_topk_above(
+    scores: torch.Tensor,
+    n_keep: int,
+    all_reduce: AllReduce | None,
+    rank: int,
+    world_size: int,
+    digit_bits: Sequence[int] | None,
+    bound: float,
+) -> BatchTopKSelection | None:
+    """``batch_topk`` over the entries ≥ ``bound`` (ascending flat indices, so ties break as over all entries), or
+    None when fewer than ``n_keep`` of them (over all ranks) exist and the n_keep-th largest may lie below it."""
+    flat = scores.reshape(-1)
+    _check_score_values(flat)
+    bound_key = _keys(torch.tensor([bound if bound > 0 else 0.0], device=flat.device))[0]  # keys drop the sign
+    candidates = _indices_at_least(flat, bound_key)
+    count = torch.tensor(candidates.numel(), dtype=torch.int64, device=flat.device)
+    if all_reduce is not None:
+        count = all_reduce(count)
+    if int(count) < n_keep:
+        return None
+    inner = batch_topk(
+        flat[candidates][None], n_keep, all_reduce, rank=rank, world_size=world_size, digit_bits=digit_bits
+    )
+    kept = candidates[inner.latents]
+    batch_size, dict_size = scores.shape
+    return BatchTopKSelection(
+        kept // dict_size, kept % dict_size, inner.threshold, inner.n_selected, batch_size, dict_size
     )
 
 

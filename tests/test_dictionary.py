@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels, load_dictionary
-from crosscoder.dictionary import StepBuffers
+from crosscoder.dictionary import CANDIDATE_MARGIN, StepBuffers
 from crosscoder.errors import ConfigError
 
 D_MODEL, DICT_SIZE, K, N_SOURCES, BATCH = 8, 32, 3, 2, 6
@@ -101,6 +101,7 @@ def test_training_forward_selects_like_encode_and_reports_smallest_kept_score() 
 
 
 def test_training_forward_with_step_buffers_reuses_them_and_computes_the_same() -> None:
+    """Reused score buffers and the previous step's candidate bound: the same forward as a fresh call."""
     crosscoder = _crosscoder_with_uneven_code_norms()
     buffers = StepBuffers()
     storage = None
@@ -112,6 +113,8 @@ def test_training_forward_with_step_buffers_reuses_them_and_computes_the_same() 
         storage = reused.scores.data_ptr()
         assert torch.equal(reused.scores, fresh.scores) and torch.equal(reused.values, fresh.values)
         assert torch.equal(reused.reconstruction, fresh.reconstruction)
+        # the next selection's candidates are bounded by this one's threshold (the selection is the same)
+        assert buffers.candidate_bound == CANDIDATE_MARGIN * float(reused.min_kept_score) > 0
     smaller = crosscoder.training_forward(x[:3], buffers=buffers)  # another batch size: new buffers
     assert smaller.scores.shape == (3, DICT_SIZE)
     assert torch.equal(smaller.scores, crosscoder.training_forward(x[:3]).scores)

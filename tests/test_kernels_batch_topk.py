@@ -213,6 +213,42 @@ def test_an_empty_batch_keeps_nothing(device) -> None:
     assert selection.rows.numel() == 0 and selection.n_selected.item() == 0 and selection.threshold.item() == 0.0
 
 
+@pytest.mark.parametrize("relative_bound", [-1.0, 0.0, 0.8, 0.99, 1.0, 1.01, 2.0, float("inf"), float("nan")])
+def test_a_candidate_bound_never_changes_the_selection(relative_bound, monkeypatch) -> None:
+    """Bounds below the threshold (the candidates hold every kept entry), at it (ties at the bound), above it (too
+    few candidates: the full select runs) and degenerate ones (≤ 0 or NaN: every positive score is a candidate):
+    the same entries, threshold and count as without a bound."""
+    scores = torch.randint(0, 40, (16, 64), generator=torch.Generator().manual_seed(4)).float() / 5  # many ties
+    n_keep = 100
+    exact = bt.batch_topk(scores, n_keep)
+    original, searched = bt._radix_select, []
+
+    def spy(flat, *args):
+        searched.append(flat.numel())
+        return original(flat, *args)
+
+    monkeypatch.setattr(bt, "_radix_select", spy)
+    bound = relative_bound * exact.threshold.item()
+    bounded = bt.batch_topk(scores, n_keep, candidate_bound=bound)
+    assert torch.equal(bounded.rows, exact.rows) and torch.equal(bounded.latents, exact.latents)
+    assert bounded.threshold.item() == exact.threshold.item() and bounded.n_selected.item() == n_keep
+    n_candidates = int(((scores >= (bound if bound > 0 else 0.0)) & (scores > 0)).sum())
+    assert searched == ([n_candidates] if n_candidates >= n_keep else [scores.numel()])
+    if 0 < relative_bound <= 1:  # the bounded select over a fraction of the scores
+        assert n_keep <= n_candidates < scores.numel() // 2
+    elif relative_bound > 1:  # too few candidates: the full select
+        assert n_candidates < n_keep
+
+
+def test_a_candidate_bound_with_fewer_positive_scores_than_n_keep_falls_back() -> None:
+    scores = relu_gaussian(8, 20)
+    n_positive = int((scores > 0).sum())
+    exact = bt.batch_topk(scores, n_positive + 10)
+    bounded = bt.batch_topk(scores, n_positive + 10, candidate_bound=0.0)
+    assert torch.equal(bounded.rows, exact.rows) and torch.equal(bounded.latents, exact.latents)
+    assert bounded.n_selected.item() == exact.n_selected.item() == n_positive
+
+
 def test_batch_topk_mask_equals_the_selection() -> None:
     scores = relu_gaussian(6, 50)
     mask = bt.batch_topk_mask(scores, 40)
@@ -242,7 +278,7 @@ class ThreadedAllReduce:
 
 
 def run_ranks(
-    shards: list[torch.Tensor], n_keep: int, pass_ranks: bool = True
+    shards: list[torch.Tensor], n_keep: int, pass_ranks: bool = True, **options
 ) -> tuple[list[bt.BatchTopKSelection], list[int]]:
     group = ThreadedAllReduce(len(shards))
     with ThreadPoolExecutor(len(shards)) as pool:
@@ -253,6 +289,7 @@ def run_ranks(
                 n_keep,
                 group.for_rank(rank),
                 **({"rank": rank, "world_size": len(shards)} if pass_ranks else {}),
+                **options,
             )
             for rank, shard in enumerate(shards)
         ]
@@ -285,6 +322,20 @@ def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_
     assert first.n_selected.item() == second.n_selected.item() == n_keep
     n_passes = len(bt.TRITON_DIGIT_BITS if backend_name == "triton" else bt.REFERENCE_DIGIT_BITS)
     assert calls == [n_passes + 1] * 2  # one all_reduce per histogram pass, one for the tie counts
+
+
+@pytest.mark.parametrize("relative_bound", [0.9, 1.5])
+def test_two_ranks_with_a_candidate_bound_select_what_one_process_selects(relative_bound) -> None:
+    """The candidate count is global: both ranks take the bounded select (0.9 θ) or both the full one (1.5 θ)."""
+    scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float() / 7  # ties
+    single = bt.batch_topk(scores, 150)
+    bound = relative_bound * single.threshold.item()
+    (first, second), calls = run_ranks(list(scores.split((3, 9))), 150, candidate_bound=bound)
+    assert torch.equal(torch.cat([first.rows, second.rows + 3]), single.rows)
+    assert torch.equal(torch.cat([first.latents, second.latents]), single.latents)
+    assert first.threshold.item() == second.threshold.item() == single.threshold.item()
+    n_passes = len(bt.REFERENCE_DIGIT_BITS)
+    assert calls == [1 + n_passes + 1] * 2  # the candidate count, the histogram passes, the tie counts
 
 
 def test_a_single_rank_with_all_reduce_selects_what_it_selects_alone() -> None:
