@@ -37,9 +37,11 @@ from crosscoder.kernels.sparse_encoder import gather_active
 from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
 
 FORMAT_NAME = "crosscoder"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version 2: a BatchTopKSAE records its input as ``input`` (``DictionaryInput``) instead of the free-text
-``input_description`` of version 1 (migrated on load by ``crosscoder.hub``)."""
+``input_description`` of version 1. Version 3: a DedicatedCrossCoder stores each model's decoder rows
+(``W_dec_base``, ``W_dec_chat``) instead of a dense ``W_dec`` with structural zeros. Both migrated on load by
+``crosscoder.hub``."""
 
 
 @dataclass
@@ -164,7 +166,7 @@ class SparseDictionary(
 
         self.W_enc = nn.Parameter(torch.empty(dict_size, n_sources, d_model))
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
-        self.W_dec = nn.Parameter(torch.empty(dict_size, n_sources, d_model))
+        self._register_decoder()
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
         self.register_buffer("input_scale", torch.ones(n_sources))
         self.register_buffer("input_mean", torch.zeros(n_sources, d_model))
@@ -173,15 +175,23 @@ class SparseDictionary(
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
+    def _register_decoder(self) -> None:
+        """Register the decoder's parameters: ``W_dec`` [dict_size, n_sources, d_model]."""
+        self.W_dec = nn.Parameter(torch.empty(self.dict_size, self.n_sources, self.d_model))
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random unit directions scaled to ``init_decoder_norm`` per latent and source; encoder = decoder."""
-        directions = torch.randn(self.W_dec.shape, generator=generator)
-        directions = directions / directions.norm(dim=-1, keepdim=True) * self.init_decoder_norm
+        directions = self._random_directions(generator)
         self.W_dec.copy_(directions)
         self.W_enc.copy_(directions)
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    def _random_directions(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Random directions of norm ``init_decoder_norm``: [dict_size, n_sources, d_model]."""
+        directions = torch.randn(self.W_enc.shape, generator=generator)
+        return directions / directions.norm(dim=-1, keepdim=True) * self.init_decoder_norm
 
     # ------------------------------------------------------------------ shapes and normalisation
     def input_from_pair(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +309,7 @@ class SparseDictionary(
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
         """
         encoder_input, center = self._training_encoder_input(x_normalized, context)
-        W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
+        W_enc = self.W_enc.flatten(1)
         scores = min_kept = None
         with torch.no_grad():
             if self.uses_batch_topk:
@@ -323,7 +333,7 @@ class SparseDictionary(
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center))
-        decoded = _sum_shards(prefix_decode(values, codes, W_dec, self.prefix_sizes), context)
+        decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes), context)
         reconstructions = decoded.view(len(self.prefix_sizes), -1, self.n_sources, self.d_model) + self.b_dec
         return TrainingOutput(codes, values, reconstructions, scores, encoder_input, center, min_kept)
 
@@ -377,9 +387,16 @@ class SparseDictionary(
             kept = codes.gather(out.scores)
             if not self.unit_code_norms:
                 kept = kept / self.code_norms()[codes.latents]
-        W_enc, W_dec = self.W_enc.flatten(1), self.W_dec.flatten(1)
-        values = F.relu(gather_active(kept, out.encoder_input, W_enc, self.b_enc, codes, out.encoder_center))
-        return _sum_shards(sparse_decode(values, codes, W_dec), context).view(-1, self.n_sources, self.d_model)
+        values = F.relu(
+            gather_active(kept, out.encoder_input, self.W_enc.flatten(1), self.b_enc, codes, out.encoder_center)
+        )
+        decoded = self._decode_entries(values, codes, (self.dict_size,))[0]
+        return _sum_shards(decoded, context).view(-1, self.n_sources, self.d_model)
+
+    def _decode_entries(self, values: torch.Tensor, codes: SparseCodes, prefix_sizes: tuple[int, ...]) -> torch.Tensor:
+        """The sparse decode of the kept entries (values: [nnz], differentiable) into each prefix's reconstruction
+        without ``b_dec``: [len(prefix_sizes), batch, n_sources · d_model] (one prefix: the whole decode)."""
+        return prefix_decode(values, codes, self.W_dec.flatten(1), prefix_sizes)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
@@ -701,12 +718,17 @@ class MatryoshkaSAE(_Nested, BatchTopKSAE):
 
 class DedicatedCrossCoder(BatchTopKCrossCoder):
     """Dedicated-feature crosscoder (docs/methods.md §12.2): latents ``[0, n_shared)`` are shared, the next
-    ``exclusive_sizes[0]`` base-only and the last ``exclusive_sizes[1]`` chat-only. An exclusive latent's decoder
-    rows for the other model's sources are structurally zero: zero from initialisation, their gradient removed before
-    every optimizer step; with ``exclusive_encoder="own"`` its encoder rows for the other model are too (it reads its
-    own model only). BatchTopK ranks all partitions together in one budget ``k · B``; with ``exclusive_k`` =
-    [k_base, k_chat] each partition has its own (``partition_budgets``) and its own inference threshold:
-    ``threshold`` is then [3], θ of the shared, base-only and chat-only partitions.
+    ``exclusive_sizes[0]`` base-only and the last ``exclusive_sizes[1]`` chat-only. An exclusive latent has no
+    decoder row for the other model: each model's decoder holds the rows of its own latents only, ``W_dec_base``
+    [n_shared + n_base_only, n_sources/2, d_model] (the shared then the base-only latents) and ``W_dec_chat``
+    [n_shared + n_chat_only, n_sources/2, d_model] (the shared then the chat-only latents), so the structural zeros
+    are neither stored, trained nor decoded; ``W_dec`` is the dense [dict_size, n_sources, d_model] view assembled
+    from them (zeros in the other model's blocks, ``structural_zeros``) for every reader. With
+    ``exclusive_encoder="own"`` an exclusive latent's encoder rows for the other model are zero too (dense in
+    ``W_enc``: zero from initialisation, their gradient removed before every optimizer step). BatchTopK ranks all
+    partitions together in one budget ``k · B``; with ``exclusive_k`` = [k_base, k_chat] each partition has its own
+    (``partition_budgets``) and its own inference threshold: ``threshold`` is then [3], θ of the shared, base-only
+    and chat-only partitions.
 
     Sources ``[0, S/2)`` belong to the base model, ``[S/2, S)`` to the chat model (one source each for one layer).
     x: [batch, n_sources, d_model] raw activations; codes: [batch, dict_size].
@@ -775,24 +797,99 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         partitions = self.partitions()
         return [(partitions["base-only"], slice(half, None)), (partitions["chat-only"], slice(0, half))]
 
-    def _masked(self) -> list[torch.Tensor]:
-        return [self.W_dec, self.W_enc] if self.exclusive_encoder == "own" else [self.W_dec]
+    def _register_decoder(self) -> None:
+        n_base, n_chat = self.exclusive_sizes
+        n_shared, half = self.dict_size - n_base - n_chat, self.n_sources // 2
+        self.W_dec_base = nn.Parameter(torch.empty(n_shared + n_base, half, self.d_model))
+        self.W_dec_chat = nn.Parameter(torch.empty(n_shared + n_chat, half, self.d_model))
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # type: ignore[override]
+        """The dense decoder [dict_size, n_sources, d_model], assembled from ``W_dec_base`` and ``W_dec_chat`` with
+        zeros in the structural blocks (differentiable; a new tensor: write to the per-model parameters)."""
+        return self.assemble_decoder(self.W_dec_base, self.W_dec_chat)
+
+    def assemble_decoder(self, base_rows: torch.Tensor, chat_rows: torch.Tensor) -> torch.Tensor:
+        """Per-model rows laid out like ``W_dec_base`` and ``W_dec_chat`` (any trailing dims) → the dense
+        [dict_size, n_sources, ...] layout of ``W_dec``, zeros in the structural blocks (differentiable)."""
+        n_base, n_chat = self.exclusive_sizes
+        n_shared = self.dict_size - n_base - n_chat
+        base_half = torch.cat([base_rows, base_rows.new_zeros((n_chat, *base_rows.shape[1:]))])
+        chat_half = torch.cat(
+            [chat_rows[:n_shared], chat_rows.new_zeros((n_base, *chat_rows.shape[1:])), chat_rows[n_shared:]]
+        )
+        return torch.cat([base_half, chat_half], dim=1)
+
+    def split_decoder(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of ``assemble_decoder``: a dense [dict_size, n_sources, ...] tensor → (base model's rows, chat
+        model's rows), the structural blocks dropped (a dense ``W_dec`` or its Adam moments of format version 2)."""
+        partitions, half = self.partitions(), self.n_sources // 2
+        base_rows = dense[: partitions["base-only"].stop, :half]
+        chat_rows = torch.cat([dense[partitions["shared"], half:], dense[partitions["chat-only"], half:]])
+        return base_rows.contiguous(), chat_rows.contiguous()
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``‖W_dec[j, s]‖₂`` [dict_size, n_sources] from the per-model rows (0 in the structural blocks)."""
+        return self.assemble_decoder(self.W_dec_base.norm(dim=-1), self.W_dec_chat.norm(dim=-1))
+
+    def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [batch, dict_size] → [batch, n_sources, d_model]: each model decodes its own latents only."""
+        partitions, half = self.partitions(), self.n_sources // 2
+        codes = codes.to(self.W_dec_base.dtype)
+        base = codes[:, : partitions["base-only"].stop] @ self.W_dec_base.flatten(1)
+        chat_codes = torch.cat([codes[:, partitions["shared"]], codes[:, partitions["chat-only"]]], dim=1)
+        chat = chat_codes @ self.W_dec_chat.flatten(1)
+        return torch.cat([base.view(-1, half, self.d_model), chat.view(-1, half, self.d_model)], dim=1) + self.b_dec
+
+    def _decode_entries(self, values: torch.Tensor, codes: SparseCodes, prefix_sizes: tuple[int, ...]) -> torch.Tensor:
+        """Each model's sources decode the entries of its own latents from its own rows (an exclusive latent's
+        entries skip the other model's half: no zeros are multiplied): [1, batch, n_sources · d_model]."""
+        outputs = []
+        for (taken, model_codes), table in zip(
+            self._model_codes(codes), (self.W_dec_base, self.W_dec_chat), strict=True
+        ):
+            decoded = sparse_decode(values[taken], model_codes, table.flatten(1))
+            outputs.append(decoded.view(codes.batch_size, -1, self.d_model))
+        return torch.cat(outputs, dim=1).view(1, codes.batch_size, -1)
+
+    def _model_codes(self, codes: SparseCodes) -> list[tuple[torch.Tensor, SparseCodes]]:
+        """For the base then the chat model: the entries of ``codes`` it decodes (their positions, [n]) and their
+        codes over that model's decoder rows (the shared latents, then its exclusive ones renumbered after them)."""
+        partitions = self.partitions()
+        latents = codes.latents
+        base_taken = (latents < partitions["base-only"].stop).nonzero().squeeze(1)
+        chat_only = latents >= partitions["chat-only"].start
+        chat_taken = ((latents < partitions["shared"].stop) | chat_only).nonzero().squeeze(1)
+        chat_latents = latents - chat_only * self.exclusive_sizes[0]
+        return [
+            (taken, SparseCodes.from_sorted_indices(codes.rows[taken], model_latents[taken], codes.batch_size, n_rows))
+            for taken, model_latents, n_rows in (
+                (base_taken, latents, self.W_dec_base.shape[0]),
+                (chat_taken, chat_latents, self.W_dec_chat.shape[0]),
+            )
+        ]
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The base initialisation with the structural zeros imposed."""
-        super().reset_parameters(generator)
-        for parameter in self._masked():
+        """The base initialisation (the same random directions), each model's decoder keeping its own latents' rows;
+        with ``exclusive_encoder="own"`` the encoder's structural blocks zeroed."""
+        directions = self._random_directions(generator)
+        for parameter, rows in zip((self.W_dec_base, self.W_dec_chat), self.split_decoder(directions), strict=True):
+            parameter.copy_(rows)
+        self.W_enc.copy_(directions)
+        if self.exclusive_encoder == "own":
             for latents, sources in self.structural_zeros():
-                parameter[latents, sources] = 0
+                self.W_enc[latents, sources] = 0
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient of the structural zeros, so that no optimizer moves them (Adam's moments stay 0)."""
-        for parameter in self._masked():
-            if parameter.grad is not None:
-                for latents, sources in self.structural_zeros():
-                    parameter.grad[latents, sources] = 0
+        """With ``exclusive_encoder="own"``: remove the gradient of the encoder's structural zeros, so that no
+        optimizer moves them (Adam's moments stay 0)."""
+        if self.exclusive_encoder == "own" and self.W_enc.grad is not None:
+            for latents, sources in self.structural_zeros():
+                self.W_enc.grad[latents, sources] = 0
 
     def partition_budgets(self, k: int) -> tuple[int, int, int]:
         """Per-token budgets (shared, base-only, chat-only) when the dictionary keeps ``k`` latents per token (the

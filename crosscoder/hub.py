@@ -22,6 +22,7 @@ from crosscoder.dictionary import (
     FORMAT_VERSION,
     BatchTopKCrossCoder,
     BatchTopKSAE,
+    DedicatedCrossCoder,
     L1CrossCoder,
     SparseDictionary,
 )
@@ -145,8 +146,36 @@ def dictionary_from_state(config: dict[str, Any], state_dict: dict[str, torch.Te
         dictionary = DICTIONARY_CLASSES[class_name](**kwargs)
     except (TypeError, ValueError) as error:
         raise DictionaryFormatError(f"{source}: config.json does not fit {class_name} ({error})") from error
+    if version < 3 and isinstance(dictionary, DedicatedCrossCoder):
+        state_dict = _dedicated_state_from_version_2(dictionary, state_dict, source)
     load_state_dict_checked(dictionary, state_dict, source)
     return dictionary.eval()
+
+
+def _dedicated_state_from_version_2(
+    dictionary: DedicatedCrossCoder, state_dict: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Format 2 stored a dedicated crosscoder's decoder dense (``W_dec``, structural zeros included); format 3 stores
+    each model's rows (``W_dec_base``, ``W_dec_chat``). Split, after checking the blocks dropped are zero."""
+    state_dict = dict(state_dict)
+    dense = state_dict.pop("W_dec", None)
+    if dense is None:
+        return state_dict  # load_state_dict_checked names what is missing
+    expected = (dictionary.dict_size, dictionary.n_sources, dictionary.d_model)
+    if tuple(dense.shape) != expected:
+        raise DictionaryFormatError(f"{source}: W_dec has shape {list(dense.shape)}, its config says {list(expected)}")
+    nonzero = [
+        f"latents {latents.start}:{latents.stop} × sources {sources.start or 0}:{sources.stop or dictionary.n_sources}"
+        for latents, sources in dictionary.structural_zeros()
+        if dense[latents, sources].any()
+    ]
+    if nonzero:
+        raise DictionaryFormatError(
+            f"{source}: a dedicated crosscoder's W_dec must be zero where an exclusive latent meets the other model, "
+            f"but {', '.join(nonzero)} is not: the weights do not belong to this config.json"
+        )
+    state_dict["W_dec_base"], state_dict["W_dec_chat"] = dictionary.split_decoder(dense)
+    return state_dict
 
 
 def _sae_kwargs_from_version_1(kwargs: dict[str, Any], source: str) -> dict[str, Any]:

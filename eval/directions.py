@@ -22,7 +22,7 @@ def decoder_directions(dictionary: SparseDictionary, latents: torch.Tensor | Seq
     ids = torch.as_tensor(latents, dtype=torch.long)
     if ((ids < 0) | (ids >= dictionary.dict_size)).any():
         raise ConfigError(f"latent ids {ids.tolist()[:10]} are out of range for {dictionary.dict_size} latents")
-    decoder = dictionary.W_dec.detach()[ids.to(dictionary.W_dec.device)].float()
+    decoder = dictionary.W_dec.detach()[ids.to(dictionary.b_dec.device)].float()
     scale = dictionary.input_scale.float()
     if dictionary.n_sources == 2:
         return {"base": decoder[:, BASE] / scale[BASE], "chat": decoder[:, CHAT] / scale[CHAT]}

@@ -108,7 +108,7 @@ def top_contexts(
         raise ConfigError(f"latent ids {bad[:10].tolist()} are out of range for {dictionary.dict_size} latents")
     seen = 0
     for chunk in progress_bar(chunks, desc="top contexts", enabled=progress, unit="chunk"):
-        x = chunk.activations.to(dictionary.W_dec.device)
+        x = chunk.activations.to(dictionary.b_dec.device)
         codes = dictionary.encode(dictionary.input_from_pair(x).float(), use_threshold=True)[
             :, contexts.latents.to(x.device)
         ]

@@ -114,7 +114,7 @@ def compute_betas(
     sums = {key: torch.zeros(len(ids), dtype=torch.float64) for key in ("eb", "ec", "rb", "rc", "ff", "n")}
     tokens = 0
     for x in progress_bar(batches, desc="latent scaling", enabled=progress, unit="batch"):
-        x = crosscoder.normalize(x.to(crosscoder.W_dec.device))
+        x = crosscoder.normalize(x.to(crosscoder.b_dec.device))
         codes = crosscoder.select_with_threshold(crosscoder.activations_normalized(x))
         reconstruction = crosscoder.decode_normalized(codes).double()
         f = codes[:, ids.to(codes.device)].double().cpu()  # [B, n]

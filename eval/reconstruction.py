@@ -53,7 +53,7 @@ def reconstruction(
     """Evaluate a dictionary on raw batches (crosscoders: [batch, n_sources, d_model]; SAEs: their own input)."""
     stats = ReconstructionStats()
     for x in progress_bar(batches, desc="reconstruction", enabled=progress, unit="batch"):
-        x = x.to(dictionary.W_dec.device).float()
+        x = x.to(dictionary.b_dec.device).float()
         codes = dictionary.encode(x, use_threshold=True)
         stats.update(dictionary.as_sources(x), dictionary.as_sources(dictionary.decode(codes)), active_counts(codes))
     if stats.tokens == 0:

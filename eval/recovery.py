@@ -47,7 +47,7 @@ def planted_recovery(
     """For each planted latent, its best cosine with the learned decoder directions, both as the dictionary's input
     sees them (the pair for a crosscoder, e.g. chat − base for a diff-SAE) and in raw activation space (the
     dictionary's normalisation undone: ``W_dec[j, s] / input_scale[s]``)."""
-    truth = dictionary.input_from_pair(planted.directions.to(dictionary.W_dec))  # [n, n_sources, d] or [n, d]
+    truth = dictionary.input_from_pair(planted.directions.to(dictionary.b_dec))  # [n, n_sources, d] or [n, d]
     truth = F.normalize(truth.reshape(planted.n_latents, -1), dim=-1)
     learned = dictionary.W_dec / dictionary.input_scale[None, :, None]  # [dict_size, n_sources, d]
     learned = F.normalize(learned.flatten(1), dim=-1)

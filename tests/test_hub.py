@@ -24,6 +24,7 @@ from crosscoder import (
     SparseDictionary,
     load_dictionary,
 )
+from crosscoder.dictionary import FORMAT_VERSION
 
 SOF_FIXTURES = Path(__file__).parent / "fixtures" / "sof"
 D_MODEL, DICT_SIZE, K = 8, 16, 2
@@ -175,7 +176,7 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             BatchTopKCrossCoder(D_MODEL, DICT_SIZE, K, source_names=["base", "chat"], metadata={"layer": 13}),
             {
                 "format": "crosscoder",
-                "format_version": 2,
+                "format_version": FORMAT_VERSION,
                 "dict_class": "BatchTopKCrossCoder",
                 "d_model": 8,
                 "dict_size": 16,
@@ -190,7 +191,7 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             L1CrossCoder(D_MODEL, DICT_SIZE),
             {
                 "format": "crosscoder",
-                "format_version": 2,
+                "format_version": FORMAT_VERSION,
                 "dict_class": "L1CrossCoder",
                 "d_model": 8,
                 "dict_size": 16,
@@ -204,7 +205,7 @@ def test_loaded_dictionary_is_in_eval_mode(tmp_path: Path) -> None:
             BatchTopKSAE(D_MODEL, DICT_SIZE, K, input="base_minus_chat"),
             {
                 "format": "crosscoder",
-                "format_version": 2,
+                "format_version": FORMAT_VERSION,
                 "dict_class": "BatchTopKSAE",
                 "d_model": 8,
                 "dict_size": 16,
@@ -445,11 +446,11 @@ def test_config_json_that_is_not_an_object_is_a_format_error(saved: Path) -> Non
 
 def test_format_version_from_the_future_says_upgrade(saved: Path) -> None:
     config = json.loads((saved / "config.json").read_text())
-    (saved / "config.json").write_text(json.dumps({**config, "format_version": 3}))
+    (saved / "config.json").write_text(json.dumps({**config, "format_version": FORMAT_VERSION + 1}))
     _assert_load_fails_without_touching_files(
         saved,
         DictionaryFormatError,
-        "format version 3, but this crosscoder reads versions up to 2: upgrade crosscoder",
+        f"format version {FORMAT_VERSION + 1}, but this crosscoder reads versions up to {FORMAT_VERSION}: upgrade",
     )
 
 

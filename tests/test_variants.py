@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from planted_runs import PLANTED
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import crosscoder
 from crosscoder import DedicatedCrossCoder, MatryoshkaCrossCoder, MatryoshkaSAE
-from crosscoder.checkpoint import list_checkpoints, load_checkpoint
+from crosscoder.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from crosscoder.distributed import Distributed
-from crosscoder.errors import ConfigError
+from crosscoder.errors import ConfigError, DictionaryFormatError
 from crosscoder.eval.exclusivity import class_counts, latent_classes, relative_norm_difference
 from crosscoder.eval.recovery import exclusive_recovery, planted_recovery
 from crosscoder.sharding import shards_latents
@@ -115,26 +115,111 @@ def test_the_config_checks_the_variants_options_and_refuses_latent_sharding():
         assert not shards_latents(config, 2, 16384)  # auto trains them data-parallel
 
 
-def test_dedicated_structural_zeros_stay_exactly_zero_through_training_and_resume(tmp_path):
-    """The exclusive latents' other-model decoder (and encoder) rows are exactly zero in every checkpoint, with zero
-    Adam moments, and after a resume from the middle checkpoint that ends bitwise where the straight run ended."""
+def test_dedicated_structural_zeros_are_not_stored_and_stay_zero_through_training_and_resume(tmp_path):
+    """Every checkpoint stores each model's decoder rows only (no dense W_dec: ``W_dec_base`` and ``W_dec_chat`` and
+    their Adam moments have the per-model shapes), the encoder's structural blocks and their moments are exactly zero,
+    and a resume from the middle checkpoint ends bitwise where the straight run ended — also when that checkpoint is
+    rewritten as format 2 wrote it (a dense W_dec with zeros, and its moments)."""
     config = small_config(tmp_path)
     straight = crosscoder.train(config, PlantedActivations(PLANTED, config.batch_size, seed=1))["dedicated_crosscoder"]
     blocks = straight.structural_zeros()
+    n_shared = straight.partitions()["shared"].stop
+    per_model = {
+        "W_dec_base": n_shared + straight.exclusive_sizes[0],
+        "W_dec_chat": n_shared + straight.exclusive_sizes[1],
+    }
     checkpoints = list_checkpoints(config.run_dir)
     assert [path.name for path in checkpoints] == ["step_000000010.pt", "step_000000020.pt", "step_000000030.pt"]
     for path in checkpoints:
         state = load_checkpoint(path)["dictionaries"]["dedicated_crosscoder"]
-        moments = state["optimizer"]["state"]
-        for index, name in ((0, "W_enc"), (2, "W_dec")):
-            for latents, sources in blocks:
-                assert not state["state_dict"][name][latents, sources].any(), (path.name, name)
-                for moment in ("exp_avg", "exp_avg_sq"):
-                    assert not moments[index][moment][latents, sources].any(), (path.name, name, moment)
+        weights, moments = state["state_dict"], state["optimizer"]["state"]
+        assert "W_dec" not in weights
+        for index, (name, rows) in enumerate(per_model.items(), start=2):
+            assert weights[name].shape == (rows, 1, straight.d_model), (path.name, name)
+            assert moments[index]["exp_avg"].shape == weights[name].shape, (path.name, name)
+        for latents, sources in blocks:
+            assert not weights["W_enc"][latents, sources].any(), path.name
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert not moments[0][moment][latents, sources].any(), (path.name, moment)
+    middle = checkpoints[1]
+    current = load_checkpoint(middle)
     resumed = resumed_from_the_middle(config, straight)
     for latents, sources in blocks:
         assert not resumed.W_dec[latents, sources].any() and not resumed.W_enc[latents, sources].any()
-    assert (resumed.decoder_norms()[: resumed.partitions()["shared"].stop] > 0).all()
+    assert (resumed.decoder_norms()[:n_shared] > 0).all()
+
+    save_checkpoint(as_format_2(current, resumed), config.run_dir, 20, keep=3)
+    resumed_from_the_middle(config, straight)
+
+
+def as_format_2(checkpoint: dict, like: DedicatedCrossCoder) -> dict:
+    """A format-3 checkpoint of a dedicated crosscoder as format 2 wrote it: the decoder and its Adam moments dense
+    [dict_size, n_sources, d_model] with the structural zeros, parameters W_enc, b_enc, W_dec, b_dec."""
+    state = checkpoint["dictionaries"]["dedicated_crosscoder"]
+    weights, optimizer = dict(state["state_dict"]), state["optimizer"]
+    weights["W_dec"] = like.assemble_decoder(weights.pop("W_dec_base"), weights.pop("W_dec_chat"))
+    moments = optimizer["state"]
+    dense = {name: like.assemble_decoder(moments[2][name], moments[3][name]) for name in ("exp_avg", "exp_avg_sq")}
+    old_moments = {0: moments[0], 1: moments[1], 2: {**moments[2], **dense}, 3: moments[4]}
+    groups = [{**group, "params": [0, 1, 2, 3]} for group in optimizer["param_groups"]]
+    dictionary_state = {
+        **state,
+        "config": {**state["config"], "format_version": 2},
+        "state_dict": weights,
+        "optimizer": {"state": old_moments, "param_groups": groups},
+    }
+    return {**checkpoint, "dictionaries": {"dedicated_crosscoder": dictionary_state}}
+
+
+def test_a_format_2_dedicated_crosscoder_loads_into_per_model_decoders_and_a_wrong_one_is_refused(tmp_path):
+    """A dedicated crosscoder saved by format 2 (a dense W_dec with structural zeros) loads equal to today's; one whose
+    structural blocks are not zero is refused naming the block."""
+    dictionary = variants()[2]
+    dictionary.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    weights["W_dec"] = dictionary.assemble_decoder(weights.pop("W_dec_base"), weights.pop("W_dec_chat"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    save_file(weights, tmp_path / "old" / "model.safetensors")
+    loaded = crosscoder.load_dictionary(tmp_path / "old")
+    for name, tensor in dictionary.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    weights["W_dec"][30, 0, 2] = 0.5  # a chat-only latent's base-model decoder
+    save_file(weights, tmp_path / "old" / "model.safetensors")
+    with pytest.raises(DictionaryFormatError, match=r"latents 27:32 × sources 0:1 is not"):
+        crosscoder.load_dictionary(tmp_path / "old")
+
+
+def test_each_model_decodes_only_its_own_latents_and_matches_the_dense_decode():
+    """The training decode reads each model's rows for its own latents only (an exclusive latent's entries never meet
+    the other model's half), and equals the dense decode with the assembled W_dec — values and gradients, bitwise on
+    the CPU path; the inference decode too."""
+    torch.manual_seed(3)
+    dictionary = DedicatedCrossCoder(6, 40, 5, [7, 9], exclusive_encoder="both")
+    x = dictionary.normalize(torch.randn(48, 2, 6))
+    out = dictionary.training_forward(x)
+    latents = out.codes.latents
+    assert ((latents >= 24) & (latents < 31)).any() and (latents >= 31).any()  # both exclusive partitions decoded
+    (base_taken, base_codes), (chat_taken, chat_codes) = dictionary._model_codes(out.codes)
+    assert (
+        not (latents[base_taken] >= 31).any() and not ((latents[chat_taken] >= 24) & (latents[chat_taken] < 31)).any()
+    )
+    assert base_codes.dict_size == 31 and chat_codes.dict_size == 33
+    assert len(base_taken) + len(chat_taken) == out.codes.nnz + int((latents < 24).sum())
+    target = torch.randn_like(out.reconstruction)
+    (out.reconstruction - target).pow(2).sum().backward()
+    sparse_gradients = [p.grad.clone() for p in (dictionary.W_dec_base, dictionary.W_dec_chat)]
+    dictionary.zero_grad()
+    values = out.values.detach().requires_grad_()
+    dense = dictionary.W_dec  # assembled, differentiable
+    codes = out.codes.to_dense(values)
+    reconstruction = (codes @ dense.flatten(1)).view_as(target) + dictionary.b_dec
+    assert torch.equal(reconstruction, out.reconstruction)
+    (reconstruction - target).pow(2).sum().backward()
+    for parameter, gradient in zip((dictionary.W_dec_base, dictionary.W_dec_chat), sparse_gradients, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dictionary.decode_normalized(codes.detach()), reconstruction.detach())
 
 
 def test_each_variant_trains_and_recovers_planted_latents_beyond_a_random_dictionary(tmp_path):
@@ -169,10 +254,10 @@ def tied_dedicated() -> tuple[DedicatedCrossCoder, torch.Tensor]:
     with torch.no_grad():
         dictionary.W_enc.copy_(torch.randint(-1, 2, dictionary.W_enc.shape))
         dictionary.b_enc.fill_(2)
-        dictionary.W_dec.zero_()[:, :, 0] = 1  # unit decoder rows: c = 2 (shared) or 1 (exclusive) exactly
-        for parameter in (dictionary.W_enc, dictionary.W_dec):
-            for latents, sources in dictionary.structural_zeros():
-                parameter[latents, sources] = 0
+        for decoder in (dictionary.W_dec_base, dictionary.W_dec_chat):
+            decoder.zero_()[:, :, 0] = 1  # unit decoder rows: c = 2 (shared) or 1 (exclusive) exactly
+        for latents, sources in dictionary.structural_zeros():
+            dictionary.W_enc[latents, sources] = 0
     return dictionary, torch.randint(-2, 3, (24, 2, 4)).float()
 
 

@@ -48,7 +48,7 @@ class Trainee:
     def new(cls, architecture: Architecture, dictionary: SparseDictionary, config: TrainConfig) -> Trainee:
         """A trainee for ``dictionary`` with a fresh Adam and schedule and no latent dead yet."""
         optimizer, scheduler = optimizer_and_schedule(dictionary, config)
-        counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.W_dec.device)
+        counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.b_dec.device)
         return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
 
     def step(self, x: torch.Tensor, step: int, config: TrainConfig, context: Distributed) -> torch.Tensor:
@@ -211,6 +211,8 @@ def restore_trainees(
         dictionary = dictionary_from_state(state["config"], state["state_dict"], source=f"checkpoint[{name}]")
         dictionary = dictionary.to(device)
         optimizer_state, counters = state["optimizer"], state["tokens_since_fired"].to(device)
+        if state["config"]["format_version"] < 3 and isinstance(dictionary, DedicatedCrossCoder):
+            optimizer_state = _dedicated_moments_from_version_2(dictionary, optimizer_state)
         if context.latent_parallel:
             optimizer_state = shard_optimizer(optimizer_state, dictionary.dict_size, context)
             counters = shard_rows(counters, dictionary.dict_size, context)
@@ -221,3 +223,17 @@ def restore_trainees(
         trainee.tokens_since_fired = counters
         trainees.append(trainee)
     return trainees
+
+
+def _dedicated_moments_from_version_2(dictionary: DedicatedCrossCoder, state: dict[str, Any]) -> dict[str, Any]:
+    """Adam's state of a dedicated crosscoder checkpointed in format 2 (parameters W_enc, b_enc, a dense W_dec, b_dec)
+    for today's parameters (W_enc, b_enc, W_dec_base, W_dec_chat, b_dec): the decoder's moments split per model as
+    ``crosscoder.hub`` splits the weights (the dropped blocks' moments were zero)."""
+    old = state["state"]
+    new = {new_index: old[old_index] for old_index, new_index in ((0, 0), (1, 1), (3, 4)) if old_index in old}
+    if 2 in old:
+        halves = {name: dictionary.split_decoder(old[2][name]) for name in ("exp_avg", "exp_avg_sq")}
+        for index, model in ((2, 0), (3, 1)):  # each its own step tensor: Adam increments it in place
+            new[index] = {**old[2], "step": old[2]["step"].clone(), **{name: halves[name][model] for name in halves}}
+    groups = [{**group, "params": list(range(5))} for group in state["param_groups"]]
+    return {"state": new, "param_groups": groups}

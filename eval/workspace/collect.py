@@ -65,7 +65,7 @@ def collect_store(
     if resumed:
         source.load_state_dict(_read_meta(part)["position"])
     chunks_done = _read_meta(part)["chunks_done"] if resumed else 0
-    device = dictionary.W_dec.device
+    device = dictionary.b_dec.device
     bar = progress_bar(desc="activation store", enabled=progress and context.is_main, unit="tok", total=max_tokens)
     bar.update(store.tokens)
     for chunk in _chunks(source, store.tokens, max_tokens):
