@@ -54,6 +54,18 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_reduce_async(self, tensor: torch.Tensor) -> dist.Work:
+        """Start summing ``tensor`` over ranks in place; ``wait()`` on the returned work before reading it."""
+        return dist.all_reduce(tensor, async_op=True)
+
+    def reduce_scatter_into(self, out: torch.Tensor, flat: torch.Tensor, *, async_op: bool = False) -> dist.Work | None:
+        """This rank's ``1/N`` chunk (in rank order) of the sum over ranks of ``flat`` [N · m] into ``out`` [m]."""
+        return _reduce_scatter_single(out, flat, async_op=async_op)
+
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor, *, async_op: bool = False) -> dist.Work | None:
+        """Every rank's ``piece`` [m] into ``out`` [N · m], in rank order."""
+        return _all_gather_single(out, piece, async_op=async_op)
+
     def every_process(self, condition: bool) -> bool:
         """Whether ``condition`` holds on every process (so that all stop together instead of one hanging)."""
         if not self.enabled:
@@ -95,8 +107,10 @@ class Distributed:
         return global_batch_size // self.world_size
 
 
-# torch ≥ 2.13 names it all_gather_single (all_gather_into_tensor, its former name, warns there)
+# torch ≥ 2.13 names them all_gather_single and reduce_scatter_single (their former names, all_gather_into_tensor and
+# reduce_scatter_tensor, warn there)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def init_distributed(device: str) -> Distributed:

@@ -17,6 +17,7 @@ from crosscoder.distributed import Distributed
 from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
 from crosscoder.sharding import SHARDED
 from crosscoder.training.schedules import current_k, l1_coefficient
+from crosscoder.training.sharded_optimizer import ShardedAdam
 
 
 @dataclass
@@ -75,7 +76,7 @@ def training_loss(
 
 def training_step(
     dictionary: SparseDictionary,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | ShardedAdam,
     x_normalized: torch.Tensor,
     *,
     step: int,
@@ -84,24 +85,30 @@ def training_step(
     context: Distributed | None = None,
     buffers: StepBuffers | None = None,
 ) -> StepResult:
-    """One optimisation step (see ``training_loss`` for the arguments): backward; under data parallelism the
-    gradients of loss / N are summed over the N processes (their average); the dictionary's gradient constraint
-    (the SAE's decoder-parallel projection); clipping to ``grad_clip``; the optimizer update; the dictionary's
-    parameter constraint (the SAE's unit-norm decoder rows). The learning-rate schedule is the caller's."""
+    """One optimisation step (see ``training_loss`` for the arguments): backward; the dictionary's gradient
+    constraint (the SAE's decoder-parallel projection); under data parallelism the gradients of loss / N summed over
+    the N processes (their average) by the ``ShardedAdam``, each process receiving its slice of the parameters;
+    clipping to ``grad_clip``; the optimizer update; the dictionary's parameter constraint (the SAE's unit-norm
+    decoder rows). The learning-rate schedule is the caller's."""
     context = context or Distributed()
     loss, losses, out = training_loss(
         dictionary, x_normalized, step=step, dead=dead, config=config, context=context, buffers=buffers
     )
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
+        if not isinstance(optimizer, ShardedAdam):
+            raise TypeError(
+                "under data parallelism the optimizer is a ShardedAdam over the processes (Trainee.new builds it), "
+                f"got {type(optimizer).__name__}"
+            )
         (loss / context.world_size).backward()
-        for parameter in dictionary.parameters():
-            if parameter.grad is not None:
-                context.all_reduce(parameter.grad)  # every process then takes the same step
+        dictionary.before_optimizer_step()  # linear in the gradient: the same on the local gradients before the sum
+        optimizer.reduce_gradients()
+        optimizer.clip_(config.grad_clip)
     else:
         loss.backward()
-    dictionary.before_optimizer_step()
-    clip_gradients(dictionary, config.grad_clip, context)
+        dictionary.before_optimizer_step()
+        clip_gradients(dictionary, config.grad_clip, context)
     optimizer.step()
     dictionary.after_optimizer_step()
     return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, out)

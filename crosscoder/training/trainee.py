@@ -27,6 +27,7 @@ from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
 from crosscoder.training.schedules import lr_factor
+from crosscoder.training.sharded_optimizer import ShardedAdam
 from crosscoder.training.step import training_step
 
 
@@ -37,7 +38,7 @@ class Trainee:
     name: str
     architecture: Architecture
     dictionary: SparseDictionary
-    optimizer: torch.optim.Adam
+    optimizer: torch.optim.Adam | ShardedAdam
     scheduler: LambdaLR
     tokens_since_fired: torch.Tensor  # [dict_size] int64
     window: ReconstructionStats = field(default_factory=ReconstructionStats)
@@ -45,9 +46,16 @@ class Trainee:
     loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, architecture: Architecture, dictionary: SparseDictionary, config: TrainConfig) -> Trainee:
-        """A trainee for ``dictionary`` with a fresh Adam and schedule and no latent dead yet."""
-        optimizer, scheduler = optimizer_and_schedule(dictionary, config)
+    def new(
+        cls,
+        architecture: Architecture,
+        dictionary: SparseDictionary,
+        config: TrainConfig,
+        context: Distributed | None = None,
+    ) -> Trainee:
+        """A trainee for ``dictionary`` with a fresh Adam (sharded over data-parallel processes) and schedule and no
+        latent dead yet."""
+        optimizer, scheduler = optimizer_and_schedule(dictionary, config, context or Distributed())
         counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.b_dec.device)
         return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
 
@@ -131,10 +139,17 @@ class Trainee:
         }
 
 
-def optimizer_and_schedule(dictionary: SparseDictionary, config: TrainConfig) -> tuple[torch.optim.Adam, LambdaLR]:
-    """Adam (β = 0.9, 0.999) and the learning-rate schedule of ``crosscoder.training.schedules.lr_factor``."""
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=(0.9, 0.999), fused=True)
-    return optimizer, LambdaLR(optimizer, lambda step: lr_factor(config, step))
+def optimizer_and_schedule(
+    dictionary: SparseDictionary, config: TrainConfig, context: Distributed
+) -> tuple[torch.optim.Adam | ShardedAdam, LambdaLR]:
+    """Adam (β = 0.9, 0.999) — sharded over the processes under data parallelism (``ShardedAdam``) — and the
+    learning-rate schedule of ``crosscoder.training.schedules.lr_factor``."""
+    betas = (0.9, 0.999)
+    if context.data_parallel:
+        optimizer = ShardedAdam(list(dictionary.parameters()), context, lr=config.lr, betas=betas)
+        return optimizer, LambdaLR(optimizer.inner, lambda step: lr_factor(config, step))
+    adam = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=betas, fused=True)
+    return adam, LambdaLR(adam, lambda step: lr_factor(config, step))
 
 
 def resolved_dict_size(config: TrainConfig, d_model: int) -> int:
@@ -196,7 +211,7 @@ def start_trainees(
                 dictionary.b_dec.copy_(first.mean(dim=0))
         if context.latent_parallel:  # every process built the same whole dictionary; keep this one's latents
             dictionary = shard(dictionary, context)
-        trainees.append(Trainee.new(architecture, dictionary, config))
+        trainees.append(Trainee.new(architecture, dictionary, config, context))
     return trainees
 
 
@@ -217,7 +232,7 @@ def restore_trainees(
             optimizer_state = shard_optimizer(optimizer_state, dictionary.dict_size, context)
             counters = shard_rows(counters, dictionary.dict_size, context)
             dictionary = shard(dictionary, context)
-        trainee = Trainee.new(architecture, dictionary, config)
+        trainee = Trainee.new(architecture, dictionary, config, context)
         trainee.optimizer.load_state_dict(optimizer_state)
         trainee.scheduler.load_state_dict(state["scheduler"])
         trainee.tokens_since_fired = counters

@@ -1,0 +1,126 @@
+"""Adam sharded over data-parallel processes (docs/architecture.md §7, ZeRO stage 2): each of N processes keeps
+Adam's moments for, and updates, 1/N of every parameter whose size splits evenly (a contiguous slice of its
+flattened values); the gradients are reduce-scattered (each process receives the sum of its slice only) and the
+updated slices all-gathered into every process's parameters. The other parameters (a size that does not split) are
+all-reduced and updated whole on every process, as before.
+
+Per step and process this moves the same bytes as all-reducing every gradient (an all-reduce is a reduce-scatter
+then an all-gather) but runs Adam over 1/N of the parameters and holds 1/N of its moments. The collectives of all
+parameters are issued together and awaited once, so they overlap one another (and, on a GPU, the update).
+
+Checkpoints hold Adam's state in the layout of one process (``state_dict`` gathers it; ``load_state_dict`` takes
+this process's slices), so a checkpoint does not depend on how its run was parallelised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from crosscoder.distributed import Distributed
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class ShardedAdam:
+    """Adam over ``parameters`` (each on every process, equal there), sharded over the processes of ``context``.
+
+    Call ``reduce_gradients`` after the backward (local gradients of loss / N), then ``clip_`` and ``step``.
+    ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it)."""
+
+    def __init__(
+        self, parameters: list[torch.nn.Parameter], context: Distributed, lr: float, betas: tuple[float, float]
+    ) -> None:
+        self.parameters, self.context = list(parameters), context
+        world = context.world_size
+        self.sharded = [parameter.numel() % world == 0 for parameter in self.parameters]
+        # views into the parameters: a change the dictionary makes to them (the SAE's renormalisation) is Adam's too
+        self.slices = [
+            parameter.detach().view(-1).chunk(world)[context.rank] if sharded else parameter
+            for parameter, sharded in zip(self.parameters, self.sharded, strict=True)
+        ]
+        self.inner = torch.optim.Adam(self.slices, lr=lr, betas=betas, fused=True)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def reduce_gradients(self) -> None:
+        """Sum the processes' gradients: each sharded parameter's slice into its slice's ``grad`` (reduce-scatter),
+        the others in place (all-reduce); all issued at once, then awaited."""
+        handles, local = [], []  # the local gradients stay referenced until their collectives are done
+        for parameter, piece, sharded in zip(self.parameters, self.slices, self.sharded, strict=True):
+            if parameter.grad is None:
+                continue
+            if sharded:
+                piece.grad = torch.empty_like(piece)
+                local.append(parameter.grad)
+                handles.append(self.context.reduce_scatter_into(piece.grad, parameter.grad.view(-1), async_op=True))
+                parameter.grad = None  # past the reduction only the slice's sum is needed
+            else:
+                handles.append(self.context.all_reduce_async(parameter.grad))
+        for handle in handles:
+            handle.wait()
+
+    def clip_(self, max_norm: float) -> None:
+        """Scale the reduced gradients so that their global norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does in one process (the slices' squares summed over processes, the whole
+        parameters' counted once)."""
+        sliced, whole = torch.zeros(()), torch.zeros(())
+        for piece, sharded in zip(self.slices, self.sharded, strict=True):
+            if piece.grad is not None:
+                square = torch.linalg.vector_norm(piece.grad).square()
+                sliced, whole = (sliced + square, whole) if sharded else (sliced, whole + square)
+        total = (self.context.all_reduce(sliced) + whole).sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for piece in self.slices:
+            if piece.grad is not None:
+                piece.grad.mul_(scale)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Adam on this process's slices (and the whole parameters), then every process's slices all-gathered into
+        the parameters."""
+        self.inner.step()
+        inputs = [piece.clone() if sharded else None for piece, sharded in zip(self.slices, self.sharded, strict=True)]
+        handles = [  # the inputs are copies (an input must not alias its output), referenced until done
+            self.context.all_gather_into(parameter.detach().view(-1), piece, async_op=True)
+            for parameter, piece in zip(self.parameters, inputs, strict=True)
+            if piece is not None
+        ]
+        for handle in handles:
+            handle.wait()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adam's state as one process's Adam over the whole parameters would hold it (a collective call)."""
+        state = self.inner.state_dict()
+        gathered = {}
+        for index, moments in state["state"].items():
+            parameter, sharded = self.parameters[int(index)], self.sharded[int(index)]
+            gathered[index] = {
+                key: self._gather(value).view_as(parameter) if sharded and key in MOMENTS else value
+                for key, value in moments.items()
+            }
+        return {"state": gathered, "param_groups": state["param_groups"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load Adam's state in one process's layout (``state_dict``'s), keeping this process's slices."""
+        sliced = {}
+        for index, moments in state["state"].items():
+            sharded = self.sharded[int(index)]
+            sliced[index] = {
+                key: self._slice(value) if sharded and key in MOMENTS else value for key, value in moments.items()
+            }
+        self.inner.load_state_dict({"state": sliced, "param_groups": state["param_groups"]})
+
+    def _gather(self, piece: torch.Tensor) -> torch.Tensor:
+        return self.context.all_gather_rows(piece.contiguous())
+
+    def _slice(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole.reshape(-1).chunk(self.context.world_size)[self.context.rank].clone()

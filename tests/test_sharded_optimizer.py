@@ -1,0 +1,111 @@
+"""``ShardedAdam`` (crosscoder.training.sharded_optimizer) on two real gloo processes against one process's torch
+Adam fed the summed gradients: the same parameters after every step (Adam is elementwise: bitwise where no clipping
+scales; to rounding where the clip norm is summed in another order), a change made to a parameter between steps
+(the SAE's renormalisation) seen by the update, each process holding half the moments, and the state saved in one
+process's layout and loaded back."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from crosscoder.distributed import Distributed
+from crosscoder.training.sharded_optimizer import ShardedAdam
+
+SHAPES = [(6, 2, 4), (6,), (3, 5)]  # split evenly over 2 processes, twice; (3, 5) has 15 values: updated whole
+STEPS = 4
+
+
+def parameters() -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
+
+
+def local_gradients(step: int, rank: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    return [torch.randn(shape, generator=generator) for shape in SHAPES]
+
+
+def renormalise(params: list[torch.nn.Parameter]) -> None:
+    """A constraint applied between steps, in place (as the SAE renormalises its decoder rows)."""
+    with torch.no_grad():
+        params[0].div_(params[0].norm(dim=-1, keepdim=True))
+
+
+def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        params = parameters()
+        optimizer = ShardedAdam(params, Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
+        history = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            for parameter, gradient in zip(params, local_gradients(step, rank), strict=True):
+                parameter.grad = gradient.clone()
+            optimizer.reduce_gradients()
+            optimizer.clip_(max_norm)
+            optimizer.step()
+            renormalise(params)
+            history.append([parameter.detach().clone() for parameter in params])
+        moments = [optimizer.inner.state[piece]["exp_avg"].numel() for piece in optimizer.slices]
+        state = optimizer.state_dict()
+        reloaded = ShardedAdam(parameters(), Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
+        reloaded.load_state_dict(state)
+        torch.save(
+            {"history": history, "moments": moments, "state": state, "reloaded": reloaded.state_dict()},
+            Path(folder) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_processes(folder: Path, max_norm: float) -> list[dict]:
+    with socket.socket() as probe:  # a free port: bind to 0 and read it back
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_worker, args=(str(folder), port, max_norm), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+
+
+def one_process(max_norm: float) -> tuple[list[list[torch.Tensor]], dict]:
+    params = parameters()
+    optimizer = torch.optim.Adam(params, lr=0.1, betas=(0.9, 0.999), fused=True)
+    history = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        for parameter, first, second in zip(params, local_gradients(step, 0), local_gradients(step, 1), strict=True):
+            parameter.grad = first + second
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        renormalise(params)
+        history.append([parameter.detach().clone() for parameter in params])
+    return history, optimizer.state_dict()
+
+
+def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradients(tmp_path):
+    ranks = run_two_processes(tmp_path, max_norm=1e9)  # no clipping: bitwise
+    history, state = one_process(max_norm=1e9)
+    for rank in ranks:
+        for step, (got, expected) in enumerate(zip(rank["history"], history, strict=True)):
+            for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+                assert torch.equal(a, b), (step, index)
+    # each process holds half of each evenly split parameter's moments, all of the other one's
+    assert [rank["moments"] for rank in ranks] == [[24, 3, 15], [24, 3, 15]]
+    for rank in ranks:  # saved in one process's layout: the one-process Adam's state
+        for index, moments in state["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(rank["state"]["state"][index][key], value), (index, key)
+                assert torch.equal(rank["reloaded"]["state"][index][key], value), (index, key)
+
+
+def test_sharded_adam_clips_to_the_global_norm_of_the_summed_gradients(tmp_path):
+    ranks = run_two_processes(tmp_path, max_norm=0.5)
+    history, _ = one_process(max_norm=0.5)
+    for rank in ranks:
+        for got, expected in zip(rank["history"], history, strict=True):
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
