@@ -1,15 +1,17 @@
 """Multi-process scaling: training tokens/s with 2 processes against 1 (torchrun, gloo on CPU / NCCL on GPU), with
-``--parallelism data`` and ``--parallelism latents``.
+``--parallelism data`` (gradients all-reduced, and with ``--shard-optimizer yes``: Adam sharded, gradients
+reduce-scattered, updates all-gathered) and ``--parallelism latents``.
 
 Each process is held to the same number of threads (``--threads``, default 1), so the ratio measures the
 parallel code, not the cores a lone process would borrow. Every run trains a BatchTopK crosscoder on the same
 global batches of an activation file (random paired activations written once; each process reads its rows).
 Throughput is read from each run's ``metrics.jsonl`` (one window per ``--log-every`` steps, the first window
-dropped). The three settings run in turn ``--repeats`` times, so that a slow spell of a shared machine hits them
+dropped). The four settings run in turn ``--repeats`` times, so that a slow spell of a shared machine hits them
 alike, and each figure is the median over all of its windows.
 Ends with one line of JSON: ``scaling_2_procs`` = tokens/s with 2 processes / with 1 under the default
 ``--parallelism auto`` (``auto_parallelism`` says which mode it picks at these shapes), and the same ratio for
-each mode (``scaling_2_procs_data_parallel``, ``scaling_2_procs_latent_sharded``).
+each setting (``scaling_2_procs_data_parallel``, ``scaling_2_procs_data_parallel_sharded_optimizer``,
+``scaling_2_procs_latent_sharded``).
 
     python bench/scaling.py
     python bench/scaling.py --dict-size 65536 --batch-size 8192 --device cuda   # on 2 GPUs
@@ -33,13 +35,20 @@ from crosscoder.config import TrainConfig
 from crosscoder.sharding import shards_latents
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
-SETTINGS = {"1_proc": (1, "data"), "2_procs_data_parallel": (2, "data"), "2_procs_latent_sharded": (2, "latents")}
+SETTINGS = {  # processes, --parallelism, --shard-optimizer
+    "1_proc": (1, "data", "no"),
+    "2_procs_data_parallel": (2, "data", "no"),
+    "2_procs_data_parallel_sharded_optimizer": (2, "data", "yes"),
+    "2_procs_latent_sharded": (2, "latents", "no"),
+}
 
 
-def window_rates(processes: int, parallelism: str, args: argparse.Namespace, folder: Path) -> list[float]:
+def window_rates(
+    processes: int, parallelism: str, shard_optimizer: str, args: argparse.Namespace, folder: Path
+) -> list[float]:
     """Tokens/s of each logged window after the first, for one training run."""
     output = Path(tempfile.mkdtemp(dir=folder))
-    flags = ["--parallelism", parallelism]
+    flags = ["--parallelism", parallelism, "--shard-optimizer", shard_optimizer]
     flags += ["--activations", str(folder / "activations.safetensors"), "--run-name", "scaling"]
     flags += ["--architectures", "batchtopk", "--batch-size", str(args.batch_size), "--dict-size", str(args.dict_size)]
     flags += ["--k", str(args.k), "--num-tokens", str(args.batch_size * args.steps), "--warmup-steps", "5"]
@@ -72,19 +81,20 @@ def main() -> None:
         activations = torch.randn(args.batch_size * 8, 2, args.d_model, generator=generator)
         save_file({"activations": activations}, Path(folder) / "activations.safetensors")
         for _ in range(args.repeats):
-            for name, (processes, parallelism) in SETTINGS.items():
-                rates[name] += window_rates(processes, parallelism, args, Path(folder))
+            for name, (processes, parallelism, shard_optimizer) in SETTINGS.items():
+                rates[name] += window_rates(processes, parallelism, shard_optimizer, args, Path(folder))
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(", ".join(f"{name}: {value:,.0f} tokens/s" for name, value in median.items()))
     figures = {f"tokens_per_second_{name}": round(value) for name, value in median.items()}
-    for name in ("2_procs_data_parallel", "2_procs_latent_sharded"):
-        figures[f"scaling_{name}"] = round(median[name] / median["1_proc"], 3)
+    for name in SETTINGS:
+        if name != "1_proc":
+            figures[f"scaling_{name}"] = round(median[name] / median["1_proc"], 3)
     config = TrainConfig(batch_size=args.batch_size, dict_size=args.dict_size, k=args.k)
     auto = "latents" if shards_latents(config, 2, args.dict_size) else "data"
     figures["auto_parallelism"] = auto
-    figures["scaling_2_procs"] = figures[
-        "scaling_2_procs_latent_sharded" if auto == "latents" else "scaling_2_procs_data_parallel"
-    ]
+    sharded_optimizer = args.device.startswith("cuda")  # --shard-optimizer auto: on NCCL
+    data = "scaling_2_procs_data_parallel" + ("_sharded_optimizer" if sharded_optimizer else "")
+    figures["scaling_2_procs"] = figures["scaling_2_procs_latent_sharded" if auto == "latents" else data]
     settings = {"device": args.device, "threads_per_process": args.threads, "batch_size": args.batch_size}
     settings.update({"d_model": args.d_model, "dict_size": args.dict_size, "k": args.k, "repeats": args.repeats})
     print(json.dumps({**settings, **figures}))

@@ -188,6 +188,13 @@ class TrainConfig:
     dictionary state per device); ``auto`` picks ``latents`` when dict_size ≥ batch_size, the latents split evenly
     and no dictionary is an L1 crosscoder, else ``data``."""
 
+    shard_optimizer: Literal["auto", "yes", "no"] = "auto"
+    """Under ``--parallelism data``: shard Adam over the processes (each holds the moments of, and updates, 1/N of
+    the parameters; the gradients reduce-scattered, the updates all-gathered; docs/architecture.md §7), or all-reduce
+    the gradients and update everything on every process (``no``). ``auto`` shards on NCCL, where a reduce-scatter
+    and an all-gather move the bytes of one all-reduce, and not on gloo, whose reduce-scatter and all-gather took
+    3.1× its all-reduce on this project's CPU machine (bench/scaling.py)."""
+
     # ---------------------------------------------------------------- run
     seed: int = 0
     """Seed of initialisation and data order."""
@@ -515,6 +522,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "chat_device",
         "prefetch_blocks",
         "parallelism",  # both modes read the same shares and write consolidated checkpoints
+        "shard_optimizer",  # checkpoints hold Adam's state in one process's layout either way
     }
 )
 

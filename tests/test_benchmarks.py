@@ -40,7 +40,12 @@ FIGURES = {
     ],
     "selection.py": ["n_keep"],
     "stream.py": ["ratio_to_floor", "ratio_to_truncated", "layer_stop_speedup"],
-    "scaling.py": ["scaling_2_procs", "scaling_2_procs_data_parallel", "scaling_2_procs_latent_sharded"],
+    "scaling.py": [
+        "scaling_2_procs",
+        "scaling_2_procs_data_parallel",
+        "scaling_2_procs_data_parallel_sharded_optimizer",
+        "scaling_2_procs_latent_sharded",
+    ],
 }
 
 

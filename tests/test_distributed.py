@@ -116,6 +116,25 @@ def test_two_processes_train_the_same_variants_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_with_the_sharded_optimizer_train_as_one_and_resume_bitwise(tmp_path):
+    """``--shard-optimizer yes`` on gloo (``auto`` shards on NCCL only): each process updates half of every
+    parameter; the dictionaries equal one process's (the SAE's renormalised decoder and the dedicated crosscoder's
+    per-model decoders included), and a resume from the middle checkpoint ends bitwise where the run ended."""
+    names = ("batchtopk_crosscoder", "diff_sae", "dedicated_crosscoder")
+    arguments = [*ARGS, "--architectures", "batchtopk", "diff_sae", "dedicated", "--shard-optimizer", "yes"]
+    arguments += ["--keep-checkpoints", "3"]
+    assert_two_processes_train_as_one(tmp_path, arguments, names)
+    run_dir = tmp_path / "two" / "synthetic"
+    straight = {name: load_file(run_dir / name / "model.safetensors") for name in names}
+    (run_dir / "checkpoints" / "step_000000030.pt").unlink()
+    run([*torchrun(), str(TRAIN), *arguments, "--output-dir", str(tmp_path / "two"), "--resume"], tmp_path)
+    for name, tensors in straight.items():
+        resumed = load_file(run_dir / name / "model.safetensors")
+        for key, value in tensors.items():
+            assert torch.equal(value, resumed[key]), f"{name}.{key} differs after resume"
+
+
+@pytest.mark.slow
 def test_two_processes_train_a_dedicated_crosscoder_with_per_partition_budgets_as_one(tmp_path):
     """Each partition's own BatchTopK and θ are global over the processes (docs/methods.md §12.2)."""
     budgets = [*ARGS, "--architectures", "dedicated", "--exclusive-k", "1", "1", "--num-tokens", "5120"]

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
-from crosscoder.training.sharded_optimizer import ShardedAdam
+from crosscoder.training.sharded_optimizer import ShardedAdam, shards_optimizer
 
 SHAPES = [(6, 2, 4), (6,), (3, 5)]  # split evenly over 2 processes, twice; (3, 5) has 15 values: updated whole
 STEPS = 4
@@ -39,6 +40,8 @@ def renormalise(params: list[torch.nn.Parameter]) -> None:
 def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        context = Distributed(rank=rank, world_size=2)
+        choices = [shards_optimizer(TrainConfig(shard_optimizer=choice), context) for choice in ("auto", "yes", "no")]
         params = parameters()
         optimizer = ShardedAdam(params, Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
         history = []
@@ -56,7 +59,13 @@ def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
         reloaded = ShardedAdam(parameters(), Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
         reloaded.load_state_dict(state)
         torch.save(
-            {"history": history, "moments": moments, "state": state, "reloaded": reloaded.state_dict()},
+            {
+                "history": history,
+                "moments": moments,
+                "state": state,
+                "reloaded": reloaded.state_dict(),
+                "choices": choices,
+            },
             Path(folder) / f"rank{rank}.pt",
         )
     finally:
@@ -93,6 +102,7 @@ def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradien
         for step, (got, expected) in enumerate(zip(rank["history"], history, strict=True)):
             for index, (a, b) in enumerate(zip(got, expected, strict=True)):
                 assert torch.equal(a, b), (step, index)
+    assert [rank["choices"] for rank in ranks] == [[False, True, False]] * 2  # auto: not on gloo
     # each process holds half of each evenly split parameter's moments, all of the other one's
     assert [rank["moments"] for rank in ranks] == [[24, 3, 15], [24, 3, 15]]
     for rank in ranks:  # saved in one process's layout: the one-process Adam's state

@@ -8,6 +8,10 @@ Per step and process this moves the same bytes as all-reducing every gradient (a
 then an all-gather) but runs Adam over 1/N of the parameters and holds 1/N of its moments. The collectives of all
 parameters are issued together and awaited once, so they overlap one another (and, on a GPU, the update).
 
+Used under data parallelism when ``TrainConfig.shard_optimizer`` says so (``shards_optimizer``): by default on NCCL
+only — gloo's reduce-scatter and all-gather took 3.1× its all-reduce on this project's CPU machine, more than the
+halved Adam saves (README, bench/scaling.py).
+
 Checkpoints hold Adam's state in the layout of one process (``state_dict`` gathers it; ``load_state_dict`` takes
 this process's slices), so a checkpoint does not depend on how its run was parallelised.
 """
@@ -18,9 +22,17 @@ from typing import Any
 
 import torch
 
+from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def shards_optimizer(config: TrainConfig, context: Distributed) -> bool:
+    """Whether this run's data-parallel processes shard Adam (``TrainConfig.shard_optimizer``; ``auto``: on NCCL)."""
+    if not context.data_parallel or config.shard_optimizer == "no":
+        return False
+    return config.shard_optimizer == "yes" or torch.distributed.get_backend() == "nccl"
 
 
 class ShardedAdam:

@@ -87,7 +87,7 @@ def training_step(
 ) -> StepResult:
     """One optimisation step (see ``training_loss`` for the arguments): backward; the dictionary's gradient
     constraint (the SAE's decoder-parallel projection); under data parallelism the gradients of loss / N summed over
-    the N processes (their average) by the ``ShardedAdam``, each process receiving its slice of the parameters;
+    the N processes (their average: all-reduced, or reduce-scattered by a ``ShardedAdam`` into each process's slice);
     clipping to ``grad_clip``; the optimizer update; the dictionary's parameter constraint (the SAE's unit-norm
     decoder rows). The learning-rate schedule is the caller's."""
     context = context or Distributed()
@@ -96,15 +96,16 @@ def training_step(
     )
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
-        if not isinstance(optimizer, ShardedAdam):
-            raise TypeError(
-                "under data parallelism the optimizer is a ShardedAdam over the processes (Trainee.new builds it), "
-                f"got {type(optimizer).__name__}"
-            )
         (loss / context.world_size).backward()
         dictionary.before_optimizer_step()  # linear in the gradient: the same on the local gradients before the sum
-        optimizer.reduce_gradients()
-        optimizer.clip_(config.grad_clip)
+        if isinstance(optimizer, ShardedAdam):
+            optimizer.reduce_gradients()
+            optimizer.clip_(config.grad_clip)
+        else:  # every process then takes the same step
+            gradients = [parameter.grad for parameter in dictionary.parameters() if parameter.grad is not None]
+            for handle in [context.all_reduce_async(gradient) for gradient in gradients]:
+                handle.wait()
+            clip_gradients(dictionary, config.grad_clip, context)
     else:
         loss.backward()
         dictionary.before_optimizer_step()

@@ -27,7 +27,7 @@ from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
 from crosscoder.training.schedules import lr_factor
-from crosscoder.training.sharded_optimizer import ShardedAdam
+from crosscoder.training.sharded_optimizer import ShardedAdam, shards_optimizer
 from crosscoder.training.step import training_step
 
 
@@ -53,8 +53,8 @@ class Trainee:
         config: TrainConfig,
         context: Distributed | None = None,
     ) -> Trainee:
-        """A trainee for ``dictionary`` with a fresh Adam (sharded over data-parallel processes) and schedule and no
-        latent dead yet."""
+        """A trainee for ``dictionary`` with a fresh Adam (see ``optimizer_and_schedule``) and schedule and no latent
+        dead yet."""
         optimizer, scheduler = optimizer_and_schedule(dictionary, config, context or Distributed())
         counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.b_dec.device)
         return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
@@ -142,10 +142,10 @@ class Trainee:
 def optimizer_and_schedule(
     dictionary: SparseDictionary, config: TrainConfig, context: Distributed
 ) -> tuple[torch.optim.Adam | ShardedAdam, LambdaLR]:
-    """Adam (β = 0.9, 0.999) — sharded over the processes under data parallelism (``ShardedAdam``) — and the
-    learning-rate schedule of ``crosscoder.training.schedules.lr_factor``."""
+    """Adam (β = 0.9, 0.999) — sharded over data-parallel processes when ``shards_optimizer`` says so
+    (``ShardedAdam``) — and the learning-rate schedule of ``crosscoder.training.schedules.lr_factor``."""
     betas = (0.9, 0.999)
-    if context.data_parallel:
+    if shards_optimizer(config, context):
         optimizer = ShardedAdam(list(dictionary.parameters()), context, lr=config.lr, betas=betas)
         return optimizer, LambdaLR(optimizer.inner, lambda step: lr_factor(config, step))
     adam = torch.optim.Adam(dictionary.parameters(), lr=config.lr, betas=betas, fused=True)
