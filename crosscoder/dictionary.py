@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from crosscoder.blocked_selection import StepBuffers, select_in_row_blocks
 from crosscoder.dictionary_input import CHAT_MINUS_BASE, PAIRED, DictionaryInput
 from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
+from crosscoder.kernels.backend import resolve_backend
 from crosscoder.kernels.batch_topk import batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import prefix_decode, sparse_decode
@@ -51,13 +53,16 @@ class TrainingOutput:
     codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
     prefix_reconstructions: [n_prefixes, batch, n_sources, d_model] the reconstructions from the selected latents
     below each of ``prefix_sizes`` (one prefix, the whole dictionary, except for Matryoshka dictionaries);
-    scores: [batch, dict_size] the ranked ``f · c`` without gradients (BatchTopK; AuxK picks dead latents from them,
-    else None; held in the ``StepBuffers`` when the call got them, so overwritten by the next such call);
+    scores: [batch, dict_size] the ranked ``f · c`` without gradients (BatchTopK, else None; held in the
+    ``StepBuffers`` when the call got them, so overwritten by the next such call; None when the CPU training forward
+    selected without forming them, ``crosscoder.blocked_selection``);
     encoder_input: [batch, n_sources · d_model] what the encoder multiplied;
     encoder_center: [n_sources · d_model] ``b_dec`` when ``encoder_input`` is ``x̃ − b_dec`` formed without autograd: the
     encoder's gradient reaches ``b_dec`` through it (``gather_active``'s ``center``), else None;
     min_kept_score: smallest kept ``f · c`` (BatchTopK only, else None) for the θ EMA: 0-d, or one per partition
-    ([3]) for a dedicated crosscoder with per-partition budgets.
+    ([3]) for a dedicated crosscoder with per-partition budgets;
+    dead_columns: from that blocked forward, the dead latents (ascending, [n_dead]) and their scores [batch, n_dead]
+    (AuxK ranks them); else None.
     """
 
     codes: SparseCodes
@@ -67,6 +72,7 @@ class TrainingOutput:
     encoder_input: torch.Tensor
     encoder_center: torch.Tensor | None
     min_kept_score: torch.Tensor | None
+    dead_columns: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def reconstruction(self) -> torch.Tensor:
@@ -80,31 +86,6 @@ class TrainingOutput:
     def active_counts(self) -> torch.Tensor:
         """[dict_size] tokens of the batch on which each latent was selected."""
         return torch.bincount(self.codes.latents, minlength=self.codes.dict_size)
-
-
-CANDIDATE_MARGIN = 0.9
-"""The next step's BatchTopK candidates are the scores ≥ 0.9 × this step's threshold: low enough that θ rarely drops
-below it between steps (else the full select runs), high enough to leave a small fraction of the scores."""
-
-
-class StepBuffers:
-    """The large temporaries of a training step (the ``[batch, dict_size]`` scores, the scaled encoder), kept from one
-    step to the next: on CPU a fresh allocation of that size is paged in (and zeroed by the kernel) on every step.
-    Tensors a step returns (``TrainingOutput.scores``) alias them and are overwritten by the next step."""
-
-    def __init__(self) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
-        self.candidate_bound: float | None = None
-        """A lower bound for the next BatchTopK selection's candidates (CPU): this step's threshold lowered by
-        ``CANDIDATE_MARGIN`` (``crosscoder.kernels.batch_topk``'s ``candidate_bound``; the selection is exact
-        whatever it is)."""
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
-        tensor = self._tensors.get(name)
-        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
-            tensor = self._tensors[name] = like.new_empty(shape)
-        return tensor
 
 
 class SparseDictionary(
@@ -271,27 +252,23 @@ class SparseDictionary(
         return codes.to_dense(codes.gather(activations))
 
     @torch.no_grad()
-    def _select(
-        self, scores: torch.Tensor, k: int, context: Distributed, buffers: StepBuffers | None = None
-    ) -> tuple[SparseCodes, torch.Tensor]:
+    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
         """BatchTopK on scores [batch, dict_size] (``f · c ≥ 0``): the ``k · B`` largest of the global batch (B rows
         over every data-parallel process; with latent sharding over every process's latents), by radix select (see
-        ``crosscoder.kernels``). Returns the kept entries and the smallest kept score (0-d), the input of the θ EMA.
-        With the training loop's ``buffers`` on CPU, the previous step's threshold bounds the candidates (the same
-        selection, one pass over the scores fewer when it holds; docs/methods.md §4.2)."""
-        n_keep = k * scores.shape[0] * (context.world_size if context.data_parallel else 1)
+        ``crosscoder.kernels``). Returns the kept entries and the smallest kept score (0-d), the input of the θ EMA."""
         selection = batch_topk(
             scores,
-            n_keep,
+            _n_keep(k, scores.shape[0], context),
             context.all_reduce if context.enabled else None,
             rank=context.rank,
             world_size=context.world_size,
-            candidate_bound=None if buffers is None else buffers.candidate_bound,
         )
-        if buffers is not None and scores.device.type == "cpu":  # reading the threshold syncs a GPU: CPU only
-            buffers.candidate_bound = CANDIDATE_MARGIN * float(selection.threshold)
         codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
         return codes, selection.threshold
+
+    selects_in_row_blocks: ClassVar[bool] = True
+    """Whether the training forward on CPU may select without the whole score matrix (``select_in_row_blocks``):
+    one BatchTopK over all latents (a dedicated crosscoder with per-partition budgets selects per partition)."""
 
     def training_forward(
         self,
@@ -299,18 +276,21 @@ class SparseDictionary(
         k: int | None = None,
         context: Distributed | None = None,
         buffers: StepBuffers | None = None,
+        dead: torch.Tensor | None = None,
     ) -> TrainingOutput:
         """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model];
         ``k`` overrides the configured k (k-annealing); with a data-parallel ``context`` the BatchTopK selection
         runs over the global batch (its radix-select histograms are all-reduced); ``buffers``: reuse the large
-        temporaries of the previous call (the training loop's; the returned scores are then overwritten by the next).
+        temporaries of the previous call (the training loop's; the returned scores are then overwritten by the next),
+        and on the reference (CPU) backend select without forming the whole score matrix
+        (``crosscoder.blocked_selection``), keeping the columns of the ``dead`` latents ([dict_size] bool) for AuxK.
 
         The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
         """
         encoder_input, center = self._training_encoder_input(x_normalized, context)
         W_enc = self.W_enc.flatten(1)
-        scores = min_kept = None
+        scores = min_kept = dead_columns = None
         with torch.no_grad():
             if self.uses_batch_topk:
                 # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
@@ -321,11 +301,22 @@ class SparseDictionary(
                     c = self.code_norms()
                     scaled = None if buffers is None else buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
                     weight, bias = torch.mul(W_enc, c[:, None], out=scaled), self.b_enc * c
-                shape = (encoder_input.shape[0], W_enc.shape[0])
-                scores = None if buffers is None else buffers.get("scores", shape, W_enc)
-                scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
-                codes, min_kept = self._select(scores, k or self.k, context or Distributed(), buffers)
-                kept = codes.gather(scores)
+                context = context or Distributed()
+                in_blocks = buffers is not None and resolve_backend(encoder_input.device) == "reference"
+                if in_blocks and self.selects_in_row_blocks:
+                    n_keep = _n_keep(k or self.k, encoder_input.shape[0], context)
+                    found = select_in_row_blocks(encoder_input, weight, bias, n_keep, context, buffers, dead)
+                    selection, kept, scores = found.selection, found.kept_scores, found.scores
+                    codes = SparseCodes.from_sorted_indices(
+                        selection.rows, selection.latents, selection.batch_size, selection.dict_size
+                    )
+                    min_kept, dead_columns = selection.threshold, found.dead_columns
+                else:
+                    shape = (encoder_input.shape[0], W_enc.shape[0])
+                    scores = None if buffers is None else buffers.get("scores", shape, W_enc)
+                    scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
+                    codes, min_kept = self._select(scores, k or self.k, context)
+                    kept = codes.gather(scores)
                 if c is not None:
                     kept = kept / c[codes.latents]
             else:
@@ -335,7 +326,7 @@ class SparseDictionary(
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center))
         decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes), context)
         reconstructions = decoded.view(len(self.prefix_sizes), -1, self.n_sources, self.d_model) + self.b_dec
-        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, center, min_kept)
+        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, center, min_kept, dead_columns)
 
     def _training_encoder_input(
         self, x_normalized: torch.Tensor, context: Distributed | None
@@ -373,9 +364,19 @@ class SparseDictionary(
         sharded = context is not None and context.latent_parallel
         if k_aux <= 0 or (dead.device.type == "cpu" and not sharded and not bool(dead.any())):
             return None
-        batch = out.scores.shape[0]
+        batch = out.encoder_input.shape[0]
         with torch.no_grad():
-            picks, picked_scores = _top_dead_latents(out.scores, dead, k_aux, columns=dead.device.type == "cpu")
+            if out.scores is not None:
+                picks, picked_scores = _top_dead_latents(out.scores, dead, k_aux, columns=dead.device.type == "cpu")
+            elif out.dead_columns is not None:  # the blocked forward kept the dead latents' columns
+                picks, picked_scores = _top_of_columns(*out.dead_columns, k_aux)
+            elif bool(dead.any()):
+                raise ValueError(
+                    "training_forward selected without the whole scores but was not given the dead latents"
+                )
+            else:  # none dead here (others may be, on other processes' latents)
+                no_latent = dead.nonzero().squeeze(1)
+                picks, picked_scores = _top_of_columns(no_latent, out.encoder_input.new_zeros(batch, 0), k_aux)
             keep = picked_scores > 0
             if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
                 padded = F.pad(picked_scores, (0, k_aux - picked_scores.shape[1]), value=-1.0)  # same shape everywhere
@@ -384,7 +385,7 @@ class SparseDictionary(
                 keep &= picked_scores >= everyone.topk(k_aux, dim=-1).values[:, -1:]
             rows, slots = keep.nonzero(as_tuple=True)  # row-major, latents ascending within a row
             codes = SparseCodes.from_sorted_indices(rows, picks[rows, slots], batch, self.dict_size)
-            kept = codes.gather(out.scores)
+            kept = picked_scores[rows, slots]
             if not self.unit_code_norms:
                 kept = kept / self.code_norms()[codes.latents]
         values = F.relu(
@@ -891,6 +892,11 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
             for latents, sources in self.structural_zeros():
                 self.W_enc.grad[latents, sources] = 0
 
+    @property
+    def selects_in_row_blocks(self) -> bool:  # type: ignore[override]
+        """One budget for all partitions selects in row blocks; per-partition budgets select per partition."""
+        return self.exclusive_k is None
+
     def partition_budgets(self, k: int) -> tuple[int, int, int]:
         """Per-token budgets (shared, base-only, chat-only) when the dictionary keeps ``k`` latents per token (the
         configured k, or k-annealing's k_t): each of ``exclusive_k`` scaled by ``k / self.k`` and rounded (Python's
@@ -918,15 +924,13 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         return {name: float(theta) for name, theta in zip(names, self.threshold, strict=True)}
 
     @torch.no_grad()
-    def _select(
-        self, scores: torch.Tensor, k: int, context: Distributed, buffers: StepBuffers | None = None
-    ) -> tuple[SparseCodes, torch.Tensor]:
+    def _select(self, scores: torch.Tensor, k: int, context: Distributed) -> tuple[SparseCodes, torch.Tensor]:
         """With ``exclusive_k``: BatchTopK within each partition, its ``k_p · B`` largest scores among its own latents
         (``k_p`` from ``partition_budgets(k)``; a budget of 0 keeps nothing), merged in CSR order; the smallest kept
         score of each partition ([3]; 0 where nothing is kept; no candidate bound). Without: one BatchTopK over all
         latents."""
         if self.exclusive_k is None:
-            return super()._select(scores, k, context, buffers)
+            return super()._select(scores, k, context)
         rows, latents, smallest = [], [], []
         for part, budget in zip(self.partitions().values(), self.partition_budgets(k), strict=True):
             if budget == 0:
@@ -1035,13 +1039,25 @@ def _top_dead_latents(
     spares ranking the whole matrix); else rank every column with the live ones pushed below zero (no sync)."""
     if columns:
         dead_latents = dead.nonzero().squeeze(1)  # ascending, so column order is latent order
-        top = scores[:, dead_latents].topk(min(k_aux, dead_latents.numel()), dim=-1)
-        latents = dead_latents[top.indices]
-    else:
-        top = torch.where(dead, scores, -1.0).topk(min(k_aux, scores.shape[1]), dim=-1)
-        latents = top.indices
-    latents, order = latents.sort(dim=-1)
+        return _top_of_columns(dead_latents, scores[:, dead_latents], k_aux)
+    top = torch.where(dead, scores, -1.0).topk(min(k_aux, scores.shape[1]), dim=-1)
+    latents, order = top.indices.sort(dim=-1)
     return latents, top.values.gather(-1, order)
+
+
+def _top_of_columns(
+    latents: torch.Tensor, column_scores: torch.Tensor, k_aux: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k_aux`` highest of the columns of ``latents`` [n] (column_scores: [batch, n]), sorted by latent:
+    (latents, their scores), each [batch, ≤ k_aux]."""
+    top = column_scores.topk(min(k_aux, latents.numel()), dim=-1)
+    picked, order = latents[top.indices].sort(dim=-1)
+    return picked, top.values.gather(-1, order)
+
+
+def _n_keep(k: int, batch: int, context: Distributed) -> int:
+    """BatchTopK's budget ``k · B`` over the global batch: B rows on every data-parallel process."""
+    return k * batch * (context.world_size if context.data_parallel else 1)
 
 
 def _sum_shards(partial: torch.Tensor, context: Distributed | None) -> torch.Tensor:

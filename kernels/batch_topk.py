@@ -152,28 +152,19 @@ def batch_topk(
     rank: int = 0,
     world_size: int = 1,
     digit_bits: Sequence[int] | None = None,
-    candidate_bound: float | None = None,
 ) -> BatchTopKSelection:
     """Keep the ``n_keep`` largest entries of ``scores`` [batch, dict_size] (non-negative): exactly
     ``min(n_keep, #positive)`` entries, all scores above the threshold and the first ties at it (lowest flat index).
 
     With ``all_reduce`` (sum over ranks), ``n_keep`` is the global budget and the selection is the global BatchTopK
     over all ranks' rows; ``rank``/``world_size`` order the ties across ranks. ``digit_bits``: the digit widths of
-    the histogram passes (default: ``REFERENCE_DIGIT_BITS`` or ``TRITON_DIGIT_BITS``).
-
-    ``candidate_bound`` (reference path; e.g. the previous step's threshold, a little lowered): when at least
-    ``n_keep`` scores (over all ranks) reach it, the kept entries are all among them, and the radix select runs over
-    those candidates only, skipping the first histogram pass over every score; otherwise the full select runs. The
-    selection is the same either way (docs/methods.md §4.2).
+    the histogram passes (default: ``REFERENCE_DIGIT_BITS`` or ``TRITON_DIGIT_BITS``). Without the whole matrix:
+    ``batch_topk_among_candidates``.
     """
     _check_scores(scores, dims=2)
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
     flat = scores.reshape(-1)
-    if candidate_bound is not None and resolve_backend(flat.device) == "reference":
-        selection = _batch_topk_above(scores, n_keep, all_reduce, rank, world_size, digit_bits, candidate_bound)
-        if selection is not None:
-            return selection
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
     if search.candidates is None:
         candidates = _indices_at_least(flat, search.key)
@@ -205,34 +196,38 @@ def batch_topk(
     )
 
 
-def _batch_topk_above(
-    scores: torch.Tensor,
+def batch_topk_among_candidates(
+    candidates: torch.Tensor,
+    candidate_scores: torch.Tensor,
     n_keep: int,
-    all_reduce: AllReduce | None,
-    rank: int,
-    world_size: int,
-    digit_bits: Sequence[int] | None,
-    bound: float,
-) -> BatchTopKSelection | None:
-    """``batch_topk`` over the entries ≥ ``bound`` (ascending flat indices, so ties break as over all entries), or
-    None when fewer than ``n_keep`` of them (over all ranks) exist and the n_keep-th largest may lie below it."""
-    flat = scores.reshape(-1)
-    _check_score_values(flat)
-    bound_key = _keys(torch.tensor([bound if bound > 0 else 0.0], device=flat.device))[0]  # keys drop the sign
-    candidates = _indices_at_least(flat, bound_key)
-    count = torch.tensor(candidates.numel(), dtype=torch.int64, device=flat.device)
+    all_reduce: AllReduce | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int,
+    dict_size: int,
+) -> tuple[BatchTopKSelection, torch.Tensor] | None:
+    """``batch_topk`` of a ``[batch_size, dict_size]`` score matrix that was never formed whole, from its candidates:
+    ``candidates`` [n] int64, the ascending flat indices of this rank's positive scores ≥ some bound ``β`` (the same
+    on every rank), and ``candidate_scores`` [n] those scores (checked here). When at least ``n_keep`` candidates
+    exist over all ranks (one ``all_reduce`` of the count), the ``n_keep``-th largest score is ≥ β, every kept entry is
+    a candidate and ties break in the same flat order: returns the selection ``batch_topk`` makes on the whole matrix
+    and the kept entries' positions among the candidates [n_kept]. Otherwise None: the kept entries may lie below
+    β, and only the whole matrix decides (docs/methods.md §4.2)."""
+    _check_n_keep(n_keep)
+    _check_ranks(all_reduce, rank, world_size)
+    check_score_values(candidate_scores)
+    count = torch.tensor(candidates.numel(), dtype=torch.int64, device=candidates.device)
     if all_reduce is not None:
         count = all_reduce(count)
     if int(count) < n_keep:
         return None
-    inner = batch_topk(
-        flat[candidates][None], n_keep, all_reduce, rank=rank, world_size=world_size, digit_bits=digit_bits
-    )
+    inner = batch_topk(candidate_scores[None], n_keep, all_reduce, rank=rank, world_size=world_size)
     kept = candidates[inner.latents]
-    batch_size, dict_size = scores.shape
-    return BatchTopKSelection(
+    selection = BatchTopKSelection(
         kept // dict_size, kept % dict_size, inner.threshold, inner.n_selected, batch_size, dict_size
     )
+    return selection, inner.latents
 
 
 def batch_topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -409,7 +404,7 @@ def _radix_select(
     backend = resolve_backend(flat.device)
     schedule = _digit_schedule(digit_bits, backend)
     histogram = radix_histogram_triton if backend == "triton" else radix_histogram_reference
-    _check_score_values(flat)
+    check_score_values(flat)
     source, candidates, candidate_scores = flat, None, None
     prefix = torch.zeros((), dtype=torch.int64, device=flat.device)
     prefix_bits = 0
@@ -483,7 +478,7 @@ def _check_scores(scores: torch.Tensor, dims: int | None = None) -> None:
         raise ValueError(f"scores are not contiguous (strides {scores.stride()}): pass scores.contiguous()")
 
 
-def _check_score_values(flat: torch.Tensor) -> None:
+def check_score_values(flat: torch.Tensor) -> None:
     """NaN, ±inf and negative scores are errors (-0.0 is zero). On CUDA a device-side assert (no host sync)."""
     if flat.numel() == 0:
         return

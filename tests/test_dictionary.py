@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels, load_dictionary
-from crosscoder.dictionary import CANDIDATE_MARGIN, StepBuffers
+from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers
 from crosscoder.errors import ConfigError
 
 D_MODEL, DICT_SIZE, K, N_SOURCES, BATCH = 8, 32, 3, 2, 6
@@ -100,24 +100,38 @@ def test_training_forward_selects_like_encode_and_reports_smallest_kept_score() 
     torch.testing.assert_close(output.reconstruction, hand_reconstruction, rtol=1e-5, atol=1e-6)
 
 
-def test_training_forward_with_step_buffers_reuses_them_and_computes_the_same() -> None:
-    """Reused score buffers and the previous step's candidate bound: the same forward as a fresh call."""
+def test_training_forward_with_step_buffers_selects_in_row_blocks_what_a_fresh_call_selects() -> None:
+    """With the loop's buffers on CPU the forward never forms the whole score matrix while the bound holds (a sampled
+    one on the first call, then the previous threshold × CANDIDATE_MARGIN), and forms it when the bound is too high:
+    the same entries, values, reconstruction and threshold as a fresh call either way, and the dead latents' columns
+    are the fresh scores' columns."""
     crosscoder = _crosscoder_with_uneven_code_norms()
     buffers = StepBuffers()
-    storage = None
-    for seed in range(3):
+    dead = torch.zeros(DICT_SIZE, dtype=torch.bool)
+    dead[::5] = True
+    # the first call estimates its bound on a sample; then bounds below the threshold, at it (ties at the bound)
+    # and above every score (the whole matrix decides)
+    for seed, relative_bound in enumerate([None, 0.5, 1.0, 1e9]):
         x = crosscoder.normalize(torch.randn(BATCH, N_SOURCES, D_MODEL, generator=torch.Generator().manual_seed(seed)))
         fresh = crosscoder.training_forward(x)
-        reused = crosscoder.training_forward(x, buffers=buffers)
-        assert storage in (None, reused.scores.data_ptr())  # the same memory every step
-        storage = reused.scores.data_ptr()
-        assert torch.equal(reused.scores, fresh.scores) and torch.equal(reused.values, fresh.values)
-        assert torch.equal(reused.reconstruction, fresh.reconstruction)
-        # the next selection's candidates are bounded by this one's threshold (the selection is the same)
+        if relative_bound is not None:
+            buffers.candidate_bound = relative_bound * float(fresh.min_kept_score)
+        reused = crosscoder.training_forward(x, buffers=buffers, dead=dead)
+        assert (reused.scores is None) == (relative_bound != 1e9)
+        if reused.scores is not None:
+            torch.testing.assert_close(reused.scores, fresh.scores, rtol=1e-6, atol=1e-6)
+        assert torch.equal(reused.codes.rows, fresh.codes.rows) and torch.equal(
+            reused.codes.latents, fresh.codes.latents
+        )
+        torch.testing.assert_close(reused.values, fresh.values, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(reused.reconstruction, fresh.reconstruction, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(reused.min_kept_score, fresh.min_kept_score, rtol=1e-6, atol=1e-6)
+        latents, columns = reused.dead_columns
+        assert torch.equal(latents, dead.nonzero().squeeze(1))
+        torch.testing.assert_close(columns, fresh.scores[:, dead], rtol=1e-6, atol=1e-6)
         assert buffers.candidate_bound == CANDIDATE_MARGIN * float(reused.min_kept_score) > 0
     smaller = crosscoder.training_forward(x[:3], buffers=buffers)  # another batch size: new buffers
-    assert smaller.scores.shape == (3, DICT_SIZE)
-    assert torch.equal(smaller.scores, crosscoder.training_forward(x[:3]).scores)
+    assert torch.equal(smaller.codes.latents, crosscoder.training_forward(x[:3]).codes.latents)
 
 
 def test_training_forward_k_argument_overrides_configured_k() -> None:
@@ -357,12 +371,14 @@ def test_sae_training_forward_ranks_its_activations_without_scaling_the_encoder(
     x = sae.normalize(torch.randn(BATCH, D_MODEL))
     buffers = StepBuffers()
     with torch.no_grad():
-        output = sae.training_forward(x, buffers=buffers)
+        output = sae.training_forward(x)
+        blocked = sae.training_forward(x, buffers=buffers)
         activations = sae.activations_normalized(x)
     assert sae.unit_code_norms and not BatchTopKCrossCoder.unit_code_norms
     assert torch.equal(output.scores, activations)
     assert torch.equal(output.values, output.codes.gather(activations))
-    assert set(buffers._tensors) == {"scores"}
+    assert torch.equal(blocked.values, blocked.codes.gather(activations))
+    assert set(buffers._tensors) == {"score_block"}  # no scaled encoder (and no whole score matrix kept)
 
 
 def test_sae_b_dec_gets_the_same_gradient_whether_or_not_the_input_needs_one() -> None:

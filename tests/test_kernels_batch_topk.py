@@ -213,40 +213,42 @@ def test_an_empty_batch_keeps_nothing(device) -> None:
     assert selection.rows.numel() == 0 and selection.n_selected.item() == 0 and selection.threshold.item() == 0.0
 
 
-@pytest.mark.parametrize("relative_bound", [-1.0, 0.0, 0.8, 0.99, 1.0, 1.01, 2.0, float("inf"), float("nan")])
-def test_a_candidate_bound_never_changes_the_selection(relative_bound, monkeypatch) -> None:
-    """Bounds below the threshold (the candidates hold every kept entry), at it (ties at the bound), above it (too
-    few candidates: the full select runs) and degenerate ones (≤ 0 or NaN: every positive score is a candidate):
-    the same entries, threshold and count as without a bound."""
+def candidates_at_least(scores: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ascending flat indices of the positive scores ≥ ``bound``, and those scores."""
+    flat = scores.reshape(-1)
+    positions = ((flat >= bound) & (flat > 0)).nonzero().squeeze(1)
+    return positions, flat[positions]
+
+
+@pytest.mark.parametrize("relative_bound", [1e-6, 0.8, 0.99, 1.0, 1.01, 2.0])
+def test_the_selection_among_candidates_is_the_whole_selection_or_declines(relative_bound) -> None:
+    """Bounds below the threshold (the candidates hold every kept entry), at it (ties at the bound) and above it
+    (too few candidates: None, the whole matrix must decide): the same entries, threshold and count as
+    ``batch_topk`` on the whole matrix, and the kept entries' positions among the candidates."""
     scores = torch.randint(0, 40, (16, 64), generator=torch.Generator().manual_seed(4)).float() / 5  # many ties
     n_keep = 100
     exact = bt.batch_topk(scores, n_keep)
-    original, searched = bt._radix_select, []
-
-    def spy(flat, *args):
-        searched.append(flat.numel())
-        return original(flat, *args)
-
-    monkeypatch.setattr(bt, "_radix_select", spy)
-    bound = relative_bound * exact.threshold.item()
-    bounded = bt.batch_topk(scores, n_keep, candidate_bound=bound)
-    assert torch.equal(bounded.rows, exact.rows) and torch.equal(bounded.latents, exact.latents)
-    assert bounded.threshold.item() == exact.threshold.item() and bounded.n_selected.item() == n_keep
-    n_candidates = int(((scores >= (bound if bound > 0 else 0.0)) & (scores > 0)).sum())
-    assert searched == ([n_candidates] if n_candidates >= n_keep else [scores.numel()])
-    if 0 < relative_bound <= 1:  # the bounded select over a fraction of the scores
-        assert n_keep <= n_candidates < scores.numel() // 2
-    elif relative_bound > 1:  # too few candidates: the full select
-        assert n_candidates < n_keep
+    candidates, values = candidates_at_least(scores, relative_bound * exact.threshold.item())
+    found = bt.batch_topk_among_candidates(candidates, values, n_keep, batch_size=16, dict_size=64)
+    if relative_bound > 1:
+        assert candidates.numel() < n_keep and found is None
+        return
+    assert n_keep <= candidates.numel() < scores.numel()
+    selection, positions = found
+    assert torch.equal(selection.rows, exact.rows) and torch.equal(selection.latents, exact.latents)
+    assert selection.threshold.item() == exact.threshold.item() and selection.n_selected.item() == n_keep
+    assert torch.equal(values[positions], scores[selection.rows, selection.latents])
 
 
-def test_a_candidate_bound_with_fewer_positive_scores_than_n_keep_falls_back() -> None:
+def test_candidates_that_are_not_finite_or_fewer_than_n_keep_are_refused_or_declined() -> None:
     scores = relu_gaussian(8, 20)
-    n_positive = int((scores > 0).sum())
-    exact = bt.batch_topk(scores, n_positive + 10)
-    bounded = bt.batch_topk(scores, n_positive + 10, candidate_bound=0.0)
-    assert torch.equal(bounded.rows, exact.rows) and torch.equal(bounded.latents, exact.latents)
-    assert bounded.n_selected.item() == exact.n_selected.item() == n_positive
+    candidates, values = candidates_at_least(scores, 1e-9)  # every positive score: fewer than n_keep
+    assert (
+        bt.batch_topk_among_candidates(candidates, values, candidates.numel() + 1, batch_size=8, dict_size=20) is None
+    )
+    values[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        bt.batch_topk_among_candidates(candidates, values, 5, batch_size=8, dict_size=20)
 
 
 def test_batch_topk_mask_equals_the_selection() -> None:
@@ -325,17 +327,35 @@ def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_
 
 
 @pytest.mark.parametrize("relative_bound", [0.9, 1.5])
-def test_two_ranks_with_a_candidate_bound_select_what_one_process_selects(relative_bound) -> None:
-    """The candidate count is global: both ranks take the bounded select (0.9 θ) or both the full one (1.5 θ)."""
+def test_two_ranks_select_among_their_candidates_what_one_process_selects(relative_bound) -> None:
+    """The candidate count is global: both ranks select among their candidates (0.9 θ) or both decline (1.5 θ)."""
     scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float() / 7  # ties
     single = bt.batch_topk(scores, 150)
     bound = relative_bound * single.threshold.item()
-    (first, second), calls = run_ranks(list(scores.split((3, 9))), 150, candidate_bound=bound)
+    group = ThreadedAllReduce(2)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(
+                bt.batch_topk_among_candidates,
+                *candidates_at_least(shard, bound),
+                150,
+                group.for_rank(rank),
+                rank=rank,
+                world_size=2,
+                batch_size=shard.shape[0],
+                dict_size=40,
+            )
+            for rank, shard in enumerate(scores.split((3, 9)))
+        ]
+        results = [future.result() for future in futures]
+    if relative_bound > 1:
+        assert results == [None, None] and group.calls == [1, 1]  # the candidate count only
+        return
+    (first, _), (second, _) = results
     assert torch.equal(torch.cat([first.rows, second.rows + 3]), single.rows)
     assert torch.equal(torch.cat([first.latents, second.latents]), single.latents)
     assert first.threshold.item() == second.threshold.item() == single.threshold.item()
-    n_passes = len(bt.REFERENCE_DIGIT_BITS)
-    assert calls == [1 + n_passes + 1] * 2  # the candidate count, the histogram passes, the tie counts
+    assert group.calls == [1 + len(bt.REFERENCE_DIGIT_BITS) + 1] * 2  # the count, the histograms, the tie counts
 
 
 def test_a_single_rank_with_all_reduce_selects_what_it_selects_alone() -> None:

@@ -107,6 +107,7 @@ def out_of_memory_advice(config: TrainConfig, what: str) -> Iterator[None]:
         size = f" (an allocation of {asked.group(1)} failed)" if asked else ""
         raise OutOfMemoryError(
             f"out of memory while {what}{size} with --batch-size {config.batch_size} and dict_size "
-            f"{config.dict_size or f'{config.expansion_factor} × d_model'}: the score matrix alone takes batch_size × "
-            f"dict_size × 4 bytes; try --batch-size {max(config.batch_size // 4, 1)} or fewer latents"
+            f"{config.dict_size or f'{config.expansion_factor} × d_model'}: the score matrix, where it is formed whole "
+            f"(on a GPU), takes batch_size × dict_size × 4 bytes; try --batch-size {max(config.batch_size // 4, 1)} "
+            "or fewer latents"
         ) from error

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from crosscoder.blocked_selection import StepBuffers
 from crosscoder.config import TrainConfig
-from crosscoder.dictionary import SparseDictionary, StepBuffers, TrainingOutput
+from crosscoder.dictionary import SparseDictionary, TrainingOutput
 from crosscoder.distributed import Distributed
 from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
 from crosscoder.sharding import SHARDED
@@ -46,7 +47,7 @@ def training_loss(
     ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c. A Matryoshka dictionary fits the mean of its
     prefixes' reconstruction losses instead of the full reconstruction's (still logged as ``reconstruction_loss``).
     """
-    out = dictionary.training_forward(x_normalized, current_k(config, step), context, buffers)
+    out = dictionary.training_forward(x_normalized, current_k(config, step), context, buffers, dead)
     reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
     losses = {"reconstruction_loss": reconstruction}
     fitted = reconstruction

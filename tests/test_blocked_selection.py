@@ -1,0 +1,67 @@
+"""``crosscoder.blocked_selection``: the CPU training forward's BatchTopK in row blocks selects exactly what
+``batch_topk`` selects on the whole score matrix — bound sampled, below, at (ties) and above the threshold, several
+blocks — returns the dead latents' columns, forms the whole matrix only when the bound is too high, and refuses
+scores that are not finite. (Two processes: tests/test_distributed.py trains through it.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosscoder import blocked_selection
+from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers, select_in_row_blocks
+from crosscoder.distributed import Distributed
+from crosscoder.kernels.batch_topk import batch_topk
+
+BATCH, WIDTH, DICT_SIZE, N_KEEP = 22, 6, 30, 70
+
+
+def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer inputs, weights and biases: the scores are small integers, full of ties."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (BATCH, WIDTH), generator=generator).float()
+    weight = torch.randint(-1, 2, (DICT_SIZE, WIDTH), generator=generator).float()
+    bias = torch.randint(0, 3, (DICT_SIZE,), generator=generator).float()
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("relative_bound", [None, 0.5, 1.0, 1.5])
+def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, monkeypatch) -> None:
+    monkeypatch.setattr(blocked_selection, "ROW_BLOCK", 4)  # six blocks, the last one short
+    x, weight, bias = integer_encoder()
+    scores = torch.addmm(bias, x, weight.T).relu_()
+    exact = batch_topk(scores, N_KEEP)
+    buffers = StepBuffers()
+    if relative_bound is not None:
+        buffers.candidate_bound = relative_bound * exact.threshold.item()
+    dead = torch.zeros(DICT_SIZE, dtype=torch.bool)
+    dead[[1, 7, 8, 29]] = True
+    found = select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), buffers, dead)
+    selection = found.selection
+    assert torch.equal(selection.rows, exact.rows) and torch.equal(selection.latents, exact.latents)
+    assert selection.threshold.item() == exact.threshold.item() and selection.n_selected.item() == N_KEEP
+    assert torch.equal(found.kept_scores, scores[exact.rows, exact.latents])
+    latents, columns = found.dead_columns
+    assert torch.equal(latents, torch.tensor([1, 7, 8, 29])) and torch.equal(columns, scores[:, latents])
+    too_high = relative_bound == 1.5  # fewer candidates than the budget: the whole matrix decides
+    assert (found.scores is not None) == too_high and "scores" not in buffers._tensors
+    if too_high:
+        assert torch.equal(found.scores, scores)
+    assert buffers.candidate_bound == CANDIDATE_MARGIN * exact.threshold.item()
+
+
+def test_without_dead_latents_no_columns_are_kept() -> None:
+    x, weight, bias = integer_encoder()
+    found = select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), StepBuffers())
+    assert found.dead_columns is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scores_that_are_not_finite_are_refused(bad) -> None:
+    x, weight, bias = integer_encoder()
+    bias[3] = bad
+    for bound in (None, 0.5):
+        buffers = StepBuffers()
+        buffers.candidate_bound = bound
+        with pytest.raises(ValueError, match=r"NaN|inf"):
+            select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), buffers)
