@@ -9,7 +9,7 @@ The public API is raw-in / raw-out: ``encode``, ``decode`` and ``forward`` apply
 normalisation ``x_n = (x - input_mean) * input_scale`` internally. Training works in the normalised space
 (``normalize`` once, then ``training_forward``).
 
-One concept, kept in one module (~780 lines): the classes share every pass — inference encode/decode, the
+One concept, kept in one module (~1,060 lines): the classes share every pass — inference encode/decode, the
 sparse training forward and AuxK's dead-latent decode — and differ only in a few overrides (a variant: its
 prefixes or its structural zeros); the model card (``crosscoder.model_card``), loading (``crosscoder.hub``) and
 the input choice (``crosscoder.dictionary_input``) live elsewhere.
