@@ -102,8 +102,7 @@ def select_in_row_blocks(
     if found is None:  # the whole matrix decides
         scores = buffers.get("scores", (batch, dict_size), weight)
         _blocks(encoder_input, weight, bias, buffers, dead_latents, dead_scores, None, whole=scores)
-        check_score_values(scores.view(-1))
-        selection = batch_topk(scores, n_keep, reduce, **ranks)
+        selection = batch_topk(scores, n_keep, reduce, **ranks)  # checks the scores' values
         kept_scores = scores[selection.rows, selection.latents]
         buffers.release("scores")  # rarely needed: not kept between steps (the step's output holds it meanwhile)
     else:

@@ -124,10 +124,18 @@ def test_two_processes_with_the_sharded_optimizer_train_as_one_and_resume_bitwis
     arguments = [*ARGS, "--architectures", "batchtopk", "diff_sae", "dedicated", "--shard-optimizer", "yes"]
     arguments += ["--keep-checkpoints", "3"]
     assert_two_processes_train_as_one(tmp_path, arguments, names)
-    run_dir = tmp_path / "two" / "synthetic"
+    command = [*torchrun(), str(TRAIN), *arguments, "--output-dir", str(tmp_path / "two")]
+    assert_resuming_from_the_middle_ends_bitwise_equal(command, tmp_path / "two" / "synthetic", names, tmp_path)
+
+
+def assert_resuming_from_the_middle_ends_bitwise_equal(
+    command: list[str], run_dir: Path, names: tuple[str, ...], cwd: Path
+) -> None:
+    """Drop the last of the finished run's checkpoints (steps 20 and 30 kept), resume with ``command``: the saved
+    dictionaries ``names`` are bitwise the straight run's."""
     straight = {name: load_file(run_dir / name / "model.safetensors") for name in names}
-    (run_dir / "checkpoints" / "step_000000030.pt").unlink()
-    run([*torchrun(), str(TRAIN), *arguments, "--output-dir", str(tmp_path / "two"), "--resume"], tmp_path)
+    (run_dir / "checkpoints" / "step_000000030.pt").unlink()  # as if the run had died after step 20's checkpoint
+    run([*command, "--resume"], cwd)
     for name, tensors in straight.items():
         resumed = load_file(run_dir / name / "model.safetensors")
         for key, value in tensors.items():
@@ -189,14 +197,8 @@ def test_a_distributed_run_resumes_with_the_same_number_of_processes(tmp_path):
 def test_a_distributed_run_resumed_from_a_middle_checkpoint_ends_bitwise_equal(tmp_path):
     command = [*torchrun(), str(TRAIN), *ARGS, "--keep-checkpoints", "3", "--output-dir", str(tmp_path)]
     run(command, tmp_path)
-    run_dir = tmp_path / "synthetic"
-    straight = {name: load_file(run_dir / name / "model.safetensors") for name in ("batchtopk_crosscoder", "diff_sae")}
-    (run_dir / "checkpoints" / "step_000000030.pt").unlink()  # as if the run had died after step 20's checkpoint
-    run([*command, "--resume"], tmp_path)
-    for name, tensors in straight.items():
-        resumed = load_file(run_dir / name / "model.safetensors")
-        for key, value in tensors.items():
-            assert torch.equal(value, resumed[key]), f"{name}.{key} differs after resume"
+    names = ("batchtopk_crosscoder", "diff_sae")
+    assert_resuming_from_the_middle_ends_bitwise_equal(command, tmp_path / "synthetic", names, tmp_path)
 
 
 @pytest.mark.slow

@@ -81,19 +81,12 @@ class ShardedAdam:
             handle.wait()
 
     def clip_(self, max_norm: float) -> None:
-        """Scale the reduced gradients so that their global norm is at most ``max_norm``, as
-        ``torch.nn.utils.clip_grad_norm_`` does in one process (the slices' squares summed over processes, the whole
-        parameters' counted once)."""
-        sliced, whole = torch.zeros(()), torch.zeros(())
-        for piece, sharded in zip(self.slices, self.sharded, strict=True):
-            if piece.grad is not None:
-                square = torch.linalg.vector_norm(piece.grad).square()
-                sliced, whole = (sliced + square, whole) if sharded else (sliced, whole + square)
-        total = (self.context.all_reduce(sliced) + whole).sqrt()
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for piece in self.slices:
-            if piece.grad is not None:
-                piece.grad.mul_(scale)
+        """Scale the reduced gradients so that their global norm is at most ``max_norm`` (``clip_to_global_norm``:
+        the slices' squares summed over processes, the whole parameters' counted once)."""
+        pieces = [(piece.grad, sharded) for piece, sharded in zip(self.slices, self.sharded, strict=True)]
+        sliced = [grad for grad, sharded in pieces if grad is not None and sharded]
+        whole = [grad for grad, sharded in pieces if grad is not None and not sharded]
+        clip_to_global_norm(sliced, whole, max_norm, self.context)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -136,3 +129,21 @@ class ShardedAdam:
 
     def _slice(self, whole: torch.Tensor) -> torch.Tensor:
         return whole.reshape(-1).chunk(self.context.world_size)[self.context.rank].clone()
+
+
+def clip_to_global_norm(
+    sharded: list[torch.Tensor], whole: list[torch.Tensor], max_norm: float, context: Distributed
+) -> None:
+    """Scale gradients in place so that their global norm is at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does in one process: ``sharded`` are this process's parts of gradients split
+    over the processes (their squares summed over processes), ``whole`` gradients every process holds alike (counted
+    once)."""
+    grads = sharded + whole
+    if not grads:
+        return
+    zero = grads[0].new_zeros(())
+    split = context.all_reduce(sum((torch.linalg.vector_norm(grad).square() for grad in sharded), zero))
+    total = (split + sum((torch.linalg.vector_norm(grad).square() for grad in whole), zero)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale)

@@ -18,7 +18,7 @@ from crosscoder.distributed import Distributed
 from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
 from crosscoder.sharding import SHARDED
 from crosscoder.training.schedules import current_k, l1_coefficient
-from crosscoder.training.sharded_optimizer import ShardedAdam
+from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm
 
 
 @dataclass
@@ -123,10 +123,5 @@ def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distr
         torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
         return
     grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
-    squares = {name: torch.linalg.vector_norm(grad).square() for name, grad in grads.items()}
-    sharded = context.all_reduce(sum(value for name, value in squares.items() if name in SHARDED).clone())
-    total = (sharded + sum(value for name, value in squares.items() if name not in SHARDED)).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for parameter in dictionary.parameters():
-        if parameter.grad is not None:
-            parameter.grad.mul_(scale)
+    sharded = [grad for name, grad in grads.items() if name in SHARDED]
+    clip_to_global_norm(sharded, [grad for name, grad in grads.items() if name not in SHARDED], max_norm, context)

@@ -27,7 +27,7 @@ from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
 from crosscoder.training.schedules import lr_factor
-from crosscoder.training.sharded_optimizer import ShardedAdam, shards_optimizer
+from crosscoder.training.sharded_optimizer import MOMENTS, ShardedAdam, shards_optimizer
 from crosscoder.training.step import training_step
 
 
@@ -247,7 +247,7 @@ def _dedicated_moments_from_version_2(dictionary: DedicatedCrossCoder, state: di
     old = state["state"]
     new = {new_index: old[old_index] for old_index, new_index in ((0, 0), (1, 1), (3, 4)) if old_index in old}
     if 2 in old:
-        halves = {name: dictionary.split_decoder(old[2][name]) for name in ("exp_avg", "exp_avg_sq")}
+        halves = {name: dictionary.split_decoder(old[2][name]) for name in MOMENTS}
         for index, model in ((2, 0), (3, 1)):  # each its own step tensor: Adam increments it in place
             new[index] = {**old[2], "step": old[2]["step"].clone(), **{name: halves[name][model] for name in halves}}
     groups = [{**group, "params": list(range(5))} for group in state["param_groups"]]
