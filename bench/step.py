@@ -133,8 +133,12 @@ def run_variant(args) -> dict:
     """Time one variant in this process: median of ``--repeats`` steps after warm-up, and peak memory."""
     device = args.device
     torch.manual_seed(0)
-    import crosscoder.training  # noqa: F401  (its modules' memory is not the step's)
-
+    # Two steps at a tiny shape first: the modules a first step imports lazily (the fused Adam's: ~75 MB of
+    # torch._dynamo on CPU) are the process's memory, not the step's.
+    tiny = argparse.Namespace(**{**vars(args), "batch": 8, "d_model": 4, "dict_size": 16, "k": 2})
+    warm = VARIANTS[args.variant](tiny, device)
+    warm(), warm()
+    del warm
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

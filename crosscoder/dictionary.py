@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from crosscoder.blocked_selection import StepBuffers, select_in_row_blocks
+from crosscoder.blocked_selection import StepBuffers, select_in_latent_blocks
 from crosscoder.dictionary_input import CHAT_MINUS_BASE, PAIRED, DictionaryInput
 from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
@@ -76,7 +76,10 @@ class TrainingOutput:
 
     @property
     def reconstruction(self) -> torch.Tensor:
-        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix)."""
+        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix). One prefix: a
+        view whose backward is a view too (a selected prefix's backward pads the others with zeros)."""
+        if len(self.prefix_reconstructions) == 1:
+            return self.prefix_reconstructions.squeeze(0)
         return self.prefix_reconstructions[-1]
 
     def dense_codes(self) -> torch.Tensor:
@@ -266,8 +269,8 @@ class SparseDictionary(
         codes = SparseCodes.from_sorted_indices(selection.rows, selection.latents, *scores.shape)
         return codes, selection.threshold
 
-    selects_in_row_blocks: ClassVar[bool] = True
-    """Whether the training forward on CPU may select without the whole score matrix (``select_in_row_blocks``):
+    selects_in_latent_blocks: ClassVar[bool] = True
+    """Whether the training forward on CPU may select without the whole score matrix (``select_in_latent_blocks``):
     one BatchTopK over all latents (a dedicated crosscoder with per-partition budgets selects per partition)."""
 
     def training_forward(
@@ -296,22 +299,22 @@ class SparseDictionary(
                 # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
                 # directly, and the kept f are recovered as scores / c on the kept entries only (with c ≡ 1 the
                 # scores are the activations: W_enc as it is).
-                weight, bias, c = W_enc, self.b_enc, None
-                if not self.unit_code_norms:
-                    c = self.code_norms()
-                    scaled = None if buffers is None else buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
-                    weight, bias = torch.mul(W_enc, c[:, None], out=scaled), self.b_enc * c
+                c = None if self.unit_code_norms else self.code_norms()
                 context = context or Distributed()
                 in_blocks = buffers is not None and resolve_backend(encoder_input.device) == "reference"
-                if in_blocks and self.selects_in_row_blocks:
+                if in_blocks and self.selects_in_latent_blocks:
                     n_keep = _n_keep(k or self.k, encoder_input.shape[0], context)
-                    found = select_in_row_blocks(encoder_input, weight, bias, n_keep, context, buffers, dead)
+                    found = select_in_latent_blocks(encoder_input, W_enc, self.b_enc, c, n_keep, context, buffers, dead)
                     selection, kept, scores = found.selection, found.kept_scores, found.scores
                     codes = SparseCodes.from_sorted_indices(
                         selection.rows, selection.latents, selection.batch_size, selection.dict_size
                     )
                     min_kept, dead_columns = selection.threshold, found.dead_columns
                 else:
+                    weight, bias = W_enc, self.b_enc
+                    if c is not None:
+                        scaled = None if buffers is None else buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
+                        weight, bias = torch.mul(W_enc, c[:, None], out=scaled), self.b_enc * c
                     shape = (encoder_input.shape[0], W_enc.shape[0])
                     scores = None if buffers is None else buffers.get("scores", shape, W_enc)
                     scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
@@ -893,8 +896,8 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
                 self.W_enc.grad[latents, sources] = 0
 
     @property
-    def selects_in_row_blocks(self) -> bool:  # type: ignore[override]
-        """One budget for all partitions selects in row blocks; per-partition budgets select per partition."""
+    def selects_in_latent_blocks(self) -> bool:  # type: ignore[override]
+        """One budget for all partitions selects in latent blocks; per-partition budgets select per partition."""
         return self.exclusive_k is None
 
     def partition_budgets(self, k: int) -> tuple[int, int, int]:

@@ -14,12 +14,33 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: Literal["mse
     ``mse``: squared error summed over sources and d, mean over the batch.
     ``l2``: unsquared per-source error norm, mean over batch and sources (the reference BatchTopK crosscoders).
     """
-    error = x - x_hat
     if kind == "mse":
-        return error.pow(2).sum(dim=(1, 2)).mean()
+        return _MeanSquaredError.apply(x_hat, x)
     if kind == "l2":
-        return error.norm(dim=-1).mean()
+        return (x - x_hat).norm(dim=-1).mean()
     raise ValueError(f"unknown reconstruction loss {kind!r}: use 'mse' or 'l2'")
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    """``Σ (x̂ − x)² / batch`` with one temporary of the inputs' size: the error, saved, then scaled in place into
+    x̂'s gradient (autograd's chain holds four; a second backward through it is refused by autograd's version
+    check). x_hat, x: [batch, ...] of one shape."""
+
+    @staticmethod
+    def forward(ctx, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x_hat.shape != x.shape:
+            raise ValueError(f"x_hat {list(x_hat.shape)} and x {list(x.shape)} must have one shape")
+        error = torch.sub(x_hat, x)
+        ctx.save_for_backward(error)
+        flat = error.view(-1)
+        return torch.dot(flat, flat) / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (error,) = ctx.saved_tensors
+        grad_x_hat = error.mul_(grad * (2 / error.shape[0]))
+        grad_x = -grad_x_hat if ctx.needs_input_grad[1] else None
+        return (grad_x_hat if ctx.needs_input_grad[0] else None), grad_x
 
 
 def matryoshka_loss(x: torch.Tensor, prefix_reconstructions: torch.Tensor, kind: Literal["mse", "l2"]) -> torch.Tensor:

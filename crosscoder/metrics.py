@@ -25,11 +25,12 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
-        # per-batch sums in the input dtype (one pass each, on the training hot path), accumulated in float64
+        # per-batch sums in the input dtype (one pass each, on the training hot path, one temporary of x's size at a
+        # time), accumulated in float64
         x, x_hat = x.detach(), x_hat.detach()
-        residual = (x - x_hat).pow(2).sum(dim=(0, 2)).double()
+        residual = torch.sub(x, x_hat).square_().sum(dim=(0, 2)).double()
         batch_sum = x.sum(dim=0).double()
-        batch_squares = x.pow(2).sum(dim=(0, 2)).double()
+        batch_squares = x.square().sum(dim=(0, 2)).double()
         if self._residual is None:
             self._residual, self._sum, self._sum_squares, self._active = (
                 residual,

@@ -62,7 +62,10 @@ def test_benchmark_runs_and_ends_with_one_json_line(script, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for name in FIGURES[script]:
-        assert figures[name] > 0, name
+        if name.endswith("peak_over_state"):  # memory growth at tiny shapes may round to nothing
+            assert figures[name] >= 0, name
+        else:
+            assert figures[name] > 0, name
 
 
 @pytest.mark.slow

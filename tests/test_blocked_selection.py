@@ -1,4 +1,4 @@
-"""``crosscoder.blocked_selection``: the CPU training forward's BatchTopK in row blocks selects exactly what
+"""``crosscoder.blocked_selection``: the CPU training forward's BatchTopK in latent blocks selects exactly what
 ``batch_topk`` selects on the whole score matrix — bound sampled, below, at (ties) and above the threshold, several
 blocks — returns the dead latents' columns, forms the whole matrix only when the bound is too high, and refuses
 scores that are not finite. (Two processes: tests/test_distributed.py trains through it.)"""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crosscoder import blocked_selection
-from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers, select_in_row_blocks
+from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers, select_in_latent_blocks
 from crosscoder.distributed import Distributed
 from crosscoder.kernels.batch_topk import batch_topk
 
@@ -25,18 +25,21 @@ def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, weight, bias
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["unit code norms", "code norms 1 to 3"])
 @pytest.mark.parametrize("relative_bound", [None, 0.5, 1.0, 1.5])
-def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, monkeypatch) -> None:
-    monkeypatch.setattr(blocked_selection, "ROW_BLOCK", 4)  # six blocks, the last one short
+def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, scaled, monkeypatch) -> None:
+    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)  # eight blocks, the last one short
     x, weight, bias = integer_encoder()
-    scores = torch.addmm(bias, x, weight.T).relu_()
+    code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
+    c = 1 if code_norms is None else code_norms
+    scores = torch.addmm(bias * c, x, (weight * c[:, None] if scaled else weight).T).relu_()
     exact = batch_topk(scores, N_KEEP)
     buffers = StepBuffers()
     if relative_bound is not None:
         buffers.candidate_bound = relative_bound * exact.threshold.item()
     dead = torch.zeros(DICT_SIZE, dtype=torch.bool)
     dead[[1, 7, 8, 29]] = True
-    found = select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), buffers, dead)
+    found = select_in_latent_blocks(x, weight, bias, code_norms, N_KEEP, Distributed(), buffers, dead)
     selection = found.selection
     assert torch.equal(selection.rows, exact.rows) and torch.equal(selection.latents, exact.latents)
     assert selection.threshold.item() == exact.threshold.item() and selection.n_selected.item() == N_KEEP
@@ -52,7 +55,7 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, mon
 
 def test_without_dead_latents_no_columns_are_kept() -> None:
     x, weight, bias = integer_encoder()
-    found = select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), StepBuffers())
+    found = select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), StepBuffers())
     assert found.dead_columns is None
 
 
@@ -64,4 +67,4 @@ def test_scores_that_are_not_finite_are_refused(bad) -> None:
         buffers = StepBuffers()
         buffers.candidate_bound = bound
         with pytest.raises(ValueError, match=r"NaN|inf"):
-            select_in_row_blocks(x, weight, bias, N_KEEP, Distributed(), buffers)
+            select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), buffers)

@@ -100,7 +100,7 @@ def test_training_forward_selects_like_encode_and_reports_smallest_kept_score() 
     torch.testing.assert_close(output.reconstruction, hand_reconstruction, rtol=1e-5, atol=1e-6)
 
 
-def test_training_forward_with_step_buffers_selects_in_row_blocks_what_a_fresh_call_selects() -> None:
+def test_training_forward_with_step_buffers_selects_in_latent_blocks_what_a_fresh_call_selects() -> None:
     """With the loop's buffers on CPU the forward never forms the whole score matrix while the bound holds (a sampled
     one on the first call, then the previous threshold × CANDIDATE_MARGIN), and forms it when the bound is too high:
     the same entries, values, reconstruction and threshold as a fresh call either way, and the dead latents' columns

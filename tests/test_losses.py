@@ -15,6 +15,26 @@ def test_mse_sums_over_sources_and_d_and_averages_over_batch():
     assert reconstruction_loss(x, x_hat, "mse").item() == 5.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mse_value_and_gradients_are_autograds_of_the_textbook_formula(dtype):
+    """Both inputs' gradients, and a second backward through the same graph is refused (the error is reused as the
+    gradient in place)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 2, 5, generator=generator, dtype=dtype, requires_grad=True)
+    x_hat = torch.randn(7, 2, 5, generator=generator, dtype=dtype, requires_grad=True)
+    loss = reconstruction_loss(x, x_hat, "mse")
+    textbook = (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(loss, textbook, **tolerance)
+    expected = torch.autograd.grad(3 * textbook, (x, x_hat))
+    (3 * loss).backward(retain_graph=True)
+    torch.testing.assert_close((x.grad, x_hat.grad), expected, **tolerance)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match=r"must have one shape"):
+        reconstruction_loss(x, x_hat[:, :1], "mse")
+
+
 def test_l2_is_the_unsquared_norm_averaged_over_batch_and_sources():
     x = torch.zeros(2, 2, 2)
     x_hat = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, 1.0], [6.0, 8.0]]])

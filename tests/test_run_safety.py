@@ -400,7 +400,7 @@ def test_a_run_interrupted_in_python_raises_after_its_checkpoint(tmp_path):
 def test_a_batch_too_large_for_memory_is_one_message_with_a_smaller_batch(tmp_path):
     """A score matrix of 65,536 tokens × 2²⁰ latents (256 GiB) cannot be allocated: one message naming the size and a
     batch that is 4× smaller, exit 2, no traceback. The matrix is formed whole on the Triton backend (a GPU's; forced
-    here): the CPU's reference backend selects in row blocks without it."""
+    here): the CPU's reference backend selects in latent blocks without it."""
     flags = ["--synthetic", "--batch-size", "65536", "--dict-size", "1048576", "--k", "4", "--num-tokens", "65536"]
     flags += ["--normalization-tokens", "65536", "--output-dir", str(tmp_path), "--run-name", "huge", "--no-progress"]
     environment = {**os.environ, "CROSSCODER_KERNELS": "triton", "TRITON_INTERPRET": "1"}

@@ -26,6 +26,7 @@ from crosscoder.hub import dictionary_from_state
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
+from crosscoder.training.host_memory import return_large_blocks_to_the_system
 from crosscoder.training.schedules import lr_factor
 from crosscoder.training.sharded_optimizer import MOMENTS, ShardedAdam, shards_optimizer
 from crosscoder.training.step import training_step
@@ -54,7 +55,10 @@ class Trainee:
         context: Distributed | None = None,
     ) -> Trainee:
         """A trainee for ``dictionary`` with a fresh Adam (see ``optimizer_and_schedule``) and schedule and no latent
-        dead yet."""
+        dead yet. On CPU, the process's freed large blocks go back to the system from now on
+        (``return_large_blocks_to_the_system``)."""
+        if dictionary.b_dec.device.type == "cpu":
+            return_large_blocks_to_the_system()
         optimizer, scheduler = optimizer_and_schedule(dictionary, config, context or Distributed())
         counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.b_dec.device)
         return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
