@@ -68,3 +68,12 @@ def test_scores_that_are_not_finite_are_refused(bad) -> None:
         buffers.candidate_bound = bound
         with pytest.raises(ValueError, match=r"NaN|inf"):
             select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), buffers)
+
+
+@pytest.mark.parametrize("size", [64, 61, 0])
+def test_true_positions_are_nonzero_of_the_mask(size) -> None:
+    """Word by word (sizes divisible by 8) or byte by byte: the ascending flat indices, dense and sparse masks."""
+    generator = torch.Generator().manual_seed(size)
+    for density in (0.0, 0.02, 0.5, 1.0):
+        mask = (torch.rand(size, 3, generator=generator) < density).view(-1, 8 if size % 8 == 0 and size else 1)
+        assert torch.equal(blocked_selection._true_positions(mask), mask.view(-1).nonzero().squeeze(1))
