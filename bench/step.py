@@ -11,7 +11,9 @@ prefixes F/16 … F, dedicated-feature with 10% base-only and 10% chat-only late
 ``dictionary_learning`` is importable (an optional, separate environment: it pins a CUDA torch), its
 ``BatchTopKTrainer.update`` at the same diff-SAE shapes.
 Each variant runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth) is its
-own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor,
+own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor and
+``diff_sae_ratio_to_floor`` = the diff-SAE's step / its own floor GEMM ([B, d] × [d, F]), each the median of
+``--repeats`` ratios timed in pairs in the step's process (``ratio_of_medians_to_floor``: the two processes' medians),
 ``matryoshka_vs_batchtopk`` and ``dedicated_vs_batchtopk`` = the variant's step / ours, ``state_mb`` (crosscoder) and
 ``diff_sae_state_mb``: the unavoidable state (``state_mb``), and ``<variant>_peak_over_state`` = its peak / that.
 
@@ -145,19 +147,37 @@ def run_variant(args) -> dict:
     step = VARIANTS[args.variant](args, device)
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(step, device) for _ in range(args.repeats)]
     peak_mb = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.startswith("cuda")
         else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
     )
-    return {"variant": args.variant, "seconds": sorted(times)[len(times) // 2], "peak_mb": round(peak_mb, 1)}
+    result = {"variant": args.variant, "seconds": median(times), "peak_mb": round(peak_mb, 1)}
+    if args.variant in PAIRED_FLOORS:  # after the peak is read: the floor's output is not the step's memory
+        sources = PAIRED_FLOORS[args.variant] or args.sources
+        floor = floor_step(argparse.Namespace(**{**vars(args), "sources": sources}), device)
+        ratios = [timed(step, device) / timed(floor, device) for _ in range(args.repeats)]
+        result["paired_ratio_to_floor"] = median(ratios)
+    return result
+
+
+PAIRED_FLOORS = {"ours": None, "ours_diff_sae": 1}
+"""The steps timed against their own floor GEMM in pairs (a step, then its floor, ``--repeats`` times) in one
+process: a machine whose speed drifts over minutes moves both alike. The value: the floor's ``sources`` (the diff-SAE
+encodes d inputs; None: ``--sources``)."""
+
+
+def timed(function, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -214,7 +234,11 @@ def main() -> None:
             if results.get(name)
         },
         "speedup_vs_dense": round(seconds("dense") / seconds("ours"), 3),
-        "ratio_to_floor": round(seconds("ours") / seconds("floor"), 3),
+        "ratio_to_floor": round(results["ours"]["paired_ratio_to_floor"], 3),
+        "diff_sae_ratio_to_floor": (
+            round(results["ours_diff_sae"]["paired_ratio_to_floor"], 3) if results.get("ours_diff_sae") else None
+        ),
+        "ratio_of_medians_to_floor": round(seconds("ours") / seconds("floor"), 3),
         **{
             f"{name}_vs_batchtopk": round(seconds(f"ours_{name}") / seconds("ours"), 3)
             if seconds(f"ours_{name}")

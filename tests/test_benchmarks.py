@@ -33,6 +33,7 @@ FIGURES = {
     "step.py": [
         "speedup_vs_dense",
         "ratio_to_floor",
+        "diff_sae_ratio_to_floor",
         "matryoshka_vs_batchtopk",
         "dedicated_vs_batchtopk",
         "state_mb",
