@@ -16,6 +16,8 @@ class ReconstructionStats:
     ``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²`` with x̄ the mean over all tokens seen, per source and in total.
     """
 
+    ROWS_PER_CHUNK = 256
+
     def __init__(self) -> None:
         self.tokens = 0
         self._residual: torch.Tensor | None = None  # [n_sources]
@@ -25,12 +27,18 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
-        # per-batch sums in the input dtype (one pass each, on the training hot path, one temporary of x's size at a
-        # time), accumulated in float64
+        # sums in the input dtype over chunks of rows (on the training hot path: one chunk-sized temporary, not one of
+        # x's size while the step's gradients are held), accumulated in float64
         x, x_hat = x.detach(), x_hat.detach()
-        residual = torch.sub(x, x_hat).square_().sum(dim=(0, 2)).double()
+        residual = x.new_zeros(x.shape[1], dtype=torch.float64)
+        batch_squares = torch.zeros_like(residual)
+        chunk = x.new_empty(min(len(x), self.ROWS_PER_CHUNK), *x.shape[1:])
+        for start in range(0, len(x), self.ROWS_PER_CHUNK):
+            rows = slice(start, start + self.ROWS_PER_CHUNK)
+            squares = torch.sub(x[rows], x_hat[rows], out=chunk[: len(x[rows])]).square_()
+            residual += squares.sum(dim=(0, 2))
+            batch_squares += torch.mul(x[rows], x[rows], out=squares).sum(dim=(0, 2))
         batch_sum = x.sum(dim=0).double()
-        batch_squares = x.square().sum(dim=(0, 2)).double()
         if self._residual is None:
             self._residual, self._sum, self._sum_squares, self._active = (
                 residual,

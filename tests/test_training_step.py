@@ -149,3 +149,24 @@ def test_trainee_step_is_the_training_step_plus_bookkeeping():
     fired = expected.out.active_counts() > 0
     assert (trainee.tokens_since_fired[fired] == 0).all() and (trainee.tokens_since_fired[~fired] == 9).all()
     assert float(dictionary.threshold) == pytest.approx(float(expected.out.min_kept_score))
+
+
+def test_a_fresh_trainee_holds_adams_first_step_state_and_steps_bitwise_like_a_lazy_adam():
+    """The moments are allocated with the trainee (step 0, zeros), not inside the first step: the same updates,
+    bit for bit, as an Adam that creates them in its first step."""
+    config = dataclasses.replace(CONFIG, lr=1e-2, warmup_steps=0)
+    dictionary, x = make("batchtopk")
+    twin, _ = make("batchtopk")
+    eager = Trainee.new("batchtopk", dictionary, config).optimizer
+    assert len(eager.state) == len(list(dictionary.parameters()))
+    for state in eager.state.values():
+        assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    lazy = torch.optim.Adam(twin.parameters(), lr=config.lr, betas=(0.9, 0.999), fused=True)
+    dead = torch.zeros(40, dtype=torch.bool)
+    for step in range(2):
+        for model, optimizer in ((dictionary, eager), (twin, lazy)):
+            training_step(model, optimizer, model.normalize(x), step=step, dead=dead, config=config)
+    for (name, parameter), twin_parameter in zip(dictionary.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(parameter, twin_parameter), name
+        for moment in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(eager.state[parameter][moment], lazy.state[twin_parameter][moment]), (name, moment)

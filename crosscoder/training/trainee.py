@@ -53,13 +53,21 @@ class Trainee:
         dictionary: SparseDictionary,
         config: TrainConfig,
         context: Distributed | None = None,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> Trainee:
-        """A trainee for ``dictionary`` with a fresh Adam (see ``optimizer_and_schedule``) and schedule and no latent
-        dead yet. On CPU, the process's freed large blocks go back to the system from now on
+        """A trainee for ``dictionary`` with Adam (see ``optimizer_and_schedule``) holding ``optimizer_state`` (a
+        ``state_dict()``, one process's layout) or, without it, the state of its first step (step 0, zero moments:
+        allocated now rather than inside the first step, where the step's temporaries are live), a fresh schedule and
+        no latent dead yet. On CPU, the process's freed large blocks go back to the system from now on
         (``return_large_blocks_to_the_system``)."""
         if dictionary.b_dec.device.type == "cpu":
             return_large_blocks_to_the_system()
         optimizer, scheduler = optimizer_and_schedule(dictionary, config, context or Distributed())
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        else:  # a sharded one's own slices only
+            adam = optimizer.inner if isinstance(optimizer, ShardedAdam) else optimizer
+            adam.load_state_dict(first_step_state(adam))
         counters = torch.zeros(dictionary.dict_size, dtype=torch.long, device=dictionary.b_dec.device)
         return cls(DICTIONARY_NAMES[architecture], architecture, dictionary.train(), optimizer, scheduler, counters)
 
@@ -156,6 +164,17 @@ def optimizer_and_schedule(
     return adam, LambdaLR(adam, lambda step: lr_factor(config, step))
 
 
+def first_step_state(adam: torch.optim.Adam) -> dict[str, Any]:
+    """Adam's ``state_dict()`` before its first step: step 0 and zero moments for every parameter, as that step
+    would create them."""
+    parameters = [parameter for group in adam.param_groups for parameter in group["params"]]
+    state = {
+        index: {"step": torch.zeros(()), **{name: torch.zeros_like(parameter) for name in MOMENTS}}
+        for index, parameter in enumerate(parameters)
+    }
+    return {"state": state, "param_groups": adam.state_dict()["param_groups"]}
+
+
 def resolved_dict_size(config: TrainConfig, d_model: int) -> int:
     """``dict_size``, or ``expansion_factor · d_model`` when it is not set."""
     return config.dict_size or config.expansion_factor * d_model
@@ -236,8 +255,7 @@ def restore_trainees(
             optimizer_state = shard_optimizer(optimizer_state, dictionary.dict_size, context)
             counters = shard_rows(counters, dictionary.dict_size, context)
             dictionary = shard(dictionary, context)
-        trainee = Trainee.new(architecture, dictionary, config, context)
-        trainee.optimizer.load_state_dict(optimizer_state)
+        trainee = Trainee.new(architecture, dictionary, config, context, optimizer_state)
         trainee.scheduler.load_state_dict(state["scheduler"])
         trainee.tokens_since_fired = counters
         trainees.append(trainee)
