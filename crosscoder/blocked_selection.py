@@ -2,12 +2,12 @@
 
 The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer, each
 block's encoder rows scaled by the code norms as it goes (no scaled copy of the whole encoder). Of each block only
-the scores ≥ a candidate bound β are kept, and the dead latents' columns (AuxK ranks them); one stable sort by row
-puts the candidates in ascending flat order. β is the previous step's threshold × ``CANDIDATE_MARGIN``; on a first
-step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When at least ``k · B`` candidates
-exist over all processes, ``batch_topk_among_candidates`` selects exactly what ``batch_topk`` selects on the whole
-matrix; otherwise (β too high, or none on a distributed first step) the matrix is formed whole, block by block with
-the same arithmetic, and selected in full: the same selection either way, tested against it.
+the scores ≥ a candidate bound β are kept, and the dead latents' columns (AuxK ranks them); one sort of their flat
+indices puts the candidates in ascending flat order. β is the previous step's threshold × ``CANDIDATE_MARGIN``; on a
+first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When at least ``k · B``
+candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what ``batch_topk`` selects on
+the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix is formed whole, block by
+block with the same arithmetic, and selected in full: the same selection either way, tested against it.
 """
 
 from __future__ import annotations
@@ -155,17 +155,19 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the blocked GEMM: the scores ≥ ``bound`` (ascending flat indices [n] and scores [n]), the dead
     latents' columns written into ``dead_scores``."""
-    rows, latents, values = [], [], []
+    dict_size = blocks.encoder.shape[0]
+    indices, values = [], []
     for block_latents, block in blocks(encoder_input):
         check_score_values(block.view(-1))
-        flat = _true_positions(block >= bound)  # row-major within the block
-        values.append(block.view(-1)[flat])
-        rows.append(flat // block.shape[1])
-        latents.append(flat % block.shape[1] + block_latents.start)
+        within = _true_positions(block >= bound)  # row-major within the block
+        values.append(block.view(-1)[within])
+        width = block.shape[1]  # flat index in the whole matrix: row · dict_size + the block's first latent + column
+        indices.append(
+            within.div(width, rounding_mode="floor").mul_(dict_size - width).add_(within + block_latents.start)
+        )
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
-    row_major = torch.sort(torch.cat(rows), stable=True)  # block after block within a row: ascending latents
-    flat_indices = row_major.values * blocks.encoder.shape[0] + torch.cat(latents)[row_major.indices]
-    return flat_indices, torch.cat(values)[row_major.indices]
+    flat_indices, order = torch.sort(torch.cat(indices))  # block after block → one row after another
+    return flat_indices, torch.cat(values)[order]
 
 
 def _true_positions(mask: torch.Tensor) -> torch.Tensor:

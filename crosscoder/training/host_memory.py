@@ -3,10 +3,9 @@
 glibc's ``malloc`` serves a block of at least ``M_MMAP_THRESHOLD`` bytes with its own ``mmap`` and unmaps it when
 freed, but it raises that threshold to the size of every such block freed (up to 32 MB): after the first step, the
 step's [batch, n_sources · d_model] temporaries come from the heap, whose freed middle is never given back. On the
-development machine that kept ~200 MB resident beyond what the step holds live (1.5× the unavoidable state at
-B = 4,096, F = 16,384 instead of 1.2×). A fixed threshold keeps every block of ``MMAP_THRESHOLD`` bytes or more
-out of the heap; the blocks the step reuses (its ``StepBuffers``, the parameters, gradients and Adam's moments)
-are allocated once.
+development machine, at B = 4,096 and F = 16,384, that raised the crosscoder step's peak from 1.18× its unavoidable
+state to 1.26–1.31× (``bench/step.py``). A fixed threshold keeps every block of ``MMAP_THRESHOLD`` bytes or more out
+of the heap; the blocks the step reuses (its ``StepBuffers``, the parameters and Adam's moments) are allocated once.
 """
 
 from __future__ import annotations
