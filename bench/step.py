@@ -29,14 +29,9 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from timing import timed
 
 
 def dense_step(args, device):
@@ -166,14 +161,6 @@ PAIRED_FLOORS = {"ours": None, "ours_diff_sae": 1}
 """The steps timed against their own floor GEMM in pairs (a step, then its floor, ``--repeats`` times) in one
 process: a machine whose speed drifts over minutes moves both alike. The value: the floor's ``sources`` (the diff-SAE
 encodes d inputs; None: ``--sources``)."""
-
-
-def timed(function, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def median(values: list[float]) -> float:

@@ -22,6 +22,7 @@ import time
 
 import datasets
 import torch
+from timing import synchronize, timed
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from crosscoder.activations import PairedActivationStream, StreamSettings
@@ -55,19 +56,6 @@ def micro_batches(tokenizer, texts: list[str], context: int, model_batch_size: i
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         yield ids.to(device), mask.to(device)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(function, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
