@@ -30,8 +30,12 @@ import resource
 import subprocess
 import sys
 
+# isort: off
+import crosscoder  # before torch, as in training: it turns on huge pages for torch's CPU allocator (host_memory)
 import torch
 from timing import timed
+
+# isort: on
 
 
 def dense_step(args, device):
@@ -60,7 +64,6 @@ def dense_step(args, device):
 def our_step(args, device, architecture="batchtopk"):
     """The library's training step exactly as ``crosscoder.train`` runs it: ``Trainee.step`` on raw paired
     activations (input, normalisation, ``training_step``, schedule, dead-latent counters, θ, metric window)."""
-    import crosscoder
     from crosscoder.distributed import Distributed
     from crosscoder.training import Trainee
     from crosscoder.training.trainee import new_dictionary

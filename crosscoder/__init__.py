@@ -4,6 +4,10 @@ and difference SAEs.
 The parts and how data flows between them: docs/architecture.md; every formula: docs/methods.md.
 """
 
+from crosscoder.host_memory import use_huge_pages
+
+use_huge_pages()  # before torch is imported: its CPU allocator reads the setting once (docs/methods.md §4.2)
+
 from crosscoder.activations import PairedActivationStream
 from crosscoder.cache import ActivationCache
 from crosscoder.config import TrainConfig
