@@ -2,12 +2,13 @@
 
 The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer, each
 block's encoder rows scaled by the code norms as it goes (no scaled copy of the whole encoder). Of each block only
-the scores ≥ a candidate bound β are kept, and the dead latents' columns (AuxK ranks them); one sort of their flat
-indices puts the candidates in ascending flat order. β is the previous step's threshold × ``CANDIDATE_MARGIN``; on a
-first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When at least ``k · B``
-candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what ``batch_topk`` selects on
-the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix is formed whole, block by
-block with the same arithmetic, and selected in full: the same selection either way, tested against it.
+the scores ≥ a candidate bound β are kept (compared into one reused mask), and the dead latents' columns (AuxK ranks
+them); a counting sort by row puts the candidates in ascending flat order. β is the previous step's threshold ×
+``CANDIDATE_MARGIN``; on a first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When
+at least ``k · B`` candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what
+``batch_topk`` selects on the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix
+is formed whole, block by block with the same arithmetic, and selected in full: the same selection either way,
+tested against it.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ class StepBuffers:
         """A lower bound for the next BatchTopK selection's candidates: this step's threshold lowered by
         ``CANDIDATE_MARGIN`` (the selection is exact whatever it is)."""
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
+    def get(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The buffer ``name`` with this shape, ``like``'s device and ``dtype`` (default ``like``'s), allocated when
+        they change."""
+        dtype = dtype or like.dtype
         tensor = self._tensors.get(name)
-        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
-            tensor = self._tensors[name] = like.new_empty(shape)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != like.device:
+            tensor = self._tensors[name] = like.new_empty(shape, dtype=dtype)
         return tensor
 
     def release(self, name: str) -> None:
@@ -155,19 +160,35 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the blocked GEMM: the scores ≥ ``bound`` (ascending flat indices [n] and scores [n]), the dead
     latents' columns written into ``dead_scores``."""
-    dict_size = blocks.encoder.shape[0]
-    indices, values = [], []
+    batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
+    # reused: a fresh [batch, LATENT_BLOCK] mask per block would be paged in afresh (2 MB at a batch of 4,096)
+    mask = blocks.buffers.get("candidate_mask", (batch * min(LATENT_BLOCK, dict_size),), encoder_input, torch.bool)
+    indices, values, row_counts = [], [], []  # each block's candidates: flat indices (row-major) and scores
     for block_latents, block in blocks(encoder_input):
         check_score_values(block.view(-1))
-        within = _true_positions(block >= bound)  # row-major within the block
+        within = _true_positions(torch.ge(block.view(-1), bound, out=mask[: block.numel()]))
         values.append(block.view(-1)[within])
         width = block.shape[1]  # flat index in the whole matrix: row · dict_size + the block's first latent + column
-        indices.append(
-            within.div(width, rounding_mode="floor").mul_(dict_size - width).add_(within + block_latents.start)
-        )
+        rows = within.div(width, rounding_mode="floor")
+        row_counts.append(torch.bincount(rows, minlength=batch))
+        indices.append(rows.mul_(dict_size - width).add_(within + block_latents.start))
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
-    flat_indices, order = torch.sort(torch.cat(indices))  # block after block → one row after another
-    return flat_indices, torch.cat(values)[order]
+    # a counting sort by row into row-major order over the whole matrix: the blocks cover ascending latents and each
+    # block's candidates are row-major, so row r's candidates of block j follow its candidates of the blocks before j
+    counts = torch.stack(row_counts)  # [n_blocks, batch]
+    by_row = counts.T.reshape(-1)  # (row, block) in row-major order
+    first_in_matrix = (by_row.cumsum(0) - by_row).view(batch, len(indices)).T  # [n_blocks, batch]
+    shifts = first_in_matrix - (counts.cumsum(1) - counts)  # minus where each row starts within its block
+    flat_indices = torch.empty(int(by_row.sum()), dtype=torch.long, device=encoder_input.device)
+    candidate_scores = torch.empty(len(flat_indices), dtype=blocks.encoder.dtype, device=encoder_input.device)
+    for j in range(len(indices)):
+        block_indices, block_values = indices[j], values[j]
+        indices[j] = values[j] = None  # freed as they are placed
+        destinations = shifts[j, block_indices.div(dict_size, rounding_mode="floor")]
+        destinations += torch.arange(len(block_indices), device=destinations.device)
+        flat_indices[destinations] = block_indices
+        candidate_scores[destinations] = block_values
+    return flat_indices, candidate_scores
 
 
 def _true_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -95,8 +95,8 @@ def training_step(
     loss, losses, out = training_loss(
         dictionary, x_normalized, step=step, dead=dead, config=config, context=context, buffers=buffers
     )
-    # after the forward: released right before the backward allocates new ones (20% faster at the paper's width on
-    # CPU than released before the forward)
+    # after the forward: released right before the backward allocates new ones (on CPU 1.25-1.3x faster than released
+    # before the forward: docs/methods.md §4.2)
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
         (loss / context.world_size).backward()
