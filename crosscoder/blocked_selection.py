@@ -51,15 +51,11 @@ class StepBuffers:
         """A lower bound for the next BatchTopK selection's candidates: this step's threshold lowered by
         ``CANDIDATE_MARGIN`` (the selection is exact whatever it is)."""
 
-    def get(
-        self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        """The buffer ``name`` with this shape, ``like``'s device and ``dtype`` (default ``like``'s), allocated when
-        they change."""
-        dtype = dtype or like.dtype
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
         tensor = self._tensors.get(name)
-        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != like.device:
-            tensor = self._tensors[name] = like.new_empty(shape, dtype=dtype)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
+            tensor = self._tensors[name] = like.new_empty(shape)
         return tensor
 
     def release(self, name: str) -> None:
@@ -161,8 +157,9 @@ def _candidates(
     """One pass of the blocked GEMM: the scores ≥ ``bound`` (ascending flat indices [n] and scores [n]), the dead
     latents' columns written into ``dead_scores``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
-    # reused: a fresh [batch, LATENT_BLOCK] mask per block would be paged in afresh (2 MB at a batch of 4,096)
-    mask = blocks.buffers.get("candidate_mask", (batch * min(LATENT_BLOCK, dict_size),), encoder_input, torch.bool)
+    # one mask for every block: a fresh [batch, LATENT_BLOCK] one per block (2 MB at a batch of 4,096) would be paged
+    # in afresh each time; not kept past the pass, where the step's peak is
+    mask = torch.empty(batch * min(LATENT_BLOCK, dict_size), dtype=torch.bool, device=encoder_input.device)
     indices, values, row_counts = [], [], []  # each block's candidates: flat indices (row-major) and scores
     for block_latents, block in blocks(encoder_input):
         check_score_values(block.view(-1))
