@@ -158,7 +158,7 @@ def _candidates(
     latents' columns written into ``dead_scores``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
     # one mask for every block: a fresh [batch, LATENT_BLOCK] one per block (2 MB at a batch of 4,096) would be paged
-    # in afresh each time; not kept past the pass, where the step's peak is
+    # in afresh each time; freed after the pass (kept between steps, it would add to the step's later peak)
     mask = torch.empty(batch * min(LATENT_BLOCK, dict_size), dtype=torch.bool, device=encoder_input.device)
     indices, values, row_counts = [], [], []  # each block's candidates: flat indices (row-major) and scores
     for block_latents, block in blocks(encoder_input):
