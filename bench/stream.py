@@ -20,10 +20,14 @@ import argparse
 import json
 import time
 
+# isort: off
+import crosscoder  # noqa: F401  (first, as in training: huge pages for torch's CPU allocator, host_memory)
 import datasets
 import torch
 from timing import synchronize, timed
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+# isort: on
 
 from crosscoder.activations import PairedActivationStream, StreamSettings
 from crosscoder.models import residual_outputs

@@ -178,9 +178,8 @@ def _candidates(
     shifts = first_in_matrix - (counts.cumsum(1) - counts)  # minus where each row starts within its block
     flat_indices = torch.empty(int(by_row.sum()), dtype=torch.long, device=encoder_input.device)
     candidate_scores = torch.empty(len(flat_indices), dtype=blocks.encoder.dtype, device=encoder_input.device)
-    for j in range(len(indices)):
-        block_indices, block_values = indices[j], values[j]
-        indices[j] = values[j] = None  # freed as they are placed
+    for j in reversed(range(len(indices))):  # each block's lists freed as they are placed
+        block_indices, block_values = indices.pop(), values.pop()
         destinations = shifts[j, block_indices.div(dict_size, rounding_mode="floor")]
         destinations += torch.arange(len(block_indices), device=destinations.device)
         flat_indices[destinations] = block_indices
