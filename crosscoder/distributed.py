@@ -29,6 +29,8 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     shard_latents: bool = False
+    local_world_size: int = 1
+    """Processes on this process's host (torchrun's LOCAL_WORLD_SIZE)."""
 
     @property
     def is_main(self) -> bool:
@@ -37,6 +39,11 @@ class Distributed:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def single_host(self) -> bool:
+        """Every process runs on this host (so they can share memory)."""
+        return self.local_world_size == self.world_size
 
     @property
     def data_parallel(self) -> bool:
@@ -128,7 +135,8 @@ def init_distributed(device: str) -> Distributed:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return Distributed(rank, world_size, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Distributed(rank, world_size, local_rank, local_world_size=local_world_size)
 
 
 def shutdown_distributed() -> None:

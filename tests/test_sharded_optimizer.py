@@ -1,14 +1,16 @@
 """``ShardedAdam`` (crosscoder.training.sharded_optimizer) on two real gloo processes against one process's torch
-Adam fed the summed gradients: the same parameters after every step (Adam is elementwise: bitwise where no clipping
-scales; to rounding where the clip norm is summed in another order), a change made to a parameter between steps
-(the SAE's renormalisation) seen by the update, each process holding half the moments, and the state saved in one
-process's layout and loaded back."""
+Adam fed the summed gradients, with its collectives through gloo (processes on two hosts, as far as the context says)
+and through the shared-memory exchange (on one host): the same parameters after every step (Adam is elementwise:
+bitwise where no clipping scales; to rounding where the clip norm is summed in another order), a change made to a
+parameter between steps (the SAE's renormalisation) seen by the update, each process holding half the moments, and
+the state saved in one process's layout and loaded back."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -37,13 +39,13 @@ def renormalise(params: list[torch.nn.Parameter]) -> None:
         params[0].div_(params[0].norm(dim=-1, keepdim=True))
 
 
-def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
+def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        context = Distributed(rank=rank, world_size=2)
+        context = Distributed(rank=rank, world_size=2, local_world_size=local_world_size)
         choices = [shards_optimizer(TrainConfig(shard_optimizer=choice), context) for choice in ("auto", "yes", "no")]
         params = parameters()
-        optimizer = ShardedAdam(params, Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
+        optimizer = ShardedAdam(params, context, lr=0.1, betas=(0.9, 0.999))
         history = []
         for step in range(STEPS):
             optimizer.zero_grad()
@@ -56,7 +58,7 @@ def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
             history.append([parameter.detach().clone() for parameter in params])
         moments = [optimizer.inner.state[piece]["exp_avg"].numel() for piece in optimizer.slices]
         state = optimizer.state_dict()
-        reloaded = ShardedAdam(parameters(), Distributed(rank=rank, world_size=2), lr=0.1, betas=(0.9, 0.999))
+        reloaded = ShardedAdam(parameters(), context, lr=0.1, betas=(0.9, 0.999))
         reloaded.load_state_dict(state)
         torch.save(
             {
@@ -65,18 +67,20 @@ def _worker(rank: int, folder: str, port: int, max_norm: float) -> None:
                 "state": state,
                 "reloaded": reloaded.state_dict(),
                 "choices": choices,
+                "shared_memory": optimizer.exchange is not None,
             },
             Path(folder) / f"rank{rank}.pt",
         )
+        dist.barrier()  # every process done with the group before any leaves it (else, rarely, gloo aborts)
     finally:
         dist.destroy_process_group()
 
 
-def run_two_processes(folder: Path, max_norm: float) -> list[dict]:
+def run_two_processes(folder: Path, max_norm: float, local_world_size: int) -> list[dict]:
     with socket.socket() as probe:  # a free port: bind to 0 and read it back
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_worker, args=(str(folder), port, max_norm), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(folder), port, max_norm, local_world_size), nprocs=2, join=True)
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
 
 
@@ -95,14 +99,21 @@ def one_process(max_norm: float) -> tuple[list[list[torch.Tensor]], dict]:
     return history, optimizer.state_dict()
 
 
-def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradients(tmp_path):
-    ranks = run_two_processes(tmp_path, max_norm=1e9)  # no clipping: bitwise
+HOSTS = pytest.mark.parametrize("local_world_size", [1, 2], ids=["gloo", "shared_memory"])
+
+
+@HOSTS
+def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradients(tmp_path, local_world_size):
+    ranks = run_two_processes(tmp_path, max_norm=1e9, local_world_size=local_world_size)  # no clipping: bitwise
     history, state = one_process(max_norm=1e9)
     for rank in ranks:
         for step, (got, expected) in enumerate(zip(rank["history"], history, strict=True)):
             for index, (a, b) in enumerate(zip(got, expected, strict=True)):
                 assert torch.equal(a, b), (step, index)
-    assert [rank["choices"] for rank in ranks] == [[False, True, False]] * 2  # auto: not on gloo
+    # auto on gloo: where the processes share a host, whose memory carries the collectives
+    one_host = local_world_size == 2
+    assert [rank["choices"] for rank in ranks] == [[one_host, True, False]] * 2
+    assert [rank["shared_memory"] for rank in ranks] == [one_host] * 2
     # each process holds half of each evenly split parameter's moments, all of the other one's
     assert [rank["moments"] for rank in ranks] == [[24, 3, 15], [24, 3, 15]]
     for rank in ranks:  # saved in one process's layout: the one-process Adam's state
@@ -112,8 +123,9 @@ def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradien
                 assert torch.equal(rank["reloaded"]["state"][index][key], value), (index, key)
 
 
-def test_sharded_adam_clips_to_the_global_norm_of_the_summed_gradients(tmp_path):
-    ranks = run_two_processes(tmp_path, max_norm=0.5)
+@HOSTS
+def test_sharded_adam_clips_to_the_global_norm_of_the_summed_gradients(tmp_path, local_world_size):
+    ranks = run_two_processes(tmp_path, max_norm=0.5, local_world_size=local_world_size)
     history, _ = one_process(max_norm=0.5)
     for rank in ranks:
         for got, expected in zip(rank["history"], history, strict=True):

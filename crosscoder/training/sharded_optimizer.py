@@ -8,9 +8,11 @@ Per step and process this moves the same bytes as all-reducing every gradient (a
 then an all-gather) but runs Adam over 1/N of the parameters and holds 1/N of its moments. The collectives of all
 parameters are issued together and awaited once, so they overlap one another (and, on a GPU, the update).
 
-Used under data parallelism when ``TrainConfig.shard_optimizer`` says so (``shards_optimizer``): by default on NCCL
-only — gloo's reduce-scatter and all-gather took 3.1× its all-reduce on this project's CPU machine, more than the
-halved Adam saves (README, bench/scaling.py).
+On gloo with every process on one host, the sharded parameters' gradients and slices go through shared memory
+instead (``crosscoder.training.shared_memory_exchange``): gloo's own reduce-scatter and all-gather took 3.1× its
+all-reduce on this project's CPU machine, more than the halved Adam saves, while the shared-memory exchange takes
+less than the all-reduce alone. Used under data parallelism when ``TrainConfig.shard_optimizer`` says so
+(``shards_optimizer``): by default on NCCL, and on gloo when the processes share a host.
 
 Checkpoints hold Adam's state in the layout of one process (``state_dict`` gathers it; ``load_state_dict`` takes
 this process's slices), so a checkpoint does not depend on how its run was parallelised.
@@ -24,15 +26,17 @@ import torch
 
 from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
+from crosscoder.training.shared_memory_exchange import open_exchange
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def shards_optimizer(config: TrainConfig, context: Distributed) -> bool:
-    """Whether this run's data-parallel processes shard Adam (``TrainConfig.shard_optimizer``; ``auto``: on NCCL)."""
+    """Whether this run's data-parallel processes shard Adam (``TrainConfig.shard_optimizer``; ``auto``: on NCCL,
+    and on gloo when every process runs on this host, where the shared-memory exchange carries the collectives)."""
     if not context.data_parallel or config.shard_optimizer == "no":
         return False
-    return config.shard_optimizer == "yes" or torch.distributed.get_backend() == "nccl"
+    return config.shard_optimizer == "yes" or torch.distributed.get_backend() == "nccl" or context.single_host
 
 
 class ShardedAdam:
@@ -53,6 +57,10 @@ class ShardedAdam:
             for parameter, sharded in zip(self.parameters, self.sharded, strict=True)
         ]
         self.inner = torch.optim.Adam(self.slices, lr=lr, betas=betas, fused=True)
+        self.split = [index for index, sharded in enumerate(self.sharded) if sharded]  # the sharded ones' positions
+        on_gloo = torch.distributed.get_backend() == "gloo"
+        split = [self.parameters[index] for index in self.split]
+        self.exchange = open_exchange(split, context) if on_gloo and split else None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -64,19 +72,21 @@ class ShardedAdam:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def reduce_gradients(self) -> None:
-        """Sum the processes' gradients: each sharded parameter's slice into its slice's ``grad`` (reduce-scatter),
-        the others in place (all-reduce); all issued at once, then awaited."""
+        """Sum the processes' gradients: each sharded parameter's slice into its slice's ``grad`` (reduce-scatter:
+        through the shared-memory exchange when there is one), the others in place (all-reduce); the collectives
+        issued at once, then awaited."""
         handles, local = [], []  # the local gradients stay referenced until their collectives are done
         for parameter, piece, sharded in zip(self.parameters, self.slices, self.sharded, strict=True):
-            if parameter.grad is None:
-                continue
-            if sharded:
-                piece.grad = torch.empty_like(piece)
+            if sharded:  # None where the parameter has no gradient (as on every process)
                 local.append(parameter.grad)
-                handles.append(self.context.reduce_scatter_into(piece.grad, parameter.grad.view(-1), async_op=True))
+                piece.grad = None if parameter.grad is None else torch.empty_like(piece)
+                if parameter.grad is not None and self.exchange is None:
+                    handles.append(self.context.reduce_scatter_into(piece.grad, parameter.grad.view(-1), async_op=True))
                 parameter.grad = None  # past the reduction only the slice's sum is needed
-            else:
+            elif parameter.grad is not None:
                 handles.append(self.context.all_reduce_async(parameter.grad))
+        if self.exchange is not None:
+            self.exchange.reduce_scatter(local, [self.slices[index].grad for index in self.split])
         for handle in handles:
             handle.wait()
 
@@ -93,11 +103,15 @@ class ShardedAdam:
         """Adam on this process's slices (and the whole parameters), then every process's slices all-gathered into
         the parameters."""
         self.inner.step()
-        inputs = [piece.clone() if sharded else None for piece, sharded in zip(self.slices, self.sharded, strict=True)]
-        handles = [  # the inputs are copies (an input must not alias its output), referenced until done
-            self.context.all_gather_into(parameter.detach().view(-1), piece, async_op=True)
-            for parameter, piece in zip(self.parameters, inputs, strict=True)
-            if piece is not None
+        parameters = [self.parameters[index].detach() for index in self.split]
+        pieces = [self.slices[index] for index in self.split]
+        if self.exchange is not None:
+            self.exchange.all_gather(pieces, parameters)
+            return
+        inputs = [piece.clone() for piece in pieces]  # an input must not alias its output; referenced until done
+        handles = [
+            self.context.all_gather_into(parameter.view(-1), piece, async_op=True)
+            for parameter, piece in zip(parameters, inputs, strict=True)
         ]
         for handle in handles:
             handle.wait()

@@ -1,0 +1,100 @@
+"""The shared-memory exchange (crosscoder.training.shared_memory_exchange) among three real gloo processes: the
+reduce-scatter gives each process its chunk of the sum in rank order, step after step; the all-gather fills in the
+other processes' chunks; the segment's file is gone once every process has mapped it; and where the segment cannot
+be made every process falls back (None) with one warning that names the folder and the fix."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from crosscoder.distributed import Distributed
+from crosscoder.training.shared_memory_exchange import open_exchange
+
+WORLD = 3
+SHAPES = [(6, 4), (3,), (9, 2)]  # each splits evenly over 3 processes
+STEPS = 2
+
+
+def local_gradients(step: int, rank: int) -> list[torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    gradients: list[torch.Tensor | None] = [torch.randn(shape, generator=generator) for shape in SHAPES]
+    gradients[1] = None  # a parameter without a gradient (on every process alike)
+    return gradients
+
+
+def _worker(rank: int, folder: str, port: int, directory: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        context = Distributed(rank=rank, world_size=WORLD, local_world_size=WORLD)
+        parameters = [torch.full(shape, -1.0) for shape in SHAPES]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exchange = open_exchange(parameters, context, Path(directory))
+        dist.barrier()  # process 0 has unlinked the segment
+        left_behind = sorted(path.name for path in Path(directory).glob("*")) if Path(directory).is_dir() else []
+        result = {"warnings": [str(warning.message) for warning in caught], "left_behind": left_behind}
+        if exchange is not None:
+            sums = []
+            for step in range(STEPS):
+                into = [None if shape == (3,) else torch.empty(torch.Size(shape).numel() // WORLD) for shape in SHAPES]
+                exchange.reduce_scatter(local_gradients(step, rank), into)
+                sums.append(into)
+            pieces = [torch.full((torch.Size(shape).numel() // WORLD,), float(rank)) for shape in SHAPES]
+            exchange.all_gather(pieces, parameters)
+            result.update(sums=sums, parameters=parameters)
+        result["exchange"] = exchange is not None
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()  # every process done with the group before any leaves it (else, rarely, gloo aborts)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(folder: Path, directory: Path) -> list[dict]:
+    with socket.socket() as probe:  # a free port: bind to 0 and read it back
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_worker, args=(str(folder), port, str(directory)), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_the_exchange_reduce_scatters_and_all_gathers_among_three_processes(tmp_path):
+    segments = tmp_path / "segments"
+    segments.mkdir()
+    ranks = run(tmp_path, segments)
+    assert all(rank["exchange"] and not rank["warnings"] for rank in ranks)
+    assert all(rank["left_behind"] == [] for rank in ranks)  # unlinked once every process had mapped it
+    for step in range(STEPS):
+        gradients = [local_gradients(step, rank) for rank in range(WORLD)]
+        for index in range(len(SHAPES)):
+            if gradients[0][index] is None:
+                assert all(rank["sums"][step][index] is None for rank in ranks)
+                continue
+            total = gradients[0][index] + gradients[1][index] + gradients[2][index]  # in rank order
+            chunks = total.reshape(-1).chunk(WORLD)
+            for number, rank in enumerate(ranks):
+                assert torch.equal(rank["sums"][step][index], chunks[number]), (step, index, number)
+    for number, rank in enumerate(ranks):  # every chunk holds its process's number; this process's own left as it was
+        for parameter in rank["parameters"]:
+            chunks = parameter.reshape(-1).chunk(WORLD)
+            for peer, chunk in enumerate(chunks):
+                assert torch.all(chunk == (-1.0 if peer == number else float(peer))), (number, peer)
+
+
+def test_without_room_for_the_segment_every_process_falls_back_with_one_warning(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    ranks = run(tmp_path, missing)
+    assert [rank["exchange"] for rank in ranks] == [False] * WORLD
+    assert [len(rank["warnings"]) for rank in ranks] == [1, 0, 0]
+    message = ranks[0]["warnings"][0]
+    assert str(missing) in message and "--shm-size" in message and "--shard-optimizer no" in message
+
+
+def test_processes_on_several_hosts_do_not_share_memory():
+    two_hosts = Distributed(rank=0, world_size=4, local_world_size=2)
+    assert open_exchange([torch.zeros(4)], two_hosts) is None  # no collective called: none is initialised
