@@ -1,6 +1,6 @@
 """Multi-process scaling: training tokens/s with 2 processes against 1 (torchrun, gloo on CPU / NCCL on GPU), with
 ``--parallelism data`` (gradients all-reduced, and with ``--shard-optimizer yes``: Adam sharded, gradients
-reduce-scattered, updates all-gathered) and ``--parallelism latents``.
+reduce-scattered, updates all-gathered, through shared memory on gloo) and ``--parallelism latents``.
 
 Each process is held to the same number of threads (``--threads``, default 1), so the ratio measures the
 parallel code, not the cores a lone process would borrow. Every run trains a BatchTopK crosscoder on the same
@@ -92,8 +92,7 @@ def main() -> None:
     config = TrainConfig(batch_size=args.batch_size, dict_size=args.dict_size, k=args.k)
     auto = "latents" if shards_latents(config, 2, args.dict_size) else "data"
     figures["auto_parallelism"] = auto
-    sharded_optimizer = args.device.startswith("cuda")  # --shard-optimizer auto: on NCCL
-    data = "scaling_2_procs_data_parallel" + ("_sharded_optimizer" if sharded_optimizer else "")
+    data = "scaling_2_procs_data_parallel_sharded_optimizer"  # --shard-optimizer auto: on NCCL, and on one host
     figures["scaling_2_procs"] = figures["scaling_2_procs_latent_sharded" if auto == "latents" else data]
     settings = {"device": args.device, "threads_per_process": args.threads, "batch_size": args.batch_size}
     settings.update({"d_model": args.d_model, "dict_size": args.dict_size, "k": args.k, "repeats": args.repeats})

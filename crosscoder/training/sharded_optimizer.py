@@ -57,6 +57,12 @@ class ShardedAdam:
             for parameter, sharded in zip(self.parameters, self.sharded, strict=True)
         ]
         self.inner = torch.optim.Adam(self.slices, lr=lr, betas=betas, fused=True)
+        # the slices' summed gradients, written in place every step: a fresh allocation's first touch costs more than
+        # the sum itself on this project's CPU machine (page faults)
+        self.reduced = [
+            torch.empty_like(piece) if sharded else None
+            for piece, sharded in zip(self.slices, self.sharded, strict=True)
+        ]
         self.split = [index for index, sharded in enumerate(self.sharded) if sharded]  # the sharded ones' positions
         on_gloo = torch.distributed.get_backend() == "gloo"
         split = [self.parameters[index] for index in self.split]
@@ -76,10 +82,10 @@ class ShardedAdam:
         through the shared-memory exchange when there is one), the others in place (all-reduce); the collectives
         issued at once, then awaited."""
         handles, local = [], []  # the local gradients stay referenced until their collectives are done
-        for parameter, piece, sharded in zip(self.parameters, self.slices, self.sharded, strict=True):
-            if sharded:  # None where the parameter has no gradient (as on every process)
+        for parameter, piece, reduced in zip(self.parameters, self.slices, self.reduced, strict=True):
+            if reduced is not None:  # sharded (its local gradient None where it has none, on every process alike)
                 local.append(parameter.grad)
-                piece.grad = None if parameter.grad is None else torch.empty_like(piece)
+                piece.grad = None if parameter.grad is None else reduced
                 if parameter.grad is not None and self.exchange is None:
                     handles.append(self.context.reduce_scatter_into(piece.grad, parameter.grad.view(-1), async_op=True))
                 parameter.grad = None  # past the reduction only the slice's sum is needed
