@@ -192,8 +192,9 @@ class TrainConfig:
     """Under ``--parallelism data``: shard Adam over the processes (each holds the moments of, and updates, 1/N of
     the parameters; the gradients reduce-scattered, the updates all-gathered; docs/architecture.md §7), or all-reduce
     the gradients and update everything on every process (``no``). ``auto`` shards on NCCL, where a reduce-scatter
-    and an all-gather move the bytes of one all-reduce, and not on gloo, whose reduce-scatter and all-gather took
-    3.1× its all-reduce on this project's CPU machine (bench/scaling.py)."""
+    and an all-gather move the bytes of one all-reduce, and on gloo when every process runs on one host, where the
+    two go through shared memory (``crosscoder.training.shared_memory_exchange``); not on gloo across hosts, whose
+    reduce-scatter and all-gather took 3.1× its all-reduce on this project's CPU machine (bench/scaling.py)."""
 
     # ---------------------------------------------------------------- run
     seed: int = 0
