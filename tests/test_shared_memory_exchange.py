@@ -1,7 +1,8 @@
 """The shared-memory exchange (crosscoder.training.shared_memory_exchange) among three real gloo processes: the
-reduce-scatter gives each process its chunk of the sum in rank order, step after step; the all-gather fills in the
-other processes' chunks; the segment's file is gone once every process has mapped it; and where the segment cannot
-be made every process falls back (None) with one warning that names the folder and the fix."""
+reduce-scatter gives each process its chunk of the sum in rank order, step after step (each followed by an
+all-gather through the same rows); the all-gather fills in the other processes' chunks; the segment's file is gone
+once every process has mapped it; and where the segment cannot be made every process falls back (None) with one
+warning that names the folder and the fix."""
 
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
         result = {"warnings": [str(warning.message) for warning in caught], "left_behind": left_behind}
         if exchange is not None:
             sums = []
-            for step in range(STEPS):
+            for step in range(STEPS):  # as a training step: the gradients summed, then the updated slices shared
                 into = [None if shape == (3,) else torch.empty(torch.Size(shape).numel() // WORLD) for shape in SHAPES]
                 exchange.reduce_scatter(local_gradients(step, rank), into)
                 sums.append(into)
-            pieces = [torch.full((torch.Size(shape).numel() // WORLD,), float(rank)) for shape in SHAPES]
-            exchange.all_gather(pieces, parameters)
+                pieces = [torch.full((torch.Size(shape).numel() // WORLD,), 10.0 * step + rank) for shape in SHAPES]
+                exchange.all_gather(pieces, parameters)
             result.update(sums=sums, parameters=parameters)
         result["exchange"] = exchange is not None
         torch.save(result, Path(folder) / f"rank{rank}.pt")
@@ -79,11 +80,12 @@ def test_the_exchange_reduce_scatters_and_all_gathers_among_three_processes(tmp_
             chunks = total.reshape(-1).chunk(WORLD)
             for number, rank in enumerate(ranks):
                 assert torch.equal(rank["sums"][step][index], chunks[number]), (step, index, number)
-    for number, rank in enumerate(ranks):  # every chunk holds its process's number; this process's own left as it was
+    last = 10.0 * (STEPS - 1)
+    for number, rank in enumerate(ranks):  # every chunk holds its process's last slice; this process's own as it was
         for parameter in rank["parameters"]:
             chunks = parameter.reshape(-1).chunk(WORLD)
             for peer, chunk in enumerate(chunks):
-                assert torch.all(chunk == (-1.0 if peer == number else float(peer))), (number, peer)
+                assert torch.all(chunk == (-1.0 if peer == number else last + peer)), (number, peer)
 
 
 def test_without_room_for_the_segment_every_process_falls_back_with_one_warning(tmp_path):

@@ -6,9 +6,10 @@ gradients took 81-118 ms of CPU and its reduce-scatter plus all-gather 3.1× tha
 read one another's memory: each writes into its own row of a shared segment the chunks of its gradients that the
 others sum, and after a barrier sums its own 1/N chunk of every parameter, its gradient's and the others' rows' (the
 reduce-scatter, in rank order: the additions of one process summing the N gradients); after Adam each writes its
-updated slices into a shared board and, after a second barrier, copies the other processes' slices into its
-parameters (the all-gather). Timed inside the training step there, the two took 21-50 ms and 12-21 ms, barriers
-included (README, bench/scaling.py).
+updated slices into the one place of its row no other process reads (its own chunks) and, after a barrier, copies
+the other processes' slices from their rows into its parameters (the all-gather). The segment holds N rows of the
+parameters' size: as many values as the N processes' gradients. Timed inside the training step there, the two took
+21-50 ms and 12-21 ms, barriers included (README, bench/scaling.py).
 
 The segment is a file in ``/dev/shm`` that every process maps and process 0 unlinks as soon as all have mapped it,
 so nothing is left behind once training runs, however it ends. Its pages are reserved when it is created
@@ -34,21 +35,18 @@ SHARED_MEMORY = Path("/dev/shm")
 
 class SharedMemoryExchange:
     """Reduce-scatter and all-gather of parameters of ``sizes`` values (each divisible by N) among the N processes of
-    ``context``, all on this host, through ``segment`` [N + 1, sum(sizes)] (N gradient rows, one board) of their
-    dtype. Build it with ``open_exchange``; each method is a collective call (every process calls it, in the same
-    order)."""
+    ``context``, all on this host, through ``segment`` [N, sum(sizes)] (one row per process) of their dtype. Build
+    it with ``open_exchange``; each method is a collective call (every process calls it, in the same order)."""
 
     def __init__(self, segment: torch.Tensor, sizes: list[int], context: Distributed) -> None:
-        self.context = context
-        world = context.world_size
-        self.gradients, self.board = segment[:world], segment[world]
-        self.chunks = [_chunks(sum(sizes[:index]), size, world) for index, size in enumerate(sizes)]
+        self.context, self.rows = context, segment
+        self.chunks = [_chunks(sum(sizes[:index]), size, context.world_size) for index, size in enumerate(sizes)]
 
     def reduce_scatter(self, gradients: list[torch.Tensor | None], into: list[torch.Tensor | None]) -> None:
         """``into[i]`` [size_i / N] ← this process's chunk of the sum over processes of ``gradients[i]`` [any shape,
         size_i values], added in rank order; both None for a parameter without a gradient (on every process alike).
         Each process writes to its row only the chunks the others sum."""
-        rank, row = self.context.rank, self.gradients[self.context.rank]
+        rank, row = self.context.rank, self.rows[self.context.rank]
         for chunks, gradient in zip(self.chunks, gradients, strict=True):
             if gradient is not None:
                 for peer, (shared, local) in enumerate(chunks):
@@ -59,7 +57,7 @@ class SharedMemoryExchange:
             if out is not None:
                 shared, local = chunks[rank]
                 terms = [
-                    gradient.reshape(-1)[local] if peer == rank else self.gradients[peer, shared]
+                    gradient.reshape(-1)[local] if peer == rank else self.rows[peer, shared]
                     for peer in range(self.context.world_size)
                 ]
                 torch.add(terms[0], terms[1], out=out)
@@ -69,20 +67,21 @@ class SharedMemoryExchange:
 
     def all_gather(self, pieces: list[torch.Tensor], parameters: list[torch.Tensor]) -> None:
         """Every process's ``pieces[i]`` [size_i / N] into its chunk of ``parameters[i]`` (size_i values, contiguous;
-        this process's own chunk is left as it is)."""
+        this process's own chunk is left as it is), through each process's own chunks of its row (which
+        ``reduce_scatter`` leaves unused)."""
         rank = self.context.rank
         for chunks, piece in zip(self.chunks, pieces, strict=True):
-            self.board[chunks[rank][0]].copy_(piece)
-        dist.barrier()  # every slice on the board
+            self.rows[rank, chunks[rank][0]].copy_(piece)
+        dist.barrier()  # every slice written
         for chunks, parameter in zip(self.chunks, parameters, strict=True):
             for peer, (shared, local) in enumerate(chunks):
                 if peer != rank:
-                    parameter.view(-1)[local].copy_(self.board[shared])
-        dist.barrier()  # every slice read: the board may be written again
+                    parameter.view(-1)[local].copy_(self.rows[peer, shared])
+        dist.barrier()  # every slice read: the rows may be written again
 
 
 def _chunks(start: int, size: int, world: int) -> list[tuple[slice, slice]]:
-    """A parameter's N chunks, each as (its place in a row and on the board, its place within the parameter), for
+    """A parameter's N chunks, each as (its place in a row, its place within the parameter), for
     the parameter at ``start`` of a row."""
     chunk = size // world
     places = [slice(peer * chunk, (peer + 1) * chunk) for peer in range(world)]
@@ -98,7 +97,7 @@ def open_exchange(
     if not context.single_host:
         return None
     sizes, dtype = [parameter.numel() for parameter in parameters], parameters[0].dtype
-    nbytes = (context.world_size + 1) * sum(sizes) * dtype.itemsize
+    nbytes = context.world_size * sum(sizes) * dtype.itemsize
     name, problem = None, None
     if context.rank == 0:
         name, problem = _create(directory, nbytes)
@@ -122,7 +121,7 @@ def open_exchange(
                 stacklevel=2,
             )
         return None
-    return SharedMemoryExchange(segment.view(context.world_size + 1, sum(sizes)), sizes, context)
+    return SharedMemoryExchange(segment.view(context.world_size, sum(sizes)), sizes, context)
 
 
 def _create(directory: Path, nbytes: int) -> tuple[str | None, str | None]:
