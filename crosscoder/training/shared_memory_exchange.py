@@ -9,7 +9,7 @@ reduce-scatter, in rank order: the additions of one process summing the N gradie
 updated slices into the one place of its row no other process reads (its own chunks) and, after a barrier, copies
 the other processes' slices from their rows into its parameters (the all-gather). The segment holds N rows of the
 parameters' size: as many values as the N processes' gradients. Timed inside the training step there, the two took
-21-50 ms and 12-21 ms, barriers included (README, bench/scaling.py).
+16-24 ms and 13-18 ms, barriers included (README, bench/scaling.py).
 
 The segment is a file in ``/dev/shm`` that every process maps and process 0 unlinks as soon as all have mapped it,
 so nothing is left behind once training runs, however it ends. Its pages are reserved when it is created
