@@ -65,8 +65,8 @@ class ShardedAdam:
         ]
         self.split = [index for index, sharded in enumerate(self.sharded) if sharded]  # the sharded ones' positions
         on_gloo = torch.distributed.get_backend() == "gloo"
-        split = [self.parameters[index] for index in self.split]
-        self.exchange = open_exchange(split, context) if on_gloo and split else None
+        shared = on_gloo and bool(self.split)
+        self.exchange = open_exchange([self.parameters[index] for index in self.split], context) if shared else None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
