@@ -200,7 +200,7 @@ class SparseDictionary(
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations → training space. x: raw input (see ``encode``) → [batch, n_sources, d_model]."""
         x = self.as_sources(x).to(self.W_enc.dtype)
-        return (x - self.input_mean) * self.input_scale[:, None]
+        return torch.sub(x, self.input_mean).mul_(self.input_scale[:, None])  # one temporary of x's size
 
     def denormalize(self, x_normalized: torch.Tensor) -> torch.Tensor:
         """Training space → raw activations. x_normalized: [batch, n_sources, d_model]."""

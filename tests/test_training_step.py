@@ -3,6 +3,8 @@ equals the textbook dense step: loss, every gradient after the dictionary's cons
 parameters after the optimizer update."""
 
 import dataclasses
+import sys
+import weakref
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 import crosscoder
 from crosscoder.kernels.backend import use_backend
+from crosscoder.metrics import ReconstructionStats
 from crosscoder.training import Trainee, training_step
 
 CONFIG = crosscoder.TrainConfig(
@@ -146,9 +149,51 @@ def test_trainee_step_is_the_training_step_plus_bookkeeping():
     torch.testing.assert_close(loss, expected.loss)
     for name, parameter in twin.named_parameters():
         torch.testing.assert_close(dict(dictionary.named_parameters())[name], parameter)
-    fired = expected.out.active_counts() > 0
+    fired = expected.active > 0
     assert (trainee.tokens_since_fired[fired] == 0).all() and (trainee.tokens_since_fired[~fired] == 9).all()
-    assert float(dictionary.threshold) == pytest.approx(float(expected.out.min_kept_score))
+    assert float(dictionary.threshold) == pytest.approx(float(expected.min_kept_score))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="an older CPython keeps a call's arguments on its stack")
+@pytest.mark.parametrize("kind", ["batchtopk", "sae"])
+def test_training_step_fills_the_window_before_a_backward_that_holds_neither_input_nor_reconstruction(kind):
+    """The window gets the forward's reconstruction statistics (those of ``training_forward`` on the same weights);
+    when the backward runs, the reconstruction is freed, and so is the SAE's normalised input passed as a temporary
+    (the SAE encodes x̃ − b_dec; a crosscoder encodes x̃ itself, which its encoder gradient needs)."""
+    dictionary, x = make(kind)
+    twin, _ = make(kind)
+    dead = torch.zeros(40, dtype=torch.bool)
+    with torch.no_grad():
+        out = twin.training_forward(twin.normalize(twin.input_from_pair(x)), CONFIG.k)
+    expected = ReconstructionStats()
+    expected.update(twin.normalize(twin.input_from_pair(x)), out.reconstruction, out.active_counts())
+    alive_in_backward, references = [], []
+
+    def normalized():
+        x_normalized = dictionary.normalize(dictionary.input_from_pair(x))
+        references.append(weakref.ref(x_normalized))
+        return x_normalized
+
+    def note_references(gradient):
+        alive_in_backward.append([reference() is not None for reference in references])
+
+    dictionary.W_dec.register_hook(note_references)
+    original_forward = dictionary.training_forward
+
+    def recording_forward(*args, **kwargs):
+        result = original_forward(*args, **kwargs)
+        references.append(weakref.ref(result.prefix_reconstructions))
+        return result
+
+    dictionary.training_forward = recording_forward
+    window = ReconstructionStats()
+    result = training_step(
+        dictionary, torch.optim.Adam(dictionary.parameters()), normalized(), step=0, dead=dead, config=CONFIG,
+        window=window,
+    )  # fmt: skip
+    assert alive_in_backward == [[kind == "batchtopk", False]]  # [x̃, x̂]
+    assert window.summary() == expected.summary()
+    assert torch.equal(result.active, out.active_counts())
 
 
 def test_a_fresh_trainee_holds_adams_first_step_state_and_steps_bitwise_like_a_lazy_adam():

@@ -16,6 +16,7 @@ from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary, TrainingOutput
 from crosscoder.distributed import Distributed
 from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
+from crosscoder.metrics import ReconstructionStats
 from crosscoder.sharding import SHARDED
 from crosscoder.training.schedules import current_k, l1_coefficient
 from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm
@@ -23,11 +24,13 @@ from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_no
 
 @dataclass
 class StepResult:
-    """What a step leaves behind: the total loss and its terms (detached, 0-d) and the forward's sparse output."""
+    """What a step leaves behind: the total loss and its terms (detached, 0-d), the [dict_size] counts of this
+    process's tokens on which each latent was selected, and the smallest kept score (``TrainingOutput``'s)."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
-    out: TrainingOutput
+    active: torch.Tensor
+    min_kept_score: torch.Tensor | None
 
 
 def training_loss(
@@ -85,8 +88,10 @@ def training_step(
     config: TrainConfig,
     context: Distributed | None = None,
     buffers: StepBuffers | None = None,
+    window: ReconstructionStats | None = None,
 ) -> StepResult:
-    """One optimisation step (see ``training_loss`` for the arguments): backward; the dictionary's gradient
+    """One optimisation step (see ``training_loss`` for the arguments; ``window``: a metric window to update with
+    this batch's reconstruction, before the backward): backward; the dictionary's gradient
     constraint (the SAE's decoder-parallel projection); under data parallelism the gradients of loss / N summed over
     the N processes (their average: all-reduced, or reduce-scattered by a ``ShardedAdam`` into each process's slice);
     clipping to ``grad_clip``; the optimizer update; the dictionary's parameter constraint (the SAE's unit-norm
@@ -95,8 +100,14 @@ def training_step(
     loss, losses, out = training_loss(
         dictionary, x_normalized, step=step, dead=dead, config=config, context=context, buffers=buffers
     )
-    # after the forward: released right before the backward allocates new ones (on CPU 1.25-1.3x faster than released
-    # before the forward: docs/methods.md §4.2)
+    active, min_kept_score = out.active_counts(), out.min_kept_score
+    if window is not None:
+        window.update(x_normalized, out.reconstruction, active)
+    # the backward needs neither x̃ nor x̂ (the loss saved the error): not held through it, nor by a caller that passed
+    # x̃ as a temporary (CPython ≥ 3.11 hands the callee the only reference)
+    del x_normalized, out
+    # after the forward: released right before the backward allocates new ones (on the development machine the
+    # backward took 1.5-1.75x as long when they were released before the forward: docs/methods.md §4.2)
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
         (loss / context.world_size).backward()
@@ -115,7 +126,7 @@ def training_step(
         clip_gradients(dictionary, config.grad_clip, context)
     optimizer.step()
     dictionary.after_optimizer_step()
-    return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, out)
+    return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, active, min_kept_score)
 
 
 def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> None:

@@ -75,30 +75,28 @@ class Trainee:
         """One optimisation step on raw paired activations x: [batch, n_sources, d_model] (this process's share of
         the global batch, or the global batch under latent sharding); returns the (detached) total loss."""
         dictionary = self.dictionary
-        x_normalized = dictionary.normalize(dictionary.input_from_pair(x))
         dead = self.tokens_since_fired >= config.dead_tokens
         result = training_step(
             dictionary,
             self.optimizer,
-            x_normalized,
+            dictionary.normalize(dictionary.input_from_pair(x)),  # a temporary: the step frees it before its backward
             step=step,
             dead=dead,
             config=config,
             context=context,
             buffers=self.buffers,
+            window=self.window,  # this process's tokens (or latents); combined when the window is read
         )
         self.scheduler.step()
         with torch.no_grad():
-            out = result.out
-            active = out.active_counts()  # this process's tokens (or latents); combined when the window is read
             batch_tokens = x.shape[0] * (context.world_size if context.data_parallel else 1)
             self.tokens_since_fired += batch_tokens
-            fired = context.all_reduce(active.clone()) if context.data_parallel else active
+            fired = context.all_reduce(result.active.clone()) if context.data_parallel else result.active
             self.tokens_since_fired.masked_fill_(fired > 0, 0)
-            if out.min_kept_score is not None and step >= config.threshold_start_step:
+            kept = result.min_kept_score
+            if kept is not None and step >= config.threshold_start_step:
                 theta, beta = dictionary.threshold, config.threshold_beta
-                theta.copy_(torch.where(theta < 0, out.min_kept_score, beta * theta + (1 - beta) * out.min_kept_score))
-            self.window.update(x_normalized, out.reconstruction, active)
+                theta.copy_(torch.where(theta < 0, kept, beta * theta + (1 - beta) * kept))
             for name, value in {"loss": result.loss, **result.losses}.items():
                 self.loss_sums[name] = self.loss_sums.get(name, 0) + value
         return result.loss
