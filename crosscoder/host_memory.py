@@ -8,25 +8,37 @@ took 100 ms to fill, 16 ms with 2 MiB pages. Two settings make freeing cheap to 
   with transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``. It reads the variable once, at its first allocation,
   so ``crosscoder`` sets it on import, before it imports torch; a process that imported torch first (or set the
   variable itself) keeps what it had.
-- ``return_large_blocks_to_the_system``: glibc's ``malloc`` raises its mmap threshold to the size of every large block
-  freed (up to 32 MB), so after a first step the step's [batch, n_sources · d_model] temporaries come from the heap,
-  whose freed middle stays resident. A threshold fixed at ``MMAP_THRESHOLD`` maps every larger block for its own and
-  unmaps it when freed. The training process sets it when it builds a CPU trainee.
+- ``large_blocks_returned_to_the_system``: glibc's ``malloc`` raises its mmap threshold to the size of every large
+  block freed (up to 32 MiB), so after a first step the step's [batch, n_sources · d_model] temporaries come from the
+  heap, whose freed middle stays resident. While a run trains on CPU (``crosscoder.train``) the threshold is fixed at
+  ``MMAP_THRESHOLD``: every larger block is mapped for its own and unmapped when freed. Every such block is then
+  paged in afresh, which what runs next in the process (an evaluation, the lens) would pay for with nothing to gain,
+  and glibc cannot return to its sliding threshold: at the end of the run both thresholds are set where glibc's own
+  policy ends up (``THRESHOLDS_AFTER_TRAINING``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 """torch's switch for transparent huge pages in its CPU allocator (blocks of ≥ 2 MiB)."""
 MMAP_THRESHOLD = 1 << 20
-"""Bytes from which glibc serves (and returns) a block with its own mapping: 1 MiB."""
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_threshold_fixed = False
+"""Bytes from which glibc serves (and returns) a block with its own mapping while a run trains: 1 MiB."""
+THRESHOLDS_AFTER_TRAINING = (32 << 20, 64 << 20)
+"""glibc's mmap and trim thresholds after a run: the ceiling its sliding mmap threshold climbs to on 64-bit
+(``DEFAULT_MMAP_THRESHOLD_MAX``, reached once a block of 32 MiB was freed) and twice that, as glibc sets them
+together. On the development machine the lens on the model organism (no steering) took 41.8–43.5 s (11.7–13.9 s of it
+in the kernel, paging in) with the threshold left at 1 MiB, 28.5–30.6 s under glibc's own policy and 26.9–28.3 s
+with these (docs/methods.md §4.2)."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_runs_training = 0
 
 
 def use_huge_pages() -> None:
@@ -36,19 +48,41 @@ def use_huge_pages() -> None:
         os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
 
 
-def return_large_blocks_to_the_system() -> bool:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` for this process (once; later calls do nothing). Returns
-    whether it is set: False off Linux or without glibc (another allocator keeps its own policy)."""
-    global _threshold_fixed
-    if _threshold_fixed:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
+@contextmanager
+def large_blocks_returned_to_the_system(device_type: str) -> Iterator[bool]:
+    """While inside, on CPU, glibc's mmap threshold is fixed at ``MMAP_THRESHOLD``; on leaving the outermost such
+    scope it is set to ``THRESHOLDS_AFTER_TRAINING``. Yields whether the threshold is fixed: False off CPU, off Linux
+    or without glibc (another allocator keeps its own policy)."""
+    global _runs_training
+    fixed = device_type == "cpu" and _set_thresholds(MMAP_THRESHOLD)
+    _runs_training += fixed
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        yield fixed
+    finally:
+        _runs_training -= fixed
+        if fixed and not _runs_training:
+            _set_thresholds(*THRESHOLDS_AFTER_TRAINING)
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> bool:
+    """``mallopt`` glibc's mmap threshold (and its trim threshold); whether glibc took them."""
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
+    taken = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    if trim_threshold is not None:
+        taken &= mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    return taken
+
+
+@functools.cache
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``; None off Linux or under another C library (musl has none)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _threshold_fixed = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return _threshold_fixed
+    return mallopt

@@ -23,6 +23,7 @@ from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.distributed import init_distributed, rank_device
 from crosscoder.errors import ConfigError
+from crosscoder.host_memory import large_blocks_returned_to_the_system
 from crosscoder.models import resolve_device
 from crosscoder.progress import progress_bar
 from crosscoder.sharding import check_shardable, shards_latents
@@ -104,7 +105,8 @@ def train(
 
     stream = PositionedBatches(source)
     stop = StopRequests(abort_on_repeat=not context.enabled, announce=context.is_main)
-    with stop, contextlib.closing(iter(stream)) as positioned:  # closing stops a prefetching source's thread
+    # closing stops a prefetching source's thread; on CPU, freed large blocks leave the process while it trains
+    with stop, large_blocks_returned_to_the_system(device.type), contextlib.closing(iter(stream)) as positioned:
         if checkpoint is not None:
             saved_size = next(iter(checkpoint["dictionaries"].values()))["config"]["dict_size"]
             context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, saved_size))

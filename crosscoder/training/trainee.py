@@ -22,7 +22,6 @@ from crosscoder.dictionary import (
 )
 from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError
-from crosscoder.host_memory import return_large_blocks_to_the_system
 from crosscoder.hub import dictionary_from_state
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
@@ -58,10 +57,7 @@ class Trainee:
         """A trainee for ``dictionary`` with Adam (see ``optimizer_and_schedule``) holding ``optimizer_state`` (a
         ``state_dict()``, one process's layout) or, without it, the state of its first step (step 0, zero moments:
         allocated now rather than inside the first step, where the step's temporaries are live), a fresh schedule and
-        no latent dead yet. On CPU, the process's freed large blocks go back to the system from now on
-        (``return_large_blocks_to_the_system``)."""
-        if dictionary.b_dec.device.type == "cpu":
-            return_large_blocks_to_the_system()
+        no latent dead yet."""
         optimizer, scheduler = optimizer_and_schedule(dictionary, config, context or Distributed())
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
