@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -97,6 +102,10 @@ def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) 
         raise InputNotFoundError(f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either")
     try:
         return Path(hf_hub_download(repo_id, filename, **fetch))
+    except HFValidationError as error:
+        raise InputNotFoundError(
+            f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either ({error})"
+        ) from error
     except LocalEntryNotFoundError as error:
         raise InputNotFoundError(
             f"'{repo_id}' is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from crosscoder.eval.reconstruction import reconstruction
 from crosscoder.eval.workspace import (
     StoreSettings,
     WorkspaceContent,
+    checked_latents,
     collect_store,
     export_json,
     latent_columns,
@@ -181,7 +183,15 @@ def evaluate(config: EvalConfig) -> dict:
     """Run every analysis and write the report folder; returns the report."""
     _check_out(config.out)
     dictionary = load_dictionary(config.dictionary)
+    if config.latents:  # before any compute: the per-latent analyses come last
+        checked_latents(dictionary, config.latents)
     if config.no_models:
+        if config.latents:
+            warnings.warn(
+                f"--latents {list(config.latents)} choose the latents of the KL effects and steering, which need the "
+                "models: --no-models writes the weights-only workspace of every latent without them",
+                stacklevel=2,
+            )
         return _weights_only(dictionary, config)
     stream = open_stream(dictionary, config)
     if stream.d_model != dictionary.d_model:
@@ -227,7 +237,7 @@ def evaluate(config: EvalConfig) -> dict:
         n_baseline = min(len(shared), config.n_shared_baseline or max(len(chat_only), config.n_leaning))
         baseline = [shared[i] for i in torch.randperm(len(shared), generator=generator)[:n_baseline].tolist()]
         focus = chat_only or delta.argsort(descending=True)[: config.n_leaning].tolist()
-        report["exclusivity"]["analysed"] = "chat-only" if chat_only else f"{len(focus)} most chat-leaning"
+        report["exclusivity"]["analysed"] = "chat-only" if chat_only else "most chat-leaning"
         latents = focus + [j for j in baseline if j not in focus]
         groups = ["chat-only" if chat_only else "chat-leaning"] * len(focus) + ["shared"] * (len(latents) - len(focus))
         scaling = compute_betas(

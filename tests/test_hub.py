@@ -301,7 +301,7 @@ def test_repo_id_absent_from_cache_offline_is_file_not_found_saying_how_to_fix(
         load_dictionary("owner/absent", local_files_only=local_files_only)
 
 
-@pytest.mark.parametrize("name", ["./missing", "/no/such/folder", "a/b/c"])
+@pytest.mark.parametrize("name", ["./missing", "/no/such/folder", "a/b/c", "nope/", "bad id/x"])
 def test_path_that_is_neither_folder_nor_repo_id_is_file_not_found(name: str) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(f"{name} is not a local folder, and not a Hub repo id")):
         load_dictionary(name)

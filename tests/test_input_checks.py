@@ -275,6 +275,23 @@ def test_an_evaluation_out_that_is_a_file_is_refused_before_loading_anything(tmp
     assert_one_message(result, f"--out {out}")
 
 
+@pytest.mark.parametrize("models", ["recorded", "--no-models"])
+def test_evaluation_latents_out_of_range_are_refused_before_the_models(tmp_path, models):
+    """The dictionary names no models: a check after the models (where the per-latent analyses run) would fail on
+    them instead, and with --no-models not at all."""
+    BatchTopKCrossCoder(8, 32, 4).save_pretrained(tmp_path / "saved")
+    flags = ["--no-models"] if models == "--no-models" else []
+    result = run("-m", "crosscoder.eval", "saved", "--latents", "3", "99999", *flags, cwd=tmp_path)
+    assert_one_message(result, "--latents [99999] are out of range: the dictionary has 32 latents")
+
+
+def test_evaluation_latents_with_no_models_are_named_as_unused(tmp_path):
+    BatchTopKCrossCoder(8, 32, 4).save_pretrained(tmp_path / "saved")
+    result = run("-m", "crosscoder.eval", "saved", "--latents", "3", "--no-models", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--latents [3] choose the latents of the KL effects and steering, which need the models" in result.stderr
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
 def test_an_unwritable_evaluation_out_is_refused(tmp_path):
     (tmp_path / "locked").mkdir(mode=0o500)

@@ -215,7 +215,7 @@ def test_a_saelens_export_reloads_with_the_same_encode_and_decode(tmp_path):
         sae.input_mean.normal_()
         sae.input_scale.fill_(0.7)
         sae.threshold.fill_(0.4)
-    export_saelens(sae, tmp_path / "sae")
+    export_saelens(sae, str(tmp_path / "sae"))  # a str folder as well as a Path
     config = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert config["architecture"] == "jumprelu" and config["apply_b_dec_to_input"]

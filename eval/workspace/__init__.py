@@ -2,7 +2,13 @@
 through each model's unembedding, KL effects and steering, written as a static ``index.html``; SAELens export."""
 
 from crosscoder.eval.directions import decoder_directions
-from crosscoder.eval.workspace.build import ModelAnalyses, chosen_latents, latent_columns, model_analyses
+from crosscoder.eval.workspace.build import (
+    ModelAnalyses,
+    checked_latents,
+    chosen_latents,
+    latent_columns,
+    model_analyses,
+)
 from crosscoder.eval.workspace.collect import collect_store, dictionary_fingerprint
 from crosscoder.eval.workspace.effects import carried_difference, kl_effects, removal_patches, steer_latent
 from crosscoder.eval.workspace.pages import Column, WorkspaceContent, export_json, write_workspace
@@ -18,6 +24,7 @@ __all__ = [
     "StoreSettings",
     "WorkspaceContent",
     "carried_difference",
+    "checked_latents",
     "chosen_latents",
     "collect_store",
     "decoder_directions",

@@ -82,15 +82,20 @@ def latent_columns(
     return columns
 
 
+def checked_latents(dictionary: SparseDictionary, latents: Sequence[int]) -> list[int]:
+    """``--latents`` without repeats, in order; an id outside the dictionary is refused (``ConfigError``)."""
+    bad = [latent for latent in latents if not 0 <= latent < dictionary.dict_size]
+    if bad:
+        raise ConfigError(f"--latents {bad} are out of range: the dictionary has {dictionary.dict_size} latents")
+    return list(dict.fromkeys(int(latent) for latent in latents))
+
+
 def chosen_latents(
     dictionary: SparseDictionary, store: ActivationStore, latents: Sequence[int] | None, count: int
 ) -> list[int]:
     """``latents`` when given (checked), else the ``count`` that carry the most of the difference."""
     if latents:
-        bad = [latent for latent in latents if not 0 <= latent < dictionary.dict_size]
-        if bad:
-            raise ConfigError(f"--latents {bad} are out of range: the dictionary has {dictionary.dict_size} latents")
-        return list(dict.fromkeys(int(latent) for latent in latents))
+        return checked_latents(dictionary, latents)
     carried = carried_difference(dictionary, store.activation_sum / max(store.tokens, 1)).cpu()
     fired = int((store.counts > 0).sum())
     return carried.argsort(descending=True)[: min(count, fired)].tolist()

@@ -41,13 +41,14 @@ def saelens_weights(sae: BatchTopKSAE) -> dict[str, torch.Tensor]:
     }
 
 
-def export_saelens(dictionary: SparseDictionary, folder: Path, *, hook_name: str | None = None) -> Path:
+def export_saelens(dictionary: SparseDictionary, folder: str | Path, *, hook_name: str | None = None) -> Path:
     """Write ``dictionary`` (a ``BatchTopKSAE``) to ``folder`` in SAELens's layout; returns the folder."""
     if not isinstance(dictionary, BatchTopKSAE):
         raise ConfigError(
             f"SAELens export takes a BatchTopKSAE (a diff-SAE), got a {type(dictionary).__name__}: a crosscoder has "
             "one decoder per model, which SAELens's single-decoder layout cannot hold"
         )
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_weights(dictionary), str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(saelens_config(dictionary, hook_name), indent=2) + "\n")
