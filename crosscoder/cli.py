@@ -33,10 +33,14 @@ class _PresetChoice:
 
 
 def parse_config(argv: Sequence[str]) -> TrainConfig:
-    """TrainConfig from command-line arguments (no arguments: the ``demo`` preset in a fresh run folder)."""
+    """TrainConfig from command-line arguments (no arguments: the ``demo`` preset in a fresh run folder; ``--resume``
+    alone: the demo in the latest of those, resumed, so that "the same command and --resume" continues it)."""
     if not argv:
         demo = preset("demo")
         return dataclasses.replace(demo, run_name=_unused_run_name(demo))
+    if list(argv) == ["--resume"]:
+        demo = preset("demo")
+        return dataclasses.replace(demo, run_name=_latest_run_name(demo), resume=True)
     choice, rest = tyro.cli(_PresetChoice, args=list(argv), return_unknown_args=True, add_help=False)
     base = preset(choice.preset) if choice.preset is not None else TrainConfig()
     description = "Train sparse dictionaries on paired base/chat activations. Presets: " + "; ".join(
@@ -46,8 +50,17 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 
 
 def _unused_run_name(config: TrainConfig) -> str:
+    """The first of ``run_name``, ``run_name-1``, ``run_name-2`` … with no folder in ``output_dir``."""
     name, suffix = config.run_name, 1
     while (config.output_dir / name).exists():
+        name, suffix = f"{config.run_name}-{suffix}", suffix + 1
+    return name
+
+
+def _latest_run_name(config: TrainConfig) -> str:
+    """The last of those with a folder (``run_name`` itself when there is none)."""
+    name, suffix = config.run_name, 1
+    while (config.output_dir / f"{config.run_name}-{suffix}").exists():
         name, suffix = f"{config.run_name}-{suffix}", suffix + 1
     return name
 

@@ -44,6 +44,17 @@ def test_no_arguments_picks_the_demo_in_a_fresh_run_folder(tmp_path, monkeypatch
     assert config.preset == "demo" and config.run_name == "demo-1"
 
 
+def test_resume_alone_continues_the_latest_demo(tmp_path, monkeypatch):
+    """What an interrupted ``python train.py`` says to run, "the same command and --resume", resumes its folder."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_config(["--resume"]).run_name == "demo"
+    for name in ("demo", "demo-1", "demo-2"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    config = parse_config(["--resume"])
+    assert (config.preset, config.run_name, config.resume) == ("demo", "demo-2", True)
+    assert parse_config([]).run_name == "demo-3"
+
+
 def test_unknown_preset_exits_2_and_lists_the_known_ones(tmp_path):
     result = run_train("--preset", "gemma-magic", cwd=tmp_path)
     assert result.returncode == 2
