@@ -2,13 +2,16 @@
 
 import dataclasses
 import filecmp
+import os
+import subprocess
+import sys
 
 import pytest
 from tiny_models import build_tokenizer, local_pair_config
 
 import crosscoder
 from crosscoder.activations import PairedActivationStream
-from crosscoder.cache import ActivationCache, CacheError
+from crosscoder.cache import ActivationCache, CacheError, read_manifest
 
 
 class StopAfter:
@@ -96,3 +99,16 @@ def test_training_reads_the_cache_named_in_the_config(config, tmp_path):
     )
     dictionaries = crosscoder.train(cached)
     assert dictionaries["diff_sae"].metadata["training_steps"] == 40
+
+
+@pytest.mark.slow
+def test_cache_build_reads_the_model_organism(default_organism, organism_cache, tmp_path):
+    """``--preset demo`` (``--model-organism`` at its context length) fills in the organism's models and data."""
+    environment = {**os.environ, "CROSSCODER_CACHE": str(organism_cache)}
+    command = [sys.executable, "-m", "crosscoder.cache", "build", "--out", str(tmp_path / "acts")]
+    command += ["--preset", "demo", "--num-tokens", "2048", "--no-progress"]  # the demo reads the organism
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "acts")
+    assert manifest["complete"] and manifest["num_tokens"] >= 2048
+    assert manifest["description"]["base_model"] == str(default_organism.base_path)

@@ -55,6 +55,7 @@ def _build_command(argv: Sequence[str]) -> int:
     import tyro
 
     from crosscoder.config import TrainConfig, output_folder_problem, preset
+    from crosscoder.demo import resolve_model_organism
 
     # --num-tokens is the cache's size, read here so that no training rule (such as one batch at least) applies to it
     options, rest = tyro.cli(_BuildOptions, args=list(argv), return_unknown_args=True, add_help=False)
@@ -76,6 +77,7 @@ def _build_command(argv: Sequence[str]) -> int:
     if problem is not None:
         raise ConfigError(f"--out {options.out} cannot hold the cache: {problem}; pass a writable folder")
     num_tokens = options.num_tokens if options.num_tokens is not None else config.num_tokens
+    config = resolve_model_organism(config)  # --model-organism: its models, data and layer
     ActivationCache.build(
         options.out, _paired_stream(config), num_tokens, options.shard_tokens, options.dtype, config.progress
     )
