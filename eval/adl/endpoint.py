@@ -97,7 +97,7 @@ class ChatClient:
         if require_key and not (api_key_env and os.environ.get(api_key_env)):
             raise ConfigError(
                 f"the environment variable {api_key_env} that should hold the API key for {self.url} is not set: "
-                "export it, name another variable, or run without a key for a local server that needs none"
+                "export it, name another variable (--key-env), or pass --no-key for a local server that needs none"
             )
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
