@@ -31,6 +31,7 @@ from crosscoder.chunks import ActivationChunk
 from crosscoder.documents import DocumentCursor, open_dataset
 from crosscoder.errors import ConfigError, DataError
 from crosscoder.models import load_causal_lm, residual_outputs, resolve_device
+from crosscoder.provenance import recorded_location
 
 if TYPE_CHECKING:
     from crosscoder.config import TrainConfig
@@ -176,12 +177,12 @@ class PairedActivationStream:
             open_dataset(spec, dataset_split, dataset_streaming, settings.seed, rank, world_size) for spec in datasets
         ]
         description = {
-            "base_model": base_model,
-            "chat_model": chat_model,
+            "base_model": recorded_location(base_model),
+            "chat_model": recorded_location(chat_model),
             "base_revision": getattr(base.config, "_commit_hash", None) or base_revision,
             "chat_revision": getattr(chat.config, "_commit_hash", None) or chat_revision,
             "dtype": list(dtypes),
-            "datasets": list(datasets),
+            "datasets": [recorded_location(name) for name in datasets],
         }
         return cls(
             base,

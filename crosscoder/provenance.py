@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from crosscoder.errors import DictionaryFormatError
@@ -180,3 +181,23 @@ def _package_version() -> str:
         return version("crosscoder")
     except PackageNotFoundError:
         return "unknown"
+
+
+def recorded_location(name: str) -> str:
+    """A model or dataset as records name it: an existing local path made absolute, since a record is read from other
+    folders than the one the run started in (``python -m crosscoder.eval`` streams from the recorded models), and
+    anything else (a Hub id) as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def located_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A paired stream's fingerprint with its models and datasets as ``recorded_location`` names them (a checkpoint
+    of an earlier release recorded them as given, relative paths resolved from the folder a resume runs in)."""
+    located = dict(fingerprint)
+    for key in ("base_model", "chat_model"):
+        if isinstance(located.get(key), str):
+            located[key] = recorded_location(located[key])
+    if isinstance(located.get("datasets"), list):
+        located["datasets"] = [recorded_location(name) for name in located["datasets"]]
+    return located

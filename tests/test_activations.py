@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import datasets
 import pytest
@@ -253,3 +255,20 @@ def test_training_streams_from_local_model_folders_and_jsonl(tmp_path, tokenizer
     resumed = dataclasses.replace(config, num_tokens=64 * 40, resume=True)
     with pytest.raises(ValueError, match="num_tokens differ"):
         crosscoder.train(resumed)
+
+
+def test_a_stream_records_local_models_and_datasets_by_absolute_path(tmp_path, monkeypatch):
+    """A record (a cache's manifest, a dictionary's provenance) is read from other folders than the run's: named
+    relative to the folder the run started in, the models and datasets are recorded absolute."""
+    config = local_pair_config(tmp_path, build_tokenizer(), documents=20)
+    monkeypatch.chdir(tmp_path)
+    relative = dataclasses.replace(
+        config,
+        base_model=os.path.relpath(config.base_model),
+        chat_model=os.path.relpath(config.chat_model),
+        datasets=tuple(os.path.relpath(name) for name in config.datasets),
+    )
+    assert not Path(relative.base_model).is_absolute()
+    fingerprint = PairedActivationStream.from_config(relative).fingerprint()
+    assert fingerprint["base_model"] == config.base_model and fingerprint["chat_model"] == config.chat_model
+    assert fingerprint["datasets"] == list(config.datasets)

@@ -29,6 +29,7 @@ from crosscoder.chunks import ActivationChunk
 from crosscoder.errors import CheckpointError, ConfigError, CrosscoderError, NonFiniteError, OutputExistsError
 from crosscoder.synthetic import PlantedActivations
 from crosscoder.training import RunInterrupted
+from crosscoder.training.checkpointing import check_data_source
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -255,6 +256,28 @@ def test_a_failed_push_is_one_error_after_every_dictionary_is_saved(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 8: resume only on the run's data
+def test_a_checkpoint_naming_relative_model_folders_resumes_from_its_folder_only(tmp_path, monkeypatch):
+    """An earlier release recorded a paired stream's local models and datasets as given; today's record is absolute
+    (``recorded_location``): the relative names are resolved from the folder the resume runs in."""
+    for folder in ("run/models/base", "run/models/chat", "elsewhere"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "run" / "general.jsonl").write_text("{}\n")
+    now = {
+        "source": "paired models",
+        "base_model": str(tmp_path / "run" / "models" / "base"),
+        "chat_model": str(tmp_path / "run" / "models" / "chat"),
+        "datasets": [str(tmp_path / "run" / "general.jsonl"), "owner/hub-dataset"],
+    }
+    earlier = {**now, "base_model": "models/base", "chat_model": "models/chat"}
+    earlier["datasets"] = ["general.jsonl", "owner/hub-dataset"]
+    checkpoint = {"data_fingerprint": earlier}
+    monkeypatch.chdir(tmp_path / "run")
+    check_data_source(tmp_path / "step.pt", checkpoint, now)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"base_model is '.*models/base' in the checkpoint but"):
+        check_data_source(tmp_path / "step.pt", checkpoint, now)
+
+
 def test_resume_on_another_activation_file_is_refused(tmp_path):
     first, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file({"activations": PLANTED.sample(256 * 24, torch.Generator().manual_seed(0))}, first)

@@ -15,6 +15,7 @@ from crosscoder.checkpoint import list_checkpoints, load_checkpoint, save_checkp
 from crosscoder.config import DICTIONARY_NAMES, RUN_CONTROL_FIELDS, TrainConfig, config_differences
 from crosscoder.distributed import Distributed
 from crosscoder.errors import CheckpointError, ConfigError, OutputExistsError
+from crosscoder.provenance import located_fingerprint
 from crosscoder.training.run_log import METRICS_FILE, RunLogger
 from crosscoder.training.trainee import Trainee
 
@@ -115,6 +116,7 @@ def check_data_source(path: Path, checkpoint: dict[str, Any], fingerprint: dict[
     saved = checkpoint["data_fingerprint"]
     if saved is None:
         return
+    saved = located_fingerprint(saved)
     differing = [
         f"{key} is {saved.get(key)!r} in the checkpoint but {fingerprint.get(key)!r} now"
         for key in sorted(saved.keys() | fingerprint.keys())
