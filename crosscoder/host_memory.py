@@ -11,10 +11,10 @@ took 100 ms to fill, 16 ms with 2 MiB pages. Two settings make freeing cheap to 
 - ``large_blocks_returned_to_the_system``: glibc's ``malloc`` raises its mmap threshold to the size of every large
   block freed (up to 32 MiB), so after a first step the step's [batch, n_sources · d_model] temporaries come from the
   heap, whose freed middle stays resident. While a run trains on CPU (``crosscoder.train``) the threshold is fixed at
-  ``MMAP_THRESHOLD``: every larger block is mapped for its own and unmapped when freed. Every such block is then
-  paged in afresh, which what runs next in the process (an evaluation, the lens) would pay for with nothing to gain,
-  and glibc cannot return to its sliding threshold: at the end of the run both thresholds are set where glibc's own
-  policy ends up (``THRESHOLDS_AFTER_TRAINING``).
+  ``MMAP_THRESHOLD``: every larger block is mapped for its own and unmapped when freed, so each is paged in afresh,
+  a cost with nothing to gain for what runs next in the process (an evaluation, the lens). glibc cannot return to its
+  sliding threshold: at the end of the run both thresholds are set where glibc's own policy ends up
+  (``THRESHOLDS_AFTER_TRAINING``).
 """
 
 from __future__ import annotations
