@@ -335,12 +335,18 @@ class TrainConfig:
         if all(architecture == "l1" for architecture in self.architectures):
             return None
         steps = self.total_steps - self.threshold_start_step
+        if steps <= 0:
+            return (
+                f"the run ends at step {self.total_steps}, before threshold_start_step={self.threshold_start_step}: θ "
+                "is never estimated, so the saved dictionary keeps every positive activation at inference (no "
+                f"sparsity); set threshold_start_step below {self.total_steps} or train longer"
+            )
         if steps * (1 - self.threshold_beta) >= 3 - 1e-9:
             return None
         return (
             f"threshold_beta={self.threshold_beta} averages θ over ~{round(1 / (1 - self.threshold_beta))} steps but "
-            f"only {max(steps, 0)} steps follow threshold_start_step={self.threshold_start_step}: θ will keep "
-            f"{self.threshold_beta ** max(steps, 0):.0%} of its first estimate and lag the final weights; set "
+            f"only {steps} steps follow threshold_start_step={self.threshold_start_step}: θ will keep "
+            f"{self.threshold_beta**steps:.0%} of its first estimate and lag the final weights; set "
             f"threshold_beta ≤ {1 - 3 / max(steps, 3):.4g} or train longer"
         )
 

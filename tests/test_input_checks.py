@@ -153,6 +153,12 @@ def test_a_threshold_average_longer_than_the_run_is_named_with_the_beta_that_fit
     )
     assert dataclasses.replace(short, threshold_beta=0.9975).threshold_window_problem() is None
     assert dataclasses.replace(short, architectures=("l1",)).threshold_window_problem() is None  # no threshold
+    never = dataclasses.replace(short, threshold_start_step=1500)
+    assert never.threshold_window_problem() == (
+        "the run ends at step 1500, before threshold_start_step=1500: θ is never estimated, so the saved dictionary "
+        "keeps every positive activation at inference (no sparsity); set threshold_start_step below 1500 or train "
+        "longer"
+    )
 
 
 @pytest.mark.parametrize(
