@@ -40,7 +40,6 @@ import torch
 import crosscoder
 from crosscoder.activations import PairedActivationStream
 from crosscoder.config import DICTIONARY_NAMES, preset
-from crosscoder.demo import resolve_model_organism
 from crosscoder.eval.exclusivity import (
     BASE_ONLY,
     CHAT_ONLY,
@@ -61,6 +60,7 @@ from crosscoder.eval.latent_scaling import COMPLETE_SHRINKAGE, GENUINE, LATENT_D
 from crosscoder.eval.plots import delta_norm_histogram, nu_scatter
 from crosscoder.eval.reconstruction import reconstruction
 from crosscoder.organism import DOMAIN_WORDS, build_model_organism
+from crosscoder.organism_source import resolve_model_organism
 
 #: What can be compared, in the order they are analysed (the diff-SAE's focus count follows the BatchTopK one's).
 ARCHITECTURES = ("l1", "batchtopk", "matryoshka", "dedicated", "diff_sae")

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import tyro
 
 from crosscoder.config import PRESETS, TrainConfig, preset
-from crosscoder.demo import explain, lens_summary, resolve_model_organism, summary
+from crosscoder.demo import explain, lens_summary, summary
 from crosscoder.distributed import shutdown_distributed
 from crosscoder.errors import CrosscoderError
 from crosscoder.eval.recovery import planted_recovery
+from crosscoder.organism_source import resolve_model_organism
 from crosscoder.training import train
 from crosscoder.training.batches import planted_dictionary
 from crosscoder.training.interruption import RunInterrupted

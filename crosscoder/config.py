@@ -99,7 +99,7 @@ class TrainConfig:
     model_organism: bool = False
     """Stream from the offline model organism (a tiny base LM and a copy finetuned on baking chats, built and
     cached on first use), at its recommended layer unless --layers is given; its chat markers are dropped. The
-    command line fills in its models and data (``crosscoder.demo.resolve_model_organism``)."""
+    command line fills in its models and data (``crosscoder.organism_source.resolve_model_organism``)."""
     synthetic: bool = False
     """Train on activations generated from a planted sparse dictionary (a self-check of the pipeline)."""
 
@@ -273,7 +273,7 @@ class TrainConfig:
         named = [
             name
             for name, on in (
-                # a resolved organism config names its models too (crosscoder.demo.resolve_model_organism)
+                # a resolved organism config names its models too (crosscoder.organism_source.resolve_model_organism)
                 ("--base-model/--chat-model", bool(self.base_model or self.chat_model) and not self.model_organism),
                 ("--cache", self.cache is not None),
                 ("--activations", self.activations is not None),

@@ -55,7 +55,7 @@ def _build_command(argv: Sequence[str]) -> int:
     import tyro
 
     from crosscoder.config import TrainConfig, output_folder_problem, preset
-    from crosscoder.demo import resolve_model_organism
+    from crosscoder.organism_source import resolve_model_organism
 
     # --num-tokens is the cache's size, read here so that no training rule (such as one batch at least) applies to it
     options, rest = tyro.cli(_BuildOptions, args=list(argv), return_unknown_args=True, add_help=False)

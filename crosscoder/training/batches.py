@@ -88,8 +88,9 @@ def default_batches(config: TrainConfig, context: Distributed, order_seed: int |
     seed = config.seed if order_seed is None else order_seed
     if config.model_organism and not config.base_model:
         raise ConfigError(
-            "model_organism names models that must be built first: call crosscoder.demo.resolve_model_organism(config) "
-            "and train on the config it returns (the command line does this)"
+            "model_organism names models that must be built first: call "
+            "crosscoder.organism_source.resolve_model_organism(config) and train on the config it returns (the "
+            "command line does this)"
         )
     if config.base_model:
         from crosscoder.activations import PairedActivationStream
