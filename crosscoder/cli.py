@@ -52,18 +52,20 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 
 def _unused_run_name(config: TrainConfig) -> str:
     """The first of ``run_name``, ``run_name-1``, ``run_name-2`` … with no folder in ``output_dir``."""
-    name, suffix = config.run_name, 1
-    while (config.output_dir / name).exists():
-        name, suffix = f"{config.run_name}-{suffix}", suffix + 1
-    return name
+    return _run_names(config)[1]
 
 
 def _latest_run_name(config: TrainConfig) -> str:
     """The last of those with a folder (``run_name`` itself when there is none)."""
-    name, suffix = config.run_name, 1
-    while (config.output_dir / f"{config.run_name}-{suffix}").exists():
-        name, suffix = f"{config.run_name}-{suffix}", suffix + 1
-    return name
+    return _run_names(config)[0] or config.run_name
+
+
+def _run_names(config: TrainConfig) -> tuple[str | None, str]:
+    """(the last with a folder or None, the first without) of ``run_name``, ``run_name-1``, ``run_name-2`` …"""
+    latest, name, suffix = None, config.run_name, 1
+    while (config.output_dir / name).exists():
+        latest, name, suffix = name, f"{config.run_name}-{suffix}", suffix + 1
+    return latest, name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
