@@ -762,6 +762,32 @@ def test_the_command_falls_back_to_offline_when_the_grader_does_not_answer(lens_
     assert scores["llm"]["labelled_by"] == "offline fallback" and scores["llm"]["share"] == scores["share"]
 
 
+def test_a_log_shows_the_steering_and_causal_effect_of_each_position_as_they_run(lens_folder, capsys):
+    """In a log (stderr not a terminal) every slow part writes a line as it starts and as it ends: a default run
+    spends minutes per position in steering and the causal effect."""
+    root, arguments = lens_folder
+    chat_data = arguments.index("--chat-data")
+    command = [*arguments[:chat_data], *arguments[chat_data + 2 :]]
+    command.remove("--no-progress")
+    command += ["--out", str(root / "logged"), "--layers", "1", "--positions", "0", "3"]
+    capsys.readouterr()
+    assert main(command) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert not any("\r" in line for line in lines)
+    # trials: 3 prompts × 2 search steps; then one generation of samples per prompt
+    generations = 3 * 2 + len(adl.steering_prompts())
+    for position in (0, 3):
+        where = f"layer 1, position {position}"
+        for name, total in [(f"steering ({where})", generations)] + [
+            (f"causal effect, {where} ({data} data)", 1) for data in ("domain", "general")
+        ]:
+            bar = [line for line in lines if line.startswith(f"{name}:")]
+            assert bar[0].startswith(f"{name}:   0%") and f"0/{total}" in bar[0], (name, lines)
+            assert bar[-1].startswith(f"{name}: 100%") and f"{total}/{total}" in bar[-1], (name, lines)
+    assert any(line.startswith("unsteered samples: 100%") for line in lines)
+    assert lines[-1].startswith("lens: 100%") and "2/2" in lines[-1]
+
+
 @pytest.mark.slow
 def test_the_report_page_renders_in_headless_chromium(lens_folder):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -130,7 +130,7 @@ def _losses(
     plain = torch.zeros(2, dtype=torch.float64)
     patched = torch.zeros(2, len(VARIANTS), len(directions), dtype=torch.float64)
     n_tokens = torch.zeros(2, dtype=torch.long)
-    for first in progress_bar(range(0, len(rows), batch_size), desc=description, enabled=progress):
+    for first in progress_bar(range(0, len(rows), batch_size), desc=description, unit="batch", enabled=progress):
         group = rows[first : first + batch_size]
         input_ids, mask = pad_right([ids for ids, _ in group], pad_id)
         scored = pad_right([score for _, score in group], False)[0].bool()
@@ -178,6 +178,7 @@ def causal_effect(
     max_length: int = 256,
     skip: int = SKIP_TOKENS,
     progress: bool = False,
+    description: str = "causal effect",
 ) -> dict[str, dict[str, Any]]:
     """The chat model's loss on each dataset of ``data`` (name → rows) with ``v̂`` projected out at ``layer`` or set
     to the base model's projection, against two control families (docs/methods.md §10.7): ``n_random`` random unit
@@ -187,7 +188,8 @@ def causal_effect(
     Per dataset: ``{"tokens", "chat", "project_out", "base_projection", "random_project_out": {"mean", "std",
     "max", "values"}, "random_base_projection": {…}, "random_difference_project_out": {…},
     "random_difference_base_projection": {…}, "after_first": {"skip", the same fields over the tokens at
-    positions ≥ skip}}`` (mean loss in nats over the scored tokens)."""
+    positions ≥ skip}}`` (mean loss in nats over the scored tokens). With ``progress``, a bar per dataset named
+    ``description (<name> data)`` counts its batches."""
     if n_random < 0 or n_random_differences < 0 or batch_size < 1 or max_length < 2 or skip < 0:
         raise ConfigError("n_random and n_random_differences must be ≥ 0, batch_size ≥ 1, max_length ≥ 2, skip ≥ 0")
     if n_random_differences and not difference_texts:
@@ -210,7 +212,7 @@ def causal_effect(
                 f"within its first {max_length} tokens (raise --causal-max-length)"
             )
         plain, patched, n_tokens = _losses(
-            base, chat, prepared, layer, directions, batch_size, pad_id, skip, progress, f"causal effect ({name})"
+            base, chat, prepared, layer, directions, batch_size, pad_id, skip, progress, f"{description} ({name} data)"
         )
         scopes = []
         for part in range(2):

@@ -189,7 +189,8 @@ class _Steering:
         self.loss_judge = LossCoherence(chat, config.coherence_factor)
         self.domain_bag = domain_bag
         self.unsteered: dict[str, list[str]] = {}
-        for index, prompt in enumerate(self.prompts):
+        prompts = progress_bar(self.prompts, desc="unsteered samples", unit="prompt", enabled=config.progress)
+        for index, prompt in enumerate(prompts):
             generations = self._generate(prompt, None, None, 0.0, self._seed(index))
             self.unsteered[prompt] = [g.text for g in generations]
             if index < config.search_prompts:
@@ -217,15 +218,26 @@ class _Steering:
     def judge(self, prompt, generations) -> list[bool]:
         return self.grader.coherent(prompt, [g.text for g in generations], lambda: self.loss_judge(prompt, generations))
 
-    def run(self, vector: torch.Tensor, layer: int, norm: float) -> dict[str, Any]:
+    def run(self, vector: torch.Tensor, layer: int, norm: float, description: str) -> dict[str, Any]:
+        """Steer with ``vector`` at ``layer``: the strength search, then samples for every prompt; a progress bar
+        (``description``) counts the generations: ``--search-prompts × --search-steps`` trials and one per prompt."""
         config = self.config
+        n_trials = min(config.search_prompts, len(self.prompts)) * config.search_steps
+        bar = progress_bar(
+            total=n_trials + len(self.prompts), desc=description, unit="generation", enabled=config.progress
+        )
+
+        def judge_trial(prompt, generations) -> list[bool]:
+            bar.update()
+            return self.judge(prompt, generations)
+
         search = search_strength(
             self.chat,
             self.tokenizer,
             vector,
             layer,
             self.prompts,
-            self.judge,
+            judge_trial,
             high=config.max_strength,
             n_prompts=config.search_prompts,
             norm=norm,
@@ -237,11 +249,14 @@ class _Steering:
             seed=self._seed(0),
         )
         strength = search["strength"]
+        bar.update(n_trials - bar.n)  # the trials a search skipped (its first prompt's threshold was 0)
         samples = []
         for index, prompt in enumerate(self.prompts):
             steered = self._generate(prompt, vector, layer, strength, self._seed(index), norm)
             unsteered = self.unsteered[prompt]
             samples.append({"prompt": prompt, "steered": [g.text for g in steered], "unsteered": unsteered})
+            bar.update()
+        bar.close()
         result: dict[str, Any] = {
             "strength": strength,
             "norm": norm,
@@ -357,7 +372,10 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
         chat_norm, base_norm = means.norms["chat"][layer], means.norms["base"][layer]
         entry = reader.read(means, layer, position, {"base": base_norm, "chat": chat_norm})
         delta = means.vector("delta", layer, position)
-        entry["steering"] = steering.run(delta, layer, chat_norm) if steering else "skipped: --no-steering"
+        where = f"layer {layer}, position {position}"
+        entry["steering"] = (
+            steering.run(delta, layer, chat_norm, f"steering ({where})") if steering else "skipped: --no-steering"
+        )
         if config.causal:
             entry["causal_effect"] = causal_effect(
                 base,
@@ -372,6 +390,8 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
                 seed=config.seed,
                 max_length=config.causal_max_length,
                 skip=config.causal_skip,
+                progress=config.progress,
+                description=f"causal effect, {where}",
             )
         else:
             entry["causal_effect"] = "skipped: --no-causal"
