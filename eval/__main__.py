@@ -12,7 +12,7 @@ from crosscoder.eval.report import EvalConfig, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv)
+    config = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval")
     try:
         report = evaluate(config)
     except CrosscoderError as error:  # the user's to fix: one message; anything else keeps its traceback

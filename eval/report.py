@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -57,7 +57,7 @@ from crosscoder.provenance import Provenance
 class EvalConfig:
     """Evaluate a trained dictionary: exclusivity, Latent Scaling, reconstruction, downstream KL, top contexts."""
 
-    dictionary: tyro.conf.Positional[str]
+    dictionary: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="DICTIONARY")]
     """Dictionary to evaluate: a folder written by save_pretrained or a Hub repo id."""
     out: Path = Path("eval")
     """Output folder (report.json, plots, the activation store and the workspace index.html)."""
@@ -78,7 +78,7 @@ class EvalConfig:
     """Of those, latents steered with."""
     steer_multiple: float = 4.0
     """Steering strength as a multiple of the latent's maximum activation."""
-    no_models: bool = False
+    no_models: tyro.conf.FlagCreatePairsOff[bool] = False
     """Build only what the weights give (Δnorm, classes, cosines, norms): no model is loaded, no data streamed."""
     export_json: bool = False
     """Also write the per-latent records as JSON files (out/export/shard_NNNNN.json)."""

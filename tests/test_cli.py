@@ -1,5 +1,6 @@
 """The command line: ``python train.py`` with presets, overrides, --help and clean errors."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -24,6 +25,20 @@ def test_help_is_generated_from_the_config_field_docs(tmp_path):
     assert result.returncode == 0
     assert "average active latents per token" in result.stdout  # the doc of TrainConfig.k
     assert "paper-batchtopk" in result.stdout  # presets are listed
+
+
+@pytest.mark.parametrize(
+    ("module", "positional"),
+    [("crosscoder.eval", " DICTIONARY"), ("crosscoder.eval.adl", ""), ("crosscoder.eval.agent", "")],
+)
+def test_each_evaluation_command_names_itself_and_its_flags_plainly_in_its_help(module, positional, capsys):
+    main = importlib.import_module(f"{module}.__main__").main
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m {module} [-h] [OPTIONS]{positional}\n"), text.splitlines()[0]
+    assert "--no-no-" not in text
 
 
 def test_preset_then_overrides():

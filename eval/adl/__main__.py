@@ -13,7 +13,7 @@ from crosscoder.eval.adl.report import LensConfig, run_lens
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = tyro.cli(LensConfig, args=sys.argv[1:] if argv is None else argv)
+    config = tyro.cli(LensConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval.adl")
     try:
         report = run_lens(config)
     except CrosscoderError as error:  # the user's to fix: one message; anything else keeps its traceback

@@ -67,7 +67,7 @@ class AgentConfig:
     """Model of the grader (default: --model)."""
     key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key (read at each request; never written or logged)."""
-    no_key: bool = False
+    no_key: tyro.conf.FlagCreatePairsOff[bool] = False
     """Send no API key (a local server that needs none)."""
     timeout: float = 120.0
     """Seconds to wait for one reply of the endpoint."""
@@ -168,7 +168,7 @@ def run(config: AgentConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = tyro.cli(AgentConfig, args=sys.argv[1:] if argv is None else argv)
+    config = tyro.cli(AgentConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval.agent")
     try:
         summary = run(config)
     except CrosscoderError as error:  # the user's to fix: one message; anything else keeps its traceback
