@@ -18,7 +18,7 @@ the input choice (``crosscoder.dictionary_input``) live elsewhere.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,18 +47,36 @@ FORMAT_VERSION = 3
 
 
 @dataclass
+class TrainingInput:
+    """What the training forward encodes, formed from x̃ by ``SparseDictionary.training_input``. A caller that hands
+    the forward this instead of x̃ can drop x̃ first: a dictionary whose encoder reads x̃ − b_dec (the SAE) then holds
+    that copy only (docs/methods.md §4.2).
+
+    encoder_input: [batch, n_sources · d_model] what the encoder multiplies (x̃ flattened, a view, or x̃ − b_dec);
+    center: [n_sources · d_model] ``b_dec`` when ``encoder_input`` is ``x̃ − b_dec`` formed without autograd: the
+    encoder's gradient reaches ``b_dec`` through it (``gather_active``'s ``center``), else None;
+    target: [batch, n_sources · d_model] x̃ flattened, what the reconstruction is compared with; None when
+    ``center`` is given (then ``x̂ − x̃ = decode − encoder_input``).
+    """
+
+    encoder_input: torch.Tensor
+    center: torch.Tensor | None
+    target: torch.Tensor | None
+
+
+@dataclass
 class TrainingOutput:
     """What one training forward pass returns (normalised space), in the sparse format of the kernels.
 
     codes: the selected (row, latent) pairs; values: [nnz] their unscaled activations (with gradients);
-    prefix_reconstructions: [n_prefixes, batch, n_sources, d_model] the reconstructions from the selected latents
-    below each of ``prefix_sizes`` (one prefix, the whole dictionary, except for Matryoshka dictionaries);
+    prefix_decodes: [n_prefixes, batch, n_sources · d_model] the decodes of the selected latents below each of
+    ``prefix_sizes`` without ``b_dec`` (one prefix, the whole dictionary, except for Matryoshka dictionaries), with
+    gradients: ``prefix_reconstructions`` adds ``b_dec``, ``reconstruction_errors`` forms ``x̂ − x̃`` over them in place;
+    decoder_bias: [n_sources, d_model] ``b_dec``;
     scores: [batch, dict_size] the ranked ``f · c`` without gradients (BatchTopK, else None; held in the
     ``StepBuffers`` when the call got them, so overwritten by the next such call; None when the CPU training forward
     selected without forming them, ``crosscoder.blocked_selection``);
-    encoder_input: [batch, n_sources · d_model] what the encoder multiplied;
-    encoder_center: [n_sources · d_model] ``b_dec`` when ``encoder_input`` is ``x̃ − b_dec`` formed without autograd: the
-    encoder's gradient reaches ``b_dec`` through it (``gather_active``'s ``center``), else None;
+    input: what the encoder read (``TrainingInput``);
     min_kept_score: smallest kept ``f · c`` (BatchTopK only, else None) for the θ EMA: 0-d, or one per partition
     ([3]) for a dedicated crosscoder with per-partition budgets;
     dead_columns: from that blocked forward, the dead latents (ascending, [n_dead]) and their scores [batch, n_dead]
@@ -67,20 +85,47 @@ class TrainingOutput:
 
     codes: SparseCodes
     values: torch.Tensor
-    prefix_reconstructions: torch.Tensor
+    prefix_decodes: torch.Tensor
+    decoder_bias: torch.Tensor
     scores: torch.Tensor | None
-    encoder_input: torch.Tensor
-    encoder_center: torch.Tensor | None
+    input: TrainingInput
     min_kept_score: torch.Tensor | None
     dead_columns: tuple[torch.Tensor, torch.Tensor] | None = None
+    _errors: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def prefix_reconstructions(self) -> torch.Tensor:
+        """[n_prefixes, batch, n_sources, d_model] each prefix's reconstruction ``decode + b_dec`` (a new tensor)."""
+        if self._errors is not None:
+            raise ValueError("reconstruction_errors() turned the decodes into the errors: x̂ = x̃ + error")
+        n_prefixes, batch, _ = self.prefix_decodes.shape
+        return self.prefix_decodes.view(n_prefixes, batch, *self.decoder_bias.shape) + self.decoder_bias
 
     @property
     def reconstruction(self) -> torch.Tensor:
-        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix). One prefix: a
-        view whose backward is a view too (a selected prefix's backward pads the others with zeros)."""
-        if len(self.prefix_reconstructions) == 1:
-            return self.prefix_reconstructions.squeeze(0)
+        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix)."""
         return self.prefix_reconstructions[-1]
+
+    def reconstruction_error(self) -> torch.Tensor:
+        """``x̂ − x̃`` [batch, n_sources, d_model] of the reconstruction from every selected latent (the last prefix of
+        ``reconstruction_errors``). One prefix: a view whose backward is a view too (a selected prefix's backward
+        pads the others with zeros)."""
+        errors = self.reconstruction_errors()
+        return errors.squeeze(0) if len(errors) == 1 else errors[-1]
+
+    def reconstruction_errors(self) -> torch.Tensor:
+        """``x̂ − x̃`` of every prefix: [n_prefixes, batch, n_sources, d_model], with gradients, formed in place over
+        ``prefix_decodes`` on the first call (the training step's only tensor of that size: no separate x̂; after it
+        ``prefix_reconstructions`` is unavailable) and returned again by later calls. The same values as
+        ``prefix_reconstructions − x̃``; from ``x̃ − b_dec`` (``input.center`` given) ``decode − (x̃ − b_dec)``."""
+        if self._errors is None:
+            decodes, shape = self.prefix_decodes, (*self.prefix_decodes.shape[:2], *self.decoder_bias.shape)
+            if self.input.center is not None:
+                errors = _CentredReconstructionError.apply(decodes, self.input.encoder_input, self.decoder_bias)
+            else:
+                errors = decodes.add_(self.decoder_bias.flatten()).sub_(self.input.target)
+            self._errors = errors.view(shape)
+        return self._errors
 
     def dense_codes(self) -> torch.Tensor:
         """[batch, dict_size] codes with zeros where nothing was selected."""
@@ -89,6 +134,22 @@ class TrainingOutput:
     def active_counts(self) -> torch.Tensor:
         """[dict_size] tokens of the batch on which each latent was selected."""
         return torch.bincount(self.codes.latents, minlength=self.codes.dict_size)
+
+
+class _CentredReconstructionError(torch.autograd.Function):
+    """``x̂ − x̃ = (decode + b_dec) − x̃ = decode − (x̃ − b_dec)`` in place over the decodes [n_prefixes, batch, width],
+    from the encoder's input ``x̃ − b_dec`` [batch, width] formed without autograd: the decodes' gradient is the
+    error's, ``b_dec``'s [n_sources, d_model] the sum over prefixes and rows (the reconstruction's ``+ b_dec``)."""
+
+    @staticmethod
+    def forward(ctx, decodes: torch.Tensor, centred: torch.Tensor, decoder_bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.mark_dirty(decodes)
+        ctx.bias_shape = decoder_bias.shape
+        return decodes.sub_(centred)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:  # type: ignore[override]
+        return grad, None, grad.sum(dim=(0, 1)).view(ctx.bias_shape)
 
 
 class SparseDictionary(
@@ -275,23 +336,28 @@ class SparseDictionary(
 
     def training_forward(
         self,
-        x_normalized: torch.Tensor,
+        x_normalized: torch.Tensor | TrainingInput,
         k: int | None = None,
         context: Distributed | None = None,
         buffers: StepBuffers | None = None,
         dead: torch.Tensor | None = None,
     ) -> TrainingOutput:
-        """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model];
-        ``k`` overrides the configured k (k-annealing); with a data-parallel ``context`` the BatchTopK selection
-        runs over the global batch (its radix-select histograms are all-reduced); ``buffers``: reuse the large
-        temporaries of the previous call (the training loop's; the returned scores are then overwritten by the next),
-        and on the reference (CPU) backend select without forming the whole score matrix
-        (``crosscoder.blocked_selection``), keeping the columns of the ``dead`` latents ([dict_size] bool) for AuxK.
+        """Training-time pass in normalised space on the sparse kernels. x_normalized: [batch, n_sources, d_model],
+        or what ``training_input`` formed from it (a caller that drops x̃ first); ``k`` overrides the configured k
+        (k-annealing); with a data-parallel ``context`` the BatchTopK selection runs over the global batch (its
+        radix-select histograms are all-reduced); ``buffers``: reuse the large temporaries of the previous call (the
+        training loop's; the returned scores are then overwritten by the next), and on the reference (CPU) backend
+        select without forming the whole score matrix (``crosscoder.blocked_selection``), keeping the columns of the
+        ``dead`` latents ([dict_size] bool) for AuxK.
 
         The only dense work is the encoder GEMM (without autograd): the selection, the gathering of the kept
         activations (whose backward is the sparse encoder gradient) and the decode are sparse.
         """
-        encoder_input, center = self._training_encoder_input(x_normalized, context)
+        prepared = x_normalized
+        if not isinstance(prepared, TrainingInput):
+            prepared = self.training_input(prepared, context)
+        del x_normalized
+        encoder_input, center = prepared.encoder_input, prepared.center
         W_enc = self.W_enc.flatten(1)
         scores = min_kept = dead_columns = None
         with torch.no_grad():
@@ -328,13 +394,10 @@ class SparseDictionary(
                 kept = codes.gather(pre)
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center))
         decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes), context)
-        reconstructions = decoded.view(len(self.prefix_sizes), -1, self.n_sources, self.d_model) + self.b_dec
-        return TrainingOutput(codes, values, reconstructions, scores, encoder_input, center, min_kept, dead_columns)
+        return TrainingOutput(codes, values, decoded, self.b_dec, scores, prepared, min_kept, dead_columns)
 
-    def _training_encoder_input(
-        self, x_normalized: torch.Tensor, context: Distributed | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training forward's encoder input [batch, n_sources · d_model] and its center (``gather_active``).
+    def training_input(self, x_normalized: torch.Tensor, context: Distributed | None = None) -> TrainingInput:
+        """What the training forward encodes, from x_normalized: [batch, n_sources, d_model] (``TrainingInput``).
 
         An encoder reading ``x̃ − b_dec`` of an ``x̃`` without gradient (training) gets that input without autograd
         and ``b_dec`` [n_sources · d_model] as the center: b_dec's encoder gradient is then ``−∂b_enc @ W_enc``
@@ -347,11 +410,13 @@ class SparseDictionary(
             with torch.no_grad():
                 encoder_input = self.encoder_input(x_normalized)
             center = self.b_dec.flatten()
-            return encoder_input, SumGradientsOverProcesses.apply(center, context) if sharded else center
+            return TrainingInput(
+                encoder_input, SumGradientsOverProcesses.apply(center, context) if sharded else center, None
+            )
         encoder_input = self.encoder_input(x_normalized)
         if sharded and encoder_input.requires_grad:
             encoder_input = SumGradientsOverProcesses.apply(encoder_input, context)
-        return encoder_input, None
+        return TrainingInput(encoder_input, None, x_normalized.flatten(1))
 
     def dead_latent_reconstruction(
         self, out: TrainingOutput, dead: torch.Tensor, k_aux: int, context: Distributed | None = None
@@ -367,7 +432,7 @@ class SparseDictionary(
         sharded = context is not None and context.latent_parallel
         if k_aux <= 0 or (dead.device.type == "cpu" and not sharded and not bool(dead.any())):
             return None
-        batch = out.encoder_input.shape[0]
+        batch = out.input.encoder_input.shape[0]
         with torch.no_grad():
             if out.scores is not None:
                 picks, picked_scores = _top_dead_latents(out.scores, dead, k_aux, columns=dead.device.type == "cpu")
@@ -379,7 +444,7 @@ class SparseDictionary(
                 )
             else:  # none dead here (others may be, on other processes' latents)
                 no_latent = dead.nonzero().squeeze(1)
-                picks, picked_scores = _top_of_columns(no_latent, out.encoder_input.new_zeros(batch, 0), k_aux)
+                picks, picked_scores = _top_of_columns(no_latent, out.input.encoder_input.new_zeros(batch, 0), k_aux)
             keep = picked_scores > 0
             if sharded:  # keep only what also ranks among the top k_aux of all processes' dead latents
                 padded = F.pad(picked_scores, (0, k_aux - picked_scores.shape[1]), value=-1.0)  # same shape everywhere
@@ -392,7 +457,7 @@ class SparseDictionary(
             if not self.unit_code_norms:
                 kept = kept / self.code_norms()[codes.latents]
         values = F.relu(
-            gather_active(kept, out.encoder_input, self.W_enc.flatten(1), self.b_enc, codes, out.encoder_center)
+            gather_active(kept, out.input.encoder_input, self.W_enc.flatten(1), self.b_enc, codes, out.input.center)
         )
         decoded = self._decode_entries(values, codes, (self.dict_size,))[0]
         return _sum_shards(decoded, context).view(-1, self.n_sources, self.d_model)
@@ -847,14 +912,14 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
 
     def _decode_entries(self, values: torch.Tensor, codes: SparseCodes, prefix_sizes: tuple[int, ...]) -> torch.Tensor:
         """Each model's sources decode the entries of its own latents from its own rows (an exclusive latent's
-        entries skip the other model's half: no zeros are multiplied): [1, batch, n_sources · d_model]."""
+        entries skip the other model's half: no zeros are multiplied): [1, batch, n_sources · d_model], each row the
+        base model's sources then the chat model's."""
         outputs = []
         for (taken, model_codes), table in zip(
             self._model_codes(codes), (self.W_dec_base, self.W_dec_chat), strict=True
         ):
-            decoded = sparse_decode(values[taken], model_codes, table.flatten(1))
-            outputs.append(decoded.view(codes.batch_size, -1, self.d_model))
-        return torch.cat(outputs, dim=1).view(1, codes.batch_size, -1)
+            outputs.append(sparse_decode(values[taken], model_codes, table.flatten(1))[None])
+        return torch.cat(outputs, dim=2)
 
     def _model_codes(self, codes: SparseCodes) -> list[tuple[torch.Tensor, SparseCodes]]:
         """For the base then the chat model: the entries of ``codes`` it decodes (their positions, [n]) and their

@@ -8,45 +8,39 @@ from typing import Literal
 import torch
 
 
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: Literal["mse", "l2"]) -> torch.Tensor:
-    """x, x_hat: [batch, n_sources, d_model].
+def reconstruction_losses(errors: torch.Tensor, kind: Literal["mse", "l2"]) -> torch.Tensor:
+    """The reconstruction loss of each of ``g`` reconstructions: [g]. errors: x̂ − x [g, batch, n_sources, d_model]
+    (``TrainingOutput.reconstruction_errors``: a Matryoshka dictionary's prefixes, else g = 1).
 
     ``mse``: squared error summed over sources and d, mean over the batch.
     ``l2``: unsquared per-source error norm, mean over batch and sources (the reference BatchTopK crosscoders).
+    A Matryoshka dictionary fits their mean, ``(1/g) Σ_i L_rec(x, x̂^(i))`` (docs/methods.md §12.1).
     """
+    if errors.dim() != 4:
+        raise ValueError(f"errors must be [g, batch, n_sources, d_model], got shape {list(errors.shape)}")
     if kind == "mse":
-        return _MeanSquaredError.apply(x_hat, x)
+        return _MeanSquaredErrors.apply(errors)
     if kind == "l2":
-        return (x - x_hat).norm(dim=-1).mean()
+        return errors.norm(dim=-1).mean(dim=(1, 2))
     raise ValueError(f"unknown reconstruction loss {kind!r}: use 'mse' or 'l2'")
 
 
-class _MeanSquaredError(torch.autograd.Function):
-    """``Σ (x̂ − x)² / batch`` with one temporary of the inputs' size: the error, saved, then scaled in place into
-    x̂'s gradient (autograd's chain holds four; a second backward through it is refused by autograd's version
-    check). x_hat, x: [batch, ...] of one shape."""
+class _MeanSquaredErrors(torch.autograd.Function):
+    """``Σ error_i² / batch`` of each of g errors [g, batch, ...] → [g], without a temporary: the errors are saved
+    and scaled in place into their own gradient by the backward (autograd's chain would hold three more of their
+    size), so the backward spends them, and a second backward through them is refused by autograd's version check."""
 
     @staticmethod
-    def forward(ctx, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if x_hat.shape != x.shape:
-            raise ValueError(f"x_hat {list(x_hat.shape)} and x {list(x.shape)} must have one shape")
-        error = torch.sub(x_hat, x)
-        ctx.save_for_backward(error)
-        flat = error.view(-1)
-        return torch.dot(flat, flat) / x.shape[0]
+    def forward(ctx, errors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(errors)
+        flat = errors.reshape(len(errors), -1)
+        return torch.stack([torch.dot(row, row) for row in flat]) / errors.shape[1]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        (error,) = ctx.saved_tensors
-        grad_x_hat = error.mul_(grad * (2 / error.shape[0]))
-        grad_x = -grad_x_hat if ctx.needs_input_grad[1] else None
-        return (grad_x_hat if ctx.needs_input_grad[0] else None), grad_x
-
-
-def matryoshka_loss(x: torch.Tensor, prefix_reconstructions: torch.Tensor, kind: Literal["mse", "l2"]) -> torch.Tensor:
-    """The mean over nested prefixes of their reconstruction losses, ``(1/g) Σ_i L_rec(x, x̂^(i))`` (docs/methods.md
-    §12.1). x: [batch, n_sources, d_model]; prefix_reconstructions: [g, batch, n_sources, d_model]."""
-    return torch.stack([reconstruction_loss(x, x_hat, kind) for x_hat in prefix_reconstructions]).mean()
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (errors,) = ctx.saved_tensors
+        scale = grad * (2 / errors.shape[1])
+        return errors.mul_(scale.view(-1, *[1] * (errors.dim() - 1)))
 
 
 def l1_penalty(values: torch.Tensor, value_code_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -56,24 +50,25 @@ def l1_penalty(values: torch.Tensor, value_code_norms: torch.Tensor, batch_size:
 
 
 def auxk_loss(
-    residual: torch.Tensor,
+    error: torch.Tensor,
     dead_reconstruction: torch.Tensor,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """AuxK loss ``‖e − ê‖² / ‖e − ē‖²`` (batch means), docs/methods.md §2.4.
+    """AuxK loss ``‖e − ê‖² / ‖e − ē‖²`` (batch means) of the residual ``e = x − x̂``, docs/methods.md §2.4.
 
-    residual e = x − x̂: [batch, n_sources, d_model], detached here (it must not receive gradients);
+    error: x̂ − x = −e [batch, n_sources, d_model], detached here (the residual must not receive gradients):
+    ``e − ê = −(error + ê)`` and ``e − ē = −(error − mean(error))`` exactly, so both norms are taken of those;
     dead_reconstruction ê: the top dead latents decoded *without* ``b_dec``, same shape
     (``SparseDictionary.dead_latent_reconstruction``). With ``all_reduce`` (a sum over data-parallel processes)
     the denominator is the global batch's, so averaging the processes' gradients gives the global loss's.
     """
-    residual = residual.detach()
-    numerator = (residual - dead_reconstruction).pow(2).sum(dim=(1, 2)).mean()
+    error = error.detach()
+    numerator = (error + dead_reconstruction).pow(2).sum(dim=(1, 2)).mean()
     if all_reduce is None:
-        denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
+        denominator = (error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
     else:  # Σ‖e − ē‖² = Σ‖e‖² − n‖ē‖² over the global batch
-        flat = residual.flatten(1).double()
+        flat = error.flatten(1).double()
         sums = all_reduce(torch.cat([flat.sum(0), flat.pow(2).sum().view(1), flat.new_tensor([len(flat)])]))
         count = sums[-1]
-        denominator = ((sums[-2] - sums[:-2].pow(2).sum() / count) / count).to(residual.dtype)
+        denominator = ((sums[-2] - sums[:-2].pow(2).sum() / count) / count).to(error.dtype)
     return numerator / denominator.clamp_min(1e-12)

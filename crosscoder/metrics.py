@@ -27,31 +27,35 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, active: torch.Tensor) -> None:
-        # sums in the input dtype over chunks of rows (on the training hot path: one chunk-sized temporary, not one of
-        # x's size while the step's gradients are held), accumulated in float64
-        x, x_hat = x.detach(), x_hat.detach()
-        residual = x.new_zeros(x.shape[1], dtype=torch.float64)
-        batch_squares = torch.zeros_like(residual)
-        chunk = x.new_empty(min(len(x), self.ROWS_PER_CHUNK), *x.shape[1:])
-        for start in range(0, len(x), self.ROWS_PER_CHUNK):
-            rows = slice(start, start + self.ROWS_PER_CHUNK)
-            squares = torch.sub(x[rows], x_hat[rows], out=chunk[: len(x[rows])]).square_()
-            residual += squares.sum(dim=(0, 2))
-            batch_squares += torch.mul(x[rows], x[rows], out=squares).sum(dim=(0, 2))
-        batch_sum = x.sum(dim=0).double()
-        if self._residual is None:
-            self._residual, self._sum, self._sum_squares, self._active = (
-                residual,
-                batch_sum,
-                batch_squares,
-                active,
-            )
+        """One batch: x, x_hat [batch, n_sources, d_model], active [dict_size]."""
+        self.add_inputs(x)
+        self._add_residual(_square_sums(x.detach(), x_hat.detach()), active)
+
+    @torch.no_grad()
+    def add_inputs(self, x: torch.Tensor) -> None:
+        """The input half of ``update`` (x [batch, n_sources, d_model]), for a caller that frees x before it has the
+        reconstruction: ``add_errors`` then takes the other half."""
+        x = x.detach()
+        batch_sum, batch_squares = x.sum(dim=0).double(), _square_sums(x)
+        if self._sum is None:
+            self._sum, self._sum_squares = batch_sum, batch_squares
         else:
-            self._residual += residual
             self._sum += batch_sum
             self._sum_squares += batch_squares
-            self._active += active
         self.tokens += x.shape[0]
+
+    @torch.no_grad()
+    def add_errors(self, error: torch.Tensor, active: torch.Tensor) -> None:
+        """The other half: error = x̂ − x [batch, n_sources, d_model] (``TrainingOutput.reconstruction_error``),
+        active [dict_size]."""
+        self._add_residual(_square_sums(error.detach()), active)
+
+    def _add_residual(self, residual: torch.Tensor, active: torch.Tensor) -> None:
+        if self._residual is None:
+            self._residual, self._active = residual, active
+        else:
+            self._residual += residual
+            self._active += active
 
     def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the accumulated statistics over processes (every process must call it)."""
@@ -102,3 +106,18 @@ class ReconstructionStats:
 def active_counts(codes: torch.Tensor) -> torch.Tensor:
     """[dict_size] tokens on which each latent is non-zero. codes: [batch, dict_size]."""
     return (codes.detach() != 0).sum(dim=0)
+
+
+def _square_sums(x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_sources] float64: Σ over rows and d of x² (or of (x − minus)²), summed in x's dtype over chunks of
+    ``ReconstructionStats.ROWS_PER_CHUNK`` rows (on the training hot path: one chunk-sized temporary, not one of x's
+    size while the step's gradients are held) and accumulated in float64. x, minus: [batch, n_sources, d_model]."""
+    sums = x.new_zeros(x.shape[1], dtype=torch.float64)
+    rows_per_chunk = ReconstructionStats.ROWS_PER_CHUNK
+    chunk = x.new_empty(min(len(x), rows_per_chunk), *x.shape[1:])
+    for start in range(0, len(x), rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        out = chunk[: len(x[rows])]
+        squares = torch.mul(x[rows], x[rows], out=out) if minus is None else torch.sub(x[rows], minus[rows], out=out)
+        sums += (squares if minus is None else squares.square_()).sum(dim=(0, 2))
+    return sums

@@ -323,13 +323,14 @@ def prefix_decode(
     """Decodes of nested prefixes of the latents (Matryoshka, docs/methods.md §12.1):
     ``out[i, b] = Σ_{e in row b, latents[e] < prefix_sizes[i]} values[e] · weight[latents[e]]``.
 
-    values: (nnz,); weight: (F, D); prefix_sizes: increasing, ending at F → (n_prefixes, B, D). Each entry is decoded
-    once, into the block of latents ``[prefix_sizes[i-1], prefix_sizes[i])`` it falls in (one ``sparse_decode``
-    over ``n_prefixes · B`` block rows), and the block decodes are summed cumulatively: O(nnz · D + n_prefixes · B · D),
+    values: (nnz,); weight: (F, D); prefix_sizes: increasing, ending at F → (n_prefixes, B, D), a tensor of its own
+    (not a view: the training step turns it into the reconstruction errors in place). Each entry is decoded once,
+    into the block of latents ``[prefix_sizes[i-1], prefix_sizes[i])`` it falls in (one ``sparse_decode`` over
+    ``n_prefixes · B`` block rows), and the block decodes are summed cumulatively: O(nnz · D + n_prefixes · B · D),
     no (B, F) matrix. One prefix is the plain decode.
     """
     if len(prefix_sizes) == 1:
-        return sparse_decode(values, codes, weight)[None]
+        return sparse_decode(values, codes, weight).unsqueeze_(0)
     boundaries = torch.tensor(prefix_sizes[:-1], dtype=codes.latents.dtype, device=codes.device)
     blocks = torch.bucketize(codes.latents, boundaries, right=True)  # entry e lies in block i: m_{i-1} ≤ j_e < m_i
     blocks, order = torch.sort(blocks, stable=True)  # (block, row, latent) order: the block rows' CSR

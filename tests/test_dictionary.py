@@ -394,7 +394,7 @@ def test_sae_b_dec_gets_the_same_gradient_whether_or_not_the_input_needs_one() -
     def b_dec_gradient(x_normalized: torch.Tensor) -> torch.Tensor:
         sae.zero_grad()
         output = sae.training_forward(x_normalized)
-        assert (output.encoder_center is None) == x_normalized.requires_grad
+        assert (output.input.center is None) == x_normalized.requires_grad
         (output.reconstruction * weights).sum().backward()
         return sae.b_dec.grad.clone()
 
@@ -403,6 +403,67 @@ def test_sae_b_dec_gets_the_same_gradient_whether_or_not_the_input_needs_one() -
     through_input = b_dec_gradient(x_with_gradient)
     assert x_with_gradient.grad is not None
     torch.testing.assert_close(per_latent, through_input, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sae", "crosscoder", "centered_crosscoder"])
+@pytest.mark.parametrize("input_needs_gradient", [False, True])
+def test_the_reconstruction_errors_are_x_hat_minus_the_input_with_its_gradients(kind, input_needs_gradient):
+    """``reconstruction_errors`` (formed in place over the decodes; from x̃ − b_dec when x̃ needs no gradient and the
+    encoder reads that) equal x̂ − x̃ (bitwise where they are formed from x̃), and a loss on them gives every
+    parameter the gradient a loss on x̂ gives, and x̃ its own minus the loss's weights."""
+    torch.manual_seed(0)
+    dictionary = {
+        "sae": lambda: BatchTopKSAE(D_MODEL, DICT_SIZE, K),
+        "crosscoder": lambda: BatchTopKCrossCoder(D_MODEL, DICT_SIZE, K, N_SOURCES),
+        "centered_crosscoder": lambda: BatchTopKCrossCoder(D_MODEL, DICT_SIZE, K, N_SOURCES, centered_encoder=True),
+    }[kind]()
+    with torch.no_grad():
+        dictionary.b_dec.normal_(std=0.1)
+        dictionary.b_enc.normal_(std=0.1)
+    raw = torch.randn(BATCH * 4, D_MODEL) if kind == "sae" else torch.randn(BATCH * 4, N_SOURCES, D_MODEL)
+    x_normalized = dictionary.normalize(raw)
+    weights = torch.randn_like(x_normalized)
+
+    def gradients(through_errors: bool):
+        dictionary.zero_grad()
+        x = x_normalized.clone().requires_grad_(input_needs_gradient)
+        output = dictionary.training_forward(x)
+        if through_errors:
+            error = output.reconstruction_error()
+            (error * weights).sum().backward()
+            value = error.detach()
+        else:
+            reconstruction = output.reconstruction
+            (reconstruction * weights).sum().backward()
+            value = reconstruction.detach() - x_normalized
+        grads = {name: p.grad.clone() for name, p in dictionary.named_parameters() if p.grad is not None}
+        return value, grads, x.grad
+
+    errors, from_errors, input_grad = gradients(True)
+    expected, from_reconstruction, expected_input_grad = gradients(False)
+    centred = kind != "crosscoder" and not input_needs_gradient  # formed from x̃ − b_dec: another rounding
+    if centred:
+        torch.testing.assert_close(errors, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(errors, expected)
+    assert from_errors.keys() == from_reconstruction.keys() >= {"W_enc", "W_dec", "b_enc", "b_dec"}
+    for name, gradient in from_errors.items():
+        torch.testing.assert_close(gradient, from_reconstruction[name], rtol=1e-5, atol=1e-6, msg=name)
+    if input_needs_gradient:
+        torch.testing.assert_close(input_grad, expected_input_grad - weights, rtol=1e-5, atol=1e-6)
+    else:
+        assert input_grad is None and expected_input_grad is None
+
+
+def test_the_reconstruction_is_unavailable_once_the_errors_were_formed_over_its_decodes() -> None:
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
+    output = sae.training_forward(sae.normalize(torch.randn(BATCH, D_MODEL)))
+    decodes = output.prefix_decodes
+    errors = output.reconstruction_errors()
+    assert output.reconstruction_errors() is errors and errors.data_ptr() == decodes.data_ptr()
+    with pytest.raises(ValueError, match="x̂ = x̃ \\+ error"):
+        _ = output.reconstruction
 
 
 def _sae_after_backward_on_random_loss() -> BatchTopKSAE:

@@ -4,42 +4,43 @@ import pytest
 import torch
 
 import crosscoder
-from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_loss
+from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_losses
 from crosscoder.metrics import ReconstructionStats, active_counts
 
 
 def test_mse_sums_over_sources_and_d_and_averages_over_batch():
     x = torch.tensor([[[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [1.0, 1.0]]])
     x_hat = torch.tensor([[[0.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [1.0, 3.0]]])
-    # token 0: 1 + 0 + 0 + 1 = 2; token 1: 4 + 0 + 0 + 4 = 8 → mean 5
-    assert reconstruction_loss(x, x_hat, "mse").item() == 5.0
+    # token 0: 1 + 0 + 0 + 1 = 2; token 1: 4 + 0 + 0 + 4 = 8 → mean 5; the second reconstruction x̂ = x: 0
+    errors = torch.stack([x_hat - x, torch.zeros_like(x)])
+    assert reconstruction_losses(errors, "mse").tolist() == [5.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_mse_value_and_gradients_are_autograds_of_the_textbook_formula(dtype):
-    """Both inputs' gradients, and a second backward through the same graph is refused (the error is reused as the
-    gradient in place)."""
+    """Each reconstruction's loss and the errors' gradient, and a second backward through the same graph is refused
+    (the errors are turned into their gradient in place)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 2, 5, generator=generator, dtype=dtype, requires_grad=True)
-    x_hat = torch.randn(7, 2, 5, generator=generator, dtype=dtype, requires_grad=True)
-    loss = reconstruction_loss(x, x_hat, "mse")
-    textbook = (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
+    errors = torch.randn(3, 7, 2, 5, generator=generator, dtype=dtype, requires_grad=True)
+    weights = torch.randn(3, generator=generator, dtype=dtype)
+    shared = errors * 1  # the losses spend their input: not the leaf
+    losses = reconstruction_losses(shared, "mse")
+    textbook = errors.pow(2).sum(dim=(2, 3)).mean(dim=1)
     tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
-    torch.testing.assert_close(loss, textbook, **tolerance)
-    expected = torch.autograd.grad(3 * textbook, (x, x_hat))
-    (3 * loss).backward(retain_graph=True)
-    torch.testing.assert_close((x.grad, x_hat.grad), expected, **tolerance)
+    torch.testing.assert_close(losses, textbook, **tolerance)
+    (expected,) = torch.autograd.grad((weights * textbook).sum(), errors)
+    (weights * losses).sum().backward(retain_graph=True)
+    torch.testing.assert_close(errors.grad, expected, **tolerance)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
-    with pytest.raises(ValueError, match=r"must have one shape"):
-        reconstruction_loss(x, x_hat[:, :1], "mse")
+        losses.sum().backward()
+    with pytest.raises(ValueError, match=r"must be \[g, batch, n_sources, d_model\]"):
+        reconstruction_losses(errors[0], "mse")
 
 
 def test_l2_is_the_unsquared_norm_averaged_over_batch_and_sources():
-    x = torch.zeros(2, 2, 2)
-    x_hat = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, 1.0], [6.0, 8.0]]])
+    errors = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, 1.0], [6.0, 8.0]]])[None]
     # norms 5, 0, 1, 10 → mean 4
-    assert reconstruction_loss(x, x_hat, "l2").item() == 4.0
+    assert reconstruction_losses(errors, "l2").tolist() == [4.0]
 
 
 def test_l1_penalty_weights_codes_by_code_norms():
@@ -62,7 +63,7 @@ def test_auxk_decodes_top_dead_latents_without_decoder_bias_against_the_detached
     dead[[1, 4, 7]] = True
     dead_reconstruction = cc.dead_latent_reconstruction(out, dead, k_aux)
     residual = x - out.reconstruction
-    loss = auxk_loss(residual, dead_reconstruction)
+    loss = auxk_loss(out.reconstruction_error(), dead_reconstruction)
 
     code_norms = cc.code_norms().detach()
     activations = out.scores / code_norms
@@ -149,3 +150,10 @@ def test_reconstruction_stats_accumulate_fve_over_batches_like_one_big_batch():
     torch.testing.assert_close(stats.fve().float(), 1 - residual.sum() / variance.sum())
     torch.testing.assert_close(stats.l0().float(), (codes != 0).sum(-1).float().mean())
     torch.testing.assert_close(stats.latent_frequencies().float(), (codes != 0).float().mean(0))
+
+    halves = ReconstructionStats()  # the training step's way: the inputs first, then the errors x̂ − x
+    for start in range(0, 40, 16):
+        rows = slice(start, start + 16)
+        halves.add_inputs(x[rows])
+        halves.add_errors(x_hat[rows] - x[rows], active_counts(codes[rows]))
+    assert halves.summary() == stats.summary() and halves.tokens == stats.tokens == 40

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import crosscoder
+from crosscoder.dictionary import TrainingOutput
 from crosscoder.kernels.backend import use_backend
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.training import Trainee, training_step
@@ -156,10 +157,11 @@ def test_trainee_step_is_the_training_step_plus_bookkeeping():
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="an older CPython keeps a call's arguments on its stack")
 @pytest.mark.parametrize("kind", ["batchtopk", "sae"])
-def test_training_step_fills_the_window_before_a_backward_that_holds_neither_input_nor_reconstruction(kind):
-    """The window gets the forward's reconstruction statistics (those of ``training_forward`` on the same weights);
-    when the backward runs, the reconstruction is freed, and so is the SAE's normalised input passed as a temporary
-    (the SAE encodes x̃ − b_dec; a crosscoder encodes x̃ itself, which its encoder gradient needs)."""
+def test_training_step_fills_the_window_and_frees_the_saes_input_before_its_forward(kind):
+    """The window gets the forward's reconstruction statistics (those of ``training_forward`` on the same weights).
+    The SAE's normalised input passed as a temporary is freed before the forward starts and so is not held through
+    the backward (the SAE encodes a copy, x̃ − b_dec, and its errors come from that copy); a crosscoder encodes x̃
+    itself, which its encoder gradient needs. The forward's decodes become the errors in place: no x̂ is formed."""
     dictionary, x = make(kind)
     twin, _ = make(kind)
     dead = torch.zeros(40, dtype=torch.bool)
@@ -167,7 +169,7 @@ def test_training_step_fills_the_window_before_a_backward_that_holds_neither_inp
         out = twin.training_forward(twin.normalize(twin.input_from_pair(x)), CONFIG.k)
     expected = ReconstructionStats()
     expected.update(twin.normalize(twin.input_from_pair(x)), out.reconstruction, out.active_counts())
-    alive_in_backward, references = [], []
+    alive_in_forward, alive_in_backward, references, decodes = [], [], [], []
 
     def normalized():
         x_normalized = dictionary.normalize(dictionary.input_from_pair(x))
@@ -178,20 +180,29 @@ def test_training_step_fills_the_window_before_a_backward_that_holds_neither_inp
         alive_in_backward.append([reference() is not None for reference in references])
 
     dictionary.W_dec.register_hook(note_references)
-    original_forward = dictionary.training_forward
+    original_forward, original_errors = dictionary.training_forward, TrainingOutput.reconstruction_errors
 
     def recording_forward(*args, **kwargs):
+        alive_in_forward.append([reference() is not None for reference in references])
         result = original_forward(*args, **kwargs)
-        references.append(weakref.ref(result.prefix_reconstructions))
+        decodes.append(result.prefix_decodes.data_ptr())
         return result
+
+    def recording_errors(output):
+        errors = original_errors(output)
+        decodes.append(errors.data_ptr())
+        return errors
 
     dictionary.training_forward = recording_forward
     window = ReconstructionStats()
-    result = training_step(
-        dictionary, torch.optim.Adam(dictionary.parameters()), normalized(), step=0, dead=dead, config=CONFIG,
-        window=window,
-    )  # fmt: skip
-    assert alive_in_backward == [[kind == "batchtopk", False]]  # [x̃, x̂]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingOutput, "reconstruction_errors", recording_errors)
+        result = training_step(
+            dictionary, torch.optim.Adam(dictionary.parameters()), normalized(), step=0, dead=dead, config=CONFIG,
+            window=window,
+        )  # fmt: skip
+    assert alive_in_forward == [[kind == "batchtopk"]] and alive_in_backward == [[kind == "batchtopk"]]  # x̃
+    assert len(decodes) > 1 and len(set(decodes)) == 1
     assert window.summary() == expected.summary()
     assert torch.equal(result.active, out.active_counts())
 

@@ -13,9 +13,9 @@ import torch
 
 from crosscoder.blocked_selection import StepBuffers
 from crosscoder.config import TrainConfig
-from crosscoder.dictionary import SparseDictionary, TrainingOutput
+from crosscoder.dictionary import SparseDictionary, TrainingInput, TrainingOutput
 from crosscoder.distributed import Distributed
-from crosscoder.losses import auxk_loss, l1_penalty, matryoshka_loss, reconstruction_loss
+from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_losses
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.sharding import SHARDED
 from crosscoder.training.schedules import current_k, l1_coefficient
@@ -35,7 +35,7 @@ class StepResult:
 
 def training_loss(
     dictionary: SparseDictionary,
-    x_normalized: torch.Tensor,
+    x_normalized: torch.Tensor | TrainingInput,
     *,
     step: int,
     dead: torch.Tensor,
@@ -43,19 +43,24 @@ def training_loss(
     context: Distributed,
     buffers: StepBuffers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], TrainingOutput]:
-    """The loss to minimise (with its graph), its named terms and the forward output.
+    """The loss to minimise (with its graph), its named terms and the forward output (its reconstruction errors
+    taken: ``TrainingOutput.reconstruction_errors``).
 
     x_normalized: [batch, n_sources, d_model] (this process's share under data parallelism; the global batch under
-    latent sharding); dead: [dict_size] bool, the latents AuxK may revive. BatchTopK: reconstruction +
-    ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c. A Matryoshka dictionary fits the mean of its
-    prefixes' reconstruction losses instead of the full reconstruction's (still logged as ``reconstruction_loss``).
+    latent sharding), or its ``TrainingInput``; dead: [dict_size] bool, the latents AuxK may revive. BatchTopK:
+    reconstruction + ``aux_coefficient`` · AuxK; L1: reconstruction + λ(step) · Σ f·c. A Matryoshka dictionary fits
+    the mean of its prefixes' reconstruction losses instead of the full reconstruction's (still logged as
+    ``reconstruction_loss``).
     """
     out = dictionary.training_forward(x_normalized, current_k(config, step), context, buffers, dead)
-    reconstruction = reconstruction_loss(x_normalized, out.reconstruction, config.loss)
+    del x_normalized
+    errors = out.reconstruction_errors()
+    per_reconstruction = reconstruction_losses(errors, config.loss)
+    reconstruction = fitted = per_reconstruction[-1]
     losses = {"reconstruction_loss": reconstruction}
-    fitted = reconstruction
-    if len(out.prefix_reconstructions) > 1:
-        fitted = losses["matryoshka_loss"] = matryoshka_loss(x_normalized, out.prefix_reconstructions, config.loss)
+    if len(errors) > 1:  # Matryoshka: the mean over the prefixes (docs/methods.md §12.1)
+        fitted = losses["matryoshka_loss"] = per_reconstruction.mean()
+    error = out.reconstruction_error()
     if dictionary.uses_batch_topk:
         dead_anywhere = dead.any()
         if context.latent_parallel:  # each process counts its own latents
@@ -66,14 +71,14 @@ def training_loss(
             dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
         reduce = context.all_reduce if context.data_parallel else None
         losses["aux_loss"] = (
-            auxk_loss(x_normalized - out.reconstruction, dead_reconstruction, reduce) * dead_anywhere
+            auxk_loss(error, dead_reconstruction, reduce) * dead_anywhere
             if dead_reconstruction is not None
             else reconstruction.new_zeros(())
         )
         loss = fitted + config.aux_coefficient * losses["aux_loss"]
     else:
         value_code_norms = dictionary.code_norms()[out.codes.latents]
-        losses["l1_penalty"] = l1_penalty(out.values, value_code_norms, x_normalized.shape[0])
+        losses["l1_penalty"] = l1_penalty(out.values, value_code_norms, out.codes.batch_size)
         loss = fitted + l1_coefficient(config, step) * losses["l1_penalty"]
     return loss, losses, out
 
@@ -97,15 +102,21 @@ def training_step(
     clipping to ``grad_clip``; the optimizer update; the dictionary's parameter constraint (the SAE's unit-norm
     decoder rows). The learning-rate schedule is the caller's."""
     context = context or Distributed()
+    if window is not None:
+        window.add_inputs(x_normalized)
+    prepared = dictionary.training_input(x_normalized, context)
+    # x̃ is not held here: an encoder reading x̃ − b_dec (the SAE) reads a copy, and its reconstruction errors come
+    # from that copy, so a caller's temporary x̃ (CPython ≥ 3.11 hands the callee the only reference) is freed before
+    # the forward (docs/methods.md §4.2)
+    del x_normalized
     loss, losses, out = training_loss(
-        dictionary, x_normalized, step=step, dead=dead, config=config, context=context, buffers=buffers
+        dictionary, prepared, step=step, dead=dead, config=config, context=context, buffers=buffers
     )
+    del prepared
     active, min_kept_score = out.active_counts(), out.min_kept_score
     if window is not None:
-        window.update(x_normalized, out.reconstruction, active)
-    # the backward needs neither x̃ nor x̂ (the loss saved the error): not held through it, nor by a caller that passed
-    # x̃ as a temporary (CPython ≥ 3.11 hands the callee the only reference)
-    del x_normalized, out
+        window.add_errors(out.reconstruction_error(), active)
+    del out  # the backward holds what it needs (the loss saved the error)
     # after the forward: released right before the backward allocates new ones (on the development machine the
     # backward took 1.5-1.75x as long when they were released before the forward: docs/methods.md §4.2)
     optimizer.zero_grad(set_to_none=True)
