@@ -108,10 +108,8 @@ class TrainingOutput:
 
     def reconstruction_error(self) -> torch.Tensor:
         """``x̂ − x̃`` [batch, n_sources, d_model] of the reconstruction from every selected latent (the last prefix of
-        ``reconstruction_errors``). One prefix: a view whose backward is a view too (a selected prefix's backward
-        pads the others with zeros)."""
-        errors = self.reconstruction_errors()
-        return errors.squeeze(0) if len(errors) == 1 else errors[-1]
+        ``reconstruction_errors``)."""
+        return self.reconstruction_errors()[-1]
 
     def reconstruction_errors(self) -> torch.Tensor:
         """``x̂ − x̃`` of every prefix: [n_prefixes, batch, n_sources, d_model], with gradients, formed in place over
