@@ -96,15 +96,20 @@ class TrainingOutput:
     @property
     def prefix_reconstructions(self) -> torch.Tensor:
         """[n_prefixes, batch, n_sources, d_model] each prefix's reconstruction ``decode + b_dec`` (a new tensor)."""
-        if self._errors is not None:
-            raise ValueError("reconstruction_errors() turned the decodes into the errors: x̂ = x̃ + error")
-        n_prefixes, batch, _ = self.prefix_decodes.shape
-        return self.prefix_decodes.view(n_prefixes, batch, *self.decoder_bias.shape) + self.decoder_bias
+        return self._reconstruct(self._decodes())
 
     @property
     def reconstruction(self) -> torch.Tensor:
-        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix)."""
-        return self.prefix_reconstructions[-1]
+        """[batch, n_sources, d_model] the reconstruction from every selected latent (the last prefix; a new tensor)."""
+        return self._reconstruct(self._decodes()[-1:])[0]
+
+    def _decodes(self) -> torch.Tensor:
+        if self._errors is not None:
+            raise ValueError("reconstruction_errors() turned the decodes into the reconstruction errors in place")
+        return self.prefix_decodes
+
+    def _reconstruct(self, decodes: torch.Tensor) -> torch.Tensor:
+        return decodes.view(*decodes.shape[:2], *self.decoder_bias.shape) + self.decoder_bias
 
     def reconstruction_error(self) -> torch.Tensor:
         """``x̂ − x̃`` [batch, n_sources, d_model] of the reconstruction from every selected latent (the last prefix of
@@ -115,7 +120,9 @@ class TrainingOutput:
         """``x̂ − x̃`` of every prefix: [n_prefixes, batch, n_sources, d_model], with gradients, formed in place over
         ``prefix_decodes`` on the first call (the training step's only tensor of that size: no separate x̂; after it
         ``prefix_reconstructions`` is unavailable) and returned again by later calls. The same values as
-        ``prefix_reconstructions − x̃``; from ``x̃ − b_dec`` (``input.center`` given) ``decode − (x̃ − b_dec)``."""
+        ``prefix_reconstructions − x̃``; from ``x̃ − b_dec`` (``input.center`` given) ``decode − (x̃ − b_dec)``, equal
+        up to rounding. The ``mse`` loss (``reconstruction_losses``) spends them: its backward scales them in place
+        into their own gradient, so after a backward through it they hold that gradient."""
         if self._errors is None:
             decodes, shape = self.prefix_decodes, (*self.prefix_decodes.shape[:2], *self.decoder_bias.shape)
             if self.input.center is not None:

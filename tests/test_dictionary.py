@@ -462,7 +462,7 @@ def test_the_reconstruction_is_unavailable_once_the_errors_were_formed_over_its_
     decodes = output.prefix_decodes
     errors = output.reconstruction_errors()
     assert output.reconstruction_errors() is errors and errors.data_ptr() == decodes.data_ptr()
-    with pytest.raises(ValueError, match="x̂ = x̃ \\+ error"):
+    with pytest.raises(ValueError, match="turned the decodes into the reconstruction errors"):
         _ = output.reconstruction
 
 

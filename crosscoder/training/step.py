@@ -44,7 +44,7 @@ def training_loss(
     buffers: StepBuffers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], TrainingOutput]:
     """The loss to minimise (with its graph), its named terms and the forward output (its reconstruction errors
-    taken: ``TrainingOutput.reconstruction_errors``).
+    taken: ``TrainingOutput.reconstruction_errors``; with the ``mse`` loss a backward turns them into their gradient).
 
     x_normalized: [batch, n_sources, d_model] (this process's share under data parallelism; the global batch under
     latent sharding), or its ``TrainingInput``; dead: [dict_size] bool, the latents AuxK may revive. BatchTopK:
