@@ -60,7 +60,6 @@ def training_loss(
     losses = {"reconstruction_loss": reconstruction}
     if len(errors) > 1:  # Matryoshka: the mean over the prefixes (docs/methods.md §12.1)
         fitted = losses["matryoshka_loss"] = per_reconstruction.mean()
-    error = out.reconstruction_error()
     if dictionary.uses_batch_topk:
         dead_anywhere = dead.any()
         if context.latent_parallel:  # each process counts its own latents
@@ -71,7 +70,7 @@ def training_loss(
             dead_reconstruction = dictionary.dead_latent_reconstruction(out, dead, k_aux, context)
         reduce = context.all_reduce if context.data_parallel else None
         losses["aux_loss"] = (
-            auxk_loss(error, dead_reconstruction, reduce) * dead_anywhere
+            auxk_loss(out.reconstruction_error(), dead_reconstruction, reduce) * dead_anywhere
             if dead_reconstruction is not None
             else reconstruction.new_zeros(())
         )
