@@ -392,7 +392,7 @@ class SparseDictionary(
                     codes, min_kept = self._select(scores, k or self.k, context)
                     kept = codes.gather(scores)
                 if c is not None:
-                    kept = kept / c[codes.latents]
+                    kept = kept / c.index_select(0, codes.latents)
             else:
                 pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
                 codes = SparseCodes.from_mask(pre > 0)
@@ -460,7 +460,7 @@ class SparseDictionary(
             codes = SparseCodes.from_sorted_indices(rows, picks[rows, slots], batch, self.dict_size)
             kept = picked_scores[rows, slots]
             if not self.unit_code_norms:
-                kept = kept / self.code_norms()[codes.latents]
+                kept = kept / self.code_norms().index_select(0, codes.latents)
         values = F.relu(
             gather_active(kept, out.input.encoder_input, self.W_enc.flatten(1), self.b_enc, codes, out.input.center)
         )

@@ -164,36 +164,10 @@ def batch_topk(
     _check_scores(scores, dims=2)
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
-    flat = scores.reshape(-1)
-    search = _radix_select(flat, n_keep, all_reduce, digit_bits)
-    if search.candidates is None:
-        candidates = _indices_at_least(flat, search.key)
-        candidate_scores = flat[candidates]
-    else:
-        candidates, candidate_scores = search.candidates, search.candidate_scores
-    keys = _keys(candidate_scores)
-    greater = keys > search.key
-    equal = keys == search.key
-    ties_before = torch.zeros((), dtype=torch.int64, device=flat.device)
-    if all_reduce is not None:  # ties of lower ranks come first
-        ties_here = equal.sum()
-        ties_per_rank = torch.zeros(world_size, dtype=torch.int64, device=flat.device)
-        ties_per_rank[rank] = ties_here
-        ties_per_rank = all_reduce(ties_per_rank)
-        ties_before = ties_per_rank[:rank].sum()
-        if world_size == 1:
-            _check_single_rank(ties_per_rank[0] == ties_here)
-    tie_rank = equal.cumsum(0) - 1 + ties_before
-    kept = candidates[greater | (equal & (tie_rank < search.ties_left))]
+    kept, search = _kept_entries(scores.reshape(-1), n_keep, all_reduce, rank, world_size, digit_bits)
     batch_size, dict_size = scores.shape
-    return BatchTopKSelection(
-        rows=kept // dict_size,
-        latents=kept % dict_size,
-        threshold=search.threshold.value,
-        n_selected=search.threshold.n_selected,
-        batch_size=batch_size,
-        dict_size=dict_size,
-    )
+    rows, latents = _split_flat_indices_(kept, dict_size)
+    return BatchTopKSelection(rows, latents, search.threshold.value, search.threshold.n_selected, batch_size, dict_size)
 
 
 def batch_topk_among_candidates(
@@ -222,12 +196,10 @@ def batch_topk_among_candidates(
         count = all_reduce(count)
     if int(count) < n_keep:
         return None
-    inner = batch_topk(candidate_scores[None], n_keep, all_reduce, rank=rank, world_size=world_size)
-    kept = candidates[inner.latents]
-    selection = BatchTopKSelection(
-        kept // dict_size, kept % dict_size, inner.threshold, inner.n_selected, batch_size, dict_size
-    )
-    return selection, inner.latents
+    positions, search = _kept_entries(candidate_scores, n_keep, all_reduce, rank, world_size, None)
+    rows, latents = _split_flat_indices_(candidates.index_select(0, positions), dict_size)
+    threshold = search.threshold
+    return BatchTopKSelection(rows, latents, threshold.value, threshold.n_selected, batch_size, dict_size), positions
 
 
 def batch_topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -424,9 +396,42 @@ def _radix_select(
         if pass_index == 0 and backend == "reference":
             # Every entry that can still be kept has a first digit ≥ the chosen one: compact them once.
             candidates = _indices_at_least(flat, prefix << (KEY_BITS - prefix_bits))
-            source = candidate_scores = flat[candidates].float()
+            source = candidate_scores = flat.index_select(0, candidates).float()
     value = prefix.to(torch.int32).view(torch.float32).to(flat.dtype)
     return _Search(TopKThreshold(value, n_greater, n_selected), prefix, remaining, candidates, candidate_scores)
+
+
+def _kept_entries(
+    flat: torch.Tensor,
+    n_keep: int,
+    all_reduce: AllReduce | None,
+    rank: int,
+    world_size: int,
+    digit_bits: Sequence[int] | None,
+) -> tuple[torch.Tensor, _Search]:
+    """The ascending flat indices [n_selected] of the entries ``batch_topk`` keeps of ``flat`` [n] (checked
+    contiguous scores), and the search that chose them."""
+    search = _radix_select(flat, n_keep, all_reduce, digit_bits)
+    if search.candidates is None:
+        candidates = _indices_at_least(flat, search.key)
+        candidate_scores = flat.index_select(0, candidates)
+    else:
+        candidates, candidate_scores = search.candidates, search.candidate_scores
+    keys = _keys(candidate_scores)
+    greater = keys > search.key
+    equal = keys == search.key
+    ties_before = torch.zeros((), dtype=torch.int64, device=flat.device)
+    if all_reduce is not None:  # ties of lower ranks come first
+        ties_here = equal.sum()
+        ties_per_rank = torch.zeros(world_size, dtype=torch.int64, device=flat.device)
+        ties_per_rank[rank] = ties_here
+        ties_per_rank = all_reduce(ties_per_rank)
+        ties_before = ties_per_rank[:rank].sum()
+        if world_size == 1:
+            _check_single_rank(ties_per_rank[0] == ties_here)
+    # a tie is kept when ties_before + its rank among this process's ties < ties_left
+    ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
+    return candidates[greater | (equal & (ties_up_to_here <= search.ties_left - ties_before))], search
 
 
 def _choose_digit(counts: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +453,13 @@ def _indices_at_least(flat: torch.Tensor, min_key: torch.Tensor) -> torch.Tensor
         parts.append((chunk.float() >= bound).nonzero().squeeze(1) + start)
         start += chunk.numel()
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=flat.device)
+
+
+def _split_flat_indices_(flat_indices: torch.Tensor, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and latents [n] of flat indices [n] into a [batch, dict_size] matrix; the latents are ``flat_indices``
+    itself, overwritten (no temporary; a product and a difference instead of an int64 remainder: cheaper on CPU)."""
+    rows = torch.div(flat_indices, dict_size, rounding_mode="floor")
+    return rows, flat_indices.sub_(rows, alpha=dict_size)
 
 
 def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -124,7 +124,7 @@ class SparseCodes:
     @cached_property
     def _latent_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sorted_latents, order = torch.sort(self.latents, stable=True)
-        return order, _segment_offsets(sorted_latents, self.dict_size), self.rows[order]
+        return order, _segment_offsets(sorted_latents, self.dict_size), self.rows.index_select(0, order)
 
     @property
     def latent_order(self) -> torch.Tensor:

@@ -200,7 +200,7 @@ def _segment_gather_sum_reference(
 ) -> torch.Tensor:
     """``F.embedding_bag`` sums each segment's value-weighted table rows without an [nnz, D] temporary."""
     acc = accumulation_dtype(table.dtype)
-    weights = values if order is None else values[order]
+    weights = values if order is None else values.index_select(0, order)
     out = F.embedding_bag(
         index,
         table.to(acc),
@@ -230,8 +230,7 @@ def _entry_dot_reference(codes: SparseCodes, left: torch.Tensor, right: torch.Te
             check_invariants=False,
         )
         by_latent = torch.sparse.sampled_addmm(pattern, right.to(acc), left.to(acc).T, beta=0.0).values()
-    out = torch.empty_like(by_latent)
-    out[codes.latent_order] = by_latent
+    out = torch.empty_like(by_latent).index_copy_(0, codes.latent_order, by_latent)
     return out.to(left.dtype)
 
 
@@ -335,10 +334,10 @@ def prefix_decode(
     blocks = torch.bucketize(codes.latents, boundaries, right=True)  # entry e lies in block i: m_{i-1} ≤ j_e < m_i
     blocks, order = torch.sort(blocks, stable=True)  # (block, row, latent) order: the block rows' CSR
     block_codes = SparseCodes.from_sorted_indices(
-        blocks * codes.batch_size + codes.rows[order],
-        codes.latents[order],
+        blocks * codes.batch_size + codes.rows.index_select(0, order),
+        codes.latents.index_select(0, order),
         len(prefix_sizes) * codes.batch_size,
         codes.dict_size,
     )
-    partial = sparse_decode(values[order], block_codes, weight)
+    partial = sparse_decode(values.index_select(0, order), block_codes, weight)
     return partial.view(len(prefix_sizes), codes.batch_size, -1).cumsum(dim=0)

@@ -29,6 +29,7 @@ def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("relative_bound", [None, 0.5, 1.0, 1.5])
 def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, scaled, monkeypatch) -> None:
     monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)  # eight blocks, the last one short
+    monkeypatch.setattr(blocked_selection, "COMPARE_CHUNK", 7)  # each block compared in 13 parts, the last short
     x, weight, bias = integer_encoder()
     code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
     c = 1 if code_norms is None else code_norms
@@ -68,6 +69,43 @@ def test_scores_that_are_not_finite_are_refused(bad) -> None:
         buffers.candidate_bound = bound
         with pytest.raises(ValueError, match=r"NaN|inf"):
             select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), buffers)
+
+
+def test_negative_infinity_and_a_sum_that_overflows_are_not_refused(monkeypatch) -> None:
+    """Before the ReLU, −inf is a score of zero, and scores near the float32 maximum are valid though their sum
+    overflows: the blocked selection takes both, as ``batch_topk`` does on the whole matrix."""
+    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)
+    x, weight, bias = integer_encoder()
+    bias[3], bias[5], bias[6] = float("-inf"), 3e38, 3e38
+    scores = torch.addmm(bias, x, weight.T).relu_()
+    exact = batch_topk(scores, N_KEEP)
+    for bound in (None, 0.5 * exact.threshold.item()):
+        buffers = StepBuffers()
+        buffers.candidate_bound = bound
+        found = select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), buffers)
+        assert found.scores is None
+        assert torch.equal(found.selection.rows, exact.rows) and torch.equal(found.selection.latents, exact.latents)
+
+
+@pytest.mark.parametrize(
+    "tensor, position, value, finite",
+    [
+        (None, None, None, True),
+        ("x", (3, 2), float("nan"), False),
+        ("weight", (4, 1), float("inf"), False),
+        ("bias", 7, float("-inf"), False),
+        ("code_norms", 2, float("nan"), False),
+        ("weight", (4, 1), 1e36, True),  # |score| ≤ 6 + 6 · 2 · 3 · 1e36: far below the maximum
+        ("weight", (4, 1), 1e37, False),  # every input finite, but the bound is 3.6e38 (> 3.4e38 / 2)
+    ],
+)
+def test_scores_need_no_check_only_when_finite_inputs_bound_them(tensor, position, value, finite) -> None:
+    x, weight, bias = integer_encoder()
+    inputs = {"x": x, "weight": weight, "bias": bias, "code_norms": torch.full((DICT_SIZE,), 3.0)}
+    if tensor is not None:
+        inputs[tensor][position] = value
+    blocks = blocked_selection._ScoreBlocks(inputs["weight"], inputs["bias"], inputs["code_norms"])
+    assert blocks.provably_finite(inputs["x"]) == finite
 
 
 @pytest.mark.parametrize("size", [64, 61, 0])
