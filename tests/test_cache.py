@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -570,3 +571,36 @@ def test_cli_without_a_folder_says_what_is_missing(tmp_path, capsys):
     assert "--out DIR" in capsys.readouterr().err
     assert cache_cli.main(["info", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_build_help_lists_the_stream_flags_and_no_training_flag(capsys):
+    assert cache_cli.main(["build", "--help"]) == 0
+    flags = {line.split()[0].rstrip(",") for line in capsys.readouterr().out.splitlines() if line.startswith("  --")}
+    stream = {"--" + name.replace("_", "-") for name in cache_cli.STREAM_FIELDS}
+    assert flags == stream | {"--out", "--num-tokens", "--shard-tokens", "--dtype", "--preset"}
+    assert "--lr" not in flags and "--k" not in flags and "--architectures" not in flags
+
+
+def test_the_stream_fields_are_every_setting_the_stream_reads():
+    """What ``PairedActivationStream.from_config`` and the organism's resolution read of the config (found in their
+    source) is exactly what ``build`` takes besides the cache's size: no stream setting is refused or left out."""
+    import inspect
+
+    from crosscoder.activations import PairedActivationStream
+    from crosscoder.organism_source import resolve_model_organism
+
+    read = set()
+    for function in (PairedActivationStream.from_config, resolve_model_organism):
+        source = inspect.getsource(function)
+        read |= set(re.findall(r"\bconfig\.([a-z_]+)\b", source))
+    fields = {field.name for field in dataclasses.fields(crosscoder.TrainConfig)}
+    assert (read & fields) - {"num_tokens"} == set(cache_cli.STREAM_FIELDS)
+
+
+def test_a_training_flag_given_to_build_is_refused_before_anything_is_written(tmp_path, capsys):
+    folder = tmp_path / "cache"
+    for flag in (["--lr", "1e-3"], ["--k=32"], ["--no-resume"]):
+        assert cache_cli.main(["build", "--out", str(folder), "--model-organism", *flag]) == 2
+        error = capsys.readouterr().err
+        assert f"{flag[0].split('=')[0]} is a training setting" in error and "train.py --cache DIR" in error
+    assert not folder.exists()

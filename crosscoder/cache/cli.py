@@ -6,8 +6,14 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import itertools
 import json
 import sys
+import textwrap
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +39,22 @@ class _BuildOptions:
     """Training preset to start the stream settings from."""
 
 
+STREAM_FIELDS = (
+    "model_organism", "base_model", "chat_model", "base_revision", "chat_revision", "trust_remote_code",
+    "layers", "model_dtype", "base_dtype", "chat_dtype", "device", "base_device", "chat_device",
+    "datasets", "dataset_weights", "dataset_split", "dataset_streaming", "text_column", "messages_column",
+    "context_length", "block_sequences", "model_batch_size", "drop_first_tokens", "drop_token_ids",
+    "outlier_norm_factor", "prefetch_blocks", "batch_size", "seed", "progress",
+)  # fmt: skip
+"""The training settings that shape the stream a cache holds (``PairedActivationStream.from_config`` and the
+organism's resolution read them); ``build`` refuses the others, which a cache does not record."""
+
 USAGE = """usage:
   python -m crosscoder.cache build --out DIR [--shard-tokens N] [--dtype {bfloat16,float16,float32}]
                                    [--preset NAME] --base-model M --chat-model M --datasets D ... --num-tokens N
       Stream paired activations as a training run with these flags would (models, layers, datasets, filters)
       and write --num-tokens tokens to DIR; run again to continue an interrupted build.
-      `python -m crosscoder.cache build --help` lists every stream flag.
+      `python -m crosscoder.cache build --help` lists the stream flags.
   python -m crosscoder.cache info DIR      what a cache holds
   python -m crosscoder.cache verify DIR    check every shard's sha256
 """
@@ -57,19 +73,18 @@ def _build_command(argv: Sequence[str]) -> int:
     from crosscoder.config import TrainConfig, output_folder_problem, preset
     from crosscoder.organism_source import resolve_model_organism
 
+    if "-h" in argv or "--help" in argv:
+        print(_build_help(TrainConfig))
+        return 0
     # --num-tokens is the cache's size, read here so that no training rule (such as one batch at least) applies to it
     options, rest = tyro.cli(_BuildOptions, args=list(argv), return_unknown_args=True, add_help=False)
+    _refuse_training_flags(rest, TrainConfig)
     base = preset(options.preset) if options.preset is not None else TrainConfig()
     config = tyro.cli(
         TrainConfig,
         args=rest,
         default=base,
         prog="python -m crosscoder.cache build",
-        description=(
-            "Build an activation cache: --out DIR (required), --shard-tokens N (default "
-            f"{DEFAULT_SHARD_TOKENS}), --dtype bfloat16|float16|float32 (default: the models' dtype), --preset NAME; "
-            "--num-tokens sets the cache size; the stream flags below choose models, layers, datasets and filters."
-        ),
     )
     if options.out is None:
         raise ConfigError("name the cache folder with --out DIR")
@@ -83,6 +98,77 @@ def _build_command(argv: Sequence[str]) -> int:
     )
     _print_info(options.out)
     return 0
+
+
+def _build_help(config_class: type) -> str:
+    """``build --help``: the cache's own options, then the stream flags with their defaults and the config's
+    docstrings (the training flags are left out: a cache does not record them)."""
+    lines = [
+        "usage: python -m crosscoder.cache build --out DIR [OPTIONS]",
+        "",
+        "Stream paired activations as a training run with these flags would, and write --num-tokens tokens to DIR;",
+        "run again to continue an interrupted build. Train on it with `python train.py --cache DIR`.",
+        "",
+        "cache options:",
+    ]
+    for options, names in ((_BuildOptions, None), (config_class, STREAM_FIELDS)):
+        docs, kinds = _field_docstrings(options), typing.get_type_hints(options)
+        for field in dataclasses.fields(options):
+            if names is None or field.name in names:
+                lines += _flag_help(field, kinds[field.name], docs.get(field.name, ""))
+        if names is None:
+            lines += ["", "stream options (the training config's; --preset NAME starts from a preset):"]
+    return "\n".join(lines)
+
+
+def _flag_help(field: dataclasses.Field, kind: Any, doc: str) -> list[str]:
+    """A flag's lines in ``build --help``: its name and value (or its ``--no-`` twin), then its docstring."""
+    name = field.name.replace("_", "-")
+    flag = f"--{name}, --no-{name}" if kind is bool else f"--{name} {_metavar(kind)}"
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    text = " ".join(doc.split()) + ("" if "default" in doc else f" (default: {default})")
+    return [f"  {flag}", *textwrap.wrap(text, 110, initial_indent="      ", subsequent_indent="      ")]
+
+
+def _metavar(kind: Any) -> str:
+    """INT, {a,b}, STR [STR ...] for a field's type (optional types as their value's)."""
+    arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return "{" + ",".join(map(str, arguments)) + "}"
+    if origin is tuple:
+        return f"{_metavar(arguments[0])} [...]"
+    if arguments and origin is not None:  # X | None
+        return _metavar(arguments[0])
+    return getattr(kind, "__name__", str(kind)).upper()
+
+
+def _field_docstrings(config_class: type) -> dict[str, str]:
+    """Each field's docstring (the string literal after it in the class body) of a dataclass, read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(config_class))).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for statement, following in itertools.pairwise(body):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and is_doc:
+            docs[statement.target.id] = str(following.value.value)  # type: ignore[attr-defined]
+    return docs
+
+
+def _refuse_training_flags(args: Sequence[str], config_class: type) -> None:
+    """A training flag given to ``build`` (one of the config's fields not in ``STREAM_FIELDS``) is an error: the
+    cache would not record it."""
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        name = name[3:] if name.startswith("no_") and name[3:] in fields else name
+        if name in fields and name not in STREAM_FIELDS:
+            raise ConfigError(
+                f"{arg.split('=', 1)[0]} is a training setting, not part of the stream a cache holds: pass it to "
+                "`python train.py --cache DIR` when training on the cache (`python -m crosscoder.cache build --help` "
+                "lists the stream flags)"
+            )
 
 
 def _print_info(folder: Path) -> None:
