@@ -183,8 +183,9 @@ def _candidates(
     mask = torch.empty(batch * min(LATENT_BLOCK, dict_size), dtype=torch.bool, device=encoder_input.device)
     compared = blocks.encoder.new_empty(min(COMPARE_CHUNK, len(mask)))
     checked = not blocks.provably_finite(encoder_input)
-    # each block's candidates: their latents (a slice), positions in the block (int32: half the memory of the flat
-    # indices while the blocks are scanned) and scores, and their count in each row
+    # each block's candidates: their latents (a slice), positions in the block (int32 where they fit: half the memory
+    # of the flat indices while the blocks are scanned) and scores, and their count in each row
+    position_dtype = torch.int32 if len(mask) < 2**31 else torch.int64
     latent_blocks, positions, values, row_counts = [], [], [], []
     for block_latents, block in blocks(encoder_input, relu=False):
         flat = block.view(-1)
@@ -192,9 +193,9 @@ def _candidates(
             _check_finite(flat)
         within = _true_positions(_at_least(flat, bound, mask[: flat.numel()], compared))
         latent_blocks.append(block_latents)
-        positions.append(within.int())
+        positions.append(within.to(position_dtype))
         values.append(flat.index_select(0, within))
-        row_counts.append(torch.bincount(within.div_(block.shape[1], rounding_mode="floor"), minlength=batch))
+        row_counts.append(torch.bincount(within.div(block.shape[1], rounding_mode="floor"), minlength=batch))
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
     if dead_scores is not None:
         dead_scores.relu_()
