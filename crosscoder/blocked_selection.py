@@ -127,7 +127,8 @@ def select_in_latent_blocks(
 
 
 class _ScoreBlocks:
-    """The scores ``ReLU(x @ (c · encoder).T + c · encoder_bias)`` one block of ``LATENT_BLOCK`` latents at a time,
+    """The scores ``ReLU(x @ (c · encoder).T + c · encoder_bias)`` (or the same before the ReLU) one block of
+    ``LATENT_BLOCK`` latents at a time,
     into buffers reused for every block of one pass (the block's scaled encoder rows and its scores). They are freed
     when the pass ends, not kept for the next step: held through the rest of the step they would add to its peak,
     and 8 MB of huge pages are paged in again in well under a millisecond."""
@@ -137,18 +138,20 @@ class _ScoreBlocks:
         self.bias = encoder_bias if code_norms is None else encoder_bias * code_norms
 
     def provably_finite(self, x: torch.Tensor) -> bool:
-        """Whether no score on ``x`` [batch, width] can be NaN or ±inf, nor any partial sum of the GEMM overflow:
-        every input finite and ``max|bias| + width · max|x| · max|c · encoder|`` (which bounds them all) under half
-        the dtype's maximum (rounding adds far less). Then the scores need no check of their own (a pass over
-        ``x`` and the encoder instead of one over every block)."""
+        """Whether no score on ``x`` [batch, width] can be NaN or ±inf: the scaled encoder ``c · encoder`` cannot
+        overflow (``max|c| · max|encoder|``), and ``max|c · bias| + width · max(1, max|x|) · max|c| · max|encoder|``,
+        which bounds every score, every product and every partial sum of the GEMM, is under half the dtype's
+        maximum (rounding adds far less). Then the scores need no check of their own."""
 
         def largest(t: torch.Tensor) -> float:
             low, high = torch.aminmax(t)
             return max(-float(low), float(high))
 
-        scale = 1.0 if self.code_norms is None else largest(self.code_norms)
-        bound = largest(self.bias) + x.shape[1] * largest(x) * largest(self.encoder) * scale
-        return math.isfinite(bound) and bound < torch.finfo(self.encoder.dtype).max / 2
+        weight = largest(self.encoder) * (1.0 if self.code_norms is None else largest(self.code_norms))
+        inputs = largest(x)
+        bound = largest(self.bias) + x.shape[1] * (1.0 if inputs <= 1.0 else inputs) * weight  # NaN stays NaN
+        limit = torch.finfo(self.encoder.dtype).max / 2
+        return math.isfinite(bound) and bound < limit and weight < limit
 
     def __call__(self, x: torch.Tensor, relu: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
         """For each block: its latents (a slice) and its scores [batch, block size] (overwritten by the next); without
@@ -176,13 +179,16 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the blocked GEMM: the scores ≥ ``bound`` > 0 (ascending flat indices [n] and scores [n]), the dead
     latents' columns written into ``dead_scores``. The blocks skip the ReLU: with a positive bound a score before it
-    is a candidate exactly when the score after it is, and is the same score."""
+    is a candidate exactly when the score after it is, and is the same score (a bound that rounds to 0 in the scores'
+    dtype adds negative scores and zeros, which are never kept)."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
     # one mask for every block: a fresh [batch, LATENT_BLOCK] one per block (2 MB at a batch of 4,096) would be paged
     # in afresh each time; freed after the pass (kept between steps, it would add to the step's later peak)
     mask = torch.empty(batch * min(LATENT_BLOCK, dict_size), dtype=torch.bool, device=encoder_input.device)
     compared = blocks.encoder.new_empty(min(COMPARE_CHUNK, len(mask)))
-    checked = not blocks.provably_finite(encoder_input)
+    # the proof reads the input and the encoder once; where the encoder is larger than the batch of scores (a wide
+    # input), each block's sum is the cheaper check
+    checked = encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input)
     # each block's candidates: their latents (a slice), positions in the block (int32 where they fit: half the memory
     # of the flat indices while the blocks are scanned) and scores, and their count in each row
     position_dtype = torch.int32 if len(mask) < 2**31 else torch.int64
@@ -224,7 +230,7 @@ def _check_finite(scores: torch.Tensor) -> None:
     """``check_score_values`` of ReLU(``scores``) [n] (scores before the ReLU), with a pass over them only when their
     sum is not finite (NaN or ±inf among them, or an overflow): one reduction instead of a ReLU and a min-max. (A
     bias of −inf is a score of 0, as ``batch_topk`` sees it after the ReLU.)"""
-    if not math.isfinite(float(scores.sum())):
+    if not math.isfinite(float(scores.sum(dtype=torch.float32))):
         check_score_values(torch.relu(scores))
 
 

@@ -429,9 +429,11 @@ def _kept_entries(
         ties_before = ties_per_rank[:rank].sum()
         if world_size == 1:
             _check_single_rank(ties_per_rank[0] == ties_here)
-    # a tie is kept when ties_before + its rank among this process's ties < ties_left
+    # a tie is kept when ties_before + its rank among this process's ties < ties_left (the limit clamped to what the
+    # cumulative count can reach, so that it fits its dtype)
     ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
-    return candidates[greater | (equal & (ties_up_to_here <= search.ties_left - ties_before))], search
+    limit = (search.ties_left - ties_before).clamp(0, len(equal))
+    return candidates[greater | (equal & (ties_up_to_here <= limit))], search
 
 
 def _choose_digit(counts: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

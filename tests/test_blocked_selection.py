@@ -108,6 +108,23 @@ def test_scores_need_no_check_only_when_finite_inputs_bound_them(tensor, positio
     assert blocks.provably_finite(inputs["x"]) == finite
 
 
+def test_a_scaled_encoder_that_overflows_its_dtype_is_checked() -> None:
+    """float16: c · W reaches 9·10⁴ (> 65,504) although every input is finite and the inputs are small; the scores
+    are then NaN (0 · inf) and the blocked selection refuses them as the whole matrix's does."""
+    half = torch.float16
+    x = torch.full((8, 2), 1e-3, dtype=half)
+    x[:, 1] = 0
+    weight, code_norms, bias = torch.ones(16, 2, dtype=half), torch.ones(16, dtype=half), torch.zeros(16, dtype=half)
+    weight[3], code_norms[3] = 300, 300
+    assert not blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
+    buffers = StepBuffers()
+    buffers.candidate_bound = 1e-4
+    with pytest.raises(ValueError, match="NaN"):
+        select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
+    code_norms[3] = 10  # |c · W| ≤ 3,000 and every score ≤ 2 · 1 · 3,000: provably finite
+    assert blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
+
+
 @pytest.mark.parametrize("size", [64, 61, 0])
 def test_true_positions_are_nonzero_of_the_mask(size) -> None:
     """Word by word (sizes divisible by 8) or byte by byte: the ascending flat indices, dense and sparse masks."""

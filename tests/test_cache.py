@@ -600,7 +600,7 @@ def test_the_stream_fields_are_every_setting_the_stream_reads():
 def test_a_training_flag_given_to_build_is_refused_before_anything_is_written(tmp_path, capsys):
     folder = tmp_path / "cache"
     for flag in (["--lr", "1e-3"], ["--k=32"], ["--no-resume"]):
-        assert cache_cli.main(["build", "--out", str(folder), "--model-organism", *flag]) == 2
+        assert cache_cli.main(["build", "--out", str(folder), *flag]) == 2
         error = capsys.readouterr().err
         assert f"{flag[0].split('=')[0]} is a training setting" in error and "train.py --cache DIR" in error
     assert not folder.exists()

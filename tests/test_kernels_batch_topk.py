@@ -358,6 +358,20 @@ def test_two_ranks_select_among_their_candidates_what_one_process_selects(relati
     assert group.calls == [1 + len(bt.REFERENCE_DIGIT_BITS) + 1] * 2  # the count, the histograms, the tie counts
 
 
+def test_more_ties_on_lower_ranks_than_an_int32_holds_leave_none_here() -> None:
+    """Rank 1 of 2, told that rank 0 holds 3·10⁹ ties at the threshold: every tie goes to rank 0, none here (the
+    limit on a tie's rank is clamped before its int32 compare, not wrapped)."""
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape == (2,):  # the ties per rank; the histograms are this rank's alone
+            tensor = tensor.clone()
+            tensor[0] = 3_000_000_000
+        return tensor
+
+    selection = bt.batch_topk(torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0]]), 3, all_reduce, rank=1, world_size=2)
+    assert selection.latents.tolist() == [4]
+
+
 def test_a_single_rank_with_all_reduce_selects_what_it_selects_alone() -> None:
     scores = torch.randint(0, 5, (6, 20), generator=torch.Generator().manual_seed(3)).float()
     alone = bt.batch_topk(scores, 30)

@@ -46,8 +46,9 @@ STREAM_FIELDS = (
     "context_length", "block_sequences", "model_batch_size", "drop_first_tokens", "drop_token_ids",
     "outlier_norm_factor", "prefetch_blocks", "batch_size", "seed", "progress",
 )  # fmt: skip
-"""The training settings that shape the stream a cache holds (``PairedActivationStream.from_config`` and the
-organism's resolution read them); ``build`` refuses the others, which a cache does not record."""
+"""The training settings of the stream a cache is built from (``PairedActivationStream.from_config`` and the
+organism's resolution read them): what it holds (models, layers, datasets, filters, order) and how it runs (devices,
+prefetch, progress bars). ``build`` refuses the others, which a cache does not record."""
 
 USAGE = """usage:
   python -m crosscoder.cache build --out DIR [--shard-tokens N] [--dtype {bfloat16,float16,float32}]
@@ -112,7 +113,7 @@ def _build_help(config_class: type) -> str:
         "cache options:",
     ]
     for options, names in ((_BuildOptions, None), (config_class, STREAM_FIELDS)):
-        docs, kinds = _field_docstrings(options), typing.get_type_hints(options)
+        docs, kinds = _field_docstrings(options), typing.get_type_hints(options, include_extras=True)
         for field in dataclasses.fields(options):
             if names is None or field.name in names:
                 lines += _flag_help(field, kinds[field.name], docs.get(field.name, ""))
@@ -124,7 +125,11 @@ def _build_help(config_class: type) -> str:
 def _flag_help(field: dataclasses.Field, kind: Any, doc: str) -> list[str]:
     """A flag's lines in ``build --help``: its name and value (or its ``--no-`` twin), then its docstring."""
     name = field.name.replace("_", "-")
-    flag = f"--{name}, --no-{name}" if kind is bool else f"--{name} {_metavar(kind)}"
+    markers = getattr(kind, "__metadata__", ())  # Annotated[type, tyro.conf.arg(aliases=...)]
+    aliases = [alias for marker in markers for alias in getattr(marker, "aliases", None) or ()]
+    kind = typing.get_args(kind)[0] if markers else kind
+    names = ", ".join([f"--{name}", *aliases])
+    flag = f"--{name}, --no-{name}" if kind is bool else f"{names} {_metavar(kind)}"
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
     text = " ".join(doc.split()) + ("" if "default" in doc else f" (default: {default})")
     return [f"  {flag}", *textwrap.wrap(text, 110, initial_indent="      ", subsequent_indent="      ")]
