@@ -110,3 +110,31 @@ def test_every_package_is_listed_for_the_wheel():
             parts = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join([name, *parts]))
     assert found <= listed, sorted(found - listed)
+
+
+def test_a_top_level_kernels_import_from_the_checkout_root_gets_the_installed_package(tmp_path):
+    """Run from the repository's root (as `python train.py` and `python -m pytest` are), the root's `kernels/`
+    folder must not shadow an installed `kernels` package (transformers imports the Hugging Face one): the import is
+    handed to the installed package, and `crosscoder.kernels` is still this project's."""
+    import os
+    import subprocess
+    import sys
+
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("WHICH = 'installed'\n", encoding="utf-8")
+    script = "import kernels, crosscoder.kernels as ours; print(kernels.WHICH, ours.SparseCodes.__name__)"
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert done.stdout.split() == ["installed", "SparseCodes"], done.stderr
+    # and the defect itself: transformers' models import from the root whether or not `kernels` is installed
+    done = subprocess.run(
+        [sys.executable, "-c", "from transformers import LlamaConfig"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_without_an_installed_package_of_its_name_the_shadowing_folder_stays_an_empty_module():
+    from crosscoder._shadowed import import_past_checkout
+
+    assert not import_past_checkout("no_package_has_this_name", str(ROOT / "kernels" / "__init__.py"))
