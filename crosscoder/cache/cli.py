@@ -136,7 +136,7 @@ def _flag_help(field: dataclasses.Field, kind: Any, doc: str) -> list[str]:
 
 
 def _metavar(kind: Any) -> str:
-    """INT, {a,b}, STR [STR ...] for a field's type (optional types as their value's)."""
+    """INT, {a,b}, STR [...] for a field's type (optional types as their value's)."""
     arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
     origin = typing.get_origin(kind)
     if origin is Literal:
