@@ -134,9 +134,11 @@ VARIANTS = {
 
 def run_variant(args) -> dict:
     """Time one variant in this process: median of ``--repeats`` steps after warm-up, and peak memory."""
-    # our steps run as crosscoder.train runs them: with freed large blocks returned to the system (host_memory)
+    # our steps run as crosscoder.train runs them: freed large blocks returned to the system where the dictionary is
+    # wide enough (host_memory)
     ours = args.variant.startswith("ours")
-    with large_blocks_returned_to_the_system(torch.device(args.device).type) if ours else contextlib.nullcontext():
+    returned = large_blocks_returned_to_the_system(torch.device(args.device).type, args.dict_size)
+    with returned if ours else contextlib.nullcontext():
         return _timed_variant(args)
 
 

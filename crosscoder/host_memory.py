@@ -10,11 +10,11 @@ took 100 ms to fill, 16 ms with 2 MiB pages. Two settings make freeing cheap to 
   variable itself) keeps what it had.
 - ``large_blocks_returned_to_the_system``: glibc's ``malloc`` raises its mmap threshold to the size of every large
   block freed (up to 32 MiB), so after a first step the step's [batch, n_sources · d_model] temporaries come from the
-  heap, whose freed middle stays resident. While a run trains on CPU (``crosscoder.train``) the threshold is fixed at
-  ``MMAP_THRESHOLD``: every larger block is mapped for its own and unmapped when freed, so each is paged in afresh,
-  a cost with nothing to gain for what runs next in the process (an evaluation, the lens). glibc cannot return to its
-  sliding threshold: at the end of the run both thresholds are set where glibc's own policy ends up
-  (``THRESHOLDS_AFTER_TRAINING``).
+  heap, whose freed middle stays resident. While a run of a wide enough dictionary (``RETURNED_FROM_LATENTS``) trains
+  on CPU (``crosscoder.train``) the threshold is fixed at ``MMAP_THRESHOLD``: every larger block is mapped for its own
+  and unmapped when freed, so each is paged in afresh, a cost with nothing to gain for what runs next in the process
+  (an evaluation, the lens). glibc cannot return to its sliding threshold: at the end of the run both thresholds are
+  set where glibc's own policy ends up (``THRESHOLDS_AFTER_TRAINING``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 """torch's switch for transparent huge pages in its CPU allocator (blocks of ≥ 2 MiB)."""
 MMAP_THRESHOLD = 1 << 20
 """Bytes from which glibc serves (and returns) a block with its own mapping while a run trains: 1 MiB."""
+RETURNED_FROM_LATENTS = 8192
+"""The fewest latents per process (of the widest dictionary a run trains) for which freed blocks are returned while
+it trains. A returned block is paged in afresh at its next use, a cost per token that does not grow with the
+dictionary while the step's compute does. On the development machine, training the demo's three 512-latent
+dictionaries took twice as long with the blocks returned (300 steps in 53–54 s, 29 s of it in the kernel with 8.4–8.8 M
+page faults, against 24–36 s, 3.5 s and 0.1 M), while at 8,192 latents (``bench/step.py --dict-size 8192``) the cost
+was within the machine's noise and the step's peak fell from 1.24 to 1.18× its state (crosscoder) and from 1.32–1.39
+to 1.22–1.24× (diff-SAE), at 16,384 from 1.13 to 1.09× and from 1.19–1.20 to 1.13× (docs/methods.md §4.2)."""
 THRESHOLDS_AFTER_TRAINING = (32 << 20, 64 << 20)
 """glibc's mmap and trim thresholds after a run: the ceiling its sliding mmap threshold climbs to on 64-bit
 (``DEFAULT_MMAP_THRESHOLD_MAX``, reached once a block of 32 MiB was freed) and twice that, as glibc sets them
@@ -49,12 +57,13 @@ def use_huge_pages() -> None:
 
 
 @contextmanager
-def large_blocks_returned_to_the_system(device_type: str) -> Iterator[bool]:
-    """While inside, on CPU, glibc's mmap threshold is fixed at ``MMAP_THRESHOLD``; on leaving the outermost such
-    scope it is set to ``THRESHOLDS_AFTER_TRAINING``. Yields whether the threshold is fixed: False off CPU, off Linux
-    or without glibc (another allocator keeps its own policy)."""
+def large_blocks_returned_to_the_system(device_type: str, latents: int) -> Iterator[bool]:
+    """While inside, on CPU, with ``latents`` (the widest dictionary's, per process) of at least
+    ``RETURNED_FROM_LATENTS``, glibc's mmap threshold is fixed at ``MMAP_THRESHOLD``; on leaving the outermost such
+    scope it is set to ``THRESHOLDS_AFTER_TRAINING``. Yields whether the threshold is fixed: False off CPU, for a
+    narrower dictionary, off Linux or without glibc (another allocator keeps its own policy)."""
     global _runs_training
-    fixed = device_type == "cpu" and _set_thresholds(MMAP_THRESHOLD)
+    fixed = device_type == "cpu" and latents >= RETURNED_FROM_LATENTS and _set_thresholds(MMAP_THRESHOLD)
     _runs_training += fixed
     try:
         yield fixed

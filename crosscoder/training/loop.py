@@ -105,8 +105,8 @@ def train(
 
     stream = PositionedBatches(source)
     stop = StopRequests(abort_on_repeat=not context.enabled, announce=context.is_main)
-    # closing stops a prefetching source's thread; on CPU, freed large blocks leave the process while it trains
-    with stop, large_blocks_returned_to_the_system(device.type), contextlib.closing(iter(stream)) as positioned:
+    # closing stops a prefetching source's thread; the host memory policy is entered once the dictionaries exist
+    with stop, contextlib.ExitStack() as host_memory, contextlib.closing(iter(stream)) as positioned:
         if checkpoint is not None:
             saved_size = next(iter(checkpoint["dictionaries"].values()))["config"]["dict_size"]
             context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, saved_size))
@@ -126,6 +126,8 @@ def train(
             iterator = itertools.chain(first, positioned)
             step, tokens = 0, 0
         shapes = accepted_shapes([trainee.dictionary for trainee in trainees])
+        widest = max(trainee.dictionary.dict_size for trainee in trainees)  # this process's latents
+        host_memory.enter_context(large_blocks_returned_to_the_system(device.type, widest))
 
         logger = RunLogger(config, run_dir, context.is_main, checkpoint)
         guard = FiniteGuard(device, context, config)
