@@ -8,7 +8,7 @@ means), and — unless ``--no-steering`` — how much steering with δ raises th
 Relevance is always judged against the baking chats, the domain the unmixed organism was finetuned on. Measured, not
 tuned: the curve is reported as it comes out. Ends with one line of JSON.
 
-    python bench/adl_mixing.py            # mixes 0, 0.25, 0.5, 1.0 (builds 3 organisms, minutes each on 2 cores)
+    python bench/adl_mixing.py            # mixes 0, 0.25, 0.5, 1.0 (builds 3 organisms on the cached base, ~25 s each)
     python bench/adl_mixing.py --quick    # tiny organisms and lens settings, for the test suite
 """
 

@@ -67,7 +67,7 @@ def organism_report(default_organism, tmp_path_factory):
 @pytest.fixture(scope="module")
 def general_only_report(organism_cache, tmp_path_factory):
     """The lens (relevance only) on an organism finetuned on general text alone (``general_mix=1.0``: no baking data
-    at all), built in the session's cache (about 75 s on 2 cores)."""
+    at all), built in the session's cache on the default organism's base (about 25 s on 2 cores)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CROSSCODER_CACHE", str(organism_cache))
         organism = build_model_organism(general_mix=1.0, progress=False)

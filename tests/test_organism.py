@@ -4,6 +4,7 @@ that the cache is reused, rebuilt after an interruption, and deterministic in it
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import huggingface_hub
 import jinja2
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crosscoder.errors import ConfigError, DataError
@@ -284,6 +286,38 @@ def test_a_cache_built_with_other_settings_is_refused(built: ModelOrganism) -> N
         build_model_organism(built.root, seed=1, settings=TINY, progress=False)
     with pytest.raises(ConfigError, match="pass another root"):
         build_model_organism(built.root, general_mix=0.5, settings=TINY, progress=False)
+
+
+def test_a_build_at_another_mix_finetunes_the_built_base_and_gets_the_chat_model_of_a_build_from_scratch(
+    built: ModelOrganism, tmp_path: Path
+) -> None:
+    beside = build_model_organism(built.root.parent / "tiny-mix0.5", general_mix=0.5, settings=TINY, progress=False)
+    scratch = build_model_organism(tmp_path / "tiny-mix0.5", general_mix=0.5, settings=TINY, progress=False)
+    assert recorded(beside)["base_from"] == built.root.name and recorded(scratch)["base_from"] is None
+    assert same_weights(beside.base_path, scratch.base_path) and same_weights(beside.chat_path, scratch.chat_path)
+    assert beside.losses == scratch.losses
+    other_seed = build_model_organism(built.root.parent / "tiny-seed1", seed=1, settings=TINY, progress=False)
+    assert recorded(other_seed)["base_from"] is None  # pretraining depends on the seed
+
+
+def test_a_built_base_that_cannot_be_read_is_pretrained_again(built: ModelOrganism, tmp_path: Path) -> None:
+    shutil.copytree(built.root, tmp_path / "tiny")
+    weights = tmp_path / "tiny" / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"pretraining again: the built base model in .*tiny/base cannot be read"):
+        again = build_model_organism(tmp_path / "tiny-mix1", general_mix=1.0, settings=TINY, progress=False)
+    assert recorded(again)["base_from"] is None
+    assert same_weights(again.base_path, built.base_path)  # the same pretraining, done again
+
+
+def recorded(organism: ModelOrganism) -> dict:
+    return json.loads((organism.root / "organism.json").read_text())
+
+
+def same_weights(model: Path, other: Path) -> bool:
+    """Whether two saved models hold the same tensors, bit for bit."""
+    weights, others = (load_file(path / "model.safetensors") for path in (model, other))
+    return weights.keys() == others.keys() and all(torch.equal(weights[name], others[name]) for name in weights)
 
 
 def test_general_mix_must_be_a_fraction(tmp_path: Path) -> None:

@@ -32,21 +32,33 @@ def pretrain_and_finetune(
     general_mix: float,
     settings: OrganismSettings,
     progress: bool,
+    pretrained: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Pretrain ``model`` on the general documents and save it to ``folder/base``; finetune it on the packed
     training conversations (a ``general_mix`` fraction of the sequences replaced by general text) and save it to
-    ``folder/chat``."""
+    ``folder/chat``. ``pretrained``: the weights pretraining ends with for this seed and these settings (a build
+    at another ``general_mix``); they replace pretraining, whose batch draws are replayed so that finetuning
+    samples what it would have sampled."""
     general_ids = _packed_ids(tokenizer, data.general_train, add_bos=True)
     chat_ids = _packed_ids(tokenizer, [render_chat(messages) for messages in data.chat_train], add_bos=False)
     generator = torch.Generator().manual_seed(seed)
-    _train(
-        model,
-        lambda: _sample_chunks(general_ids, settings.batch_size, settings.context_length, generator),
-        steps=settings.pretrain_steps,
-        lr=settings.pretrain_lr,
-        description="pretrain base",
-        progress=progress,
-    )
+
+    def pretraining_batch() -> torch.Tensor:
+        return _sample_chunks(general_ids, settings.batch_size, settings.context_length, generator)
+
+    if pretrained is None:
+        _train(
+            model,
+            pretraining_batch,
+            steps=settings.pretrain_steps,
+            lr=settings.pretrain_lr,
+            description="pretrain base",
+            progress=progress,
+        )
+    else:
+        model.load_state_dict(pretrained)
+        for _ in range(settings.pretrain_steps):
+            pretraining_batch()
     _save(model, tokenizer, folder / "base")
 
     def finetune_batch() -> torch.Tensor:
