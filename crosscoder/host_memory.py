@@ -33,12 +33,13 @@ MMAP_THRESHOLD = 1 << 20
 """Bytes from which glibc serves (and returns) a block with its own mapping while a run trains: 1 MiB."""
 RETURNED_FROM_LATENTS = 8192
 """The fewest latents per process (of the widest dictionary a run trains) for which freed blocks are returned while
-it trains. A returned block is paged in afresh at its next use, a cost per token that does not grow with the
-dictionary while the step's compute does. On the development machine, training the demo's three 512-latent
-dictionaries took twice as long with the blocks returned (300 steps in 53–54 s, 29 s of it in the kernel with 8.4–8.8 M
-page faults, against 24–36 s, 3.5 s and 0.1 M), while at 8,192 latents (``bench/step.py --dict-size 8192``) the cost
-was within the machine's noise and the step's peak fell from 1.24 to 1.18× its state (crosscoder) and from 1.32–1.39
-to 1.22–1.24× (diff-SAE), at 16,384 from 1.13 to 1.09× and from 1.19–1.20 to 1.13× (docs/methods.md §4.2)."""
+it trains: a cut-off between the shapes measured. The blocks returned (1 to 32 MiB: the [batch, n_sources ·
+d_model] temporaries, the selection's blocks) are paged in afresh at their next use, a cost that does not grow with
+the dictionary's width while the step's compute does. On the development machine, 300 steps at the demo's settings
+of three 512-latent dictionaries took 53–54 s with the blocks returned (29 s of it in the kernel, 8.4–8.8 M page
+faults) against 24–36 s (3.5 s, 0.1 M), while at 8,192 latents (``bench/step.py --dict-size 8192``) the cost was
+within the machine's noise and the step's peak fell from 1.24 to 1.18× its state (crosscoder) and from 1.32–1.39 to
+1.22–1.24× (diff-SAE), at 16,384 from 1.13 to 1.09× and from 1.19–1.20 to 1.13× (docs/methods.md §4.2)."""
 THRESHOLDS_AFTER_TRAINING = (32 << 20, 64 << 20)
 """glibc's mmap and trim thresholds after a run: the ceiling its sliding mmap threshold climbs to on 64-bit
 (``DEFAULT_MMAP_THRESHOLD_MAX``, reached once a block of 32 MiB was freed) and twice that, as glibc sets them

@@ -1,6 +1,7 @@
 """The offline model organism: what it builds, that it loads offline, that the finetune left a clear trace, and
 that the cache is reused, rebuilt after an interruption, and deterministic in its data."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -296,15 +297,45 @@ def test_a_build_at_another_mix_finetunes_the_built_base_and_gets_the_chat_model
     assert recorded(beside)["base_from"] == built.root.name and recorded(scratch)["base_from"] is None
     assert same_weights(beside.base_path, scratch.base_path) and same_weights(beside.chat_path, scratch.chat_path)
     assert beside.losses == scratch.losses
-    other_seed = build_model_organism(built.root.parent / "tiny-seed1", seed=1, settings=TINY, progress=False)
-    assert recorded(other_seed)["base_from"] is None  # pretraining depends on the seed
 
 
-def test_a_built_base_that_cannot_be_read_is_pretrained_again(built: ModelOrganism, tmp_path: Path) -> None:
+def test_only_complete_builds_of_the_same_seed_and_settings_lend_their_base(
+    built: ModelOrganism, tmp_path: Path
+) -> None:
+    record = recorded(built)
+    folders = {
+        "other-seed": json.dumps({**record, "seed": 1}),
+        ".other-mix.partial-123": json.dumps({**record, "general_mix": 0.5}),  # a build in progress
+        "malformed": "{not json",
+        "not-a-record": "[1]",
+        "other-mix": json.dumps({**record, "general_mix": 0.5}),
+    }
+    for name, text in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "organism.json").write_text(text)
+    requested = {"version": VERSION, "seed": 0, "general_mix": 1.0, "settings": dataclasses.asdict(TINY)}
+    assert organism_build._built_bases(tmp_path, requested) == [tmp_path / "other-mix" / "base"]
+
+
+def test_a_built_base_that_cannot_be_read_is_skipped(built: ModelOrganism, tmp_path: Path) -> None:
+    for name in ("a-missing", "b-truncated", "c-readable"):
+        shutil.copytree(built.root, tmp_path / name)
+    shutil.rmtree(tmp_path / "a-missing" / "base")
+    truncated = tmp_path / "b-truncated" / "base" / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="skipped the built base model") as skipped:
+        beside = build_model_organism(tmp_path / "tiny-mix1", general_mix=1.0, settings=TINY, progress=False)
+    assert [str(warning.message).split(",")[0].split(" in ")[1] for warning in skipped] == [
+        str(tmp_path / name / "base") for name in ("a-missing", "b-truncated")
+    ]
+    assert recorded(beside)["base_from"] == "c-readable"
+
+
+def test_with_no_readable_base_the_build_pretrains_again(built: ModelOrganism, tmp_path: Path) -> None:
     shutil.copytree(built.root, tmp_path / "tiny")
     weights = tmp_path / "tiny" / "base" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match=r"pretraining again: the built base model in .*tiny/base cannot be read"):
+    with pytest.warns(UserWarning, match=r"skipped the built base model in .*tiny/base, which cannot be read"):
         again = build_model_organism(tmp_path / "tiny-mix1", general_mix=1.0, settings=TINY, progress=False)
     assert recorded(again)["base_from"] is None
     assert same_weights(again.base_path, built.base_path)  # the same pretraining, done again

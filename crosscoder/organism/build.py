@@ -116,9 +116,9 @@ def build_model_organism(
     weights also on ``general_mix`` and, slightly, on the CPU's float summation order. A build takes about 75 s
     on 2 CPU cores; about 25 s where a build of the same seed and settings at another ``general_mix`` is in the
     same parent folder, whose base model it finetunes (pretraining does not depend on the mix; the chat model is
-    the same, bit for bit, as a build from scratch gives). ``root`` defaults to ``default_root(seed, general_mix,
-    settings)``. Raises ``ConfigError`` for a ``general_mix`` outside [0, 1] or a ``root`` that holds an organism
-    built with other arguments.
+    the same, bit for bit, as a build from scratch on the same machine and software gives). ``root`` defaults to
+    ``default_root(seed, general_mix, settings)``. Raises ``ConfigError`` for a ``general_mix`` outside [0, 1] or
+    a ``root`` that holds an organism built with other arguments.
     """
     if not 0.0 <= general_mix <= 1.0:
         raise ConfigError(f"general_mix={general_mix} must be in [0, 1]: it is the fraction of general text")
@@ -130,9 +130,11 @@ def build_model_organism(
         if root.exists():  # a folder without the marker: an interrupted build from before the atomic rename
             shutil.rmtree(root)
         partial = root.parent / f".{root.name}.partial-{os.getpid()}"
+        bases = _built_bases(root.parent, requested)
         if progress:
-            print(f"Building the model organism in {root} (once; about 75 s on 2 CPU cores)")
-        _build(partial, seed=seed, general_mix=general_mix, settings=settings, progress=progress)
+            took = f"about 25 s: it finetunes the base of {bases[0].parent}" if bases else "about 75 s on 2 CPU cores"
+            print(f"Building the model organism in {root} (once; {took})")
+        _build(partial, seed=seed, general_mix=general_mix, settings=settings, progress=progress, bases=bases)
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             partial.rename(root)
@@ -162,8 +164,11 @@ def build_model_organism(
     )
 
 
-def _build(folder: Path, *, seed: int, general_mix: float, settings: OrganismSettings, progress: bool) -> None:
-    """Build everything into ``folder``, writing ``organism.json`` last."""
+def _build(
+    folder: Path, *, seed: int, general_mix: float, settings: OrganismSettings, progress: bool, bases: list[Path]
+) -> None:
+    """Build everything into ``folder``, writing ``organism.json`` last; the first of ``bases`` (built base models
+    of this seed and these settings) that loads replaces pretraining."""
     start = time.perf_counter()
     data = organism_data(seed, settings)
     write_datasets(data, folder / "data", seed)
@@ -171,9 +176,8 @@ def _build(folder: Path, *, seed: int, general_mix: float, settings: OrganismSet
     tokenizer = build_tokenizer(data.general_train + chat_train_texts, settings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(tokenizer, settings))
-    base = _built_base(folder.parent, seed, settings)
     with library_progress_bars(progress):
-        pretrained = _pretrained_weights(base) if base is not None else None
+        pretrained, base_from = _pretrained_weights(bases, model)
         pretrain_and_finetune(
             model,
             tokenizer,
@@ -197,34 +201,48 @@ def _build(folder: Path, *, seed: int, general_mix: float, settings: OrganismSet
         "special_token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS},
         "losses": losses,
         "build_seconds": time.perf_counter() - start,
-        "base_from": base.parent.name if pretrained is not None else None,
+        "base_from": base_from,
     }
     (folder / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _built_base(parent: Path, seed: int, settings: OrganismSettings) -> Path | None:
-    """The base model of a complete build in ``parent`` with this seed and these settings, at any ``general_mix``:
-    pretraining depends on nothing else, so a build at another mix finetunes that base instead (about two thirds
-    of a build's time)."""
-    wanted = {"version": VERSION, "seed": seed, "settings": dataclasses.asdict(settings)}
+def _built_bases(parent: Path, requested: dict[str, Any]) -> list[Path]:
+    """The base models of the complete builds in ``parent`` that match ``requested`` at any ``general_mix``:
+    pretraining depends on nothing else, so a build at another mix finetunes one of them instead (about two thirds
+    of a build's time). Builds in progress (hidden ``.<name>.partial-<pid>`` folders) are not complete."""
+    wanted = {key: value for key, value in requested.items() if key != "general_mix"}
+    bases = []
     for marker in sorted(parent.glob("*/organism.json")):
+        if marker.parent.name.startswith("."):
+            continue
         try:
             recorded = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in wanted.items()):
-            return marker.parent / "base"
-    return None
+            bases.append(marker.parent / "base")
+    return bases
 
 
-def _pretrained_weights(base: Path) -> dict[str, torch.Tensor] | None:
-    """The weights saved in ``base``, or None (with a warning: the build pretrains instead) where they cannot be
-    read."""
-    try:
-        return LlamaForCausalLM.from_pretrained(base).state_dict()
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        warnings.warn(f"pretraining again: the built base model in {base} cannot be read ({error})", stacklevel=4)
-        return None
+def _pretrained_weights(
+    bases: list[Path], model: LlamaForCausalLM
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The weights of the first of ``bases`` that loads completely with ``model``'s shapes and the name of its
+    build, else (None, None); each one skipped is named in a warning."""
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    for base in bases:
+        try:
+            loaded, loading = LlamaForCausalLM.from_pretrained(base, local_files_only=True, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            problem = str(error)
+        else:
+            weights = loaded.state_dict()
+            incomplete = {kind: sorted(keys) for kind, keys in loading.items() if keys}
+            if not incomplete and {name: tensor.shape for name, tensor in weights.items()} == shapes:
+                return weights, base.parent.name
+            problem = f"incomplete: {incomplete}" if incomplete else "its shapes are not these settings'"
+        warnings.warn(f"skipped the built base model in {base}, which cannot be read ({problem})", stacklevel=4)
+    return None, None
 
 
 def _remove_stale_partial_builds(root: Path) -> None:

@@ -148,8 +148,9 @@ def _train(
     description: str,
     progress: bool,
 ) -> None:
-    """AdamW on next-token loss over all tokens of ``next_batch()`` ids [batch, length]; linear warmup over the
-    first 10% of steps, then cosine decay to lr/10; gradient clipping at 1."""
+    """AdamW on next-token loss over all tokens of ``next_batch()`` ids [batch, length], one call per step and no
+    other draw (``pretrain_and_finetune`` replays pretraining's by calling it ``steps`` times); linear warmup over
+    the first 10% of steps, then cosine decay to lr/10; gradient clipping at 1."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
