@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ from crosscoder.training.checkpointing import check_data_source
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def sigint_heard() -> Iterator[None]:
+    """These tests send SIGINT to runs. A suite started in the background by a shell without job control (``pytest
+    &`` in a script) has it ignored, and so would the runs it starts (a run keeps an ignored signal ignored, on
+    purpose): Python's own handler while a test runs, which a started process gets back as the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def small_config(tmp_path: Path, **overrides) -> crosscoder.TrainConfig:
