@@ -80,13 +80,20 @@ def cli_args(output_dir: Path, steps: int) -> list[str]:
 def signal_after_first_checkpoint(command: list[str], run_dir: Path, signum: int, pid_of=None):
     """Start ``command``, send ``signum`` once its first checkpoint exists (to the process ``pid_of(process)``
     names, default the process itself), and return (exit status, stderr)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not list_checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be interrupted"
     os.kill(pid_of(process) if pid_of else process.pid, signum)
-    _, stderr = process.communicate(timeout=240)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # not stopped: ended here (workers too), not left to slow the rest of the suite
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
     return process.returncode, stderr
 
 
