@@ -115,7 +115,7 @@ def test_findings_quick_writes_its_report(organism_cache, tmp_path):
 
 @pytest.mark.slow
 def test_findings_on_the_real_settings_show_the_papers_directions_where_the_organism_does(organism_cache, tmp_path):
-    """``bench/findings.py`` at the demo's settings with the papers' three dictionaries (about 5 minutes): the
+    """``bench/findings.py`` at the demo's settings with the papers' three dictionaries (about 2.5 minutes): the
     directions the organism shows — the L1 crosscoder (at matched sparsity) has more chat-only latents than the
     BatchTopK one, the diff-SAE closes more of the KL gap than the crosscoder's reconstruction and its chat-leaning
     latents, and its top latents point at the domain — and every direction it does not show reported as not
