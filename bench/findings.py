@@ -6,8 +6,8 @@ reproduce a paper's finding (``findings.md`` says so). Writes into ``--out`` (de
 ``findings.json``, ``findings.md``, ``delta_norm_histograms.png`` and ``nu_scatter_<architecture>.png``; ends with
 one line of JSON.
 
-    python bench/findings.py                 # the demo's settings (about 8 minutes on 2 CPU cores)
-    python bench/findings.py --architectures l1 batchtopk diff_sae    # the papers' three only (about 5 minutes)
+    python bench/findings.py                 # the demo's settings (about 3.5 minutes on 2 CPU cores)
+    python bench/findings.py --architectures l1 batchtopk diff_sae    # the papers' three only (about 2.5 minutes)
     python bench/findings.py --quick         # tiny settings, for the test suite (checks structure, not science)
 
 What is compared (docs/methods.md §5–§8, §12):
