@@ -203,7 +203,7 @@ def test_training_step_fills_the_window_and_frees_the_saes_input_before_its_forw
         )  # fmt: skip
     assert alive_in_forward == [[kind == "batchtopk"]] and alive_in_backward == [[kind == "batchtopk"]]  # x̃
     assert len(decodes) > 1 and len(set(decodes)) == 1
-    assert window.summary() == expected.summary()
+    assert window.summary() == pytest.approx(expected.summary(), rel=1e-5)  # x̃ − x̂ summed in another order
     assert torch.equal(result.active, out.active_counts())
 
 
