@@ -46,6 +46,8 @@ FIGURES = {
         "scaling_2_procs_data_parallel",
         "scaling_2_procs_data_parallel_sharded_optimizer",
         "scaling_2_procs_latent_sharded",
+        "ceiling_2_procs",
+        "share_of_ceiling_2_procs_data_parallel_sharded_optimizer",
     ],
 }
 
