@@ -74,9 +74,9 @@ def independent_rates(args: argparse.Namespace, folder: Path) -> list[float]:
         command = [sys.executable, str(TRAIN), *run_flags(args.batch_size // 2, args, folder, output)]
         with open(output / "stderr.log", "wb") as errors:  # a file, not a pipe: neither run waits on the other's
             runs.append(subprocess.Popen(command, env=thread_limited(args), stdout=subprocess.DEVNULL, stderr=errors))
-    for run, output in zip(runs, outputs, strict=True):
-        if run.wait():
-            raise RuntimeError(f"an independent run failed ({run.returncode}):\n{(output / 'stderr.log').read_text()}")
+    for status, output in zip([run.wait() for run in runs], outputs, strict=True):  # both ended before either is read
+        if status:
+            raise RuntimeError(f"an independent run failed ({status}):\n{(output / 'stderr.log').read_text()}")
     first, second = (logged_rates(output) for output in outputs)
     return [a + b for a, b in zip(first, second, strict=True)]
 
