@@ -69,11 +69,14 @@ def window_rates(
 def independent_rates(args: argparse.Namespace, folder: Path) -> list[float]:
     """Summed tokens/s, window by window, of two one-process runs side by side on half the batch each."""
     outputs = [Path(tempfile.mkdtemp(dir=folder)) for _ in range(2)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = (visible.split(",") if visible else ["0", "1"])[:2]  # on CUDA each on a GPU of its own, as under torchrun
     runs = []
-    for output in outputs:
+    for gpu, output in zip(gpus, outputs, strict=True):
         command = [sys.executable, str(TRAIN), *run_flags(args.batch_size // 2, args, folder, output)]
+        env = thread_limited(args) | ({"CUDA_VISIBLE_DEVICES": gpu} if args.device.startswith("cuda") else {})
         with open(output / "stderr.log", "wb") as errors:  # a file, not a pipe: neither run waits on the other's
-            runs.append(subprocess.Popen(command, env=thread_limited(args), stdout=subprocess.DEVNULL, stderr=errors))
+            runs.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors))
     for status, output in zip([run.wait() for run in runs], outputs, strict=True):  # both ended before either is read
         if status:
             raise RuntimeError(f"an independent run failed ({status}):\n{(output / 'stderr.log').read_text()}")
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and torch.cuda.device_count() < 2:
+        parser.error(f"2 processes on CUDA need 2 GPUs; {torch.cuda.device_count()} visible")
     rates: dict[str, list[float]] = {name: [] for name in [*SETTINGS, INDEPENDENT]}
     with tempfile.TemporaryDirectory() as folder:
         generator = torch.Generator().manual_seed(0)
