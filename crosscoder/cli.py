@@ -20,7 +20,7 @@ import tyro
 from crosscoder.config import PRESETS, TrainConfig, preset
 from crosscoder.demo import explain, lens_summary, summary
 from crosscoder.distributed import shutdown_distributed
-from crosscoder.errors import CrosscoderError
+from crosscoder.errors import CrosscoderError, show_warnings_as_lines
 from crosscoder.eval.recovery import planted_recovery
 from crosscoder.organism_source import resolve_model_organism
 from crosscoder.training import train
@@ -38,7 +38,10 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
     alone: the demo in the latest of those, resumed, so that "the same command and --resume" continues it)."""
     if not argv:
         demo = preset("demo")
-        return dataclasses.replace(demo, run_name=_unused_run_name(demo))
+        fresh = dataclasses.replace(demo, run_name=_unused_run_name(demo))
+        if fresh.run_name != demo.run_name:
+            print(f"{demo.run_dir} holds an earlier run (kept): this one goes to {fresh.run_dir}", file=sys.stderr)
+        return fresh
     if list(argv) == ["--resume"]:
         demo = preset("demo")
         return dataclasses.replace(demo, run_name=_latest_run_name(demo), resume=True)
@@ -70,6 +73,7 @@ def _run_names(config: TrainConfig) -> tuple[str | None, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    show_warnings_as_lines()
     try:
         config = parse_config(argv)
         dictionaries = train(resolve_model_organism(config))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crosscoder.errors import ConfigError, DataError, InputNotFoundError
+from crosscoder.hub import can_be_hub_id
 
 #: ``datasets`` builder of each local file type.
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -75,6 +76,16 @@ class DocumentCursor:
         self.epoch, self.index, self._iterator = int(state["epoch"]), int(state["index"]), None
 
 
+def check_dataset_exists(spec: str) -> None:
+    """Refuse at once a ``spec`` that can only name a local file (a data file's suffix, or a path no Hub id can be)
+    when there is none: the Hub is not asked (offline, its retries take half a minute)."""
+    path = Path(spec)
+    if not path.exists() and (path.suffix in BUILDERS or not can_be_hub_id(spec)):
+        raise InputNotFoundError(
+            f"dataset file {spec} does not exist: pass an existing .json/.jsonl/.parquet/.csv/.txt file or a dataset id"
+        )
+
+
 def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 0, world_size: int = 1) -> Any:
     """A ``datasets`` dataset from a Hub id or a local file/folder (json, jsonl, parquet, csv, txt).
 
@@ -98,6 +109,7 @@ def open_dataset(spec: str, split: str, streaming: bool, seed: int, rank: int = 
                 raise
             raise DataError(problem) from error
     else:
+        check_dataset_exists(spec)
         try:
             dataset = datasets.load_dataset(spec, split=split, streaming=streaming)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:

@@ -7,6 +7,8 @@ Each class also derives from the built-in exception a caller would expect (``Val
 
 from __future__ import annotations
 
+import warnings
+
 
 class CrosscoderError(Exception):
     """Base of every error caused by the user's input, files or environment rather than by a bug."""
@@ -67,3 +69,9 @@ class EndpointError(CrosscoderError, RuntimeError):
 
 class EndpointUnreachableError(EndpointError):
     """An LLM endpoint did not answer at all (connection refused, timeouts) after every retry."""
+
+
+def show_warnings_as_lines() -> None:
+    """For the command lines: print each warning as one line, ``warning: <message>``, as errors are printed (not
+    Python's file, line number and source line)."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"

@@ -90,6 +90,12 @@ def _check_finite(dictionary: SparseDictionary, path: Path) -> None:
         )
 
 
+def can_be_hub_id(name: str) -> bool:
+    """Whether ``name`` can name a Hub repository ('name' or 'owner/name'); if not, it can only be a local path
+    (absolute, starting with '.' or '~', or with more than one '/')."""
+    return name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
 def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) -> Path:
     """Local folder file, or the file downloaded from (or found in the cache of) the Hub."""
     local = Path(path_or_repo_id)
@@ -98,7 +104,7 @@ def _resolve(path_or_repo_id: str | Path, filename: str, fetch: dict[str, Any]) 
             raise InputNotFoundError(f"{local} has no {filename}: is it a folder written by save_pretrained?")
         return local / filename
     repo_id = str(path_or_repo_id)
-    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
+    if not can_be_hub_id(repo_id):
         raise InputNotFoundError(f"{repo_id} is not a local folder, and not a Hub repo id ('owner/name') either")
     try:
         return Path(hf_hub_download(repo_id, filename, **fetch))

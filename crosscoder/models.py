@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from crosscoder.errors import DataError, InputNotFoundError
+from crosscoder.hub import can_be_hub_id
 from crosscoder.progress import library_progress_bars
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +34,10 @@ def load_causal_lm(
     checkpoint that lacks weights the model's config declares (transformers would initialise them randomly)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(name).exists() and not can_be_hub_id(name):
+        raise InputNotFoundError(
+            f"model folder {name} does not exist: pass a folder written by save_pretrained, or a Hub id ('owner/name')"
+        )
     try:
         with library_progress_bars(enabled=True):
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)

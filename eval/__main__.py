@@ -7,11 +7,12 @@ import sys
 
 import tyro
 
-from crosscoder.errors import CrosscoderError
+from crosscoder.errors import CrosscoderError, show_warnings_as_lines
 from crosscoder.eval.report import EvalConfig, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_warnings_as_lines()
     config = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval")
     try:
         report = evaluate(config)

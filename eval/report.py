@@ -25,7 +25,7 @@ import tyro
 from crosscoder.activations import PairedActivationStream, StreamSettings
 from crosscoder.chunks import ActivationChunk
 from crosscoder.dictionary import BatchTopKSAE, SparseDictionary
-from crosscoder.errors import ConfigError, DataError
+from crosscoder.errors import ConfigError, CrosscoderError, DataError
 from crosscoder.eval.exclusivity import (
     CHAT_ONLY,
     SHARED,
@@ -180,8 +180,18 @@ def open_stream(dictionary: SparseDictionary, config: EvalConfig) -> PairedActiv
 
 
 def evaluate(config: EvalConfig) -> dict:
-    """Run every analysis and write the report folder; returns the report."""
-    _check_out(config.out)
+    """Run every analysis and write the report folder; returns the report. An error of the user's input leaves no
+    empty ``--out`` folder behind that this call created."""
+    created = _check_out(config.out)
+    try:
+        return _evaluate(config)
+    except CrosscoderError:
+        if created and not any(config.out.iterdir()):
+            config.out.rmdir()
+        raise
+
+
+def _evaluate(config: EvalConfig) -> dict:
     dictionary = load_dictionary(config.dictionary)
     if config.latents:  # before any compute: the per-latent analyses come last
         checked_latents(dictionary, config.latents)
@@ -388,10 +398,12 @@ def _write(config: EvalConfig, content: WorkspaceContent) -> None:
         export_json(config.out, config.out / "export")
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, before any compute, an ``--out`` that is a file or cannot be created or written; creates it."""
+def _check_out(out: Path) -> bool:
+    """Refuse, before any compute, an ``--out`` that is a file or cannot be created or written; creates it, and says
+    whether it did."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pass a folder for the report")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -401,6 +413,7 @@ def _check_out(out: Path) -> None:
             f"--out {out} cannot be created or written ({error.strerror or type(error).__name__}): pass a writable "
             "folder for the report"
         ) from error
+    return created
 
 
 def _conversations(stream: PairedActivationStream, config: EvalConfig) -> list[list[dict[str, str]]]:

@@ -52,11 +52,13 @@ def test_every_preset_is_a_valid_config():
         assert description and config.preset == name and not config.problems()
 
 
-def test_no_arguments_picks_the_demo_in_a_fresh_run_folder(tmp_path, monkeypatch):
+def test_no_arguments_picks_the_demo_in_a_fresh_run_folder_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    assert parse_config([]).run_name == "demo" and capsys.readouterr().err == ""
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     config = parse_config([])
     assert config.preset == "demo" and config.run_name == "demo-1"
+    assert capsys.readouterr().err == "runs/demo holds an earlier run (kept): this one goes to runs/demo-1\n"
 
 
 def test_resume_alone_continues_the_latest_demo(tmp_path, monkeypatch):

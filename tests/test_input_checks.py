@@ -26,8 +26,9 @@ from crosscoder.config import TrainConfig
 from crosscoder.data import TensorActivations
 from crosscoder.dictionary import BatchTopKCrossCoder
 from crosscoder.documents import open_dataset
-from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
+from crosscoder.errors import ConfigError, DataError, DictionaryFormatError, InputNotFoundError
 from crosscoder.hub import load_dictionary
+from crosscoder.models import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 SOF_FIXTURES = ROOT / "tests" / "fixtures" / "sof"
@@ -296,6 +297,38 @@ def test_evaluation_latents_with_no_models_are_named_as_unused(tmp_path):
     result = run("-m", "crosscoder.eval", "saved", "--latents", "3", "--no-models", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--latents [3] choose the latents of the KL effects and steering, which need the models" in result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "--latents [3]" in line)
+    assert warning.startswith("warning: --latents [3]") and "UserWarning" not in result.stderr  # one line, as errors
+
+
+def test_a_failed_evaluation_leaves_no_empty_out_folder_it_created(tmp_path):
+    result = run("-m", "crosscoder.eval", "./missing", "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert_one_message(result, "./missing is not a local folder")
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is theirs, empty or not
+    result = run("-m", "crosscoder.eval", "./missing", "--out", str(tmp_path / "mine"), cwd=tmp_path)
+    assert result.returncode == 2 and (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("spec", ["general.jsonl", "data/general.parquet", "./texts", "/nowhere/texts"])
+def test_a_missing_dataset_file_is_refused_before_the_models_load_without_asking_the_hub(tmp_path, spec, monkeypatch):
+    """A name only a local file can have: one message at once, no Hub request (offline its retries take half a
+    minute), and in the lens before any model loads (the models named here do not exist either)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(InputNotFoundError, match=f"dataset file {spec} does not exist"):
+        open_dataset(spec, "train", streaming=True, seed=0)
+    result = run(
+        "-m", "crosscoder.eval.adl", "--base-model", "./no-base", "--chat-model", "./no-chat", "--datasets", spec,
+        "--out", str(tmp_path / "lens"), cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_message(result, f"dataset file {spec} does not exist")
+
+
+def test_a_model_path_that_cannot_be_a_hub_id_is_named_as_a_missing_folder(tmp_path):
+    for name in (str(tmp_path / "bse"), "./bse", "models/organism/bse"):
+        with pytest.raises(InputNotFoundError, match="does not exist: pass a folder written by save_pretrained") as e:
+            load_causal_lm(name, revision=None, dtype="float32", device="cpu", trust_remote_code=False)
+        assert "hf download" not in str(e.value)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from crosscoder.cache.format import DEFAULT_SHARD_TOKENS, check_shard_sizes, read_manifest, verify_checksums
 from crosscoder.cache.reader import ActivationCache
 from crosscoder.chunks import ChunkSource
-from crosscoder.errors import ConfigError, CrosscoderError
+from crosscoder.errors import ConfigError, CrosscoderError, show_warnings_as_lines
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,7 @@ def _print_info(folder: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m crosscoder.cache {build,info,verify} ...``; returns the exit status (2 for user errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_warnings_as_lines()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -7,12 +7,13 @@ import sys
 
 import tyro
 
-from crosscoder.errors import CrosscoderError
+from crosscoder.errors import CrosscoderError, show_warnings_as_lines
 from crosscoder.eval.adl.paths import LensPaths
 from crosscoder.eval.adl.report import LensConfig, run_lens
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_warnings_as_lines()
     config = tyro.cli(LensConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval.adl")
     try:
         report = run_lens(config)

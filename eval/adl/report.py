@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from crosscoder.documents import check_dataset_exists
 from crosscoder.errors import ConfigError, OutputExistsError
 from crosscoder.eval.adl.causal import causal_effect
 from crosscoder.eval.adl.differences import (
@@ -296,6 +297,9 @@ def run_lens(config: LensConfig) -> dict[str, Any]:
     if not config.datasets:
         raise ConfigError("name at least one general dataset with --datasets (Hub ids or local .jsonl/.txt files)")
     check_positions(config.positions, config.n_positions)
+    for spec in [*config.datasets, config.domain_data, config.chat_data]:  # before the models load
+        if spec is not None:
+            check_dataset_exists(spec)
     grader = make_grader(config)
     device = resolve_device(config.device)
     dtype = _dtype(config, device)

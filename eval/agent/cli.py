@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import tyro
 
-from crosscoder.errors import ConfigError, CrosscoderError, EndpointError
+from crosscoder.errors import ConfigError, CrosscoderError, EndpointError, show_warnings_as_lines
 from crosscoder.eval.adl.endpoint import ChatClient
 from crosscoder.eval.adl.views import load_report
 from crosscoder.eval.agent.budget import Limits
@@ -168,6 +168,7 @@ def run(config: AgentConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_warnings_as_lines()
     config = tyro.cli(AgentConfig, args=sys.argv[1:] if argv is None else argv, prog="python -m crosscoder.eval.agent")
     try:
         summary = run(config)
