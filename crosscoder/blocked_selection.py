@@ -27,6 +27,7 @@ from crosscoder.kernels.batch_topk import (
     batch_topk_threshold,
     check_score_values,
 )
+from crosscoder.step_buffers import StepBuffers
 
 CANDIDATE_MARGIN = 0.9
 """The next step's BatchTopK candidates are the scores ≥ 0.9 × this step's threshold: low enough that θ rarely drops
@@ -41,30 +42,6 @@ previous layout) were 20% slower."""
 COMPARE_CHUNK = 1 << 18
 """Scores compared with the bound at a time, into a float buffer (1 MB) then copied to the bool mask: on CPU a
 compare into float and a copy to bool take 0.27 ms per [4096, 512] block, a compare into bool 0.68 ms."""
-
-
-class StepBuffers:
-    """The large temporaries of a training step (the scaled encoder and the whole score matrix when the matrix is
-    formed, the dead latents' columns), kept from one step to the next: on CPU a fresh allocation of that size is
-    paged in (and zeroed by the kernel) on every step. Tensors a step returns (``TrainingOutput.scores``,
-    ``dead_columns``) alias them and are overwritten by the next step."""
-
-    def __init__(self) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
-        self.candidate_bound: float | None = None
-        """A lower bound for the next BatchTopK selection's candidates: this step's threshold lowered by
-        ``CANDIDATE_MARGIN`` (the selection is exact whatever it is)."""
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name`` with this shape and ``like``'s dtype and device (allocated when they change)."""
-        tensor = self._tensors.get(name)
-        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
-            tensor = self._tensors[name] = like.new_empty(shape)
-        return tensor
-
-    def release(self, name: str) -> None:
-        """Free the buffer ``name`` (the whole score matrix after a step that needed it)."""
-        self._tensors.pop(name, None)
 
 
 @dataclass

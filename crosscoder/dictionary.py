@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from crosscoder.blocked_selection import StepBuffers, select_in_latent_blocks
+from crosscoder.blocked_selection import select_in_latent_blocks
 from crosscoder.dictionary_input import CHAT_MINUS_BASE, PAIRED, DictionaryInput
 from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOverProcesses
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
@@ -37,6 +37,7 @@ from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import prefix_decode, sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
 from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
+from crosscoder.step_buffers import StepBuffers
 
 FORMAT_NAME = "crosscoder"
 FORMAT_VERSION = 3
@@ -397,8 +398,10 @@ class SparseDictionary(
                 pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
-        values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center))
-        decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes), context)
+        # the backward writes ∂W_enc and ∂W_dec into the previous step's gradients when the step kept them (buffers)
+        encoder_gradient = None if buffers is None else buffers.gradient_storage(self.W_enc, W_enc.shape)
+        values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center, encoder_gradient))
+        decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes, buffers), context)
         return TrainingOutput(codes, values, decoded, self.b_dec, scores, prepared, min_kept, dead_columns)
 
     def training_input(self, x_normalized: torch.Tensor, context: Distributed | None = None) -> TrainingInput:
@@ -467,10 +470,19 @@ class SparseDictionary(
         decoded = self._decode_entries(values, codes, (self.dict_size,))[0]
         return _sum_shards(decoded, context).view(-1, self.n_sources, self.d_model)
 
-    def _decode_entries(self, values: torch.Tensor, codes: SparseCodes, prefix_sizes: tuple[int, ...]) -> torch.Tensor:
+    def _decode_entries(
+        self,
+        values: torch.Tensor,
+        codes: SparseCodes,
+        prefix_sizes: tuple[int, ...],
+        buffers: StepBuffers | None = None,
+    ) -> torch.Tensor:
         """The sparse decode of the kept entries (values: [nnz], differentiable) into each prefix's reconstruction
-        without ``b_dec``: [len(prefix_sizes), batch, n_sources · d_model] (one prefix: the whole decode)."""
-        return prefix_decode(values, codes, self.W_dec.flatten(1), prefix_sizes)
+        without ``b_dec``: [len(prefix_sizes), batch, n_sources · d_model] (one prefix: the whole decode); the
+        decoder's gradient written into the one ``buffers`` kept, if any."""
+        table = self.W_dec.flatten(1)
+        storage = None if buffers is None else buffers.gradient_storage(self.W_dec, table.shape)
+        return prefix_decode(values, codes, table, prefix_sizes, storage)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
@@ -915,15 +927,23 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         chat = chat_codes @ self.W_dec_chat.flatten(1)
         return torch.cat([base.view(-1, half, self.d_model), chat.view(-1, half, self.d_model)], dim=1) + self.b_dec
 
-    def _decode_entries(self, values: torch.Tensor, codes: SparseCodes, prefix_sizes: tuple[int, ...]) -> torch.Tensor:
+    def _decode_entries(
+        self,
+        values: torch.Tensor,
+        codes: SparseCodes,
+        prefix_sizes: tuple[int, ...],
+        buffers: StepBuffers | None = None,
+    ) -> torch.Tensor:
         """Each model's sources decode the entries of its own latents from its own rows (an exclusive latent's
         entries skip the other model's half: no zeros are multiplied): [1, batch, n_sources · d_model], each row the
         base model's sources then the chat model's."""
         outputs = []
-        for (taken, model_codes), table in zip(
+        for (taken, model_codes), rows in zip(
             self._model_codes(codes), (self.W_dec_base, self.W_dec_chat), strict=True
         ):
-            outputs.append(sparse_decode(values[taken], model_codes, table.flatten(1))[None])
+            table = rows.flatten(1)
+            storage = None if buffers is None else buffers.gradient_storage(rows, table.shape)
+            outputs.append(sparse_decode(values[taken], model_codes, table, storage)[None])
         return torch.cat(outputs, dim=2)
 
     def _model_codes(self, codes: SparseCodes) -> list[tuple[torch.Tensor, SparseCodes]]:

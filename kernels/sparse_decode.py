@@ -25,18 +25,21 @@ Triton designs (block sizes are module constants):
 - entry dot, grid ``(B,)``: a program takes a row's entries ``BLOCK_ENTRIES`` at a time and sweeps D in
   ``BLOCK_D`` chunks, reading the row of ``left`` once per chunk for all its entries.
 
-The reference path uses ``F.embedding_bag(mode="sum", per_sample_weights=...)`` for both segmented sums and
-``torch.sparse.sampled_addmm`` over the latent-sorted view for the entry dots: the fastest exact CPU options
-measured at B=4096, F=16384, D=1024, nnz=262144 on 2 cores (fp32; ranges over noisy runs): gather-sum 12–24 ms
-(``torch.sparse.mm`` on CSR 17–62 ms), scatter-sum 30–70 ms (CSR-transpose ``sparse.mm`` 58–127 ms), entry dot 15–17
-ms (45–53 ms in row order); chunked ``index_add_`` / gather-multiply paths take 0.8–2.5 s, a dense [4096, 16384] ×
-[16384, 1024] GEMM 0.8–1.5 s. float16/bfloat16 inputs are upcast to float32 there (those ops lack half-precision CPU
-kernels).
+The reference path uses ``F.embedding_bag(mode="sum", per_sample_weights=...)`` for the rows' gather-sums, MKL's
+sparse × dense ``addmm`` (β = 0) into a given output for the latents' segmented sums (a training step hands it the
+previous step's gradient, whose pages are then not faulted in afresh), and ``torch.sparse.sampled_addmm`` over the
+latent-sorted view for the entry dots: the fastest exact CPU options measured at B=4096, F=16384, D=1024,
+nnz=262144 on 2 cores (fp32; ranges over noisy runs): gather-sum 12–24 ms (``torch.sparse.mm`` on CSR 17–62 ms),
+scatter-sum 24–29 ms with ``embedding_bag``, 16 ms with ``addmm`` into a reused output (CSR-transpose ``sparse.mm``
+58–127 ms), entry dot 15–17 ms (45–53 ms in row order); chunked ``index_add_`` / gather-multiply paths take
+0.8–2.5 s, a dense [4096, 16384] × [16384, 1024] GEMM 0.8–1.5 s. float16/bfloat16 inputs are upcast to float32 there
+(those ops lack half-precision CPU kernels).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,10 +149,16 @@ def _block_d(d: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- Triton launchers
 def _segment_gather_sum_triton(
-    offsets: torch.Tensor, index: torch.Tensor, order: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor
+    offsets: torch.Tensor,
+    index: torch.Tensor,
+    order: torch.Tensor | None,
+    values: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n_segments, d = offsets.numel() - 1, table.shape[1]
-    out = torch.empty(n_segments, d, dtype=table.dtype, device=table.device)
+    if out is None:
+        out = torch.empty(n_segments, d, dtype=table.dtype, device=table.device)
     if n_segments == 0 or d == 0:
         return out
     block_d = _block_d(d)
@@ -212,6 +221,34 @@ def _segment_gather_sum_reference(
     return out.to(table.dtype)
 
 
+def _latent_scatter_sum_reference(
+    offsets: torch.Tensor,
+    index: torch.Tensor,
+    order: torch.Tensor,
+    values: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The latents' segmented sums by MKL's sparse × dense product (``addmm`` with β = 0, the segments as CSR rows)
+    into ``out`` (or a new tensor); ``_segment_gather_sum_reference`` where torch has no MKL or the sums need a wider
+    dtype. Into the previous step's gradient it is faster than ``embedding_bag`` into fresh memory (2 cores, fp32:
+    97 against 157 ms at F = 73,728, D = 4,608, nnz = 102,400; 16 against 24 ms at F = 16,384, D = 1,024,
+    nnz = 262,144), and as fast into fresh memory; ``embedding_bag``'s own ``out=`` form computes into fresh memory
+    and copies. The first step of a run (no gradient kept yet) takes the same path, so a resumed run stays bitwise
+    equal to one run straight through."""
+    if table.dtype != accumulation_dtype(table.dtype) or not torch.backends.mkl.is_available():
+        summed = _segment_gather_sum_reference(offsets, index, order, values, table)
+        return summed if out is None else out.copy_(summed)
+    if out is None:
+        out = table.new_empty(len(offsets) - 1, table.shape[1])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the op is exact and tested here
+        warnings.simplefilter("ignore", UserWarning)
+        segments = torch.sparse_csr_tensor(
+            offsets, index, values.index_select(0, order), (len(out), table.shape[0]), check_invariants=False
+        )
+        return torch.addmm(out, segments, table, beta=0.0, out=out)
+
+
 def _entry_dot_reference(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``torch.sparse.sampled_addmm`` computes ``(right @ left.T)`` at the active entries of the latent-sorted view
     (CSR over latents): each latent's row of ``right`` is read once for all its entries, and the rows of ``left``
@@ -250,19 +287,26 @@ def row_gather_sum(values: torch.Tensor, codes: SparseCodes, table: torch.Tensor
     return implementation(codes.row_offsets, codes.latents, None, values, table)
 
 
-def latent_scatter_sum(values: torch.Tensor, codes: SparseCodes, table: torch.Tensor) -> torch.Tensor:
+def latent_scatter_sum(
+    values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """out[j] = Σ_{e: latents[e] = j} values[e] · table[rows[e]]. values (nnz,), table (B, D) → (F, D).
 
     A segmented sum over the latent-sorted view: deterministic, inactive latents get zero rows. ``∂W_dec``
-    (table = ∂out) and ``∂W_enc`` (values = ∂pre-activations, table = x).
+    (table = ∂out) and ``∂W_enc`` (values = ∂pre-activations, table = x). ``out``: a contiguous (F, D) tensor of the
+    table's dtype to write the sums into and return (what it held is ignored: a training step hands the previous
+    step's gradient, so that no fresh memory is paged in), or None for a new one.
     """
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.batch_size, None), codes.device)
     check_same_dtype(values=values, table=table)
+    if out is not None:
+        check_float_tensor("out", out, (codes.dict_size, table.shape[1]), codes.device)
+        check_same_dtype(out=out, table=table)
     implementation = (
-        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _segment_gather_sum_reference
+        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _latent_scatter_sum_reference
     )
-    return implementation(codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
+    return implementation(codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table, out)
 
 
 def latent_value_sums(values: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
@@ -285,39 +329,56 @@ def entry_dot(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------- autograd
+GradientStorage = Callable[[], torch.Tensor | None]
+"""Called once by a sparse backward for where to write a weight's gradient: a tensor of the weight's shape and dtype
+(its contents ignored), or None for a new one (``crosscoder.step_buffers.StepBuffers.gradient_storage``)."""
+
+
 class SparseDecode(torch.autograd.Function):
     """out (B, D) = codes-as-matrix (B, F) @ weight (F, D), with values (nnz,) at the active pairs of ``codes``."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor) -> torch.Tensor:
-        ctx.codes = codes
+    def forward(  # type: ignore[override]
+        ctx, values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: GradientStorage | None
+    ) -> torch.Tensor:
+        ctx.codes, ctx.weight_gradient = codes, weight_gradient
         ctx.save_for_backward(values, weight)
         return row_gather_sum(values, codes, weight)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:  # type: ignore[override]
         values, weight = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         grad_out = grad_out.contiguous().to(weight.dtype)
         grad_values = entry_dot(codes, grad_out, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = latent_scatter_sum(values, codes, grad_out) if ctx.needs_input_grad[2] else None
-        return grad_values, None, grad_weight
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            storage = ctx.weight_gradient() if ctx.weight_gradient is not None else None
+            grad_weight = latent_scatter_sum(values, codes, grad_out, storage)
+        return grad_values, None, grad_weight, None
 
 
-def sparse_decode(values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor) -> torch.Tensor:
+def sparse_decode(
+    values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: GradientStorage | None = None
+) -> torch.Tensor:
     """Decode sparse codes: out[b] = Σ_{e in row b} values[e] · weight[latents[e]].
 
     values: (nnz,) code values aligned with ``codes``' entries; weight: (F, D) contiguous decoder
     (``W_dec.flatten(1)``), same dtype as values. Returns (B, D) in that dtype (float32 accumulation for
-    half types). Differentiable in values and weight; both gradients cost O(nnz · D).
+    half types). Differentiable in values and weight; both gradients cost O(nnz · D). ``weight_gradient``: where the
+    backward writes ∂weight (``GradientStorage``; None: a new tensor).
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
-    return SparseDecode.apply(values, codes, weight)
+    return SparseDecode.apply(values, codes, weight, weight_gradient)
 
 
 def prefix_decode(
-    values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, prefix_sizes: tuple[int, ...]
+    values: torch.Tensor,
+    codes: SparseCodes,
+    weight: torch.Tensor,
+    prefix_sizes: tuple[int, ...],
+    weight_gradient: GradientStorage | None = None,
 ) -> torch.Tensor:
     """Decodes of nested prefixes of the latents (Matryoshka, docs/methods.md §12.1):
     ``out[i, b] = Σ_{e in row b, latents[e] < prefix_sizes[i]} values[e] · weight[latents[e]]``.
@@ -326,10 +387,10 @@ def prefix_decode(
     (not a view: the training step turns it into the reconstruction errors in place). Each entry is decoded once,
     into the block of latents ``[prefix_sizes[i-1], prefix_sizes[i])`` it falls in (one ``sparse_decode`` over
     ``n_prefixes · B`` block rows), and the block decodes are summed cumulatively: O(nnz · D + n_prefixes · B · D),
-    no (B, F) matrix. One prefix is the plain decode.
+    no (B, F) matrix. One prefix is the plain decode. ``weight_gradient`` as for ``sparse_decode``.
     """
     if len(prefix_sizes) == 1:
-        return sparse_decode(values, codes, weight).unsqueeze_(0)
+        return sparse_decode(values, codes, weight, weight_gradient).unsqueeze_(0)
     boundaries = torch.tensor(prefix_sizes[:-1], dtype=codes.latents.dtype, device=codes.device)
     blocks = torch.bucketize(codes.latents, boundaries, right=True)  # entry e lies in block i: m_{i-1} ≤ j_e < m_i
     blocks, order = torch.sort(blocks, stable=True)  # (block, row, latent) order: the block rows' CSR
@@ -339,5 +400,5 @@ def prefix_decode(
         len(prefix_sizes) * codes.batch_size,
         codes.dict_size,
     )
-    partial = sparse_decode(values.index_select(0, order), block_codes, weight)
+    partial = sparse_decode(values.index_select(0, order), block_codes, weight, weight_gradient)
     return partial.view(len(prefix_sizes), codes.batch_size, -1).cumsum(dim=0)

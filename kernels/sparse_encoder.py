@@ -34,7 +34,7 @@ import torch
 
 from crosscoder.kernels.backend import check_float_tensor, check_same_dtype
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import latent_scatter_sum, latent_value_sums, row_gather_sum
+from crosscoder.kernels.sparse_decode import GradientStorage, latent_scatter_sum, latent_value_sums, row_gather_sum
 
 
 class GatherActive(torch.autograd.Function):
@@ -50,8 +50,9 @@ class GatherActive(torch.autograd.Function):
         b_enc: torch.Tensor,
         codes: SparseCodes,
         center: torch.Tensor | None,
+        weight_gradient: GradientStorage | None,
     ) -> torch.Tensor:
-        ctx.codes = codes
+        ctx.codes, ctx.weight_gradient = codes, weight_gradient
         ctx.save_for_backward(x, W_enc)
         return pre_active_values.clone()
 
@@ -59,10 +60,13 @@ class GatherActive(torch.autograd.Function):
     def backward(ctx, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, W_enc = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
-        needs_pre, needs_x, needs_weight, needs_bias, _, needs_center = ctx.needs_input_grad
+        needs_pre, needs_x, needs_weight, needs_bias, _, needs_center, _ = ctx.needs_input_grad
         grad = grad_values.contiguous().to(W_enc.dtype)
         grad_x = row_gather_sum(grad, codes, W_enc) if needs_x else None
-        grad_weight = latent_scatter_sum(grad, codes, x) if needs_weight else None
+        grad_weight = None
+        if needs_weight:
+            storage = ctx.weight_gradient() if ctx.weight_gradient is not None else None
+            grad_weight = latent_scatter_sum(grad, codes, x, storage)
         grad_bias = latent_value_sums(grad, codes) if needs_bias or needs_center else None
         grad_center = torch.mv(W_enc.T, grad_bias).neg_() if needs_center else None
         return (
@@ -72,6 +76,7 @@ class GatherActive(torch.autograd.Function):
             grad_bias if needs_bias else None,
             None,
             grad_center,
+            None,
         )
 
 
@@ -82,6 +87,7 @@ def gather_active(
     b_enc: torch.Tensor,
     codes: SparseCodes,
     center: torch.Tensor | None = None,
+    weight_gradient: GradientStorage | None = None,
 ) -> torch.Tensor:
     """Attach the active pre-activations to the graph with a sparse encoder backward.
 
@@ -93,6 +99,8 @@ def gather_active(
     center: (D,) or None. Given, ``x`` is ``x₀ − center`` for an ``x₀`` that needs no gradient (the SAE's
     ``x − b_dec``), formed without autograd: ``center`` receives ``−Σ_b ∂x[b] = −∂b_enc @ W_enc`` (O(F · D))
     in place of the O(nnz · D) ``∂x``.
+
+    weight_gradient: where the backward writes ``∂W_enc`` (``GradientStorage``; None: a new tensor).
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
@@ -109,4 +117,4 @@ def gather_active(
                 "x requires grad although center is given: form x = x0 - center without autograd (torch.no_grad), "
                 "center then receives the gradient of x; or pass center=None to take the gradient through x"
             )
-    return GatherActive.apply(pre_active_values, x, W_enc, b_enc, codes, center)
+    return GatherActive.apply(pre_active_values, x, W_enc, b_enc, codes, center, weight_gradient)

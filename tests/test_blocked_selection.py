@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from crosscoder import blocked_selection
-from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers, select_in_latent_blocks
+from crosscoder.blocked_selection import CANDIDATE_MARGIN, select_in_latent_blocks
 from crosscoder.distributed import Distributed
 from crosscoder.kernels.batch_topk import batch_topk
+from crosscoder.step_buffers import StepBuffers
 
 BATCH, WIDTH, DICT_SIZE, N_KEEP = 22, 6, 30, 70
 

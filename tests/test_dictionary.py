@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from crosscoder import BatchTopKCrossCoder, BatchTopKSAE, L1CrossCoder, kernels, load_dictionary
-from crosscoder.blocked_selection import CANDIDATE_MARGIN, StepBuffers
+from crosscoder.blocked_selection import CANDIDATE_MARGIN
 from crosscoder.errors import ConfigError
+from crosscoder.step_buffers import StepBuffers
 
 D_MODEL, DICT_SIZE, K, N_SOURCES, BATCH = 8, 32, 3, 2, 6
 

@@ -217,6 +217,36 @@ def test_triton_primitives_match_reference(pattern, dtype):
         torch.testing.assert_close(tensor.cpu(), reference_out[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_latent_scatter_sum_writes_into_a_given_output_whatever_it_held(pattern, dtype, device):
+    """``out`` (the previous step's gradient in training) is overwritten, rows of inactive latents with zeros, and
+    returned: the same sums as into a new tensor, bitwise."""
+    make, d_model = PATTERNS[pattern]
+    codes = move(make(), device)
+    values, batch_matrix, _ = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, dtype))
+    fresh = latent_scatter_sum(values, codes, batch_matrix)
+    out = torch.full((codes.dict_size, d_model), float("nan"), dtype=dtype, device=device)
+    written = latent_scatter_sum(values, codes, batch_matrix, out)
+    assert written.data_ptr() == out.data_ptr() and torch.equal(written, fresh)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (torch.zeros(5, 3), r"out has shape \[5, 3\] but \[11, 4\] was expected"),
+        (torch.zeros(11, 4, dtype=torch.float64), "dtype"),
+        (torch.zeros(4, 11).T, "out is not contiguous"),
+    ],
+    ids=["shape", "dtype", "strides"],
+)
+def test_latent_scatter_sum_rejects_an_output_that_does_not_fit(out, message):
+    codes = make_codes(6, 11, 0.3)
+    values, batch_matrix, _ = random_like_pattern(codes, 4, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        latent_scatter_sum(values, codes, batch_matrix, out)
+
+
 def test_bfloat16_sums_accumulate_in_float32(device):
     # 300 terms of 1·1: a bfloat16 accumulator stalls at 256 (256 + 1 rounds back to 256); float32 reaches 300.
     codes = SparseCodes.from_mask(torch.ones(300, 1, dtype=torch.bool, device=device))  # one latent in 300 rows

@@ -14,6 +14,7 @@ import crosscoder
 from crosscoder.dictionary import TrainingOutput
 from crosscoder.kernels.backend import use_backend
 from crosscoder.metrics import ReconstructionStats
+from crosscoder.step_buffers import StepBuffers
 from crosscoder.training import Trainee, training_step
 
 CONFIG = crosscoder.TrainConfig(
@@ -133,6 +134,33 @@ def test_training_step_clips_and_uses_the_configured_loss(kind):
     dead = torch.zeros(40, dtype=torch.bool)
     dead[1::4] = True
     assert_same(run_both(kind, "reference", config, dead))
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["none_dead", "dead"])
+@pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1", "matryoshka", "dedicated"])
+def test_a_step_with_buffers_writes_the_decoder_and_encoder_gradients_into_the_previous_ones(kind, with_dead):
+    """With ``StepBuffers`` the backward writes ∂W_enc and every decoder's gradient into the storage of the previous
+    step's (no fresh pages on CPU): the same steps as without buffers. With dead latents AuxK's share of those
+    gradients (and the L1 penalty's of W_dec) comes as a second tensor, which autograd adds them to."""
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = with_dead
+    trained = []
+    for buffers in (StepBuffers(), None):
+        dictionary, x = make(kind)
+        optimizer = torch.optim.SGD(dictionary.parameters(), lr=0.5)
+        storage = []
+        for step in range(3):
+            x_normalized = dictionary.normalize(dictionary.input_from_pair(x[step:]))
+            training_step(dictionary, optimizer, x_normalized, step=step, dead=dead, config=CONFIG, buffers=buffers)
+            storage.append({n: p.grad.data_ptr() for n, p in dictionary.named_parameters() if n.startswith("W_")})
+        if buffers is not None and not (with_dead and dictionary.uses_batch_topk):
+            # the L1 penalty's gradient reaches W_dec through the code norms: a second tensor there too
+            reused = [name for name in storage[0] if kind != "l1" or name == "W_enc"]
+            assert len(storage[0]) == 2 + (kind == "dedicated") and reused
+            assert all(storage[0][name] == storage[1][name] == storage[2][name] for name in reused)
+        trained.append(dict(dictionary.named_parameters()))
+    for name, parameter in trained[0].items():
+        torch.testing.assert_close(parameter, trained[1][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_trainee_step_is_the_training_step_plus_bookkeeping():

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from crosscoder.blocked_selection import StepBuffers
 from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary, TrainingInput, TrainingOutput
 from crosscoder.distributed import Distributed
 from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_losses
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.sharding import SHARDED
+from crosscoder.step_buffers import StepBuffers
 from crosscoder.training.schedules import current_k, l1_coefficient
 from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm
 
@@ -116,8 +116,11 @@ def training_step(
     if window is not None:
         window.add_errors(out.reconstruction_error(), active)
     del out  # the backward holds what it needs (the loss saved the error)
-    # after the forward: released right before the backward allocates new ones (on the development machine the
-    # backward took 1.5-1.75x as long when they were released before the forward: docs/methods.md §4.2)
+    # the previous step's gradients are let go only now, after the forward (released before it, the backward took
+    # 1.5-1.75x as long on the development machine); with ``buffers`` the backward writes the new ones into their
+    # storage instead of fresh pages (docs/methods.md §4.2)
+    if buffers is not None:
+        buffers.keep_gradients(dictionary.parameters())
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
         (loss / context.world_size).backward()
@@ -134,6 +137,8 @@ def training_step(
         loss.backward()
         dictionary.before_optimizer_step()
         clip_gradients(dictionary, config.grad_clip, context)
+    if buffers is not None:
+        buffers.drop_gradients()  # those no backward wrote into (b_enc's, b_dec's)
     optimizer.step()
     dictionary.after_optimizer_step()
     return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, active, min_kept_score)

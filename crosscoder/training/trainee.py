@@ -18,7 +18,6 @@ from crosscoder.dictionary import (
     MatryoshkaCrossCoder,
     MatryoshkaSAE,
     SparseDictionary,
-    StepBuffers,
 )
 from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError
@@ -26,6 +25,7 @@ from crosscoder.hub import dictionary_from_state
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.normalization import estimate_input_scale, geometric_median
 from crosscoder.sharding import consolidate, consolidate_optimizer, shard, shard_optimizer, shard_rows
+from crosscoder.step_buffers import StepBuffers
 from crosscoder.training.schedules import lr_factor
 from crosscoder.training.sharded_optimizer import MOMENTS, ShardedAdam, shards_optimizer
 from crosscoder.training.step import training_step
