@@ -18,6 +18,7 @@ the input choice (``crosscoder.dictionary_input``) live elsewhere.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,10 +35,10 @@ from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
 from crosscoder.kernels.backend import resolve_backend
 from crosscoder.kernels.batch_topk import batch_topk
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import prefix_decode, sparse_decode
+from crosscoder.kernels.sparse_decode import WeightGradient, prefix_decode, sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active
 from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
-from crosscoder.step_buffers import StepBuffers
+from crosscoder.step_buffers import SharedGradient, StepBuffers
 
 PROJECTED_ROWS = 256
 """Decoder rows whose gradient the SAE projects at a time (``BatchTopKSAE.before_optimizer_step``)."""
@@ -83,7 +84,9 @@ class TrainingOutput:
     min_kept_score: smallest kept ``f · c`` (BatchTopK only, else None) for the θ EMA: 0-d, or one per partition
     ([3]) for a dedicated crosscoder with per-partition budgets;
     dead_columns: from that blocked forward, the dead latents (ascending, [n_dead]) and their scores [batch, n_dead]
-    (AuxK ranks them); else None.
+    (AuxK ranks them); else None;
+    shared_gradients: with ``StepBuffers``, the ``SharedGradient`` of ``W_enc`` and of each decoder parameter, by
+    ``id`` of the parameter (AuxK adds its share of them there); else None.
     """
 
     codes: SparseCodes
@@ -94,6 +97,7 @@ class TrainingOutput:
     input: TrainingInput
     min_kept_score: torch.Tensor | None
     dead_columns: tuple[torch.Tensor, torch.Tensor] | None = None
+    shared_gradients: dict[int, SharedGradient] | None = None
     _errors: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -400,11 +404,17 @@ class SparseDictionary(
                 pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
-        # the backward writes ∂W_enc and ∂W_dec into the previous step's gradients when the step kept them (buffers)
-        encoder_gradient = None if buffers is None else buffers.gradient_storage(self.W_enc, W_enc.shape)
+        # with buffers the backward writes ∂W_enc and the decoders' gradients into the previous step's, if the step
+        # kept them, and AuxK adds its share there (docs/methods.md §4.2)
+        shared = None
+        if buffers is not None:
+            weights = (self.W_enc, *self._decoder_weights())
+            shared = {id(weight): buffers.shared_gradient(weight, weight.flatten(1).shape) for weight in weights}
+        encoder_gradient = None if shared is None else shared[id(self.W_enc)].primary
         values = F.relu(gather_active(kept, encoder_input, W_enc, self.b_enc, codes, center, encoder_gradient))
-        decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes, buffers), context)
-        return TrainingOutput(codes, values, decoded, self.b_dec, scores, prepared, min_kept, dead_columns)
+        primary = None if shared is None else (lambda weight: shared[id(weight)].primary)
+        decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes, primary), context)
+        return TrainingOutput(codes, values, decoded, self.b_dec, scores, prepared, min_kept, dead_columns, shared)
 
     def training_input(self, x_normalized: torch.Tensor, context: Distributed | None = None) -> TrainingInput:
         """What the training forward encodes, from x_normalized: [batch, n_sources, d_model] (``TrainingInput``).
@@ -466,25 +476,39 @@ class SparseDictionary(
             kept = picked_scores[rows, slots]
             if not self.unit_code_norms:
                 kept = kept / self.code_norms().index_select(0, codes.latents)
+        shared = out.shared_gradients
+        encoder_gradient = None if shared is None else shared[id(self.W_enc)].secondary
         values = F.relu(
-            gather_active(kept, out.input.encoder_input, self.W_enc.flatten(1), self.b_enc, codes, out.input.center)
+            gather_active(
+                kept,
+                out.input.encoder_input,
+                self.W_enc.flatten(1),
+                self.b_enc,
+                codes,
+                out.input.center,
+                encoder_gradient,
+            )
         )
-        decoded = self._decode_entries(values, codes, (self.dict_size,))[0]
+        secondary = None if shared is None else (lambda weight: shared[id(weight)].secondary)
+        decoded = self._decode_entries(values, codes, (self.dict_size,), secondary)[0]
         return _sum_shards(decoded, context).view(-1, self.n_sources, self.d_model)
+
+    def _decoder_weights(self) -> tuple[nn.Parameter, ...]:
+        """The decoder's parameters, each ``[rows, n_sources or fewer, d_model]`` (``W_dec``)."""
+        return (self.W_dec,)
 
     def _decode_entries(
         self,
         values: torch.Tensor,
         codes: SparseCodes,
         prefix_sizes: tuple[int, ...],
-        buffers: StepBuffers | None = None,
+        weight_gradient: Callable[[nn.Parameter], WeightGradient] | None = None,
     ) -> torch.Tensor:
         """The sparse decode of the kept entries (values: [nnz], differentiable) into each prefix's reconstruction
-        without ``b_dec``: [len(prefix_sizes), batch, n_sources · d_model] (one prefix: the whole decode); the
-        decoder's gradient written into the one ``buffers`` kept, if any."""
-        table = self.W_dec.flatten(1)
-        storage = None if buffers is None else buffers.gradient_storage(self.W_dec, table.shape)
-        return prefix_decode(values, codes, table, prefix_sizes, storage)
+        without ``b_dec``: [len(prefix_sizes), batch, n_sources · d_model] (one prefix: the whole decode);
+        ``weight_gradient``: each decoder parameter's ``WeightGradient`` (None: new tensors)."""
+        gradient = None if weight_gradient is None else weight_gradient(self.W_dec)
+        return prefix_decode(values, codes, self.W_dec.flatten(1), prefix_sizes, gradient)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Sparse codes of raw activations: [batch, dict_size] (unscaled values).
@@ -938,12 +962,15 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         chat = chat_codes @ self.W_dec_chat.flatten(1)
         return torch.cat([base.view(-1, half, self.d_model), chat.view(-1, half, self.d_model)], dim=1) + self.b_dec
 
+    def _decoder_weights(self) -> tuple[nn.Parameter, ...]:
+        return (self.W_dec_base, self.W_dec_chat)
+
     def _decode_entries(
         self,
         values: torch.Tensor,
         codes: SparseCodes,
         prefix_sizes: tuple[int, ...],
-        buffers: StepBuffers | None = None,
+        weight_gradient: Callable[[nn.Parameter], WeightGradient] | None = None,
     ) -> torch.Tensor:
         """Each model's sources decode the entries of its own latents from its own rows (an exclusive latent's
         entries skip the other model's half: no zeros are multiplied): [1, batch, n_sources · d_model], each row the
@@ -952,9 +979,8 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         for (taken, model_codes), rows in zip(
             self._model_codes(codes), (self.W_dec_base, self.W_dec_chat), strict=True
         ):
-            table = rows.flatten(1)
-            storage = None if buffers is None else buffers.gradient_storage(rows, table.shape)
-            outputs.append(sparse_decode(values[taken], model_codes, table, storage)[None])
+            gradient = None if weight_gradient is None else weight_gradient(rows)
+            outputs.append(sparse_decode(values[taken], model_codes, rows.flatten(1), gradient)[None])
         return torch.cat(outputs, dim=2)
 
     def _model_codes(self, codes: SparseCodes) -> list[tuple[torch.Tensor, SparseCodes]]:

@@ -3,7 +3,8 @@ the next BatchTopK selection, and the parameters' gradients, whose storage the n
 
 On CPU a fresh allocation of a temporary or a gradient is paged in (and zeroed by the kernel) on every step: at the
 paper's width (d = 2 × 2,304, F = 73,728) the two [dict_size, n_sources · d_model] gradients are 2.7 GB of fresh pages
-a step. Kept and handed back, they are written in place instead.
+a step. Kept and handed back, they are written in place instead; AuxK's share of them is added into the same tensors
+(``SharedGradient``) instead of arriving as two more dense tensors for autograd to sum.
 """
 
 from __future__ import annotations
@@ -11,6 +12,47 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_decode import latent_scatter_rows, latent_scatter_sum
+
+
+class SharedGradient:
+    """One parameter's gradient in one training step, from the sparse backward of the step's forward (``primary``)
+    and those of AuxK's decode of the dead latents (``secondary``), each a ``WeightGradient`` of
+    ``crosscoder.kernels``. The primary writes its sums into the previous step's gradient when the step kept it (else
+    a new tensor) and adds the rows a secondary left (AuxK's backward runs first: autograd runs the later-built
+    nodes first), returning the whole gradient; a secondary leaves its non-zero rows — its dead latents' — and returns
+    None. A secondary that runs after the primary returns its own dense gradient, which autograd adds (slower, the
+    same sum)."""
+
+    def __init__(self, storage: Callable[[], torch.Tensor | None]) -> None:
+        self._storage = storage
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._primary_done = False
+
+    def primary(self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor) -> torch.Tensor:
+        gradient = latent_scatter_sum(values, codes, table, self._storage())
+        for latents, rows in self._rows:
+            gradient.index_add_(0, latents, rows)
+        self._rows.clear()
+        self._primary_done = True
+        return gradient
+
+    def secondary(self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor) -> torch.Tensor | None:
+        if self._primary_done:
+            return latent_scatter_sum(values, codes, table)
+        self._rows.append(latent_scatter_rows(values, codes, table))
+        return None
+
+    def check_complete(self) -> None:
+        """Raise if a secondary's rows are still waiting for a primary that never ran (a backward that did not reach
+        the step's forward): its gradient would be lost."""
+        if self._rows:
+            raise RuntimeError(
+                "AuxK's share of a weight gradient waits for the backward of the training forward, which did not run: "
+                "backpropagate the whole training loss (crosscoder.training.training_loss)"
+            )
 
 
 class StepBuffers:
@@ -39,24 +81,24 @@ class StepBuffers:
 
     def keep_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Take the parameters' gradients (each ``grad`` becomes None, as ``zero_grad(set_to_none=True)`` leaves it)
-        and hold them for ``gradient_storage`` until ``drop_gradients``: called between a step's forward and its
+        and hold them for ``shared_gradient`` until ``drop_gradients``: called between a step's forward and its
         backward."""
         for parameter in parameters:
             if parameter.grad is not None:
                 self._gradients[id(parameter)] = parameter.grad
                 parameter.grad = None
 
-    def gradient_storage(self, parameter: torch.nn.Parameter, shape: torch.Size) -> Callable[[], torch.Tensor | None]:
-        """What a sparse backward calls once for the storage of ``parameter``'s gradient, seen as ``shape`` (a view of
-        the parameter's, e.g. ``W_dec.flatten(1)``): the kept gradient, which this object then forgets (so autograd
-        takes the tensor as the new ``grad`` without a copy), or None when none is kept or it does not fit."""
+    def shared_gradient(self, parameter: torch.nn.Parameter, shape: torch.Size) -> SharedGradient:
+        """This step's ``SharedGradient`` of ``parameter`` seen as ``shape`` (a view of the parameter's, e.g.
+        ``W_dec.flatten(1)``), writing into the gradient kept for it, if any, when its primary runs. The kept tensor
+        is then forgotten here, so that autograd takes it as the new ``grad`` without a copy."""
 
-        def take() -> torch.Tensor | None:
+        def storage() -> torch.Tensor | None:
             kept = self._gradients.pop(id(parameter), None)
             fits = kept is not None and kept.is_contiguous() and kept.dtype == parameter.dtype
             return kept.view(shape) if fits and kept.numel() == parameter.numel() else None
 
-        return take
+        return SharedGradient(storage)
 
     def drop_gradients(self) -> None:
         """Free the kept gradients no backward took (called after the backward)."""

@@ -309,6 +309,23 @@ def latent_scatter_sum(
     return implementation(codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table, out)
 
 
+def latent_scatter_rows(
+    values: torch.Tensor, codes: SparseCodes, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``latent_scatter_sum`` that can be non-zero: (the latents with at least one entry [n] ascending,
+    their sums [n, D]), without the [F, D] tensor (AuxK's few dead latents: ``crosscoder.step_buffers``)."""
+    check_float_tensor("values", values, (codes.nnz,), codes.device)
+    check_float_tensor("table", table, (codes.batch_size, None), codes.device)
+    check_same_dtype(values=values, table=table)
+    offsets = codes.latent_offsets
+    latents = (offsets[1:] > offsets[:-1]).nonzero().squeeze(1)
+    segments = torch.cat([offsets.index_select(0, latents), offsets[-1:]])  # their entries stay contiguous
+    implementation = (
+        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _latent_scatter_sum_reference
+    )
+    return latents, implementation(segments, codes.rows_by_latent, codes.latent_order, values, table)
+
+
 def latent_value_sums(values: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
     """out[j] = Σ_{e: latents[e] = j} values[e]. values (nnz,) → (F,): ``latent_scatter_sum`` against ones."""
     ones = values.new_ones(codes.batch_size, 1)
@@ -329,9 +346,11 @@ def entry_dot(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-GradientStorage = Callable[[], torch.Tensor | None]
-"""Called once by a sparse backward for where to write a weight's gradient: a tensor of the weight's shape and dtype
-(its contents ignored), or None for a new one (``crosscoder.step_buffers.StepBuffers.gradient_storage``)."""
+WeightGradient = Callable[[torch.Tensor, SparseCodes, torch.Tensor], torch.Tensor | None]
+"""How a sparse backward materialises its weight's gradient, ``latent_scatter_sum(values, codes, table)`` — the
+caller's choice (``crosscoder.step_buffers.SharedGradient``: into the previous step's gradient, or added to another
+backward's): called once with (values, codes, table), it returns that gradient, or None where it was added to
+another backward's gradient of the same weight. None in its place: a new tensor."""
 
 
 class SparseDecode(torch.autograd.Function):
@@ -339,7 +358,7 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: GradientStorage | None
+        ctx, values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: WeightGradient | None
     ) -> torch.Tensor:
         ctx.codes, ctx.weight_gradient = codes, weight_gradient
         ctx.save_for_backward(values, weight)
@@ -353,20 +372,20 @@ class SparseDecode(torch.autograd.Function):
         grad_values = entry_dot(codes, grad_out, weight) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            storage = ctx.weight_gradient() if ctx.weight_gradient is not None else None
-            grad_weight = latent_scatter_sum(values, codes, grad_out, storage)
+            materialise = latent_scatter_sum if ctx.weight_gradient is None else ctx.weight_gradient
+            grad_weight = materialise(values, codes, grad_out)
         return grad_values, None, grad_weight, None
 
 
 def sparse_decode(
-    values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: GradientStorage | None = None
+    values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: WeightGradient | None = None
 ) -> torch.Tensor:
     """Decode sparse codes: out[b] = Σ_{e in row b} values[e] · weight[latents[e]].
 
     values: (nnz,) code values aligned with ``codes``' entries; weight: (F, D) contiguous decoder
     (``W_dec.flatten(1)``), same dtype as values. Returns (B, D) in that dtype (float32 accumulation for
-    half types). Differentiable in values and weight; both gradients cost O(nnz · D). ``weight_gradient``: where the
-    backward writes ∂weight (``GradientStorage``; None: a new tensor).
+    half types). Differentiable in values and weight; both gradients cost O(nnz · D). ``weight_gradient``: how the
+    backward materialises ∂weight (``WeightGradient``; None: a new tensor).
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
@@ -378,7 +397,7 @@ def prefix_decode(
     codes: SparseCodes,
     weight: torch.Tensor,
     prefix_sizes: tuple[int, ...],
-    weight_gradient: GradientStorage | None = None,
+    weight_gradient: WeightGradient | None = None,
 ) -> torch.Tensor:
     """Decodes of nested prefixes of the latents (Matryoshka, docs/methods.md §12.1):
     ``out[i, b] = Σ_{e in row b, latents[e] < prefix_sizes[i]} values[e] · weight[latents[e]]``.

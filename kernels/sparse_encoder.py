@@ -34,7 +34,7 @@ import torch
 
 from crosscoder.kernels.backend import check_float_tensor, check_same_dtype
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import GradientStorage, latent_scatter_sum, latent_value_sums, row_gather_sum
+from crosscoder.kernels.sparse_decode import WeightGradient, latent_scatter_sum, latent_value_sums, row_gather_sum
 
 
 class GatherActive(torch.autograd.Function):
@@ -50,7 +50,7 @@ class GatherActive(torch.autograd.Function):
         b_enc: torch.Tensor,
         codes: SparseCodes,
         center: torch.Tensor | None,
-        weight_gradient: GradientStorage | None,
+        weight_gradient: WeightGradient | None,
     ) -> torch.Tensor:
         ctx.codes, ctx.weight_gradient = codes, weight_gradient
         ctx.save_for_backward(x, W_enc)
@@ -65,8 +65,8 @@ class GatherActive(torch.autograd.Function):
         grad_x = row_gather_sum(grad, codes, W_enc) if needs_x else None
         grad_weight = None
         if needs_weight:
-            storage = ctx.weight_gradient() if ctx.weight_gradient is not None else None
-            grad_weight = latent_scatter_sum(grad, codes, x, storage)
+            materialise = latent_scatter_sum if ctx.weight_gradient is None else ctx.weight_gradient
+            grad_weight = materialise(grad, codes, x)
         grad_bias = latent_value_sums(grad, codes) if needs_bias or needs_center else None
         grad_center = torch.mv(W_enc.T, grad_bias).neg_() if needs_center else None
         return (
@@ -87,7 +87,7 @@ def gather_active(
     b_enc: torch.Tensor,
     codes: SparseCodes,
     center: torch.Tensor | None = None,
-    weight_gradient: GradientStorage | None = None,
+    weight_gradient: WeightGradient | None = None,
 ) -> torch.Tensor:
     """Attach the active pre-activations to the graph with a sparse encoder backward.
 
@@ -100,7 +100,7 @@ def gather_active(
     ``x − b_dec``), formed without autograd: ``center`` receives ``−Σ_b ∂x[b] = −∂b_enc @ W_enc`` (O(F · D))
     in place of the O(nnz · D) ``∂x``.
 
-    weight_gradient: where the backward writes ``∂W_enc`` (``GradientStorage``; None: a new tensor).
+    weight_gradient: how the backward materialises ``∂W_enc`` (``WeightGradient``; None: a new tensor).
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")

@@ -21,6 +21,7 @@ from crosscoder.kernels.sparse_decode import (
     BLOCK_D_MAX,
     BLOCK_ENTRIES,
     entry_dot,
+    latent_scatter_rows,
     latent_scatter_sum,
     latent_value_sums,
     prefix_decode,
@@ -229,6 +230,16 @@ def test_latent_scatter_sum_writes_into_a_given_output_whatever_it_held(pattern,
     out = torch.full((codes.dict_size, d_model), float("nan"), dtype=dtype, device=device)
     written = latent_scatter_sum(values, codes, batch_matrix, out)
     assert written.data_ptr() == out.data_ptr() and torch.equal(written, fresh)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_latent_scatter_rows_are_the_rows_of_latents_with_entries(pattern, device):
+    make, d_model = PATTERNS[pattern]
+    codes = move(make(), device)
+    values, batch_matrix, _ = (tensor.to(device) for tensor in random_like_pattern(codes, d_model, torch.float32))
+    latents, rows = latent_scatter_rows(values, codes, batch_matrix)
+    assert torch.equal(latents.cpu(), codes.latents.unique().cpu())
+    torch.testing.assert_close(rows, latent_scatter_sum(values, codes, batch_matrix)[latents], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

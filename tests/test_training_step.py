@@ -13,8 +13,10 @@ import torch.nn.functional as F
 import crosscoder
 from crosscoder.dictionary import TrainingOutput
 from crosscoder.kernels.backend import use_backend
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_decode import latent_scatter_sum
 from crosscoder.metrics import ReconstructionStats
-from crosscoder.step_buffers import StepBuffers
+from crosscoder.step_buffers import SharedGradient, StepBuffers
 from crosscoder.training import Trainee, training_step
 
 CONFIG = crosscoder.TrainConfig(
@@ -140,8 +142,8 @@ def test_training_step_clips_and_uses_the_configured_loss(kind):
 @pytest.mark.parametrize("kind", ["batchtopk", "sae", "l1", "matryoshka", "dedicated"])
 def test_a_step_with_buffers_writes_the_decoder_and_encoder_gradients_into_the_previous_ones(kind, with_dead):
     """With ``StepBuffers`` the backward writes ∂W_enc and every decoder's gradient into the storage of the previous
-    step's (no fresh pages on CPU): the same steps as without buffers. With dead latents AuxK's share of those
-    gradients (and the L1 penalty's of W_dec) comes as a second tensor, which autograd adds them to."""
+    step's (no fresh pages on CPU), AuxK's share added there: the same steps as without buffers. (The L1 penalty's
+    share of ∂W_dec comes as a second tensor, which autograd sums with it.)"""
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = with_dead
     trained = []
@@ -153,14 +155,41 @@ def test_a_step_with_buffers_writes_the_decoder_and_encoder_gradients_into_the_p
             x_normalized = dictionary.normalize(dictionary.input_from_pair(x[step:]))
             training_step(dictionary, optimizer, x_normalized, step=step, dead=dead, config=CONFIG, buffers=buffers)
             storage.append({n: p.grad.data_ptr() for n, p in dictionary.named_parameters() if n.startswith("W_")})
-        if buffers is not None and not (with_dead and dictionary.uses_batch_topk):
-            # the L1 penalty's gradient reaches W_dec through the code norms: a second tensor there too
+        if buffers is not None:
             reused = [name for name in storage[0] if kind != "l1" or name == "W_enc"]
             assert len(storage[0]) == 2 + (kind == "dedicated") and reused
             assert all(storage[0][name] == storage[1][name] == storage[2][name] for name in reused)
         trained.append(dict(dictionary.named_parameters()))
     for name, parameter in trained[0].items():
         torch.testing.assert_close(parameter, trained[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_shared_gradient_sums_auxks_rows_into_the_primary_whichever_runs_first():
+    """AuxK's backward (secondary) before the forward's (primary): its rows wait and are added into the primary's
+    gradient; after it: it returns its own dense gradient (autograd adds the two). A secondary whose primary never
+    runs is an error, not a lost gradient."""
+    generator = torch.Generator().manual_seed(0)
+    primary_codes = SparseCodes.from_mask(torch.rand(9, 11, generator=generator) < 0.4)
+    aux_codes = SparseCodes.from_mask(torch.rand(9, 11, generator=generator) < 0.2)
+    table = torch.randn(9, 5, generator=generator)
+    primary_values, aux_values = torch.randn(primary_codes.nnz), torch.randn(aux_codes.nnz)
+    expected = latent_scatter_sum(primary_values, primary_codes, table) + latent_scatter_sum(
+        aux_values, aux_codes, table
+    )
+    kept = torch.full((11, 5), float("nan"))
+    early = SharedGradient(lambda: kept)
+    assert early.secondary(aux_values, aux_codes, table) is None
+    total = early.primary(primary_values, primary_codes, table)
+    assert total.data_ptr() == kept.data_ptr()
+    torch.testing.assert_close(total, expected)
+    early.check_complete()
+    late = SharedGradient(lambda: None)
+    alone = late.primary(primary_values, primary_codes, table)
+    torch.testing.assert_close(alone + late.secondary(aux_values, aux_codes, table), expected)
+    orphan = SharedGradient(lambda: None)
+    orphan.secondary(aux_values, aux_codes, table)
+    with pytest.raises(RuntimeError, match="backpropagate the whole training loss"):
+        orphan.check_complete()
 
 
 def test_trainee_step_is_the_training_step_plus_bookkeeping():

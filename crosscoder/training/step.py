@@ -112,7 +112,7 @@ def training_step(
         dictionary, prepared, step=step, dead=dead, config=config, context=context, buffers=buffers
     )
     del prepared
-    active, min_kept_score = out.active_counts(), out.min_kept_score
+    active, min_kept_score, shared_gradients = out.active_counts(), out.min_kept_score, out.shared_gradients
     if window is not None:
         window.add_errors(out.reconstruction_error(), active)
     del out  # the backward holds what it needs (the loss saved the error)
@@ -137,6 +137,8 @@ def training_step(
         loss.backward()
         dictionary.before_optimizer_step()
         clip_gradients(dictionary, config.grad_clip, context)
+    for shared in (shared_gradients or {}).values():
+        shared.check_complete()
     if buffers is not None:
         buffers.drop_gradients()  # those no backward wrote into (b_enc's, b_dec's)
     optimizer.step()
