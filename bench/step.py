@@ -14,8 +14,10 @@ Each variant runs in its own process so that peak memory (CUDA: max allocated; C
 own. Ends with one line of JSON: ``speedup_vs_dense`` = dense / ours, ``ratio_to_floor`` = ours / floor and
 ``diff_sae_ratio_to_floor`` = the diff-SAE's step / its own floor GEMM ([B, d] × [d, F]), each the median of
 ``--repeats`` ratios timed in pairs in the step's process (``ratio_of_medians_to_floor``: the two processes' medians),
-``matryoshka_vs_batchtopk`` and ``dedicated_vs_batchtopk`` = the variant's step / ours, ``state_mb`` (crosscoder) and
-``diff_sae_state_mb``: the unavoidable state (``state_mb``), and ``<variant>_peak_over_state`` = its peak / that.
+``matryoshka_vs_batchtopk``, ``dedicated_vs_batchtopk`` and ``dead_latents_vs_batchtopk`` (10% of the latents dead at
+every step, so that AuxK runs, as late in a run; the other steps have none dead) = the variant's step / ours,
+``state_mb`` (crosscoder) and ``diff_sae_state_mb``: the unavoidable state (``state_mb``), and
+``<variant>_peak_over_state`` = its peak / that.
 
     python bench/step.py                                   # CPU: d=512, 2 sources, F=16384, k=64, B=4096
     python bench/step.py --d-model 2304 --dict-size 73728 --k 100 --batch 4096   # on a GPU
@@ -64,9 +66,10 @@ def dense_step(args, device):
     return step
 
 
-def our_step(args, device, architecture="batchtopk"):
+def our_step(args, device, architecture="batchtopk", dead_fraction=0.0):
     """The library's training step exactly as ``crosscoder.train`` runs it: ``Trainee.step`` on raw paired
-    activations (input, normalisation, ``training_step``, schedule, dead-latent counters, θ, metric window)."""
+    activations (input, normalisation, ``training_step``, schedule, dead-latent counters, θ, metric window). With
+    ``dead_fraction``, that share of the latents is dead at every step (AuxK decodes them: a step late in a run)."""
     from crosscoder.distributed import Distributed
     from crosscoder.training import Trainee
     from crosscoder.training.trainee import new_dictionary
@@ -79,7 +82,13 @@ def our_step(args, device, architecture="batchtopk"):
     x = torch.randn(args.batch, args.sources, args.d_model, device=device)  # raw paired activations
     steps = iter(range(10**9))
     context = Distributed()
-    return lambda: trainee.step(x, next(steps), config, context)
+    n_dead = int(dead_fraction * args.dict_size)
+
+    def step():
+        trainee.tokens_since_fired[:n_dead] = config.dead_tokens  # dead again (a step resets the latents it fires)
+        return trainee.step(x, next(steps), config, context)
+
+    return step
 
 
 def floor_step(args, device):
@@ -113,6 +122,10 @@ def dictionary_learning_step(args, device):
     return lambda: trainer.update(next(counter), x)
 
 
+DEAD_FRACTION = 0.1
+"""The share of dead latents in the ``ours_dead_latents`` variant."""
+
+
 def state_mb(args, architecture: str) -> float:
     """The state no step can do without: fp32 weights, their gradients, Adam's two moments, and the batch of raw
     paired activations [B, S, d]. A crosscoder (any variant) encodes S·d inputs, a diff-SAE d."""
@@ -128,6 +141,7 @@ VARIANTS = {
     "ours_diff_sae": lambda args, device: our_step(args, device, "diff_sae"),
     "ours_matryoshka": lambda args, device: our_step(args, device, "matryoshka"),
     "ours_dedicated": lambda args, device: our_step(args, device, "dedicated"),
+    "ours_dead_latents": lambda args, device: our_step(args, device, dead_fraction=DEAD_FRACTION),
     "dictionary_learning_diff_sae": dictionary_learning_step,
 }
 
@@ -245,7 +259,7 @@ def main() -> None:
             f"{name}_peak_over_state": round(
                 results[name]["peak_mb"] / state_mb(args, "diff_sae" if name == "ours_diff_sae" else "batchtopk"), 3
             )
-            for name in ("ours", "ours_diff_sae", "ours_matryoshka", "ours_dedicated")
+            for name in ("ours", "ours_diff_sae", "ours_matryoshka", "ours_dedicated", "ours_dead_latents")
             if results.get(name)
         },
         "speedup_vs_dense": ratio(seconds("dense"), seconds("ours")),
@@ -254,7 +268,7 @@ def main() -> None:
         "ratio_of_medians_to_floor": ratio(seconds("ours"), seconds("floor")),
         **{
             f"{name}_vs_batchtopk": ratio(seconds(f"ours_{name}"), seconds("ours"))
-            for name in ("matryoshka", "dedicated")
+            for name in ("matryoshka", "dedicated", "dead_latents")
         },
         "dictionary_learning_vs_ours_diff_sae": ratio(
             seconds("dictionary_learning_diff_sae"), seconds("ours_diff_sae")

@@ -36,6 +36,7 @@ FIGURES = {
         "diff_sae_ratio_to_floor",
         "matryoshka_vs_batchtopk",
         "dedicated_vs_batchtopk",
+        "dead_latents_vs_batchtopk",
         "state_mb",
         "ours_peak_over_state",
     ],
