@@ -119,7 +119,7 @@ def training_step(
     # the previous step's gradients are let go only now, after the forward (released before it, the backward took
     # 1.5-1.75x as long on the development machine); with ``buffers`` the backward writes the new ones into their
     # storage instead of fresh pages (docs/methods.md §4.2)
-    if buffers is not None:
+    if buffers is not None and dictionary.keeps_gradients_between_steps:
         buffers.keep_gradients(dictionary.parameters())
     optimizer.zero_grad(set_to_none=True)
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
