@@ -9,7 +9,8 @@ Three primitives do all the work, here and in the sparse encoder backward (``spa
 
 - ``row_gather_sum``: per row, the value-weighted sum of gathered table rows (decode forward, ``∂x``);
 - ``latent_scatter_sum``: per latent, the same over the latent-sorted view: a segmented sum, so the scatter-add
-  into latent rows is deterministic without atomics (``∂W_dec``, ``∂W_enc``; ``latent_value_sums`` gives ``∂b_enc``);
+  into latent rows is deterministic without atomics (``∂W_dec``, ``∂W_enc``; ``latent_value_sums`` gives ``∂b_enc``,
+  ``latent_scatter_rows`` only the rows of latents with entries);
 - ``entry_dot``: per active entry, a dot product of a row of one matrix with a latent row of another (``∂values``).
 
 Each has a Triton kernel and a plain-PyTorch reference (the CPU path, see ``backend.py``); both accumulate in
@@ -230,12 +231,9 @@ def _latent_scatter_sum_reference(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The latents' segmented sums by MKL's sparse × dense product (``addmm`` with β = 0, the segments as CSR rows)
-    into ``out`` (or a new tensor); ``_segment_gather_sum_reference`` where torch has no MKL or the sums need a wider
-    dtype. Into the previous step's gradient it is faster than ``embedding_bag`` into fresh memory (2 cores, fp32:
-    97 against 157 ms at F = 73,728, D = 4,608, nnz = 102,400; 16 against 24 ms at F = 16,384, D = 1,024,
-    nnz = 262,144), and as fast into fresh memory; ``embedding_bag``'s own ``out=`` form computes into fresh memory
-    and copies. The first step of a run (no gradient kept yet) takes the same path, so a resumed run stays bitwise
-    equal to one run straight through."""
+    into ``out`` (or a new tensor: the first step of a run, with no gradient kept yet, takes the same path, so a
+    resumed run stays bitwise equal to one run straight through); ``_segment_gather_sum_reference`` where torch has no
+    MKL or the sums need a wider dtype (timings: the module's docstring)."""
     if table.dtype != accumulation_dtype(table.dtype) or not torch.backends.mkl.is_available():
         summed = _segment_gather_sum_reference(offsets, index, order, values, table)
         return summed if out is None else out.copy_(summed)
