@@ -1,9 +1,10 @@
 """The training forward's BatchTopK without the whole ``[batch, dict_size]`` score matrix (CPU; docs/methods.md §4.2).
 
-The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer, each
-block's encoder rows scaled by the code norms as it goes (no scaled copy of the whole encoder). Of each block only
-the scores ≥ a candidate bound β are kept (compared into one reused mask), and the dead latents' columns (AuxK ranks
-them); a counting sort by row puts the candidates in ascending flat order. β is the previous step's threshold ×
+The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer of
+pre-activations. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate bound β are kept — the pre-activations
+compared with a per-latent bound just under β / c_j (into one reused mask), and only those that pass scaled into
+scores and compared with β — and the dead latents' columns (AuxK ranks them); a counting sort by row puts the
+candidates in ascending flat order. β is the previous step's threshold ×
 ``CANDIDATE_MARGIN``; on a first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When
 at least ``k · B`` candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what
 ``batch_topk`` selects on the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix
@@ -67,7 +68,7 @@ def select_in_latent_blocks(
     buffers: StepBuffers,
     dead: torch.Tensor | None = None,
 ) -> BlockedSelection:
-    """BatchTopK of the scores ``f · c = ReLU(encoder_input @ (c · encoder).T + c · encoder_bias)`` [batch, dict_size]
+    """BatchTopK of the scores ``f · c = ReLU(encoder_input @ encoder.T + encoder_bias) · c`` [batch, dict_size]
     (``encoder`` [dict_size, width], ``encoder_bias`` and ``code_norms`` c [dict_size]; c None: c ≡ 1), keeping the
     ``n_keep`` largest of the global batch (``context``'s all-reduce), with ``dead`` [dict_size] bool the latents
     whose columns to return."""
@@ -90,8 +91,10 @@ def select_in_latent_blocks(
     if found is None:  # the whole matrix decides
         scores = buffers.get("scores", (batch, dict_size), encoder)
         for latents, block in blocks(encoder_input):
-            scores[:, latents].copy_(block)
             _keep_dead_columns(block, latents, dead_latents, dead_scores)
+            scores[:, latents].copy_(blocks.scores(block, latents))
+        if dead_scores is not None:
+            blocks.scores(dead_scores, dead_latents)
         selection = batch_topk(scores, n_keep, reduce, **ranks)  # checks the scores' values
         kept_scores = scores[selection.rows, selection.latents]
         buffers.release("scores")  # rarely needed: not kept between steps (the step's output holds it meanwhile)
@@ -104,47 +107,56 @@ def select_in_latent_blocks(
 
 
 class _ScoreBlocks:
-    """The scores ``ReLU(x @ (c · encoder).T + c · encoder_bias)`` (or the same before the ReLU) one block of
-    ``LATENT_BLOCK`` latents at a time,
-    into buffers reused for every block of one pass (the block's scaled encoder rows and its scores). They are freed
-    when the pass ends, not kept for the next step: held through the rest of the step they would add to its peak,
-    and 8 MB of huge pages are paged in again in well under a millisecond."""
+    """The encoder's pre-activations ``x @ encoder.T + encoder_bias`` one block of ``LATENT_BLOCK`` latents at a time,
+    into one buffer reused for every block of one pass, and the scores ``ReLU(pre) · c`` formed from them (``scores``):
+    the code norms scale the scores, not the encoder's rows, so no scaled copy of the encoder is read or written (at
+    the paper's width, d = 2 × 2,304 and a batch of 1,024, scaling each block's rows took 107 ms a step). The buffer
+    is freed when the pass ends, not kept for the next step: held through the rest of the step it would add to its
+    peak."""
 
     def __init__(self, encoder: torch.Tensor, encoder_bias: torch.Tensor, code_norms: torch.Tensor | None) -> None:
-        self.encoder, self.code_norms = encoder, code_norms
-        self.bias = encoder_bias if code_norms is None else encoder_bias * code_norms
+        self.encoder, self.bias, self.code_norms = encoder, encoder_bias, code_norms
 
     def provably_finite(self, x: torch.Tensor) -> bool:
-        """Whether no score on ``x`` [batch, width] can be NaN or ±inf: the scaled encoder ``c · encoder`` cannot
-        overflow (``max|c| · max|encoder|``), and ``max|c · bias| + width · max(1, max|x|) · max|c| · max|encoder|``,
-        which bounds every score, every product and every partial sum of the GEMM, is under half the dtype's
-        maximum (rounding adds far less). Then the scores need no check of their own."""
+        """Whether no score on ``x`` [batch, width] can be NaN or ±inf: ``max|bias| + width · max(1, max|x|) ·
+        max|encoder|``, which bounds every pre-activation, product and partial sum of the GEMM, times ``max(1,
+        max|c|)``, which then bounds every score, is under half the dtype's maximum (rounding adds far less). Then
+        the scores need no check of their own."""
 
         def largest(t: torch.Tensor) -> float:
             low, high = torch.aminmax(t)
             return max(-float(low), float(high))
 
-        weight = largest(self.encoder) * (1.0 if self.code_norms is None else largest(self.code_norms))
         inputs = largest(x)
-        bound = largest(self.bias) + x.shape[1] * (1.0 if inputs <= 1.0 else inputs) * weight  # NaN stays NaN
-        limit = torch.finfo(self.encoder.dtype).max / 2
-        return math.isfinite(bound) and bound < limit and weight < limit
+        bound = largest(self.bias) + x.shape[1] * (1.0 if inputs <= 1.0 else inputs) * largest(self.encoder)
+        if self.code_norms is not None:
+            scale = largest(self.code_norms)
+            bound *= 1.0 if scale <= 1.0 else scale  # NaN stays NaN
+        return math.isfinite(bound) and bound < torch.finfo(self.encoder.dtype).max / 2
 
-    def __call__(self, x: torch.Tensor, relu: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
-        """For each block: its latents (a slice) and its scores [batch, block size] (overwritten by the next); without
-        ``relu``, the scores before the ReLU."""
-        dict_size, width = self.encoder.shape
+    def __call__(self, x: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """For each block: its latents (a slice) and its pre-activations [batch, block size] (overwritten by the
+        next)."""
+        dict_size = self.encoder.shape[0]
         size = min(LATENT_BLOCK, dict_size)
-        scores = self.encoder.new_empty(x.shape[0] * size)
-        scaled = None if self.code_norms is None else self.encoder.new_empty(size, width)
+        buffer = self.encoder.new_empty(x.shape[0] * size)
         for start in range(0, dict_size, size):
             latents = slice(start, min(dict_size, start + size))
-            weight = self.encoder[latents]
-            if scaled is not None:
-                weight = torch.mul(weight, self.code_norms[latents, None], out=scaled[: len(weight)])
-            block = scores[: x.shape[0] * len(weight)].view(x.shape[0], len(weight))
-            torch.addmm(self.bias[latents], x, weight.T, out=block)
-            yield latents, block.relu_() if relu else block
+            block = buffer[: x.shape[0] * (latents.stop - start)].view(x.shape[0], latents.stop - start)
+            yield latents, torch.addmm(self.bias[latents], x, self.encoder[latents].T, out=block)
+
+    def scores(self, pre: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
+        """``ReLU(pre) · c`` of pre-activations [rows, n] of ``latents``, in place (returned)."""
+        pre.relu_()
+        return pre if self.code_norms is None else pre.mul_(self.code_norms[latents])
+
+    def candidate_bounds(self, latents: slice, bound: float) -> float | torch.Tensor:
+        """For each of ``latents``, a bound on its pre-activations that every score ≥ ``bound`` > 0 meets: ``bound``
+        itself with c ≡ 1, else ``bound / c_j`` lowered by 2⁻²⁰ (relative), more than the rounding of the score's
+        product and of the division can take away (at most 3 units of 2⁻²⁴ in float32); [n], inf where c_j = 0."""
+        if self.code_norms is None:
+            return bound
+        return (bound / self.code_norms[latents]).mul_(1 - 2**-20)
 
 
 def _candidates(
@@ -155,14 +167,15 @@ def _candidates(
     bound: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the blocked GEMM: the scores ≥ ``bound`` > 0 (ascending flat indices [n] and scores [n]), the dead
-    latents' columns written into ``dead_scores``. The blocks skip the ReLU: with a positive bound a score before it
-    is a candidate exactly when the score after it is, and is the same score (a bound that rounds to 0 in the scores'
-    dtype adds negative scores and zeros, which are never kept)."""
+    latents' columns written into ``dead_scores``. Each block's pre-activations are compared with each latent's
+    ``candidate_bounds`` (no ReLU, no scaling: a score ≥ ``bound`` > 0 has a positive pre-activation above its
+    latent's bound), and only the few that pass are scaled into scores and kept if those are ≥ ``bound``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
+    block_size = min(LATENT_BLOCK, dict_size)
     # one mask for every block: a fresh [batch, LATENT_BLOCK] one per block (2 MB at a batch of 4,096) would be paged
     # in afresh each time; freed after the pass (kept between steps, it would add to the step's later peak)
-    mask = torch.empty(batch * min(LATENT_BLOCK, dict_size), dtype=torch.bool, device=encoder_input.device)
-    compared = blocks.encoder.new_empty(min(COMPARE_CHUNK, len(mask)))
+    mask = torch.empty(batch * block_size, dtype=torch.bool, device=encoder_input.device)
+    compared = blocks.encoder.new_empty(max(min(COMPARE_CHUNK, len(mask)), block_size))
     # the proof reads the input and the encoder once; where the encoder is larger than the batch of scores (a wide
     # input), each block's sum is the cheaper check
     checked = encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input)
@@ -170,19 +183,27 @@ def _candidates(
     # of the flat indices while the blocks are scanned) and scores, and their count in each row
     position_dtype = torch.int32 if len(mask) < 2**31 else torch.int64
     latent_blocks, positions, values, row_counts = [], [], [], []
-    for block_latents, block in blocks(encoder_input, relu=False):
-        flat = block.view(-1)
+    for block_latents, block in blocks(encoder_input):
+        width = block.shape[1]
         if checked:
-            _check_finite(flat)
-        within = _true_positions(_at_least(flat, bound, mask[: flat.numel()], compared))
+            _check_finite(block.view(-1))
+        passed = _at_least(block, blocks.candidate_bounds(block_latents, bound), mask, compared)
+        within = _true_positions(passed)
+        latents = within.remainder(width).add_(block_latents.start)
+        scores = blocks.scores(block.view(-1).index_select(0, within), latents)
+        exact = (scores >= bound).nonzero().squeeze(1)
+        if len(exact) < len(within):  # passed the lowered bound only
+            within, scores = within.index_select(0, exact), scores.index_select(0, exact)
+        if checked:
+            check_score_values(scores)  # a finite pre-activation times c may still overflow
         latent_blocks.append(block_latents)
         positions.append(within.to(position_dtype))
-        values.append(flat.index_select(0, within))
-        row_counts.append(torch.bincount(within.div(block.shape[1], rounding_mode="floor"), minlength=batch))
+        values.append(scores)
+        row_counts.append(torch.bincount(within.div(width, rounding_mode="floor"), minlength=batch))
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
     if dead_scores is not None:
-        dead_scores.relu_()
-    del mask, compared, block, flat  # the last block's scores too: before the sort's outputs are allocated
+        blocks.scores(dead_scores, dead_latents)
+    del mask, compared, block  # the last block too: before the sort's outputs are allocated
     # a counting sort by row into row-major order over the whole matrix: the blocks cover ascending latents and each
     # block's candidates are row-major, so row r's candidates of block j follow its candidates of the blocks before j
     counts = torch.stack(row_counts)  # [n_blocks, batch]
@@ -204,20 +225,25 @@ def _candidates(
 
 
 def _check_finite(scores: torch.Tensor) -> None:
-    """``check_score_values`` of ReLU(``scores``) [n] (scores before the ReLU), with a pass over them only when their
-    sum is not finite (NaN or ±inf among them, or an overflow): one reduction instead of a ReLU and a min-max. (A
-    bias of −inf is a score of 0, as ``batch_topk`` sees it after the ReLU.)"""
+    """``check_score_values`` of ReLU(``scores``) [n] (pre-activations), with a pass over them only when their sum is
+    not finite (NaN or ±inf among them, or an overflow): one reduction instead of a ReLU and a min-max. (A bias of −inf
+    is a score of 0, as ``batch_topk`` sees it after the ReLU.)"""
     if not math.isfinite(float(scores.sum(dtype=torch.float32))):
         check_score_values(torch.relu(scores))
 
 
-def _at_least(scores: torch.Tensor, bound: float, mask: torch.Tensor, compared: torch.Tensor) -> torch.Tensor:
-    """``mask`` [n] bool ← ``scores`` [n] ≥ ``bound``, through the float buffer ``compared`` (``COMPARE_CHUNK``)."""
-    for start in range(0, len(scores), len(compared)):
-        part = scores[start : start + len(compared)]
-        torch.ge(part, bound, out=compared[: len(part)])
-        mask[start : start + len(part)].copy_(compared[: len(part)])
-    return mask
+def _at_least(
+    block: torch.Tensor, bounds: float | torch.Tensor, mask: torch.Tensor, compared: torch.Tensor
+) -> torch.Tensor:
+    """``mask`` ← ``block`` [rows, n] ≥ ``bounds`` (a number, or one per column [n]), flat [rows · n] bool, through
+    the float buffer ``compared`` (``COMPARE_CHUNK`` scores, whole rows at a time)."""
+    rows, width = block.shape
+    step = max(1, len(compared) // width)
+    for start in range(0, rows, step):
+        part = block[start : start + step]
+        torch.ge(part, bounds, out=compared[: part.numel()].view(part.shape))
+        mask[start * width : start * width + part.numel()].copy_(compared[: part.numel()])
+    return mask[: rows * width]
 
 
 def _true_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -248,6 +274,6 @@ def _sampled_threshold(encoder_input: torch.Tensor, blocks: _ScoreBlocks, n_keep
     sample = encoder_input[:: max(1, batch // SAMPLE_ROWS)].contiguous()
     scores = sample.new_empty(sample.shape[0], blocks.encoder.shape[0])
     for latents, block in blocks(sample):
-        scores[:, latents] = block
+        scores[:, latents] = blocks.scores(block, latents)
     per_row = n_keep / batch
     return float(batch_topk_threshold(scores, max(1, round(per_row * sample.shape[0]))).value)

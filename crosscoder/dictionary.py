@@ -382,9 +382,9 @@ class SparseDictionary(
         scores = min_kept = dead_columns = None
         with torch.no_grad():
             if self.uses_batch_topk:
-                # f_j · c_j = ReLU(x · (c_j W_enc[j]) + c_j b_enc[j]) since c_j > 0: the GEMM yields the scores
-                # directly, and the kept f are recovered as scores / c on the kept entries only (with c ≡ 1 the
-                # scores are the activations: W_enc as it is).
+                # the scores f · c = ReLU(x · W_enc[j] + b_enc[j]) · c_j, scaled after the GEMM as inference scales
+                # them (select_with_threshold); the kept f are recovered as scores / c on the kept entries only (with
+                # c ≡ 1 the scores are the activations)
                 c = None if self.unit_code_norms else self.code_norms()
                 context = context or Distributed()
                 in_blocks = buffers is not None and resolve_backend(encoder_input.device) == "reference"
@@ -397,13 +397,11 @@ class SparseDictionary(
                     )
                     min_kept, dead_columns = selection.threshold, found.dead_columns
                 else:
-                    weight, bias = W_enc, self.b_enc
-                    if c is not None:
-                        scaled = None if buffers is None else buffers.get("scaled_encoder", tuple(W_enc.shape), W_enc)
-                        weight, bias = torch.mul(W_enc, c[:, None], out=scaled), self.b_enc * c
                     shape = (encoder_input.shape[0], W_enc.shape[0])
                     scores = None if buffers is None else buffers.get("scores", shape, W_enc)
-                    scores = torch.addmm(bias, encoder_input, weight.T, out=scores).relu_()
+                    scores = torch.addmm(self.b_enc, encoder_input, W_enc.T, out=scores).relu_()
+                    if c is not None:
+                        scores.mul_(c)
                     codes, min_kept = self._select(scores, k or self.k, context)
                     kept = codes.gather(scores)
                 if c is not None:

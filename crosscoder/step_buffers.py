@@ -56,8 +56,8 @@ class SharedGradient:
 
 
 class StepBuffers:
-    """The large temporaries of a training step (the scaled encoder and the whole score matrix when the matrix is
-    formed, the dead latents' columns), kept from one step to the next, and the gradients lent to the next backward.
+    """The large temporaries of a training step (the whole score matrix when the matrix is formed, the dead latents'
+    columns), kept from one step to the next, and the gradients lent to the next backward.
     Tensors a step returns (``TrainingOutput.scores``, ``dead_columns``) alias them and are overwritten by the next
     step."""
 

@@ -34,7 +34,7 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, sca
     x, weight, bias = integer_encoder()
     code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
     c = 1 if code_norms is None else code_norms
-    scores = torch.addmm(bias * c, x, (weight * c[:, None] if scaled else weight).T).relu_()
+    scores = torch.addmm(bias, x, weight.T).relu_() * c
     exact = batch_topk(scores, N_KEEP)
     buffers = StepBuffers()
     if relative_bound is not None:
@@ -53,6 +53,29 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, sca
     if too_high:
         assert torch.equal(found.scores, scores)
     assert buffers.candidate_bound == CANDIDATE_MARGIN * exact.threshold.item()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_it(seed, monkeypatch) -> None:
+    """Floats and code norms from 0.3 to 3 (and one 0): the bound set to the exact threshold (a score, tied at β) and
+    to scores just below it — each latent's pre-activations compared with β / c_j, lowered, then the passing ones
+    scaled — finds exactly the scores ≥ β, so the selection is the whole matrix's."""
+    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 8)
+    generator = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(BATCH, WIDTH, generator=generator), torch.randn(DICT_SIZE, WIDTH, generator=generator)
+    bias = torch.randn(DICT_SIZE, generator=generator)
+    code_norms = torch.rand(DICT_SIZE, generator=generator) * 2.7 + 0.3
+    code_norms[11] = 0
+    scores = torch.addmm(bias, x, weight.T).relu_() * code_norms
+    exact = batch_topk(scores, N_KEEP)
+    ranked = scores.flatten().sort(descending=True).values
+    for bound in (exact.threshold.item(), ranked[N_KEEP].item(), ranked[N_KEEP + 5].item()):
+        buffers = StepBuffers()
+        buffers.candidate_bound = bound
+        found = select_in_latent_blocks(x, weight, bias, code_norms, N_KEEP, Distributed(), buffers)
+        assert found.scores is None  # the candidates sufficed
+        assert torch.equal(found.selection.rows, exact.rows) and torch.equal(found.selection.latents, exact.latents)
+        assert torch.equal(found.kept_scores, scores[exact.rows, exact.latents])
 
 
 def test_without_dead_latents_no_columns_are_kept() -> None:
@@ -109,20 +132,21 @@ def test_scores_need_no_check_only_when_finite_inputs_bound_them(tensor, positio
     assert blocks.provably_finite(inputs["x"]) == finite
 
 
-def test_a_scaled_encoder_that_overflows_its_dtype_is_checked() -> None:
-    """float16: c · W reaches 9·10⁴ (> 65,504) although every input is finite and the inputs are small; the scores
-    are then NaN (0 · inf) and the blocked selection refuses them as the whole matrix's does."""
+def test_a_score_that_overflows_its_dtype_is_refused_though_its_pre_activation_is_finite() -> None:
+    """float16: a pre-activation of 300 times a code norm of 300 is 9·10⁴ (> 65,504): the score is inf although
+    every input and pre-activation is finite, and the blocked selection refuses it as the whole matrix's does."""
     half = torch.float16
-    x = torch.full((8, 2), 1e-3, dtype=half)
-    x[:, 1] = 0
+    x = torch.zeros(8, 2, dtype=half)
+    x[:, 0] = 1
     weight, code_norms, bias = torch.ones(16, 2, dtype=half), torch.ones(16, dtype=half), torch.zeros(16, dtype=half)
     weight[3], code_norms[3] = 300, 300
     assert not blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
-    buffers = StepBuffers()
-    buffers.candidate_bound = 1e-4
-    with pytest.raises(ValueError, match="NaN"):
-        select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
-    code_norms[3] = 10  # |c · W| ≤ 3,000 and every score ≤ 2 · 1 · 3,000: provably finite
+    for bound in (1e-4, None):
+        buffers = StepBuffers()
+        buffers.candidate_bound = bound
+        with pytest.raises(ValueError, match="inf"):
+            select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
+    code_norms[3] = 10  # every score ≤ 2 · 1 · 300 · 10: provably finite
     assert blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
 
 
