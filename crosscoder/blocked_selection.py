@@ -152,11 +152,12 @@ class _ScoreBlocks:
 
     def candidate_bounds(self, latents: slice, bound: float) -> float | torch.Tensor:
         """For each of ``latents``, a bound on its pre-activations that every score ≥ ``bound`` > 0 meets: ``bound``
-        itself with c ≡ 1, else ``bound / c_j`` lowered by 2⁻²⁰ (relative), more than the rounding of the score's
-        product and of the division can take away (at most 3 units of 2⁻²⁴ in float32); [n], inf where c_j = 0."""
+        itself with c ≡ 1, else ``bound / c_j`` lowered by 4 ε (relative; ε the dtype's machine epsilon, 2⁻²³ in
+        float32), more than the rounding of the score's product, of the division and of the lowering can take away
+        (3 units of ε / 2); [n], inf where c_j = 0."""
         if self.code_norms is None:
             return bound
-        return (bound / self.code_norms[latents]).mul_(1 - 2**-20)
+        return (bound / self.code_norms[latents]).mul_(1 - 4 * torch.finfo(self.code_norms.dtype).eps)
 
 
 def _candidates(

@@ -55,8 +55,9 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, sca
     assert buffers.candidate_bound == CANDIDATE_MARGIN * exact.threshold.item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seed", range(4))
-def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_it(seed, monkeypatch) -> None:
+def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_it(seed, dtype, monkeypatch) -> None:
     """Floats and code norms from 0.3 to 3 (and one 0): the bound set to the exact threshold (a score, tied at β) and
     to scores just below it — each latent's pre-activations compared with β / c_j, lowered, then the passing ones
     scaled — finds exactly the scores ≥ β, so the selection is the whole matrix's."""
@@ -66,7 +67,9 @@ def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_i
     bias = torch.randn(DICT_SIZE, generator=generator)
     code_norms = torch.rand(DICT_SIZE, generator=generator) * 2.7 + 0.3
     code_norms[11] = 0
-    scores = torch.addmm(bias, x, weight.T).relu_() * code_norms
+    x, weight, bias, code_norms = (tensor.to(dtype) for tensor in (x, weight, bias, code_norms))
+    scores = torch.cat([torch.addmm(bias[j : j + 8], x, weight[j : j + 8].T) for j in range(0, DICT_SIZE, 8)], dim=1)
+    scores = scores.relu_() * code_norms  # as the blocks compute them
     exact = batch_topk(scores, N_KEEP)
     ranked = scores.flatten().sort(descending=True).values
     for bound in (exact.threshold.item(), ranked[N_KEEP].item(), ranked[N_KEEP + 5].item()):
