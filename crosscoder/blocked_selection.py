@@ -37,12 +37,13 @@ SAMPLED_MARGIN = 0.8
 """A first step's bound: the threshold estimated on ``SAMPLE_ROWS`` rows, × 0.8 (the estimate is noisier)."""
 SAMPLE_ROWS = 256
 LATENT_BLOCK = 512
-"""Latents per block of the encoder GEMM: a [batch, 512] block of scores at a time (8 MB at a batch of 4,096). On
-the development CPU the blocked GEMM is as fast as the whole one, and bitwise equal to it; blocks of 256 rows (the
-previous layout) were 20% slower."""
+"""Latents per block of the encoder GEMM: a [batch, 512] block of pre-activations at a time (8 MB at a batch of
+4,096). On the development CPU the blocked GEMM is as fast as the whole one, and bitwise equal to it; blocks of 256
+rows (the previous layout) were 20% slower."""
 COMPARE_CHUNK = 1 << 18
-"""Scores compared with the bound at a time, into a float buffer (1 MB) then copied to the bool mask: on CPU a
-compare into float and a copy to bool take 0.27 ms per [4096, 512] block, a compare into bool 0.68 ms."""
+"""Pre-activations compared with their bounds at a time (whole rows), into a float buffer (1 MB) then copied to the
+bool mask: on CPU a compare into float and a copy to bool take 0.27 ms per [4096, 512] block, a compare into bool
+0.68 ms."""
 
 
 @dataclass

@@ -180,7 +180,7 @@ class SparseDictionary(
     uses_batch_topk: ClassVar[bool] = True
     unit_code_norms: ClassVar[bool] = False
     """Whether ``c_j ≡ 1`` (the SAE's unit-norm decoder rows): the scores ``f · c`` are then the activations themselves,
-    and the training forward ranks them without scaling the encoder."""
+    and the training forward ranks them without scaling them."""
     subtracts_decoder_bias: bool = False
     """Whether the encoder reads ``x̃ − b_dec`` (the SAE; a crosscoder built with ``centered_encoder=True``)."""
     input: DictionaryInput = PAIRED
