@@ -64,6 +64,7 @@ class StepBuffers:
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
         self._gradients: dict[int, torch.Tensor] = {}
+        self._wanted: set[int] = set()  # the parameters this step's ``shared_gradient`` calls named
         self.candidate_bound: float | None = None
         """A lower bound for the next BatchTopK selection's candidates: this step's threshold lowered by
         ``CANDIDATE_MARGIN`` (the selection is exact whatever it is)."""
@@ -80,11 +81,11 @@ class StepBuffers:
         self._tensors.pop(name, None)
 
     def keep_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Take the parameters' gradients (each ``grad`` becomes None, as ``zero_grad(set_to_none=True)`` leaves it)
-        and hold them for ``shared_gradient`` until ``drop_gradients``: called between a step's forward and its
-        backward."""
+        """Take the gradients of those of ``parameters`` that this step's forward asked a ``shared_gradient`` for
+        (each ``grad`` becomes None, as ``zero_grad(set_to_none=True)`` leaves it) and hold them for it until
+        ``drop_gradients``: called between a step's forward and its backward."""
         for parameter in parameters:
-            if parameter.grad is not None:
+            if parameter.grad is not None and id(parameter) in self._wanted:
                 self._gradients[id(parameter)] = parameter.grad
                 parameter.grad = None
 
@@ -92,6 +93,7 @@ class StepBuffers:
         """This step's ``SharedGradient`` of ``parameter`` seen as ``shape`` (a view of the parameter's, e.g.
         ``W_dec.flatten(1)``), writing into the gradient kept for it, if any, when its primary runs. The kept tensor
         is then forgotten here, so that autograd takes it as the new ``grad`` without a copy."""
+        self._wanted.add(id(parameter))
 
         def storage() -> torch.Tensor | None:
             kept = self._gradients.pop(id(parameter), None)
@@ -101,5 +103,6 @@ class StepBuffers:
         return SharedGradient(storage)
 
     def drop_gradients(self) -> None:
-        """Free the kept gradients no backward took (called after the backward)."""
+        """Free the kept gradients no backward took (called after the backward) and forget this step's requests."""
         self._gradients.clear()
+        self._wanted.clear()

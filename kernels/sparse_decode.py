@@ -311,7 +311,8 @@ def latent_scatter_rows(
     values: torch.Tensor, codes: SparseCodes, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``latent_scatter_sum`` that can be non-zero: (the latents with at least one entry [n] ascending,
-    their sums [n, D]), without the [F, D] tensor (AuxK's few dead latents: ``crosscoder.step_buffers``)."""
+    their sums [n, D]), without the [F, D] tensor (AuxK's few dead latents: ``crosscoder.step_buffers``). Listing
+    them is a host sync on a GPU (AuxK's forward already makes one to list its picks)."""
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.batch_size, None), codes.device)
     check_same_dtype(values=values, table=table)

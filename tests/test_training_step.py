@@ -155,6 +155,7 @@ def test_a_step_with_buffers_writes_the_decoder_and_encoder_gradients_into_the_p
         for step in range(3):
             x_normalized = dictionary.normalize(dictionary.input_from_pair(x[step:]))
             training_step(dictionary, optimizer, x_normalized, step=step, dead=dead, config=CONFIG, buffers=buffers)
+            assert buffers is None or not buffers._gradients  # nothing held past the backward
             storage.append({n: p.grad.data_ptr() for n, p in dictionary.named_parameters() if n.startswith("W_")})
         if buffers is not None and dictionary.keeps_gradients_between_steps:  # not a Matryoshka dictionary's
             reused = [name for name in storage[0] if kind != "l1" or name == "W_enc"]

@@ -140,7 +140,7 @@ def training_step(
     for shared in (shared_gradients or {}).values():
         shared.check_complete()
     if buffers is not None:
-        buffers.drop_gradients()  # those no backward wrote into (b_enc's, b_dec's)
+        buffers.drop_gradients()  # any kept that no backward wrote into
     optimizer.step()
     dictionary.after_optimizer_step()
     return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, active, min_kept_score)
