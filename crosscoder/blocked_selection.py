@@ -28,6 +28,7 @@ from crosscoder.kernels.batch_topk import (
     batch_topk_threshold,
     check_score_values,
 )
+from crosscoder.kernels.block_candidates import CandidateScan, scores_from_pre_activations
 from crosscoder.step_buffers import StepBuffers
 
 CANDIDATE_MARGIN = 0.9
@@ -40,10 +41,6 @@ LATENT_BLOCK = 512
 """Latents per block of the encoder GEMM: a [batch, 512] block of pre-activations at a time (8 MB at a batch of
 4,096). On the development CPU the blocked GEMM is as fast as the whole one, and bitwise equal to it; blocks of 256
 rows (the previous layout) were 20% slower."""
-COMPARE_CHUNK = 1 << 18
-"""Pre-activations compared with their bounds at a time (whole rows), into a float buffer (1 MB) then copied to the
-bool mask: on CPU a compare into float and a copy to bool take 0.27 ms per [4096, 512] block, a compare into bool
-0.68 ms."""
 
 
 @dataclass
@@ -148,8 +145,7 @@ class _ScoreBlocks:
 
     def scores(self, pre: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
         """``ReLU(pre) · c`` of pre-activations [rows, n] of ``latents``, in place (returned)."""
-        pre.relu_()
-        return pre if self.code_norms is None else pre.mul_(self.code_norms[latents])
+        return scores_from_pre_activations(pre, None if self.code_norms is None else self.code_norms[latents])
 
     def candidate_bounds(self, latents: slice, bound: float) -> float | torch.Tensor:
         """For each of ``latents``, a bound on its pre-activations that every score ≥ ``bound`` > 0 meets: ``bound``
@@ -174,38 +170,30 @@ def _candidates(
     latent's bound), and only the few that pass are scaled into scores and kept if those are ≥ ``bound``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
     block_size = min(LATENT_BLOCK, dict_size)
-    # one mask for every block: a fresh [batch, LATENT_BLOCK] one per block (2 MB at a batch of 4,096) would be paged
-    # in afresh each time; freed after the pass (kept between steps, it would add to the step's later peak)
-    mask = torch.empty(batch * block_size, dtype=torch.bool, device=encoder_input.device)
-    compared = blocks.encoder.new_empty(max(min(COMPARE_CHUNK, len(mask)), block_size))
+    # one scan's buffers for every block: fresh ones per block would be paged in afresh each time; freed after the
+    # pass (kept between steps, they would add to the step's later peak)
+    scan = CandidateScan(batch, block_size, blocks.encoder)
     # the proof reads the input and the encoder once; where the encoder is larger than the batch of scores (a wide
     # input), each block's sum is the cheaper check
     checked = encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input)
     # each block's candidates: their latents (a slice), positions in the block (int32 where they fit: half the memory
     # of the flat indices while the blocks are scanned) and scores, and their count in each row
-    position_dtype = torch.int32 if len(mask) < 2**31 else torch.int64
     latent_blocks, positions, values, row_counts = [], [], [], []
     for block_latents, block in blocks(encoder_input):
-        width = block.shape[1]
         if checked:
             _check_finite(block.view(-1))
-        passed = _at_least(block, blocks.candidate_bounds(block_latents, bound), mask, compared)
-        within = _true_positions(passed)
-        latents = within.remainder(width).add_(block_latents.start)
-        scores = blocks.scores(block.view(-1).index_select(0, within), latents)
-        exact = (scores >= bound).nonzero().squeeze(1)
-        if len(exact) < len(within):  # passed the lowered bound only
-            within, scores = within.index_select(0, exact), scores.index_select(0, exact)
+        code_norms = None if blocks.code_norms is None else blocks.code_norms[block_latents]
+        within, scores, counts = scan(block, blocks.candidate_bounds(block_latents, bound), code_norms, bound)
         if checked:
             check_score_values(scores)  # a finite pre-activation times c may still overflow
         latent_blocks.append(block_latents)
-        positions.append(within.to(position_dtype))
+        positions.append(within)
         values.append(scores)
-        row_counts.append(torch.bincount(within.div(width, rounding_mode="floor"), minlength=batch))
+        row_counts.append(counts)
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
     if dead_scores is not None:
         blocks.scores(dead_scores, dead_latents)
-    del mask, compared, block  # the last block too: before the sort's outputs are allocated
+    del scan, block  # the last block too: before the sort's outputs are allocated
     # a counting sort by row into row-major order over the whole matrix: the blocks cover ascending latents and each
     # block's candidates are row-major, so row r's candidates of block j follow its candidates of the blocks before j
     counts = torch.stack(row_counts)  # [n_blocks, batch]
@@ -232,31 +220,6 @@ def _check_finite(scores: torch.Tensor) -> None:
     is a score of 0, as ``batch_topk`` sees it after the ReLU.)"""
     if not math.isfinite(float(scores.sum(dtype=torch.float32))):
         check_score_values(torch.relu(scores))
-
-
-def _at_least(
-    block: torch.Tensor, bounds: float | torch.Tensor, mask: torch.Tensor, compared: torch.Tensor
-) -> torch.Tensor:
-    """``mask`` ← ``block`` [rows, n] ≥ ``bounds`` (a number, or one per column [n]), flat [rows · n] bool, through
-    the float buffer ``compared`` (``COMPARE_CHUNK`` scores, whole rows at a time)."""
-    rows, width = block.shape
-    step = max(1, len(compared) // width)
-    for start in range(0, rows, step):
-        part = block[start : start + step]
-        torch.ge(part, bounds, out=compared[: part.numel()].view(part.shape))
-        mask[start * width : start * width + part.numel()].copy_(compared[: part.numel()])
-    return mask[: rows * width]
-
-
-def _true_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices [n] of a contiguous bool mask's True entries: ``nonzero`` over its 8-byte words first,
-    then over the bytes of the few words holding any (a sparse mask: 2.3× faster than over every byte)."""
-    flat = mask.view(-1)
-    if flat.numel() % 8:
-        return flat.nonzero().squeeze(1)
-    words = flat.view(torch.int64).nonzero().squeeze(1)
-    hits = flat.view(-1, 8).index_select(0, words).view(-1).nonzero().squeeze(1)
-    return words.index_select(0, hits >> 3).mul_(8).add_(hits & 7)
 
 
 def _keep_dead_columns(

@@ -1,7 +1,8 @@
 """``crosscoder.blocked_selection``: the CPU training forward's BatchTopK in latent blocks selects exactly what
 ``batch_topk`` selects on the whole score matrix — bound sampled, below, at (ties) and above the threshold, several
 blocks — returns the dead latents' columns, forms the whole matrix only when the bound is too high, and refuses
-scores that are not finite. (Two processes: tests/test_distributed.py trains through it.)"""
+scores that are not finite — with the C scan of the blocks and with its reference. (Two processes:
+tests/test_distributed.py trains through it.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ import torch
 from crosscoder import blocked_selection
 from crosscoder.blocked_selection import CANDIDATE_MARGIN, select_in_latent_blocks
 from crosscoder.distributed import Distributed
+from crosscoder.kernels import block_candidates
+from crosscoder.kernels.backend import use_backend
 from crosscoder.kernels.batch_topk import batch_topk
 from crosscoder.step_buffers import StepBuffers
 
 BATCH, WIDTH, DICT_SIZE, N_KEEP = 22, 6, 30, 70
+
+
+@pytest.fixture(autouse=True, params=["auto", "reference"], ids=["C scan", "reference scan"])
+def scan_backend(request):
+    """Every test with each implementation of the blocks' scan (``crosscoder.kernels.block_candidates``)."""
+    with use_backend(request.param):
+        yield request.param
 
 
 def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +40,7 @@ def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("relative_bound", [None, 0.5, 1.0, 1.5])
 def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, scaled, monkeypatch) -> None:
     monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)  # eight blocks, the last one short
-    monkeypatch.setattr(blocked_selection, "COMPARE_CHUNK", 7)  # each block compared in 13 parts, the last short
+    monkeypatch.setattr(block_candidates, "COMPARE_CHUNK", 7)  # the reference compares a block in 13 parts
     x, weight, bias = integer_encoder()
     code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
     c = 1 if code_norms is None else code_norms
@@ -151,12 +161,3 @@ def test_a_score_that_overflows_its_dtype_is_refused_though_its_pre_activation_i
             select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
     code_norms[3] = 10  # every score ≤ 2 · 1 · 300 · 10: provably finite
     assert blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
-
-
-@pytest.mark.parametrize("size", [64, 61, 0])
-def test_true_positions_are_nonzero_of_the_mask(size) -> None:
-    """Word by word (sizes divisible by 8) or byte by byte: the ascending flat indices, dense and sparse masks."""
-    generator = torch.Generator().manual_seed(size)
-    for density in (0.0, 0.02, 0.5, 1.0):
-        mask = (torch.rand(size, 3, generator=generator) < density).view(-1, 8 if size % 8 == 0 and size else 1)
-        assert torch.equal(blocked_selection._true_positions(mask), mask.view(-1).nonzero().squeeze(1))

@@ -49,6 +49,7 @@ from crosscoder.organism.settings import (
 from crosscoder.organism.tokenizer import CHAT_MARKERS, SPECIAL_TOKENS, build_tokenizer, llama_config, render_chat
 from crosscoder.organism.training import heldout_losses, pretrain_and_finetune
 from crosscoder.progress import library_progress_bars
+from crosscoder.user_cache import user_cache_root
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class ModelOrganism:
 def default_root(seed: int = 0, general_mix: float = 0.0, settings: OrganismSettings = DEFAULT_SETTINGS) -> Path:
     """``$CROSSCODER_CACHE/organism/<version>-seed<seed>-mix<general_mix>`` (default cache ``~/.cache/crosscoder``);
     non-default settings add a short hash of the settings to the name."""
-    cache = Path(os.environ.get("CROSSCODER_CACHE", Path.home() / ".cache" / "crosscoder"))
+    cache = user_cache_root()
     name = f"{VERSION}-seed{seed}-mix{general_mix:g}"
     if settings != DEFAULT_SETTINGS:
         name += f"-{settings_digest(settings)}"

@@ -1,0 +1,114 @@
+/* The scores of one block of encoder pre-activations that reach a bound, compacted in one pass (CPU).
+ *
+ * crosscoder.kernels.block_candidates compiles this file (native.py) and calls block_candidates() through ctypes;
+ * its plain-PyTorch reference there defines the result, and the tests compare the two (docs/methods.md §4.2).
+ *
+ * For a block pre[rows, width] (row-major float32), per-column bounds (or one scalar bound), per-column code norms c
+ * (or none: c = 1) and a threshold t > 0, the candidates are the entries with
+ *     pre[r, j] >= bound_j   and   score = ReLU(pre[r, j]) * c_j >= t,
+ * in row-major order: their flat positions r * width + j (int32), their scores, and each row's count (int64).
+ * Comparisons are IEEE (NaN passes none); the score is one float32 product, as torch forms it.
+ *
+ * The rows are split into n_threads shares scanned by OpenMP threads — torch's own OpenMP runtime, already loaded
+ * (threads of one's own would compete with its workers, which spin a while after each parallel region); each share
+ * writes into its own part of the outputs (capacity / n_threads entries), and the parts are then moved together. Returns the number of candidates, or, when a share overflowed,
+ * minus the capacity that would have held every share (the counts are complete either way; call again with it).
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *pre;
+    int64_t width, row_begin, row_end;
+    const float *bounds; /* [width], or NULL: scalar_bound for every column */
+    float scalar_bound;
+    const float *norms; /* [width], or NULL: c = 1 */
+    float threshold;
+    int32_t *positions;
+    float *scores;
+    int64_t capacity; /* this share's */
+    int64_t *row_counts;
+    int64_t found;
+} Share;
+
+static inline int64_t keep_if_reaching(const Share *s, int64_t row, int64_t column, int64_t n) {
+    float value = s->pre[row * s->width + column];
+    float score = value > 0.0f ? value : 0.0f;
+    if (s->norms) score *= s->norms[column];
+    if (!(score >= s->threshold)) return n;
+    if (n < s->capacity) {
+        s->positions[n] = (int32_t)(row * s->width + column);
+        s->scores[n] = score;
+    }
+    return n + 1;
+}
+
+static void scan_rows(Share *s) {
+    int64_t n = 0;
+    for (int64_t row = s->row_begin; row < s->row_end; ++row) {
+        const float *values = s->pre + row * s->width;
+        int64_t before = n, column = 0;
+#ifdef __AVX512F__
+        __m512 scalar = _mm512_set1_ps(s->scalar_bound);
+        for (; column + 16 <= s->width; column += 16) {
+            __m512 bound = s->bounds ? _mm512_loadu_ps(s->bounds + column) : scalar;
+            __mmask16 passed = _mm512_cmp_ps_mask(_mm512_loadu_ps(values + column), bound, _CMP_GE_OQ);
+            while (passed) {
+                int lane = __builtin_ctz(passed);
+                passed &= passed - 1;
+                n = keep_if_reaching(s, row, column + lane, n);
+            }
+        }
+#endif
+        for (; column < s->width; ++column) {
+            float bound = s->bounds ? s->bounds[column] : s->scalar_bound;
+            if (values[column] >= bound) n = keep_if_reaching(s, row, column, n);
+        }
+        s->row_counts[row] = n - before;
+    }
+    s->found = n;
+}
+
+int64_t block_candidates(const float *pre, int64_t rows, int64_t width, const float *bounds, float scalar_bound,
+                         const float *norms, float threshold, int32_t *positions, float *scores, int64_t capacity,
+                         int64_t *row_counts, int64_t n_threads) {
+    enum { MAX_THREADS = 64 };
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads > rows) n_threads = rows > 0 ? rows : 1;
+    Share shares[MAX_THREADS];
+    int64_t share_capacity = capacity / n_threads;
+#pragma omp parallel for schedule(static, 1) num_threads(n_threads)
+    for (int64_t t = 0; t < n_threads; ++t) {
+        Share *s = &shares[t];
+        s->pre = pre;
+        s->width = width;
+        s->row_begin = rows * t / n_threads;
+        s->row_end = rows * (t + 1) / n_threads;
+        s->bounds = bounds;
+        s->scalar_bound = scalar_bound;
+        s->norms = norms;
+        s->threshold = threshold;
+        s->positions = positions + t * share_capacity;
+        s->scores = scores + t * share_capacity;
+        s->capacity = share_capacity;
+        s->row_counts = row_counts;
+        scan_rows(s);
+    }
+    int64_t total = 0, largest = 0;
+    for (int64_t t = 0; t < n_threads; ++t) {
+        total += shares[t].found;
+        if (shares[t].found > largest) largest = shares[t].found;
+    }
+    if (largest > share_capacity) return -largest * n_threads;
+    int64_t placed = shares[0].found;
+    for (int64_t t = 1; t < n_threads; ++t) {
+        memmove(positions + placed, shares[t].positions, shares[t].found * sizeof(int32_t));
+        memmove(scores + placed, shares[t].scores, shares[t].found * sizeof(float));
+        placed += shares[t].found;
+    }
+    return total;
+}
