@@ -170,48 +170,23 @@ def _candidates(
     latent's bound), and only the few that pass are scaled into scores and kept if those are ≥ ``bound``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
     block_size = min(LATENT_BLOCK, dict_size)
-    # one scan's buffers for every block: fresh ones per block would be paged in afresh each time; freed after the
-    # pass (kept between steps, they would add to the step's later peak)
+    # one scan for every block: fresh buffers per block would be paged in afresh each time
     scan = CandidateScan(batch, block_size, blocks.encoder)
-    # the proof reads the input and the encoder once; where the encoder is larger than the batch of scores (a wide
-    # input), each block's sum is the cheaper check
-    checked = encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input)
-    # each block's candidates: their latents (a slice), positions in the block (int32 where they fit: half the memory
-    # of the flat indices while the blocks are scanned) and scores, and their count in each row
-    latent_blocks, positions, values, row_counts = [], [], [], []
+    # where the scan does not look for values that are not finite: a proof that there are none, which reads the input
+    # and the encoder once, or where the encoder is larger than the batch of scores (a wide input), each block's sum
+    checked = not scan.sees_non_finite and (encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input))
     for block_latents, block in blocks(encoder_input):
-        if checked:
-            _check_finite(block.view(-1))
         code_norms = None if blocks.code_norms is None else blocks.code_norms[block_latents]
-        within, scores, counts = scan(block, blocks.candidate_bounds(block_latents, bound), code_norms, bound)
-        if checked:
+        bounds = blocks.candidate_bounds(block_latents, bound)
+        scores, non_finite = scan(block, block_latents.start, bounds, code_norms, bound)
+        if checked or non_finite:
+            _check_finite(block.view(-1))
             check_score_values(scores)  # a finite pre-activation times c may still overflow
-        latent_blocks.append(block_latents)
-        positions.append(within)
-        values.append(scores)
-        row_counts.append(counts)
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
     if dead_scores is not None:
         blocks.scores(dead_scores, dead_latents)
-    del scan, block  # the last block too: before the sort's outputs are allocated
-    # a counting sort by row into row-major order over the whole matrix: the blocks cover ascending latents and each
-    # block's candidates are row-major, so row r's candidates of block j follow its candidates of the blocks before j
-    counts = torch.stack(row_counts)  # [n_blocks, batch]
-    by_row = counts.T.reshape(-1)  # (row, block) in row-major order
-    first_in_matrix = (by_row.cumsum(0) - by_row).view(batch, len(values)).T  # [n_blocks, batch]
-    shifts = first_in_matrix - (counts.cumsum(1) - counts)  # minus where each row starts within its block
-    flat_indices = torch.empty(int(by_row.sum()), dtype=torch.long, device=encoder_input.device)
-    candidate_scores = torch.empty(len(flat_indices), dtype=blocks.encoder.dtype, device=encoder_input.device)
-    for j in reversed(range(len(values))):  # each block's lists freed as they are placed
-        block_latents, within, block_values = latent_blocks.pop(), positions.pop().long(), values.pop()
-        width = block_latents.stop - block_latents.start
-        rows = within.div(width, rounding_mode="floor")
-        destinations = shifts[j].index_select(0, rows)
-        destinations += torch.arange(len(within), device=destinations.device)
-        # flat index in the whole matrix: row · dict_size + the block's first latent + column
-        flat_indices.index_copy_(0, destinations, rows.mul_(dict_size - width).add_(within).add_(block_latents.start))
-        candidate_scores.index_copy_(0, destinations, block_values)
-    return flat_indices, candidate_scores
+    del block  # the last block too: before the merged candidates are allocated
+    return scan.candidates(dict_size)
 
 
 def _check_finite(scores: torch.Tensor) -> None:

@@ -1,13 +1,15 @@
-"""The scores of one block of encoder pre-activations that reach a bound, compacted: the scan of the CPU training
-forward's blocked BatchTopK (``crosscoder.blocked_selection``; docs/methods.md §4.2).
+"""The CPU training forward's BatchTopK candidates, block by block of latents (``crosscoder.blocked_selection``;
+docs/methods.md §4.2).
 
-For a block ``pre`` [rows, width], per-column bounds (or one number), the block's code norms c [width] (None: c ≡ 1)
-and a threshold t > 0, the candidates are the entries with ``pre ≥ bound`` and ``score = ReLU(pre) · c ≥ t``: their
-flat positions in the block (row-major; int32 where they fit), scores, and each row's count.
+For a block ``pre`` [rows, width] of encoder pre-activations, per-column bounds (or one number), the block's code
+norms c [width] (None: c ≡ 1) and a threshold t > 0, the candidates are the entries with ``pre ≥ bound`` and
+``score = ReLU(pre) · c ≥ t``. A pass scans its blocks as they come and then merges their candidates into the
+whole [rows, dict_size] matrix's row-major order (flat indices and scores).
 
-Two implementations: the C kernel ``block_candidates.c`` (float32 on CPU: one pass over the block with AVX-512
-compares, both cores on halves of the rows; compiled by ``native``), used unless the kernel backend is
-``"reference"`` or no C compiler is at hand, and the plain-PyTorch reference below; the tests compare them.
+Two implementations: the C kernels of ``block_candidates.c`` (float32 on CPU: one pass over each block with AVX-512
+compares, both cores on halves of its rows; a counting sort by row in one pass; compiled by ``native``), used unless
+the kernel backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch reference below; the tests
+compare them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ def scores_from_pre_activations(pre: torch.Tensor, code_norms: torch.Tensor | No
 
 
 class CandidateScan:
-    """Scans the blocks [≤ rows, ≤ width] of one pass over the encoder, reusing its buffers between them (freed with
-    it). ``native``: whether the C kernel runs."""
+    """One pass over the encoder's blocks of latents: scans each block [≤ rows, ≤ width] as it comes (``__call__``),
+    keeps its candidates, and merges them at the end (``candidates``); its buffers are reused between blocks and
+    freed with it. ``native``: whether the C kernels run; ``sees_non_finite``: whether a scan reports NaN and ±inf
+    (the C scan does, at no cost; the reference does not look)."""
 
     def __init__(self, rows: int, width: int, like: torch.Tensor) -> None:
+        self.rows = rows
         self.position_dtype = torch.int32 if rows * width < 2**31 else torch.int64
         self.library = None
         if (
@@ -50,24 +55,52 @@ class CandidateScan:
             and get_backend() != "reference"
         ):
             self.library = _block_candidates_library()
-        self.native = self.library is not None
+        self.native = self.sees_non_finite = self.library is not None
         if self.native:
             self.positions = torch.empty(max(1, rows * width // INITIAL_CAPACITY_SHARE), dtype=torch.int32)
             self.scores = torch.empty(len(self.positions), dtype=torch.float32)
         else:
             self.mask = torch.empty(rows * width, dtype=torch.bool, device=like.device)
             self.compared = like.new_empty(max(min(COMPARE_CHUNK, rows * width), width))
+        # each block's first latent, width, candidates' positions (int32 where they fit: half the memory of flat
+        # indices while the blocks are scanned) and scores, and their count in each row
+        self.blocks: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.ended = False
 
     def __call__(
-        self, block: torch.Tensor, bounds: float | torch.Tensor, code_norms: torch.Tensor | None, threshold: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The candidates of ``block`` [rows, width] (contiguous): positions [n] (ascending, row-major in the block),
-        scores [n] and per-row counts [rows] (int64). ``bounds``: a number or [width]; ``code_norms``: [width] or
-        None; ``threshold`` > 0 (a score ≥ it has a pre-activation ≥ its bound: the bounds are the caller's
-        promise)."""
+        self,
+        block: torch.Tensor,
+        first_latent: int,
+        bounds: float | torch.Tensor,
+        code_norms: torch.Tensor | None,
+        threshold: float,
+    ) -> tuple[torch.Tensor, bool]:
+        """Scan ``block`` [rows, width] (contiguous) of the latents from ``first_latent`` on, after the blocks before
+        it (ascending latents). ``bounds``: a number or [width]; ``code_norms``: [width] or None; ``threshold`` > 0
+        (a score ≥ it has a pre-activation ≥ its bound: the bounds are the caller's promise). Returns the block's
+        candidates' scores [n] and whether the scan saw a NaN or +inf pre-activation or an infinite score (always
+        False where it does not look, ``sees_non_finite``)."""
+        if self.ended:
+            raise RuntimeError("this scan's pass has ended (candidates() was called): start a new CandidateScan")
+        if block.shape[0] != self.rows:
+            raise ValueError(f"block has {block.shape[0]} rows but the scan was made for {self.rows}")
         if self.native:
-            return self._native(block, bounds, code_norms, threshold)
-        return self._reference(block, bounds, code_norms, threshold)
+            positions, scores, counts, non_finite = self._native(block, bounds, code_norms, threshold)
+        else:
+            positions, scores, counts = self._reference(block, bounds, code_norms, threshold)
+            non_finite = False
+        self.blocks.append((first_latent, block.shape[1], positions, scores, counts))
+        return scores, non_finite
+
+    def candidates(self, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every scanned block's candidates in the row-major order of the whole [rows, dict_size] matrix: flat
+        indices (int64) [n] and scores [n]. Ends the pass: the scan's buffers are released first."""
+        blocks, self.blocks, self.ended = self.blocks, [], True
+        for name in ("positions", "scores", "mask", "compared"):
+            self.__dict__.pop(name, None)
+        if self.native:
+            return self._merged_native(blocks, dict_size)
+        return _merged_reference(blocks, self.rows, dict_size)
 
     def _reference(self, block, bounds, code_norms, threshold):
         rows, width = block.shape
@@ -93,6 +126,7 @@ class CandidateScan:
         bounds = bounds.contiguous() if per_column else None
         code_norms = None if code_norms is None else code_norms.contiguous()
         counts = torch.empty(rows, dtype=torch.int64)
+        non_finite = ctypes.c_int32(0)
         while True:
             found = self.library.block_candidates(
                 block.data_ptr(),
@@ -107,11 +141,55 @@ class CandidateScan:
                 len(self.positions),
                 counts.data_ptr(),
                 torch.get_num_threads(),
+                ctypes.byref(non_finite),
             )
             if found >= 0:
-                return self.positions[:found].clone(), self.scores[:found].clone(), counts
+                return self.positions[:found].clone(), self.scores[:found].clone(), counts, bool(non_finite.value)
             self.positions = torch.empty(-found, dtype=torch.int32)  # every share of the rows fits now
             self.scores = torch.empty(-found, dtype=torch.float32)
+
+    def _merged_native(self, blocks, dict_size):
+        counts = torch.stack([block[4] for block in blocks])  # [n_blocks, rows]; becomes where each block's rows start
+        columns = [torch.tensor([block[i] for block in blocks], dtype=torch.int64) for i in (0, 1)]
+        sizes = torch.tensor([len(block[2]) for block in blocks], dtype=torch.int64)
+        addresses = [torch.tensor([block[i].data_ptr() for block in blocks], dtype=torch.int64) for i in (2, 3)]
+        total = int(sizes.sum())
+        flat_indices = torch.empty(total, dtype=torch.int64)
+        scores = torch.empty(total, dtype=torch.float32)
+        merged = self.library.merge_candidates(
+            len(blocks),
+            *(tensor.data_ptr() for tensor in (*columns, sizes, *addresses, counts)),
+            self.rows,
+            dict_size,
+            flat_indices.data_ptr(),
+            scores.data_ptr(),
+            torch.get_num_threads(),
+        )
+        assert merged == total
+        return flat_indices, scores
+
+
+def _merged_reference(blocks, rows: int, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CandidateScan.candidates`` in torch ops: a counting sort by row into row-major order over the whole matrix
+    (the blocks cover ascending latents and each block's candidates are row-major, so row r's candidates of block j
+    follow its candidates of the blocks before j); each block's lists freed as they are placed."""
+    counts = torch.stack([block[4] for block in blocks])  # [n_blocks, rows]
+    by_row = counts.T.reshape(-1)  # (row, block) in row-major order
+    first_in_matrix = (by_row.cumsum(0) - by_row).view(rows, len(blocks)).T  # [n_blocks, rows]
+    shifts = first_in_matrix - (counts.cumsum(1) - counts)  # minus where each row starts within its block
+    like = blocks[0][3]
+    flat_indices = torch.empty(int(by_row.sum()), dtype=torch.long, device=like.device)
+    candidate_scores = torch.empty(len(flat_indices), dtype=like.dtype, device=like.device)
+    for j in reversed(range(len(blocks))):
+        first_latent, width, within, block_scores, _ = blocks.pop()
+        within = within.long()
+        block_rows = within.div(width, rounding_mode="floor")
+        destinations = shifts[j].index_select(0, block_rows)
+        destinations += torch.arange(len(within), device=destinations.device)
+        # flat index in the whole matrix: row · dict_size + the block's first latent + column
+        flat_indices.index_copy_(0, destinations, block_rows.mul_(dict_size - width).add_(within).add_(first_latent))
+        candidate_scores.index_copy_(0, destinations, block_scores)
+    return flat_indices, candidate_scores
 
 
 @functools.cache
@@ -128,8 +206,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.block_candidates.restype = size
     library.block_candidates.argtypes = [
         *(pointer, size, size, pointer, ctypes.c_float, pointer, ctypes.c_float),
-        *(pointer, pointer, size, pointer, size),
+        *(pointer, pointer, size, pointer, size, ctypes.POINTER(ctypes.c_int32)),
     ]
+    library.merge_candidates.restype = size
+    library.merge_candidates.argtypes = [size, *(pointer,) * 6, size, size, pointer, pointer, size]
 
 
 def _at_least(

@@ -145,19 +145,20 @@ def test_scores_need_no_check_only_when_finite_inputs_bound_them(tensor, positio
     assert blocks.provably_finite(inputs["x"]) == finite
 
 
-def test_a_score_that_overflows_its_dtype_is_refused_though_its_pre_activation_is_finite() -> None:
-    """float16: a pre-activation of 300 times a code norm of 300 is 9·10⁴ (> 65,504): the score is inf although
-    every input and pre-activation is finite, and the blocked selection refuses it as the whole matrix's does."""
-    half = torch.float16
-    x = torch.zeros(8, 2, dtype=half)
+@pytest.mark.parametrize(("dtype", "large", "fine"), [(torch.float16, 300, 10), (torch.float32, 1e20, 1e15)], ids=str)
+def test_a_score_that_overflows_its_dtype_is_refused_though_its_pre_activation_is_finite(dtype, large, fine) -> None:
+    """float16: a pre-activation of 300 times a code norm of 300 is 9·10⁴ (> 65,504); float32: 10²⁰ · 10²⁰ > 3.4·10³⁸.
+    The score is inf although every input and pre-activation is finite, and the blocked selection refuses it as the
+    whole matrix's does (float32: the C scan reports it)."""
+    x = torch.zeros(8, 2, dtype=dtype)
     x[:, 0] = 1
-    weight, code_norms, bias = torch.ones(16, 2, dtype=half), torch.ones(16, dtype=half), torch.zeros(16, dtype=half)
-    weight[3], code_norms[3] = 300, 300
+    weight, code_norms, bias = torch.ones(16, 2, dtype=dtype), torch.ones(16, dtype=dtype), torch.zeros(16, dtype=dtype)
+    weight[3], code_norms[3] = large, large
     assert not blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
     for bound in (1e-4, None):
         buffers = StepBuffers()
         buffers.candidate_bound = bound
         with pytest.raises(ValueError, match="inf"):
             select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
-    code_norms[3] = 10  # every score ≤ 2 · 1 · 300 · 10: provably finite
+    code_norms[3] = fine  # every score ≤ 2 · 1 · large · fine: provably finite
     assert blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)

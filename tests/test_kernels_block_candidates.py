@@ -1,8 +1,9 @@
-"""``crosscoder.kernels.block_candidates``: the C scan of a block of pre-activations finds exactly what its
-plain-PyTorch reference finds — positions, scores and row counts — with per-column bounds and code norms or one bound,
-ties at the bound and at the threshold (a double between two float32 values), NaN and ±inf, zero code norms, widths
-off the 16-lane vectors, any number of threads and outputs that overflow; its portable (no AVX-512) build too. Without
-a C compiler the reference runs, after a warning."""
+"""``crosscoder.kernels.block_candidates``: the C scan and merge of a pass over blocks of pre-activations find exactly
+the candidates their definition names on the whole matrix, as the plain-PyTorch reference does — with per-column
+bounds and code norms or one bound, ties at the bound and at the threshold (a double between two float32 values), NaN
+and ±inf, zero code norms, widths off the 16-lane vectors, blocks of uneven widths, any number of threads and outputs
+that overflow; the C scan reports the values that are not finite; its portable (no AVX-512) build finds the same.
+Without a C compiler the reference runs, after a warning."""
 
 from __future__ import annotations
 
@@ -34,11 +35,28 @@ def adversarial_block(rows: int, width: int, seed: int) -> tuple[torch.Tensor, t
     return pre, code_norms, threshold
 
 
-def scanned(backend: str, pre, bounds, code_norms, threshold, rows_cap=None, width_cap=None):
+def scanned(backend: str, pre, bounds, code_norms, threshold, widths=None, rows_cap=None, width_cap=None):
+    """Scan ``pre`` [rows, F] in blocks of ``widths`` (default: one block) with one backend: each block's scores and
+    non-finite flag, and the merged candidates (flat indices, scores)."""
+    widths = widths or [pre.shape[1]]
     with use_backend(backend):
-        scan = CandidateScan(rows_cap or pre.shape[0], width_cap or pre.shape[1], pre)
+        scan = CandidateScan(pre.shape[0], width_cap or max(widths), pre)
         assert scan.native == (backend == "auto")
-        return scan(pre, bounds, code_norms, threshold)
+        per_block, start = [], 0
+        for width in widths:
+            latents = slice(start, start + width)
+            block_bounds = bounds[latents].clone() if isinstance(bounds, torch.Tensor) else bounds
+            norms = None if code_norms is None else code_norms[latents].clone()
+            per_block.append(scan(pre[:, latents].contiguous(), start, block_bounds, norms, threshold))
+            start += width
+        return per_block, scan.candidates(pre.shape[1])
+
+
+def expected_candidates(pre, bounds, code_norms, threshold) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, on the whole matrix: flat indices and scores of ``pre ≥ bound`` and ``ReLU(pre) · c ≥ t``."""
+    scores = pre.relu() * (1 if code_norms is None else code_norms)
+    flat = ((pre >= bounds) & (scores >= threshold)).view(-1).nonzero().squeeze(1)
+    return flat, scores.view(-1)[flat]
 
 
 def assert_same(found, expected) -> None:
@@ -46,35 +64,76 @@ def assert_same(found, expected) -> None:
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize(("rows", "width"), [(37, 53), (64, 16), (5, 7), (1, 40)])
-@pytest.mark.parametrize("scaled", [True, False], ids=["code norms, bound per column", "c = 1, one bound"])
-def test_the_c_scan_finds_what_the_reference_finds(rows, width, scaled, threads, monkeypatch) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    pre, code_norms, threshold = adversarial_block(rows, width, seed=rows * width + threads)
+def case(rows: int, width: int, scaled: bool, seed: int):
+    pre, code_norms, threshold = adversarial_block(rows, width, seed)
     if scaled:
         bounds = (threshold / code_norms).mul_(1 - 4 * torch.finfo(torch.float32).eps)  # inf where c = 0
         bounds[::5] = 1.5  # some bounds at the grid's values: ties at the bound
-    else:
-        code_norms, bounds = None, threshold
-    expected = scanned("reference", pre, bounds, code_norms, threshold)
-    assert 0 < len(expected[0]) < pre.numel()
-    assert_same(scanned("auto", pre, bounds, code_norms, threshold), expected)
-    # a block narrower and shorter than the scan's buffers (the last block of a pass)
-    assert_same(scanned("auto", pre, bounds, code_norms, threshold, rows + 3, width + 5), expected)
+        return pre, bounds, code_norms, threshold
+    return pre, threshold, None, threshold
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("rows", "width"), [(37, 53), (64, 16), (5, 7), (1, 40)])
+@pytest.mark.parametrize("scaled", [True, False], ids=["code norms, bound per column", "c = 1, one bound"])
+def test_the_c_scan_of_one_block_finds_what_the_reference_finds(rows, width, scaled, threads, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pre, bounds, code_norms, threshold = case(rows, width, scaled, seed=rows * width + threads)
+    reference = scanned("reference", pre, bounds, code_norms, threshold)
+    assert_same(reference[1], expected_candidates(pre, bounds, code_norms, threshold))
+    assert 0 < len(reference[1][0]) < pre.numel()
+    for found in (
+        scanned("auto", pre, bounds, code_norms, threshold),
+        # a block narrower than the scan's buffers (the last block of a pass)
+        scanned("auto", pre, bounds, code_norms, threshold, width_cap=width + 5),
+    ):
+        assert_same(found[1], reference[1])
+        assert torch.equal(found[0][0][0], reference[0][0][0])  # the block's scores
+        assert found[0][0][1]  # NaN and +inf seen (the reference does not look)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("widths", [[16, 16, 16, 5], [7, 30, 16], [53]], ids=str)
+def test_blocks_merge_into_the_whole_matrix_row_major_order(widths, threads, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pre, bounds, code_norms, threshold = case(41, sum(widths), True, seed=len(widths))
+    expected = expected_candidates(pre, bounds, code_norms, threshold)
+    for backend in ("auto", "reference"):
+        assert_same(scanned(backend, pre, bounds, code_norms, threshold, widths)[1], expected)
 
 
 def test_a_block_with_more_candidates_than_the_buffers_hold_is_scanned_again(monkeypatch) -> None:
     monkeypatch.setattr(block_candidates, "INITIAL_CAPACITY_SHARE", 10**9)  # room for one candidate at first
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    pre, code_norms, threshold = adversarial_block(40, 33, seed=1)
-    bounds = threshold / code_norms
+    pre, bounds, code_norms, threshold = case(40, 66, True, seed=1)
     with use_backend("auto"):
         scan = CandidateScan(40, 33, pre)
-        first = scan(pre, bounds, code_norms, threshold)
-        assert len(scan.positions) >= len(first[0]) > 1  # grown
-        assert_same(scan(pre, bounds, code_norms, threshold), first)  # and reused
-    assert_same(first, scanned("reference", pre, bounds, code_norms, threshold))
+        first = scan(pre[:, :33].contiguous(), 0, bounds[:33], code_norms[:33], threshold)[0]
+        assert len(scan.positions) >= len(first) > 1  # grown
+        scan(pre[:, 33:].contiguous(), 33, bounds[33:], code_norms[33:], threshold)  # and reused
+        found = scan.candidates(66)
+        with pytest.raises(RuntimeError, match="pass has ended"):
+            scan(pre[:, :33].contiguous(), 0, bounds[:33], code_norms[:33], threshold)
+    assert_same(found, expected_candidates(pre, bounds, code_norms, threshold))
+
+
+@pytest.mark.parametrize(
+    ("value", "code_norm", "seen"),
+    [
+        (float("nan"), 1.0, True),
+        (float("inf"), 1.0, True),
+        (3e38, 1e10, True),  # a finite pre-activation whose score overflows
+        (-float("inf"), 1.0, False),  # a score of 0
+        (3e38, 1.0, False),  # large, finite
+    ],
+)
+@pytest.mark.parametrize("column", [5, 35], ids=["vector lanes", "the row's tail"])
+def test_the_c_scan_reports_values_that_are_not_finite(value, code_norm, seen, column) -> None:
+    pre, code_norms = torch.zeros(3, 40), torch.ones(40)
+    pre[1, column], code_norms[column] = value, code_norm
+    (block_scores, non_finite), *_ = scanned("auto", pre, 0.5, code_norms, 0.5)[0]
+    assert non_finite == seen
+    assert len(block_scores) == (value > 0.5)  # the value's candidacy is unchanged (NaN: none)
 
 
 def test_the_portable_build_without_avx512_finds_the_same(tmp_path, monkeypatch) -> None:
@@ -87,11 +146,10 @@ def test_the_portable_build_without_avx512_finds_the_same(tmp_path, monkeypatch)
         native.native_library.cache_clear()
     assert portable is not None and len(list((tmp_path / "native").glob("block_candidates-*.so"))) == 1
     monkeypatch.setattr(block_candidates, "_block_candidates_library", lambda: _declared(portable))
-    pre, code_norms, threshold = adversarial_block(29, 45, seed=3)
-    bounds = threshold / code_norms
-    assert_same(
-        scanned("auto", pre, bounds, code_norms, threshold), scanned("reference", pre, bounds, code_norms, threshold)
-    )
+    pre, bounds, code_norms, threshold = case(29, 45, True, seed=3)
+    found = scanned("auto", pre, bounds, code_norms, threshold, widths=[20, 25])
+    assert_same(found[1], expected_candidates(pre, bounds, code_norms, threshold))
+    assert all(non_finite for _, non_finite in found[0])  # each block has a NaN or +inf
 
 
 def _declared(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -122,11 +180,13 @@ def test_without_a_c_compiler_the_reference_runs_after_a_warning(tmp_path, monke
         with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler' on PATH.*apt-get install gcc"):
             scan = CandidateScan(8, 8, torch.zeros(1))
         assert not scan.native
+        assert not scan.sees_non_finite
         pre, _, threshold = adversarial_block(8, 8, seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once per process, not per pass
-            found = CandidateScan(8, 8, torch.zeros(1))(pre, threshold, None, threshold)
-        assert_same(found, scanned("reference", pre, threshold, None, threshold))
+            again = CandidateScan(8, 8, torch.zeros(1))
+        again(pre, 0, threshold, None, threshold)
+        assert_same(again.candidates(8), expected_candidates(pre, threshold, None, threshold))
     finally:
         native.native_library.cache_clear()
         block_candidates._block_candidates_library.cache_clear()
@@ -137,9 +197,11 @@ def test_the_c_scan_refuses_a_strided_block_or_mismatched_bounds() -> None:
     with use_backend("auto"):
         scan = CandidateScan(8, 32, pre)
         with pytest.raises(ValueError, match="strides"):
-            scan(pre[:, ::2], 1.0, None, 1.0)
+            scan(pre[:, ::2], 0, 1.0, None, 1.0)
         with pytest.raises(ValueError, match=r"bounds has shape \[31\].*\[32\] float32"):
-            scan(pre, torch.ones(31), None, 1.0)
+            scan(pre, 0, torch.ones(31), None, 1.0)
+        with pytest.raises(ValueError, match="7 rows but the scan was made for 8"):
+            scan(pre[:7], 0, 1.0, None, 1.0)
 
 
 @pytest.mark.parametrize("size", [64, 61, 0])
