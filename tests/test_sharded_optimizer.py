@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
-from crosscoder.training.sharded_optimizer import ShardedAdam, shards_optimizer
+from crosscoder.training.sharded_optimizer import ShardedAdam, scale_to_max_norm, shards_optimizer
 
 SHAPES = [(6, 2, 4), (6,), (3, 5)]  # split evenly over 2 processes, twice; (3, 5) has 15 values: updated whole
 STEPS = 4
@@ -131,3 +131,22 @@ def test_sharded_adam_clips_to_the_global_norm_of_the_summed_gradients(tmp_path,
         for got, expected in zip(rank["history"], history, strict=True):
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "within the norm"])
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "a NaN gradient"])
+def test_scaling_to_a_max_norm_is_torchs_clipping_bit_for_bit(max_norm, nan) -> None:
+    """Skipping the multiply by a factor of exactly 1 leaves what ``clip_grad_norm_`` leaves."""
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(50, 7, generator=generator), torch.randn(13, generator=generator)]
+    if nan:
+        grads[1][4] = float("nan")
+    params = [torch.nn.Parameter(torch.zeros_like(grad)) for grad in grads]
+    for parameter, grad in zip(params, grads, strict=True):
+        parameter.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    storage = [grad.data_ptr() for grad in grads]
+    scale_to_max_norm(grads, torch.nn.utils.get_total_norm(grads), max_norm)
+    assert [grad.data_ptr() for grad in grads] == storage
+    for grad, parameter in zip(grads, params, strict=True):
+        torch.testing.assert_close(grad, parameter.grad, rtol=0, atol=0, equal_nan=True)

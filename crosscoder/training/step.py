@@ -19,7 +19,7 @@ from crosscoder.metrics import ReconstructionStats
 from crosscoder.sharding import SHARDED
 from crosscoder.step_buffers import StepBuffers
 from crosscoder.training.schedules import current_k, l1_coefficient
-from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm
+from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm, scale_to_max_norm
 
 
 @dataclass
@@ -150,7 +150,9 @@ def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distr
     """Clip the gradient norm to ``max_norm``; with latent sharding the norm is over every process's latents
     (the replicated ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
     if not context.latent_parallel:
-        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
+        grads = [parameter.grad for parameter in dictionary.parameters() if parameter.grad is not None]
+        if grads:
+            scale_to_max_norm(grads, torch.nn.utils.get_total_norm(grads), max_norm)
         return
     grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
     sharded = [grad for name, grad in grads.items() if name in SHARDED]
