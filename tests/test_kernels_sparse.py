@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from crosscoder.kernels import backend
+from crosscoder.kernels import backend, sparse_codes
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import (
     BLOCK_D_MAX,
@@ -123,12 +123,41 @@ def test_from_mask_lists_entries_by_row_then_latent_with_row_offsets():
     assert (codes.batch_size, codes.dict_size, codes.nnz) == (3, 4, 4)
 
 
-def test_latent_view_sorts_entries_by_latent_keeping_rows_ascending():
+@pytest.mark.parametrize("view_backend", ["auto", "reference"], ids=["C counting sort", "torch.sort"])
+def test_latent_view_sorts_entries_by_latent_keeping_rows_ascending(view_backend):
     mask = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    codes = SparseCodes.from_mask(mask)
-    assert codes.latent_order.tolist() == [2, 0, 3, 1]
-    assert codes.latent_offsets.tolist() == [0, 1, 3, 3, 4]
-    assert codes.rows_by_latent.tolist() == [2, 0, 2, 0]
+    with backend.use_backend(view_backend):
+        codes = SparseCodes.from_mask(mask)
+        assert codes.latent_order.tolist() == [2, 0, 3, 1]
+        assert codes.latent_offsets.tolist() == [0, 1, 3, 3, 4]
+        assert codes.rows_by_latent.tolist() == [2, 0, 2, 0]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_the_c_counting_sort_gives_the_stable_sorts_latent_view(density):
+    """Random codes with unused latents, empty rows, every entry present, and none."""
+    assert sparse_codes._sparse_codes_library() is not None  # compiled here (CI installs a C compiler)
+    generator = torch.Generator().manual_seed(int(density * 100))
+    mask = torch.rand(37, 53, generator=generator) < density
+    mask[:, 7] = density > 0  # one latent in every row
+    views = {}
+    for name in ("auto", "reference"):
+        with backend.use_backend(name):
+            codes = SparseCodes.from_mask(mask)
+            views[name] = (codes.latent_order, codes.latent_offsets, codes.rows_by_latent)
+    for got, want in zip(views["auto"], views["reference"], strict=True):
+        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_codes_with_a_latent_out_of_range_get_the_reference_view_not_a_write_out_of_bounds():
+    rows, latents = torch.tensor([0, 0, 1]), torch.tensor([2, 9, 1])  # 9 ≥ dict_size: unchecked codes
+    views = {}
+    for name in ("auto", "reference"):
+        with backend.use_backend(name):
+            codes = SparseCodes.from_sorted_indices(rows, latents, batch_size=2, dict_size=4)
+            views[name] = (codes.latent_order, codes.latent_offsets, codes.rows_by_latent)
+    for got, want in zip(views["auto"], views["reference"], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_to_dense_and_gather_are_inverse():
