@@ -136,15 +136,8 @@ def test_the_c_scan_reports_values_that_are_not_finite(value, code_norm, seen, c
     assert len(block_scores) == (value > 0.5)  # the value's candidacy is unchanged (NaN: none)
 
 
-def test_the_portable_build_without_avx512_finds_the_same(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512f"))
-    native.native_library.cache_clear()
-    try:
-        portable = native.native_library("block_candidates")
-    finally:
-        native.native_library.cache_clear()
-    assert portable is not None and len(list((tmp_path / "native").glob("block_candidates-*.so"))) == 1
+def test_the_portable_build_without_avx512_finds_the_same(portable_build, monkeypatch) -> None:
+    portable = portable_build("block_candidates")
     monkeypatch.setattr(block_candidates, "_block_candidates_library", lambda: _declared(portable))
     pre, bounds, code_norms, threshold = case(29, 45, True, seed=3)
     found = scanned("auto", pre, bounds, code_norms, threshold, widths=[20, 25])

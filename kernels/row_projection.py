@@ -1,0 +1,57 @@
+"""Each gradient row without its component along its weight row, in place: ``g_j ← g_j − ⟨g_j, w_j⟩ w_j`` — the
+unit-norm decoder's gradient projection (``BatchTopKSAE.before_optimizer_step``; docs/methods.md §1.8).
+
+Two implementations: the C kernel ``row_projection.c`` (float32 on CPU: each row's dot product and update in one
+visit while it is in cache, both cores on halves of the rows; compiled by ``native``), used unless the kernel
+backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch reference below; the tests compare them
+(to rounding: the dot products sum in another order). At 73,728 rows of 2,304 on the development machine's 2 cores:
+70 ms against 115–122 ms for the reference, which runs ``PROJECTED_ROWS`` rows at a time (``torch.bmm`` over
+[rows, 1, d] × [rows, d, 1] took 270 ms).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from crosscoder.kernels.backend import check_float_tensor, check_same_dtype, get_backend
+from crosscoder.kernels.native import native_library
+
+PROJECTED_ROWS = 256
+"""Rows the reference projects at a time: their dot products from one product in a reused [PROJECTED_ROWS, width]
+buffer, then their update while the rows are in cache (no [n_rows, width] temporary)."""
+
+
+@torch.no_grad()
+def project_out_rows(rows: torch.Tensor, grad: torch.Tensor) -> None:
+    """``grad[j] -= ⟨grad[j], rows[j]⟩ · rows[j]`` in place for every row j. rows, grad: [n_rows, width], contiguous,
+    one dtype and device."""
+    check_float_tensor("rows", rows, (None, None), rows.device)
+    check_float_tensor("grad", grad, tuple(rows.shape), rows.device)
+    dtype = check_same_dtype(rows=rows, grad=grad)
+    library = None
+    if rows.device.type == "cpu" and dtype == torch.float32 and get_backend() != "reference":
+        library = _row_projection_library()
+    if library is not None:
+        library.project_out_rows(rows.data_ptr(), grad.data_ptr(), *rows.shape, torch.get_num_threads())
+        return
+    products = grad.new_empty(min(PROJECTED_ROWS, len(grad)), grad.shape[1])
+    dots = grad.new_empty(len(products), 1)
+    for start in range(0, len(grad), len(products)):
+        block = slice(start, start + len(products))
+        n = len(grad[block])
+        torch.mul(grad[block], rows[block], out=products[:n])
+        torch.sum(products[:n], dim=1, keepdim=True, out=dots[:n])
+        grad[block].addcmul_(rows[block], dots[:n], value=-1)
+
+
+@functools.cache
+def _row_projection_library() -> ctypes.CDLL | None:
+    library = native_library("row_projection")
+    if library is not None:
+        size = ctypes.c_int64
+        library.project_out_rows.restype = None
+        library.project_out_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, size, size]
+    return library
