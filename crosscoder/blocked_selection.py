@@ -2,9 +2,9 @@
 
 The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer of
 pre-activations. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate bound β are kept — the pre-activations
-compared with a per-latent bound just under β / c_j (into one reused mask), and only those that pass scaled into
-scores and compared with β — and the dead latents' columns (AuxK ranks them); a counting sort by row puts the
-candidates in ascending flat order. β is the previous step's threshold ×
+compared with a per-latent bound just under β / c_j, and only those that pass scaled into scores and compared with β
+(``crosscoder.kernels.block_candidates``: a C scan of each block on CPU) — and the dead latents' columns (AuxK ranks
+them); a counting sort by row puts the candidates in ascending flat order. β is the previous step's threshold ×
 ``CANDIDATE_MARGIN``; on a first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When
 at least ``k · B`` candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what
 ``batch_topk`` selects on the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix

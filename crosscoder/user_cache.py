@@ -11,4 +11,5 @@ CACHE_ENV_VAR = "CROSSCODER_CACHE"
 
 def user_cache_root() -> Path:
     """``$CROSSCODER_CACHE``, else ``~/.cache/crosscoder``."""
-    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "crosscoder"))
+    chosen = os.environ.get(CACHE_ENV_VAR)
+    return Path(chosen) if chosen else Path.home() / ".cache" / "crosscoder"

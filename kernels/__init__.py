@@ -1,7 +1,8 @@
 """Tensor kernels for the training step (installed as ``crosscoder.kernels``; pure math, no models or data).
 
 Each op lives beside its plain-PyTorch reference and its autograd wrapper; ``backend`` picks Triton on CUDA
-and the reference on CPU (``CROSSCODER_KERNELS=triton|reference`` or ``set_backend`` forces either).
+and the reference on CPU — or a C kernel where one exists (``native``) — (``CROSSCODER_KERNELS=triton|reference``
+or ``set_backend`` forces either).
 ``batch_topk`` and ``sparse_decode`` are not re-exported: the names are their modules' (import them from
 ``crosscoder.kernels.batch_topk`` and ``crosscoder.kernels.sparse_decode``).
 """

@@ -6,16 +6,15 @@ norms c [width] (None: c ≡ 1) and a threshold t > 0, the candidates are the en
 ``score = ReLU(pre) · c ≥ t``. A pass scans its blocks as they come and then merges their candidates into the
 whole [rows, dict_size] matrix's row-major order (flat indices and scores).
 
-Two implementations: the C kernels of ``block_candidates.c`` (float32 on CPU: one pass over each block with AVX-512
-compares, both cores on halves of its rows; a counting sort by row in one pass; compiled by ``native``), used unless
-the kernel backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch reference below; the tests
-compare them.
+Two implementations: the C kernels of ``block_candidates.c`` (float32 on CPU: one pass over each block with
+AVX-512 compares, torch's threads on shares of its rows; a counting sort by row in one pass; compiled by
+``native``), used unless the kernel backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch
+reference below; the tests compare them.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -41,11 +40,11 @@ def scores_from_pre_activations(pre: torch.Tensor, code_norms: torch.Tensor | No
 class CandidateScan:
     """One pass over the encoder's blocks of latents: scans each block [≤ rows, ≤ width] as it comes (``__call__``),
     keeps its candidates, and merges them at the end (``candidates``); its buffers are reused between blocks and
-    freed with it. ``native``: whether the C kernels run; ``sees_non_finite``: whether a scan reports NaN and ±inf
-    (the C scan does, at no cost; the reference does not look)."""
+    freed with it. ``native``: whether the C kernels run; ``sees_non_finite``: whether a scan reports NaN and +inf
+    pre-activations and infinite scores (the C scan does, at no cost; the reference does not look)."""
 
     def __init__(self, rows: int, width: int, like: torch.Tensor) -> None:
-        self.rows = rows
+        self.rows, self.width = rows, width
         self.position_dtype = torch.int32 if rows * width < 2**31 else torch.int64
         self.library = None
         if (
@@ -82,8 +81,10 @@ class CandidateScan:
         False where it does not look, ``sees_non_finite``)."""
         if self.ended:
             raise RuntimeError("this scan's pass has ended (candidates() was called): start a new CandidateScan")
-        if block.shape[0] != self.rows:
-            raise ValueError(f"block has {block.shape[0]} rows but the scan was made for {self.rows}")
+        if block.dim() != 2 or block.shape[0] != self.rows or block.shape[1] > self.width:
+            raise ValueError(
+                f"block has shape {list(block.shape)} but the scan was made for [{self.rows}, ≤ {self.width}]"
+            )
         if self.native:
             positions, scores, counts, non_finite = self._native(block, bounds, code_norms, threshold)
         else:
@@ -119,9 +120,16 @@ class CandidateScan:
         if not block.is_contiguous():
             raise ValueError(f"block has strides {block.stride()}: the kernel reads a contiguous [rows, width] block")
         per_column = isinstance(bounds, torch.Tensor)
-        for name, tensor in (("bounds", bounds if per_column else None), ("code_norms", code_norms)):
-            if tensor is not None and (tensor.shape != (width,) or tensor.dtype != torch.float32):
-                raise ValueError(f"{name} has shape {list(tensor.shape)} and dtype {tensor.dtype}: [{width}] float32")
+        for name, tensor, shape in (
+            ("block", block, (rows, width)),
+            ("bounds", bounds if per_column else None, (width,)),
+            ("code_norms", code_norms, (width,)),
+        ):
+            if tensor is not None and (tensor.shape != shape or tensor.dtype != torch.float32 or tensor.is_cuda):
+                raise ValueError(
+                    f"{name} has shape {list(tensor.shape)}, dtype {tensor.dtype} on {tensor.device}: the C scan "
+                    f"reads {list(shape)} float32 on the CPU"
+                )
         scalar_bound = 0.0 if per_column else float(bounds)
         bounds = bounds.contiguous() if per_column else None
         code_norms = None if code_norms is None else code_norms.contiguous()
@@ -192,24 +200,23 @@ def _merged_reference(blocks, rows: int, dict_size: int) -> tuple[torch.Tensor, 
     return flat_indices, candidate_scores
 
 
-@functools.cache
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = (
+    (
+        "block_candidates",
+        _SIZE,
+        (
+            *(_POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_float, _POINTER, _POINTER),
+            *(_SIZE, _POINTER, _SIZE, ctypes.POINTER(ctypes.c_int32)),
+        ),
+    ),
+    ("merge_candidates", _SIZE, (_SIZE, *(_POINTER,) * 6, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE)),
+)
+"""``block_candidates.c``'s functions as ``ctypes`` declares them."""
+
+
 def _block_candidates_library() -> ctypes.CDLL | None:
-    library = native_library("block_candidates")
-    if library is not None:
-        _declare(library)
-    return library
-
-
-def _declare(library: ctypes.CDLL) -> None:
-    """``block_candidates``' C signature (block_candidates.c)."""
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.block_candidates.restype = size
-    library.block_candidates.argtypes = [
-        *(pointer, size, size, pointer, ctypes.c_float, pointer, ctypes.c_float),
-        *(pointer, pointer, size, pointer, size, ctypes.POINTER(ctypes.c_int32)),
-    ]
-    library.merge_candidates.restype = size
-    library.merge_candidates.argtypes = [size, *(pointer,) * 6, size, size, pointer, pointer, size]
+    return native_library("block_candidates", SIGNATURES)
 
 
 def _at_least(

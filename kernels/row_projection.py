@@ -2,7 +2,7 @@
 unit-norm decoder's gradient projection (``BatchTopKSAE.before_optimizer_step``; docs/methods.md §1.8).
 
 Two implementations: the C kernel ``row_projection.c`` (float32 on CPU: each row's dot product and update in one
-visit while it is in cache, both cores on halves of the rows; compiled by ``native``), used unless the kernel
+visit while it is in cache, torch's threads on shares of the rows; compiled by ``native``), used unless the kernel
 backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch reference below; the tests compare them
 (to rounding: the dot products sum in another order). At 73,728 rows of 2,304 on the development machine's 2 cores:
 70 ms against 115–122 ms for the reference, which runs ``PROJECTED_ROWS`` rows at a time (``torch.bmm`` over
@@ -12,7 +12,6 @@ backend is ``"reference"`` or no C compiler is at hand, and the plain-PyTorch re
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -47,11 +46,9 @@ def project_out_rows(rows: torch.Tensor, grad: torch.Tensor) -> None:
         grad[block].addcmul_(rows[block], dots[:n], value=-1)
 
 
-@functools.cache
+SIGNATURES = (("project_out_rows", None, (ctypes.c_void_p, ctypes.c_void_p, *(ctypes.c_int64,) * 3)),)
+"""``row_projection.c``'s function as ``ctypes`` declares it."""
+
+
 def _row_projection_library() -> ctypes.CDLL | None:
-    library = native_library("row_projection")
-    if library is not None:
-        size = ctypes.c_int64
-        library.project_out_rows.restype = None
-        library.project_out_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, size, size]
-    return library
+    return native_library("row_projection", SIGNATURES)

@@ -14,7 +14,6 @@ kernel backend is ``"reference"`` or no C compiler is at hand; its reference is 
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -179,14 +178,10 @@ class SparseCodes:
             raise ValueError(f"values must be a 1-D tensor with nnz={self.nnz} entries, got {shape}")
 
 
-@functools.cache
 def _sparse_codes_library() -> ctypes.CDLL | None:
-    library = native_library("sparse_codes")
-    if library is not None:
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        library.latent_view.restype = size
-        library.latent_view.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer]
-    return library
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    signature = ("latent_view", size, (pointer, pointer, size, size, pointer, pointer, pointer))
+    return native_library("sparse_codes", (signature,))
 
 
 def _check_size(name: str, value: object) -> None:

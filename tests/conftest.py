@@ -31,17 +31,17 @@ def default_organism(organism_cache) -> ModelOrganism:
 
 @pytest.fixture
 def portable_build(tmp_path, monkeypatch):
-    """``name`` → one of ``crosscoder.kernels``' C kernels compiled without AVX-512 (the loops a CPU without it runs),
-    into a cache of the test's own."""
+    """(``name``, its ``signatures``) → one of ``crosscoder.kernels``' C kernels compiled without AVX-512 (the loops a
+    CPU without it runs), into a cache of the test's own."""
     from crosscoder.kernels import native
 
     monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512f"))
 
-    def build(name: str):
+    def build(name: str, signatures):
         native.native_library.cache_clear()  # this build, not the process's cached one
         try:
-            library = native.native_library(name)
+            library = native.native_library(name, signatures)
         finally:
             native.native_library.cache_clear()
         assert library is not None and len(list((tmp_path / "native").glob(f"{name}-*.so"))) == 1

@@ -23,6 +23,8 @@ BATCH, WIDTH, DICT_SIZE, N_KEEP = 22, 6, 30, 70
 @pytest.fixture(autouse=True, params=["auto", "reference"], ids=["C scan", "reference scan"])
 def scan_backend(request):
     """Every test with each implementation of the blocks' scan (``crosscoder.kernels.block_candidates``)."""
+    if request.param == "auto":
+        assert block_candidates._block_candidates_library() is not None  # compiled here (CI installs a C compiler)
     with use_backend(request.param):
         yield request.param
 

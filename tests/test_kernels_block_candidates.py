@@ -7,7 +7,6 @@ Without a C compiler the reference runs, after a warning."""
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 
 import pytest
@@ -137,38 +136,18 @@ def test_the_c_scan_reports_values_that_are_not_finite(value, code_norm, seen, c
 
 
 def test_the_portable_build_without_avx512_finds_the_same(portable_build, monkeypatch) -> None:
-    portable = portable_build("block_candidates")
-    monkeypatch.setattr(block_candidates, "_block_candidates_library", lambda: _declared(portable))
+    portable = portable_build("block_candidates", block_candidates.SIGNATURES)
+    monkeypatch.setattr(block_candidates, "_block_candidates_library", lambda: portable)
     pre, bounds, code_norms, threshold = case(29, 45, True, seed=3)
     found = scanned("auto", pre, bounds, code_norms, threshold, widths=[20, 25])
     assert_same(found[1], expected_candidates(pre, bounds, code_norms, threshold))
     assert all(non_finite for _, non_finite in found[0])  # each block has a NaN or +inf
 
 
-def _declared(library: ctypes.CDLL) -> ctypes.CDLL:
-    block_candidates._declare(library)
-    return library
-
-
-def test_the_compiled_kernel_is_cached_and_reused(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path))
-    native.native_library.cache_clear()
-    try:
-        assert native.native_library("block_candidates") is not None
-        (built,) = (tmp_path / "native").glob("block_candidates-*.so")
-        stamp = built.stat().st_mtime_ns
-        native.native_library.cache_clear()
-        assert native.native_library("block_candidates") is not None
-        assert built.stat().st_mtime_ns == stamp and list((tmp_path / "native").iterdir()) == [built]
-    finally:
-        native.native_library.cache_clear()
-
-
 def test_without_a_c_compiler_the_reference_runs_after_a_warning(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CROSSCODER_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler")
     native.native_library.cache_clear()
-    block_candidates._block_candidates_library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler' on PATH.*apt-get install gcc"):
             scan = CandidateScan(8, 8, torch.zeros(1))
@@ -182,7 +161,6 @@ def test_without_a_c_compiler_the_reference_runs_after_a_warning(tmp_path, monke
         assert_same(again.candidates(8), expected_candidates(pre, threshold, None, threshold))
     finally:
         native.native_library.cache_clear()
-        block_candidates._block_candidates_library.cache_clear()
 
 
 def test_the_c_scan_refuses_a_strided_block_or_mismatched_bounds() -> None:
@@ -191,10 +169,14 @@ def test_the_c_scan_refuses_a_strided_block_or_mismatched_bounds() -> None:
         scan = CandidateScan(8, 32, pre)
         with pytest.raises(ValueError, match="strides"):
             scan(pre[:, ::2], 0, 1.0, None, 1.0)
-        with pytest.raises(ValueError, match=r"bounds has shape \[31\].*\[32\] float32"):
+        with pytest.raises(ValueError, match=r"bounds has shape \[31\].*reads \[32\] float32"):
             scan(pre, 0, torch.ones(31), None, 1.0)
-        with pytest.raises(ValueError, match="7 rows but the scan was made for 8"):
+        with pytest.raises(ValueError, match=r"shape \[7, 32\] but the scan was made for \[8, ≤ 32\]"):
             scan(pre[:7], 0, 1.0, None, 1.0)
+        with pytest.raises(ValueError, match=r"shape \[8, 33\] but the scan was made for \[8, ≤ 32\]"):
+            scan(torch.randn(8, 33), 0, 1.0, None, 1.0)
+        with pytest.raises(ValueError, match=r"block has shape \[8, 32\], dtype torch.float64"):
+            scan(pre.double(), 0, 1.0, None, 1.0)
 
 
 @pytest.mark.parametrize("size", [64, 61, 0])

@@ -4,8 +4,6 @@ build gives its values bit for bit; other dtypes run the reference; mismatched i
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
@@ -42,12 +40,10 @@ def test_each_rows_component_along_its_weight_row_is_removed(n_rows, width, back
 
 
 def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(portable_build) -> None:
-    portable = portable_build("row_projection")
+    portable = portable_build("row_projection", row_projection.SIGNATURES)
     rows, grad = rows_and_gradient(45, 2304 + 13)
     expected = projected("auto", rows, grad)
     found = grad.clone()
-    size = ctypes.c_int64
-    portable.project_out_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, size, size]
     portable.project_out_rows(rows.data_ptr(), found.data_ptr(), *rows.shape, 2)
     assert torch.equal(found, expected)
 
