@@ -38,7 +38,7 @@ def scores_from_pre_activations(pre: torch.Tensor, code_norms: torch.Tensor | No
 
 
 class CandidateScan:
-    """One pass over the encoder's blocks of latents: scans each block [≤ rows, ≤ width] as it comes (``__call__``),
+    """One pass over the encoder's blocks of latents: scans each block [rows, ≤ width] as it comes (``__call__``),
     keeps its candidates, and merges them at the end (``candidates``); its buffers are reused between blocks and
     freed with it. ``native``: whether the C kernels run; ``sees_non_finite``: whether a scan reports NaN and +inf
     pre-activations and infinite scores (the C scan does, at no cost; the reference does not look)."""
