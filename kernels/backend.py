@@ -8,6 +8,9 @@ reference. The reference is also the CPU production path, so it is built from fa
   before Triton is first imported (Triton decides once per process). Used by the tests.
 - ``"reference"``: always the plain-PyTorch path.
 
+A few CPU primitives also have a C kernel (``native``), which runs for CPU tensors under every backend but
+``"reference"`` (``c_kernel_allowed``).
+
 Choose with ``set_backend(name)`` / ``with use_backend(name):``, or the environment variable
 ``CROSSCODER_KERNELS`` (read at each call; ``set_backend`` takes precedence until reset with ``set_backend(None)``).
 
@@ -98,6 +101,12 @@ def resolve_backend(device: torch.device) -> Literal["triton", "reference"]:
             "imported (for pytest: at the top of tests/conftest.py); use set_backend('reference') for CPU tensors"
         )
     return "triton"
+
+
+def c_kernel_allowed(device: torch.device) -> bool:
+    """Whether a primitive with a C kernel may run it on tensors on ``device``: CPU tensors, under every backend but
+    ``"reference"`` (the primitive then checks what its kernel reads: dtype, size, a compiler at hand)."""
+    return device.type == "cpu" and get_backend() != "reference"
 
 
 # ---------------------------------------------------------------------------------------------- input checks

@@ -18,7 +18,7 @@ import ctypes
 
 import torch
 
-from crosscoder.kernels.backend import get_backend
+from crosscoder.kernels.backend import c_kernel_allowed
 from crosscoder.kernels.native import native_library
 
 COMPARE_CHUNK = 1 << 18
@@ -47,12 +47,7 @@ class CandidateScan:
         self.rows, self.width = rows, width
         self.position_dtype = torch.int32 if rows * width < 2**31 else torch.int64
         self.library = None
-        if (
-            like.device.type == "cpu"
-            and like.dtype == torch.float32
-            and self.position_dtype == torch.int32
-            and get_backend() != "reference"
-        ):
+        if c_kernel_allowed(like.device) and like.dtype == torch.float32 and self.position_dtype == torch.int32:
             self.library = _block_candidates_library()
         self.native = self.sees_non_finite = self.library is not None
         if self.native:

@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from crosscoder.kernels.backend import check_float_tensor, check_same_dtype, get_backend
+from crosscoder.kernels.backend import c_kernel_allowed, check_float_tensor, check_same_dtype
 from crosscoder.kernels.native import native_library
 
 PROJECTED_ROWS = 256
@@ -31,7 +31,7 @@ def project_out_rows(rows: torch.Tensor, grad: torch.Tensor) -> None:
     check_float_tensor("grad", grad, tuple(rows.shape), rows.device)
     dtype = check_same_dtype(rows=rows, grad=grad)
     library = None
-    if rows.device.type == "cpu" and dtype == torch.float32 and get_backend() != "reference":
+    if c_kernel_allowed(rows.device) and dtype == torch.float32:
         library = _row_projection_library()
     if library is not None:
         library.project_out_rows(rows.data_ptr(), grad.data_ptr(), *rows.shape, torch.get_num_threads())

@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from crosscoder.kernels.backend import get_backend
+from crosscoder.kernels.backend import c_kernel_allowed
 from crosscoder.kernels.native import native_library
 
 
@@ -129,7 +129,7 @@ class SparseCodes:
     # ------------------------------------------------------------------ latent-sorted view (CSC), cached
     @cached_property
     def _latent_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        library = _sparse_codes_library() if self.device.type == "cpu" and get_backend() != "reference" else None
+        library = _sparse_codes_library() if c_kernel_allowed(self.device) else None
         if library is not None:
             order, rows_by_latent = torch.empty_like(self.latents), torch.empty_like(self.rows)
             offsets = torch.empty(self.dict_size + 1, dtype=torch.int64)
