@@ -26,6 +26,7 @@ import torch
 
 from crosscoder.config import TrainConfig
 from crosscoder.distributed import Distributed
+from crosscoder.training.clipping import clip_factor, global_norm, step_clipped
 from crosscoder.training.shared_memory_exchange import open_exchange
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -42,7 +43,7 @@ def shards_optimizer(config: TrainConfig, context: Distributed) -> bool:
 class ShardedAdam:
     """Adam over ``parameters`` (each on every process, equal there), sharded over the processes of ``context``.
 
-    Call ``reduce_gradients`` after the backward (local gradients of loss / N), then ``clip_`` and ``step``.
+    Call ``reduce_gradients`` after the backward (local gradients of loss / N), then ``clip_factor`` and ``step``.
     ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it)."""
 
     def __init__(
@@ -96,19 +97,21 @@ class ShardedAdam:
         for handle in handles:
             handle.wait()
 
-    def clip_(self, max_norm: float) -> None:
-        """Scale the reduced gradients so that their global norm is at most ``max_norm`` (``clip_to_global_norm``:
-        the slices' squares summed over processes, the whole parameters' counted once)."""
+    def clip_factor(self, max_norm: float) -> torch.Tensor | None:
+        """The factor that scales the reduced gradients to a global norm of at most ``max_norm`` (``clipping``'s:
+        the slices' squares summed over processes, the whole parameters' counted once); None: nothing to scale."""
         pieces = [(piece.grad, sharded) for piece, sharded in zip(self.slices, self.sharded, strict=True)]
         sliced = [grad for grad, sharded in pieces if grad is not None and sharded]
         whole = [grad for grad, sharded in pieces if grad is not None and not sharded]
-        clip_to_global_norm(sliced, whole, max_norm, self.context)
+        if not sliced and not whole:
+            return None
+        return clip_factor(global_norm(sliced, whole, self.context), max_norm)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Adam on this process's slices (and the whole parameters), then every process's slices all-gathered into
-        the parameters."""
-        self.inner.step()
+    def step(self, clip: torch.Tensor | None = None) -> None:
+        """Adam on this process's slices (and the whole parameters) with their gradients scaled by ``clip`` (see
+        ``clipping.step_clipped``), then every process's slices all-gathered into the parameters."""
+        step_clipped(self.inner, clip)
         parameters = [self.parameters[index].detach() for index in self.split]
         pieces = [self.slices[index] for index in self.split]
         if self.exchange is not None:
@@ -149,30 +152,3 @@ class ShardedAdam:
 
     def _slice(self, whole: torch.Tensor) -> torch.Tensor:
         return whole.reshape(-1).chunk(self.context.world_size)[self.context.rank].clone()
-
-
-def clip_to_global_norm(
-    sharded: list[torch.Tensor], whole: list[torch.Tensor], max_norm: float, context: Distributed
-) -> None:
-    """Scale gradients in place so that their global norm is at most ``max_norm``, as
-    ``torch.nn.utils.clip_grad_norm_`` does in one process: ``sharded`` are this process's parts of gradients split
-    over the processes (their squares summed over processes), ``whole`` gradients every process holds alike (counted
-    once)."""
-    grads = sharded + whole
-    if not grads:
-        return
-    zero = grads[0].new_zeros(())
-    split = context.all_reduce(sum((torch.linalg.vector_norm(grad).square() for grad in sharded), zero))
-    total = (split + sum((torch.linalg.vector_norm(grad).square() for grad in whole), zero)).sqrt()
-    scale_to_max_norm(grads, total, max_norm)
-
-
-def scale_to_max_norm(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
-    """Scale ``grads`` in place by ``min(1, max_norm / (total_norm + 1e-6))``, ``torch.nn.utils.clip_grad_norm_``'s
-    factor. On CPU a factor of exactly 1 — every step whose norm is within ``max_norm`` — multiplies nothing and is
-    skipped (one pass over every gradient: 5–7 ms a step at B = 4,096, d = 2 × 512, F = 16,384); on a GPU reading it
-    would sync the host, so the multiply runs."""
-    factor = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    if total_norm.device.type == "cpu" and bool(factor == 1.0):
-        return
-    torch._foreach_mul_(grads, factor)

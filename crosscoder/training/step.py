@@ -18,8 +18,9 @@ from crosscoder.losses import auxk_loss, l1_penalty, reconstruction_losses
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.sharding import SHARDED
 from crosscoder.step_buffers import StepBuffers
+from crosscoder.training.clipping import clip_factor, global_norm, step_clipped
 from crosscoder.training.schedules import current_k, l1_coefficient
-from crosscoder.training.sharded_optimizer import ShardedAdam, clip_to_global_norm, scale_to_max_norm
+from crosscoder.training.sharded_optimizer import ShardedAdam
 
 
 @dataclass
@@ -98,8 +99,9 @@ def training_step(
     this batch's reconstruction, before the backward): backward; the dictionary's gradient
     constraint (the SAE's decoder-parallel projection); under data parallelism the gradients of loss / N summed over
     the N processes (their average: all-reduced, or reduce-scattered by a ``ShardedAdam`` into each process's slice);
-    clipping to ``grad_clip``; the optimizer update; the dictionary's parameter constraint (the SAE's unit-norm
-    decoder rows). The learning-rate schedule is the caller's."""
+    clipping to ``grad_clip``; the optimizer update, which applies the clipping's factor (``clipping.step_clipped``);
+    the dictionary's parameter constraint (the SAE's unit-norm decoder rows).
+    The learning-rate schedule is the caller's."""
     context = context or Distributed()
     if window is not None:
         window.add_inputs(x_normalized)
@@ -127,33 +129,37 @@ def training_step(
         dictionary.before_optimizer_step()  # linear in the gradient: the same on the local gradients before the sum
         if isinstance(optimizer, ShardedAdam):
             optimizer.reduce_gradients()
-            optimizer.clip_(config.grad_clip)
+            clip = optimizer.clip_factor(config.grad_clip)
         else:  # every process then takes the same step
             gradients = [parameter.grad for parameter in dictionary.parameters() if parameter.grad is not None]
             for handle in [context.all_reduce_async(gradient) for gradient in gradients]:
                 handle.wait()
-            clip_gradients(dictionary, config.grad_clip, context)
+            clip = clip_gradients(dictionary, config.grad_clip, context)
     else:
         loss.backward()
         dictionary.before_optimizer_step()
-        clip_gradients(dictionary, config.grad_clip, context)
+        clip = clip_gradients(dictionary, config.grad_clip, context)
     for shared in (shared_gradients or {}).values():
         shared.check_complete()
     if buffers is not None:
         buffers.drop_gradients()  # any kept that no backward wrote into
-    optimizer.step()
+    if isinstance(optimizer, ShardedAdam):
+        optimizer.step(clip)
+    else:
+        step_clipped(optimizer, clip)  # the clipping's multiply, or a fused Adam's unscaling
     dictionary.after_optimizer_step()
     return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, active, min_kept_score)
 
 
-def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> None:
-    """Clip the gradient norm to ``max_norm``; with latent sharding the norm is over every process's latents
-    (the replicated ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
-    if not context.latent_parallel:
-        grads = [parameter.grad for parameter in dictionary.parameters() if parameter.grad is not None]
-        if grads:
-            scale_to_max_norm(grads, torch.nn.utils.get_total_norm(grads), max_norm)
-        return
+def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> torch.Tensor | None:
+    """The factor that clips the gradient norm to ``max_norm`` (``clipping.clip_factor``; None: nothing to scale),
+    for the optimizer step to apply; with latent sharding the norm is over every process's latents (the replicated
+    ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
     grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
+    if not grads:
+        return None
+    if not context.latent_parallel:
+        return clip_factor(torch.nn.utils.get_total_norm(list(grads.values())), max_norm)
     sharded = [grad for name, grad in grads.items() if name in SHARDED]
-    clip_to_global_norm(sharded, [grad for name, grad in grads.items() if name not in SHARDED], max_norm, context)
+    whole = [grad for name, grad in grads.items() if name not in SHARDED]
+    return clip_factor(global_norm(sharded, whole, context), max_norm)
