@@ -250,10 +250,11 @@ class SparseDictionary(
         return directions / directions.norm(dim=-1, keepdim=True) * self.init_decoder_norm
 
     # ------------------------------------------------------------------ shapes and normalisation
-    def input_from_pair(self, x: torch.Tensor) -> torch.Tensor:
+    def input_from_pair(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The raw input this dictionary reads, from a paired batch x: [batch, n_sources, d_model] (see
-        ``crosscoder.dictionary_input``): the batch itself for a crosscoder, e.g. x_chat − x_base for a diff-SAE."""
-        return self.input.from_pair(x)
+        ``crosscoder.dictionary_input``): the batch itself for a crosscoder, e.g. x_chat − x_base for a diff-SAE
+        (written into ``out`` [batch, d_model] if given)."""
+        return self.input.from_pair(x, out)
 
     def as_sources(self, x: torch.Tensor) -> torch.Tensor:
         """Validate raw input and view it as [batch, n_sources, d_model]."""
@@ -269,10 +270,11 @@ class SparseDictionary(
         """Inverse of ``as_sources`` for outputs."""
         return x
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations → training space. x: raw input (see ``encode``) → [batch, n_sources, d_model]."""
+    def normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw activations → training space. x: raw input (see ``encode``) → [batch, n_sources, d_model] (a new
+        tensor, or ``out``, which may be x itself)."""
         x = self.as_sources(x).to(self.W_enc.dtype)
-        return torch.sub(x, self.input_mean).mul_(self.input_scale[:, None])  # one temporary of x's size
+        return torch.sub(x, self.input_mean, out=out).mul_(self.input_scale[:, None])
 
     def denormalize(self, x_normalized: torch.Tensor) -> torch.Tensor:
         """Training space → raw activations. x_normalized: [batch, n_sources, d_model]."""
@@ -290,10 +292,11 @@ class SparseDictionary(
             return torch.ones(self.dict_size, dtype=self.W_dec.dtype, device=self.W_dec.device)
         return self.decoder_norms().sum(dim=-1)
 
-    def encoder_input(self, x_normalized: torch.Tensor) -> torch.Tensor:
-        """What the encoder multiplies: [batch, n_sources · d_model] (minus ``b_dec`` for the SAE)."""
+    def encoder_input(self, x_normalized: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """What the encoder multiplies: [batch, n_sources · d_model] (minus ``b_dec`` for the SAE: a new tensor, or
+        written over x_normalized with ``overwrite``)."""
         if self.subtracts_decoder_bias:
-            x_normalized = x_normalized - self.b_dec
+            x_normalized = torch.sub(x_normalized, self.b_dec, out=x_normalized if overwrite else None)
         return x_normalized.flatten(1)
 
     def activations_normalized(self, x_normalized: torch.Tensor) -> torch.Tensor:
@@ -421,8 +424,11 @@ class SparseDictionary(
         decoded = _sum_shards(self._decode_entries(values, codes, self.prefix_sizes, primary), context)
         return TrainingOutput(codes, values, decoded, self.b_dec, scores, prepared, min_kept, dead_columns, shared)
 
-    def training_input(self, x_normalized: torch.Tensor, context: Distributed | None = None) -> TrainingInput:
-        """What the training forward encodes, from x_normalized: [batch, n_sources, d_model] (``TrainingInput``).
+    def training_input(
+        self, x_normalized: torch.Tensor, context: Distributed | None = None, overwrite: bool = False
+    ) -> TrainingInput:
+        """What the training forward encodes, from x_normalized: [batch, n_sources, d_model] (``TrainingInput``;
+        ``overwrite``: x_normalized is scratch, which an encoder reading x̃ − b_dec may overwrite with it).
 
         An encoder reading ``x̃ − b_dec`` of an ``x̃`` without gradient (training) gets that input without autograd
         and ``b_dec`` [n_sources · d_model] as the center: b_dec's encoder gradient is then ``−∂b_enc @ W_enc``
@@ -433,7 +439,7 @@ class SparseDictionary(
         sharded = context is not None and context.latent_parallel
         if self.subtracts_decoder_bias and not x_normalized.requires_grad:
             with torch.no_grad():
-                encoder_input = self.encoder_input(x_normalized)
+                encoder_input = self.encoder_input(x_normalized, overwrite)
             center = self.b_dec.flatten()
             return TrainingInput(
                 encoder_input, SumGradientsOverProcesses.apply(center, context) if sharded else center, None

@@ -60,10 +60,11 @@ class DictionaryInput:
             "base_minus_chat": "base − chat",
         }.get(self.kind, f"source {self.source}")
 
-    def from_pair(self, x: torch.Tensor) -> torch.Tensor:
+    def from_pair(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """This input from a paired batch. x: [batch, n_sources, d_model] → [batch, n_sources, d_model] (paired) or
         [batch, d_model]. A [batch, d_model] batch is already the input of a one-vector dictionary and is returned
-        as is (e.g. a file of precomputed differences)."""
+        as is (e.g. a file of precomputed differences). ``out`` [batch, d_model]: where a difference is written (the
+        other inputs are x or a view of it)."""
         if self.kind == "paired" or x.dim() == 2:
             return x
         if x.dim() != 3:
@@ -77,7 +78,7 @@ class DictionaryInput:
                 f"a {self.describe()} dictionary reads exactly two sources (base, chat), got {x.shape[1]}"
             )
         base, chat = x[:, BASE], x[:, CHAT]
-        return chat - base if self.kind == "chat_minus_base" else base - chat
+        return torch.sub(chat, base, out=out) if self.kind == "chat_minus_base" else torch.sub(base, chat, out=out)
 
 
 PAIRED = DictionaryInput("paired")

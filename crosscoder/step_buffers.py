@@ -55,9 +55,13 @@ class SharedGradient:
             )
 
 
+INPUT = "input"
+"""The name of the buffer a step's input is formed in (``StepBuffers.input``)."""
+
+
 class StepBuffers:
-    """The large temporaries of a training step (the whole score matrix when the matrix is formed, the dead latents'
-    columns), kept from one step to the next, and the gradients lent to the next backward.
+    """The large temporaries of a training step (the normalised input, the whole score matrix when the matrix is
+    formed, the dead latents' columns), kept from one step to the next, and the gradients lent to the next backward.
     Tensors a step returns (``TrainingOutput.scores``, ``dead_columns``) alias them and are overwritten by the next
     step."""
 
@@ -75,6 +79,16 @@ class StepBuffers:
         if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != like.dtype or tensor.device != like.device:
             tensor = self._tensors[name] = like.new_empty(shape)
         return tensor
+
+    def input(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer a step's normalised input is formed in ([batch, n_sources, d_model]): scratch that the step
+        may overwrite (``is_input``) — the SAE's x̃ − b_dec is written over x̃."""
+        return self.get(INPUT, shape, like)
+
+    def is_input(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the ``input`` buffer (or a view of all of it)."""
+        kept = self._tensors.get(INPUT)
+        return kept is not None and tensor.data_ptr() == kept.data_ptr() and tensor.numel() == kept.numel()
 
     def release(self, name: str) -> None:
         """Free the buffer ``name`` (the whole score matrix after a step that needed it)."""

@@ -1,9 +1,9 @@
 """``ShardedAdam`` (crosscoder.training.sharded_optimizer) on two real gloo processes against one process's torch
 Adam fed the summed gradients, with its collectives through gloo (processes on two hosts, as far as the context says)
 and through the shared-memory exchange (on one host): the same parameters after every step (Adam is elementwise:
-bitwise where no clipping scales; to rounding where clipping scales: the norm is summed in another order and the factor divides), a change made to a
-parameter between steps (the SAE's renormalisation) seen by the update, each process holding half the moments, and
-the state saved in one process's layout and loaded back."""
+bitwise where no clipping scales; to rounding where it scales: the norm is summed in another order and the factor
+divides), a change made to a parameter between steps (the SAE's renormalisation) seen by the update, each process
+holding half the moments, and the state saved in one process's layout and loaded back."""
 
 from __future__ import annotations
 
@@ -130,4 +130,3 @@ def test_sharded_adam_clips_to_the_global_norm_of_the_summed_gradients(tmp_path,
         for got, expected in zip(rank["history"], history, strict=True):
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-

@@ -214,6 +214,37 @@ def test_trainee_step_is_the_training_step_plus_bookkeeping():
     assert float(dictionary.threshold) == pytest.approx(float(expected.min_kept_score))
 
 
+@pytest.mark.parametrize("kind", ["batchtopk", "sae"])
+def test_a_trainee_forms_each_steps_input_in_one_buffer_which_the_sae_overwrites_with_its_encoder_input(kind):
+    """``Trainee.step`` normalises (the SAE: chat − base, normalised, − b_dec) into one buffer kept between steps:
+    the same steps, bit for bit, as ``training_step`` on fresh inputs. A caller's input that is not that buffer is
+    left as it was."""
+    config = dataclasses.replace(CONFIG, lr=1e-2, warmup_steps=0)
+    dictionary, x = make(kind)
+    trainee = Trainee.new("diff_sae" if kind == "sae" else kind, dictionary, config)
+    twin, _ = make(kind)
+    optimizer = torch.optim.Adam(twin.parameters(), lr=config.lr, betas=(0.9, 0.999), fused=True)
+    dead, storage = torch.zeros(40, dtype=torch.bool), set()
+    for step in range(3):
+        batch = x.roll(step, dims=0)
+        b_dec = dictionary.b_dec.detach().clone()
+        loss = trainee.step(batch, step, config, crosscoder.training.trainee.Distributed())
+        buffer = trainee.buffers.input((9, dictionary.n_sources, dictionary.d_model), dictionary.W_enc)
+        storage.add(buffer.data_ptr())
+        x_normalized = twin.normalize(twin.input_from_pair(batch))
+        caller_copy = x_normalized.clone()
+        expected = training_step(
+            twin, optimizer, x_normalized, step=step, dead=dead, config=config, buffers=StepBuffers()
+        )
+        assert torch.equal(x_normalized, caller_copy)  # not the step's own buffer: not overwritten
+        assert torch.equal(loss, expected.loss)
+        for name, parameter in twin.named_parameters():
+            assert torch.equal(dict(dictionary.named_parameters())[name], parameter), (step, name)
+        # what the encoder read is left in the buffer: x̃ − b_dec (this step's b_dec) for the SAE, x̃ otherwise
+        assert torch.equal(buffer, caller_copy - b_dec if kind == "sae" else caller_copy)
+    assert len(storage) == 1
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="an older CPython keeps a call's arguments on its stack")
 @pytest.mark.parametrize("kind", ["batchtopk", "sae"])
 def test_training_step_fills_the_window_and_frees_the_saes_input_before_its_forward(kind):

@@ -105,10 +105,12 @@ def training_step(
     context = context or Distributed()
     if window is not None:
         window.add_inputs(x_normalized)
-    prepared = dictionary.training_input(x_normalized, context)
-    # x̃ is not held here: an encoder reading x̃ − b_dec (the SAE) reads a copy, and its reconstruction errors come
-    # from that copy, so a caller's temporary x̃ (CPython ≥ 3.11 hands the callee the only reference) is freed before
-    # the forward (docs/methods.md §4.2)
+    prepared = dictionary.training_input(
+        x_normalized, context, overwrite=buffers is not None and buffers.is_input(x_normalized)
+    )
+    # x̃ is not held here: an encoder reading x̃ − b_dec (the SAE) reads a copy (or x̃ overwritten, where x̃ is the
+    # step's input buffer), and its reconstruction errors come from that, so a caller's temporary x̃ (CPython ≥ 3.11
+    # hands the callee the only reference) is freed before the forward (docs/methods.md §4.2)
     del x_normalized
     loss, losses, out = training_loss(
         dictionary, prepared, step=step, dead=dead, config=config, context=context, buffers=buffers

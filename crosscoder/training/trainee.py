@@ -72,10 +72,12 @@ class Trainee:
         the global batch, or the global batch under latent sharding); returns the (detached) total loss."""
         dictionary = self.dictionary
         dead = self.tokens_since_fired >= config.dead_tokens
+        # formed in a buffer kept between steps: fresh pages cost more than the arithmetic (docs/methods.md §4.2)
+        scratch = self.buffers.input((x.shape[0], dictionary.n_sources, dictionary.d_model), dictionary.W_enc)
         result = training_step(
             dictionary,
             self.optimizer,
-            dictionary.normalize(dictionary.input_from_pair(x)),  # a temporary: the step frees it before its backward
+            dictionary.normalize(dictionary.input_from_pair(x, out=scratch.flatten(1)), out=scratch),
             step=step,
             dead=dead,
             config=config,
