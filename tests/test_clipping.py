@@ -1,14 +1,15 @@
 """Gradient clipping (crosscoder.training.clipping): the factor is ``clip_grad_norm_``'s (None where it is exactly
 1 on CPU), and the step that applies it — a fused torch Adam dividing by ``1 / factor`` as it reads the gradients,
 any other optimizer multiplying first — updates as ``clip_grad_norm_`` then ``step()`` does: bit for bit with the
-multiply, to rounding with the division, never as the unclipped step."""
+multiply, to rounding with the division, never as the unclipped step. The norm is the float64 norm to float32
+rounding, over millions of values too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crosscoder.training.clipping import clip_factor, step_clipped
+from crosscoder.training.clipping import NORM_SPAN, clip_factor, global_norm, l2_norm, step_clipped
 
 
 def parameters_with_gradients(nan: bool = False) -> list[torch.nn.Parameter]:
@@ -71,3 +72,14 @@ def test_the_factor_is_clip_grad_norms_and_none_where_it_is_one() -> None:
     assert clip_factor(norm, 1.0) == (1.0 / (norm + 1e-6))
     assert clip_factor(torch.tensor(float("inf")), 1.0) == 0
     assert clip_factor(torch.tensor(float("nan")), 1.0).isnan()
+
+
+@pytest.mark.parametrize("size", [NORM_SPAN // 3, 5 * NORM_SPAN, 513 * NORM_SPAN + 77], ids=["short", "spans", "tail"])
+def test_the_norm_is_the_exact_norm_to_float32_rounding(size) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(size, generator=generator) + 3.0  # 8.4 M values, a large mean: one float32 sum drifts
+    exact = values.double().norm()
+    assert abs(float(l2_norm(values)) / float(exact) - 1) < 2e-6
+    assert abs(float(l2_norm(values.view(-1, 1) if size % 2 else values.view(2, -1))) / float(exact) - 1) < 2e-6
+    halves = values.chunk(2)
+    assert abs(float(global_norm([halves[0]], [halves[1]])) / float(exact) - 1) < 2e-6

@@ -1,5 +1,5 @@
-"""Gradient clipping to a global norm (docs/methods.md §3.6): the factor, the norm over sharded gradients, and the
-optimizer step that applies the factor where it costs least.
+"""Gradient clipping to a global norm (docs/methods.md §3.6): the norm (``l2_norm``: accurate where torch's one
+reduction is not), the factor, and the optimizer step that applies the factor where it costs least.
 
 ``torch.nn.utils.clip_grad_norm_`` multiplies every gradient by the factor, a pass over all of them (read and write)
 before Adam reads them again. A fused torch Adam can take the factor instead: it divides each gradient by its
@@ -26,13 +26,34 @@ def clip_factor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor | Non
     return factor
 
 
-def global_norm(sharded: list[torch.Tensor], whole: list[torch.Tensor], context: Distributed) -> torch.Tensor:
+NORM_SPAN = 1 << 14
+"""``l2_norm`` sums the squares of this many consecutive values at a time."""
+
+
+def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The L2 norm (0-d) of all of ``tensor``'s values: the norm of the norms of its spans of ``NORM_SPAN`` values.
+    One float32 reduction over all of them, as ``torch.linalg.vector_norm`` runs on CPU, loses precision with their
+    number: over the 170 M values of a [73,728, 2,304] gradient it came out 2.3% low (0.07% over the 16.8 M of a
+    [16,384, 1,024] one), and took twice as long (43 vs 21 ms; 3.3 vs 1.3 ms)."""
+    flat = tensor.reshape(-1)
+    whole = len(flat) - len(flat) % NORM_SPAN
+    parts = [torch.linalg.vector_norm(flat[:whole].view(-1, NORM_SPAN), dim=1)] if whole else []
+    if whole < len(flat):
+        parts.append(torch.linalg.vector_norm(flat[whole:]).unsqueeze(0))
+    return torch.linalg.vector_norm(torch.cat(parts))
+
+
+def global_norm(
+    sharded: list[torch.Tensor], whole: list[torch.Tensor], context: Distributed | None = None
+) -> torch.Tensor:
     """The L2 norm (0-d) of gradients of which ``sharded`` are this process's parts of gradients split over the
-    processes (their squares summed over processes) and ``whole`` gradients every process holds alike (counted once),
-    as ``clip_grad_norm_`` would compute it in one process holding them all."""
+    processes of ``context`` (their squares summed over processes) and ``whole`` gradients every process holds alike
+    (counted once), as one process holding them all would compute it (``l2_norm`` of each)."""
     zero = (sharded + whole)[0].new_zeros(())
-    split = context.all_reduce(sum((torch.linalg.vector_norm(grad).square() for grad in sharded), zero))
-    return (split + sum((torch.linalg.vector_norm(grad).square() for grad in whole), zero)).sqrt()
+    split = sum((l2_norm(grad).square() for grad in sharded), zero)
+    if context is not None:
+        split = context.all_reduce(split)
+    return (split + sum((l2_norm(grad).square() for grad in whole), zero)).sqrt()
 
 
 def step_clipped(optimizer: torch.optim.Optimizer, factor: torch.Tensor | None) -> None:

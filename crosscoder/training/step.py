@@ -156,12 +156,12 @@ def training_step(
 def clip_gradients(dictionary: SparseDictionary, max_norm: float, context: Distributed) -> torch.Tensor | None:
     """The factor that clips the gradient norm to ``max_norm`` (``clipping.clip_factor``; None: nothing to scale),
     for the optimizer step to apply; with latent sharding the norm is over every process's latents (the replicated
-    ``b_dec`` counted once), as ``torch.nn.utils.clip_grad_norm_`` computes it in one process."""
+    ``b_dec`` counted once), as one process holding them all computes it (``clipping.global_norm``)."""
     grads = {name: p.grad for name, p in dictionary.named_parameters() if p.grad is not None}
     if not grads:
         return None
     if not context.latent_parallel:
-        return clip_factor(torch.nn.utils.get_total_norm(list(grads.values())), max_norm)
+        return clip_factor(global_norm([], list(grads.values())), max_norm)
     sharded = [grad for name, grad in grads.items() if name in SHARDED]
     whole = [grad for name, grad in grads.items() if name not in SHARDED]
     return clip_factor(global_norm(sharded, whole, context), max_norm)
