@@ -14,8 +14,9 @@ Three primitives do all the work, here and in the sparse encoder backward (``spa
 - ``entry_dot``: per active entry, a dot product of a row of one matrix with a latent row of another (``∂values``).
 
 Each has a Triton kernel and a plain-PyTorch reference (the CPU path, see ``backend.py``); both accumulate in
-float32 (float64 for float64 inputs) and return the input dtype. Work is proportional to ``nnz · D``: no
-``[B, F]`` matrix and no ``[nnz, D]`` temporary is ever formed.
+float32 (float64 for float64 inputs) and return the input dtype. On CPU the latents' float32 sums run the C kernel
+``latent_scatter_sum.c`` (compiled by ``native``; the reference where it cannot), equal to the reference to
+rounding. Work is proportional to ``nnz · D``: no ``[B, F]`` matrix and no ``[nnz, D]`` temporary is ever formed.
 
 Triton designs (block sizes are module constants):
 
@@ -39,6 +40,7 @@ scatter-sum 24–29 ms with ``embedding_bag``, 16 ms with ``addmm`` into a reuse
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from collections.abc import Callable
 
@@ -48,10 +50,12 @@ import torch.nn.functional as F
 from crosscoder.kernels.backend import (
     HAS_TRITON,
     accumulation_dtype,
+    c_kernel_allowed,
     check_float_tensor,
     check_same_dtype,
     resolve_backend,
 )
+from crosscoder.kernels.native import native_library
 from crosscoder.kernels.sparse_codes import SparseCodes
 
 if HAS_TRITON:
@@ -247,6 +251,58 @@ def _latent_scatter_sum_reference(
         return torch.addmm(out, segments, table, beta=0.0, out=out)
 
 
+def _latent_scatter_sum_native(
+    offsets: torch.Tensor,
+    index: torch.Tensor,
+    order: torch.Tensor,
+    values: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The latents' segmented sums by the C kernel ``latent_scatter_sum.c`` (float32 on CPU), into ``out`` (or a new
+    tensor); ``_latent_scatter_sum_reference`` where it cannot run. At the paper's width (F = 73,728, D = 2 × 2,304,
+    B = 1,024, k = 100) it took 51–58 ms against MKL's 95–98 (non-temporal stores of the mostly zero rows); at B =
+    4,096, F = 16,384, D = 1,024, k = 64 both 18–19 ms."""
+    library = _latent_scatter_sum_library() if table.dtype == torch.float32 else None
+    indices = (offsets, index, order)
+    if library is None or any(tensor.dtype != torch.int64 for tensor in indices):
+        return _latent_scatter_sum_reference(offsets, index, order, values, table, out)
+    if out is None:
+        out = table.new_empty(len(offsets) - 1, table.shape[1])
+    offsets, index, order, values, table = (tensor.contiguous() for tensor in (*indices, values, table))
+    status = library.latent_scatter_sum(
+        *(tensor.data_ptr() for tensor in (offsets, index, order, values, table)),
+        len(offsets) - 1,
+        table.shape[1],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"latent_scatter_sum could not allocate a row buffer of {table.shape[1]} floats per thread")
+    return out
+
+
+LATENT_SCATTER_SUM_SIGNATURES = (
+    (
+        "latent_scatter_sum",
+        ctypes.c_int64,
+        (*(ctypes.c_void_p,) * 5, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64),
+    ),
+)
+"""``latent_scatter_sum.c``'s function as ``ctypes`` declares it."""
+
+
+def _latent_scatter_sum_library() -> ctypes.CDLL | None:
+    return native_library("latent_scatter_sum", LATENT_SCATTER_SUM_SIGNATURES)
+
+
+def _latent_scatter_sum_implementation(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The latents' segmented sums on ``device``: Triton, the C kernel (CPU), or the reference."""
+    if resolve_backend(device) == "triton":
+        return _segment_gather_sum_triton
+    return _latent_scatter_sum_native if c_kernel_allowed(device) else _latent_scatter_sum_reference
+
+
 def _entry_dot_reference(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``torch.sparse.sampled_addmm`` computes ``(right @ left.T)`` at the active entries of the latent-sorted view
     (CSR over latents): each latent's row of ``right`` is read once for all its entries, and the rows of ``left``
@@ -301,9 +357,7 @@ def latent_scatter_sum(
     if out is not None:
         check_float_tensor("out", out, (codes.dict_size, table.shape[1]), codes.device)
         check_same_dtype(out=out, table=table)
-    implementation = (
-        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _latent_scatter_sum_reference
-    )
+    implementation = _latent_scatter_sum_implementation(codes.device)
     return implementation(codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table, out)
 
 
@@ -319,9 +373,7 @@ def latent_scatter_rows(
     offsets = codes.latent_offsets
     latents = (offsets[1:] > offsets[:-1]).nonzero().squeeze(1)
     segments = torch.cat([offsets.index_select(0, latents), offsets[-1:]])  # their entries stay contiguous
-    implementation = (
-        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _latent_scatter_sum_reference
-    )
+    implementation = _latent_scatter_sum_implementation(codes.device)
     return latents, implementation(segments, codes.rows_by_latent, codes.latent_order, values, table)
 
 

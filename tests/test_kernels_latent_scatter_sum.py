@@ -1,0 +1,110 @@
+"""``latent_scatter_sum``'s C kernel (``kernels/latent_scatter_sum.c``, the CPU's float32 path): the latents'
+segmented sums equal the formula in float64 and MKL's reference to rounding, bit for bit whatever the thread count
+and in the portable (no AVX-512) build; every row of a given output is written (zero rows for latents without
+entries), through non-temporal stores where rows are 64-byte aligned and plain ones where not; the rows of latents
+with entries alone (AuxK's) come from the same kernel; other dtypes run the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosscoder.kernels import sparse_decode
+from crosscoder.kernels.backend import use_backend
+from crosscoder.kernels.sparse_codes import SparseCodes
+from crosscoder.kernels.sparse_decode import latent_scatter_rows, latent_scatter_sum
+
+
+def pattern(batch: int, dict_size: int, density: float, seed: int = 0) -> SparseCodes:
+    """Codes with some latents of many entries (more than the kernel's four per sweep) and some of none."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, dict_size, generator=generator) < density
+    mask[:, 1] = True
+    mask[:, 2:5] = False
+    return SparseCodes.from_mask(mask)
+
+
+def inputs(codes: SparseCodes, width: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(width)
+    values = torch.randn(codes.nnz, generator=generator, dtype=torch.float64).to(dtype)
+    return values, torch.randn(codes.batch_size, width, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def summed(codes: SparseCodes, values: torch.Tensor, table: torch.Tensor, backend: str, out=None) -> torch.Tensor:
+    with use_backend(backend):
+        return latent_scatter_sum(values, codes, table, out)
+
+
+SHAPES = [(40, 37, 0.2, 150), (9, 23, 0.3, 3), (64, 50, 0.5, 64), (30, 11, 0.9, 2304 + 5)]
+"""(batch, dict_size, density, width): widths off the vector lanes, narrower than one, on them (aligned rows)."""
+
+
+@pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
+def test_the_c_kernel_sums_each_latents_entries(batch, dict_size, density, width) -> None:
+    assert sparse_decode._latent_scatter_sum_library() is not None  # compiled here (CI installs a C compiler)
+    codes = pattern(batch, dict_size, density)
+    values, table = inputs(codes, width)
+    exact = codes.to_dense(values.double()).T @ table.double()
+    out = torch.full((dict_size, width), float("nan"))  # whatever it held is overwritten
+    found = summed(codes, values, table, "auto", out)
+    assert found.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(found, exact.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found, summed(codes, values, table, "reference"), rtol=1e-5, atol=1e-5)
+    assert torch.equal(found[2:5], torch.zeros(3, width))  # latents without entries: zero rows
+    assert torch.equal(summed(codes, values, table, "auto"), found)  # into a new tensor: the same
+
+
+def test_rows_off_the_cache_line_are_written_with_plain_stores() -> None:
+    codes = pattern(64, 50, 0.5)
+    values, table = inputs(codes, 64)
+    aligned = summed(codes, values, table, "auto")
+    storage = torch.full((50 * 64 + 1,), float("nan"))
+    shifted = storage[1:].view(50, 64)  # 4 bytes past a 64-byte boundary: every row off it
+    assert shifted.data_ptr() % 64 != 0
+    assert torch.equal(summed(codes, values, table, "auto", shifted), aligned)
+    assert storage[0].isnan()  # nothing written before the output
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_sums_do_not_depend_on_the_thread_count(threads) -> None:
+    codes = pattern(300, 1100, 0.05)  # several chunks of 256 latents
+    values, table = inputs(codes, 40)
+    expected = summed(codes, values, table, "auto")
+    out = torch.empty_like(expected)
+    library = sparse_decode._latent_scatter_sum_library()
+    pointers = (codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
+    status = library.latent_scatter_sum(*(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), threads)
+    assert status == 0 and torch.equal(out, expected)
+
+
+def test_an_empty_pattern_gives_zero_rows() -> None:
+    codes = SparseCodes.from_mask(torch.zeros(5, 7, dtype=torch.bool))
+    values, table = inputs(codes, 16)
+    assert torch.equal(summed(codes, values, table, "auto", torch.full((7, 16), float("nan"))), torch.zeros(7, 16))
+
+
+def test_auxks_rows_come_from_the_same_sums() -> None:
+    codes = pattern(40, 37, 0.2)
+    values, table = inputs(codes, 48)
+    with use_backend("auto"):
+        latents, rows = latent_scatter_rows(values, codes, table)
+    assert torch.equal(latents, codes.latents.unique())
+    assert torch.equal(rows, summed(codes, values, table, "auto")[latents])
+
+
+def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(portable_build) -> None:
+    portable = portable_build("latent_scatter_sum", sparse_decode.LATENT_SCATTER_SUM_SIGNATURES)
+    codes = pattern(64, 50, 0.5)
+    values, table = inputs(codes, 2304 + 16)
+    expected = summed(codes, values, table, "auto")
+    out = torch.empty_like(expected)
+    pointers = (codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
+    assert portable.latent_scatter_sum(*(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), 2) == 0
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_other_dtypes_run_the_reference(dtype) -> None:
+    codes = pattern(40, 37, 0.2)
+    values, table = inputs(codes, 24, dtype)
+    assert torch.equal(summed(codes, values, table, "auto"), summed(codes, values, table, "reference"))
