@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import latent_scatter_rows, latent_scatter_sum
+from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum
 
 
 class SharedGradient:
@@ -31,17 +31,31 @@ class SharedGradient:
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._primary_done = False
 
-    def primary(self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor) -> torch.Tensor:
-        gradient = latent_scatter_sum(values, codes, table, self._storage())
+    def primary(
+        self,
+        values: torch.Tensor,
+        codes: SparseCodes,
+        table: torch.Tensor,
+        dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        gradient = latent_scatter_sum(values, codes, table, self._storage(), dots)
         for latents, rows in self._rows:
             gradient.index_add_(0, latents, rows)
         self._rows.clear()
         self._primary_done = True
         return gradient
 
-    def secondary(self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor) -> torch.Tensor | None:
+    def secondary(
+        self,
+        values: torch.Tensor,
+        codes: SparseCodes,
+        table: torch.Tensor,
+        dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
         if self._primary_done:
-            return latent_scatter_sum(values, codes, table)
+            return latent_scatter_sum(values, codes, table, dots=dots)
+        if dots is not None:
+            dots[1].copy_(entry_dot(codes, table, dots[0]))
         self._rows.append(latent_scatter_rows(values, codes, table))
         return None
 

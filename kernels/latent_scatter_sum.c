@@ -14,7 +14,11 @@
  * to OpenMP threads (torch's runtime, already loaded) in chunks. Plain arithmetic loops the compiler vectorises:
  * every build computes the same values. Returns 0, or -1 when a thread's buffer could not be allocated (nothing
  * written then).
+ * With dot_rows [n_segments, width] (else NULL) the same sweep also writes each entry's dot product with its segment's
+ * row, dots[order[p]] = <table[index[p], :], dot_rows[j, :]> (the sparse decode's backward: dvalues beside dW_dec,
+ * the rows of dout read once for both): LANES partial sums with fmaf, summed in lane order.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,28 +42,79 @@ static void store_row(float *out, const float *row, int64_t width) {
     }
 }
 
+/* Entry p's dot product with the segment's dot row: LANES partial sums (column c to lane c % LANES) with fmaf, summed
+ * in lane order at the end, as row_projection.c sums. */
+enum { LANES = 16 };
+
+static float lanes_total(const float *lanes) {
+    float total = 0.0f;
+    for (int l = 0; l < LANES; ++l) total += lanes[l];
+    return total;
+}
+
+static float dot_lanes(const float *t, const float *w, int64_t width) {
+    float lanes[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= width; c += LANES)
+        for (int l = 0; l < LANES; ++l) lanes[l] = fmaf(t[c + l], w[c + l], lanes[l]);
+    for (int l = 0; c + l < width; ++l) lanes[l] = fmaf(t[c + l], w[c + l], lanes[l]);
+    return lanes_total(lanes);
+}
+
 static void sum_segment(float *acc, const int64_t *index, const int64_t *order, const float *values,
-                        const float *table, int64_t start, int64_t end, int64_t width) {
+                        const float *table, int64_t start, int64_t end, int64_t width, const float *dot_row,
+                        float *dots) {
     const float *t = table + index[start] * width;
     float v = values[order[start]];
     for (int64_t c = 0; c < width; ++c) acc[c] = v * t[c];
+    if (dot_row) dots[order[start]] = dot_lanes(t, dot_row, width);
     int64_t p = start + 1;
     for (; p + 4 <= end; p += 4) {
         const float *t0 = table + index[p] * width, *t1 = table + index[p + 1] * width;
         const float *t2 = table + index[p + 2] * width, *t3 = table + index[p + 3] * width;
         float v0 = values[order[p]], v1 = values[order[p + 1]];
         float v2 = values[order[p + 2]], v3 = values[order[p + 3]];
-        for (int64_t c = 0; c < width; ++c) acc[c] = (((acc[c] + v0 * t0[c]) + v1 * t1[c]) + v2 * t2[c]) + v3 * t3[c];
+        if (!dot_row) {
+            for (int64_t c = 0; c < width; ++c)
+                acc[c] = (((acc[c] + v0 * t0[c]) + v1 * t1[c]) + v2 * t2[c]) + v3 * t3[c];
+            continue;
+        }
+        float l0[LANES] = {0}, l1[LANES] = {0}, l2[LANES] = {0}, l3[LANES] = {0};
+        int64_t c = 0;
+        for (; c + LANES <= width; c += LANES) {
+            for (int l = 0; l < LANES; ++l) {
+                float w = dot_row[c + l];
+                acc[c + l] = (((acc[c + l] + v0 * t0[c + l]) + v1 * t1[c + l]) + v2 * t2[c + l]) + v3 * t3[c + l];
+                l0[l] = fmaf(t0[c + l], w, l0[l]);
+                l1[l] = fmaf(t1[c + l], w, l1[l]);
+                l2[l] = fmaf(t2[c + l], w, l2[l]);
+                l3[l] = fmaf(t3[c + l], w, l3[l]);
+            }
+        }
+        for (int l = 0; c + l < width; ++l) {
+            float w = dot_row[c + l];
+            acc[c + l] = (((acc[c + l] + v0 * t0[c + l]) + v1 * t1[c + l]) + v2 * t2[c + l]) + v3 * t3[c + l];
+            l0[l] = fmaf(t0[c + l], w, l0[l]);
+            l1[l] = fmaf(t1[c + l], w, l1[l]);
+            l2[l] = fmaf(t2[c + l], w, l2[l]);
+            l3[l] = fmaf(t3[c + l], w, l3[l]);
+        }
+        dots[order[p]] = lanes_total(l0);
+        dots[order[p + 1]] = lanes_total(l1);
+        dots[order[p + 2]] = lanes_total(l2);
+        dots[order[p + 3]] = lanes_total(l3);
     }
     for (; p < end; ++p) {
         t = table + index[p] * width;
         v = values[order[p]];
         for (int64_t c = 0; c < width; ++c) acc[c] = acc[c] + v * t[c];
+        if (dot_row) dots[order[p]] = dot_lanes(t, dot_row, width);
     }
 }
 
 int64_t latent_scatter_sum(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
-                           const float *table, int64_t n_segments, int64_t width, float *out, int64_t n_threads) {
+                           const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows,
+                           float *dots, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     size_t bytes = ((size_t)width * sizeof(float) + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     int failed = 0;
@@ -73,7 +128,8 @@ int64_t latent_scatter_sum(const int64_t *offsets, const int64_t *index, const i
 #pragma omp for schedule(dynamic, SEGMENTS_PER_CHUNK)
             for (int64_t j = 0; j < n_segments; ++j) {
                 int64_t start = offsets[j], end = offsets[j + 1];
-                if (start < end) sum_segment(acc, index, order, values, table, start, end, width);
+                const float *dot_row = dot_rows ? dot_rows + j * width : NULL;
+                if (start < end) sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
                 store_row(out + j * width, start < end ? acc : NULL, width);
             }
         }

@@ -258,23 +258,28 @@ def _latent_scatter_sum_native(
     values: torch.Tensor,
     table: torch.Tensor,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The latents' segmented sums by the C kernel ``latent_scatter_sum.c`` (float32 on CPU), into ``out`` (or a new
-    tensor); ``_latent_scatter_sum_reference`` where it cannot run. At the paper's width (F = 73,728, D = 2 × 2,304,
-    B = 1,024, k = 100) it took 51–58 ms against MKL's 95–98 (non-temporal stores of the mostly zero rows); at B =
-    4,096, F = 16,384, D = 1,024, k = 64 both 18–19 ms."""
+    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """The segments' sums by the C kernel ``latent_scatter_sum.c`` (float32 on CPU) into ``out`` (or a new tensor),
+    with ``dots`` (one row per segment, the entries' dot products written into the second) in the same sweep; None
+    where the kernel cannot run. At the paper's width (F = 73,728, D = 2 × 2,304, B = 1,024, k = 100) the sums took
+    51–58 ms against MKL's 95–98 (non-temporal stores of the mostly zero rows); at B = 4,096, F = 16,384, D = 1,024,
+    k = 64 both 18–19 ms."""
     library = _latent_scatter_sum_library() if table.dtype == torch.float32 else None
     indices = (offsets, index, order)
     if library is None or any(tensor.dtype != torch.int64 for tensor in indices):
-        return _latent_scatter_sum_reference(offsets, index, order, values, table, out)
+        return None
     if out is None:
         out = table.new_empty(len(offsets) - 1, table.shape[1])
     offsets, index, order, values, table = (tensor.contiguous() for tensor in (*indices, values, table))
+    dot_rows, into = (None, None) if dots is None else dots
     status = library.latent_scatter_sum(
         *(tensor.data_ptr() for tensor in (offsets, index, order, values, table)),
         len(offsets) - 1,
         table.shape[1],
         out.data_ptr(),
+        None if dot_rows is None else dot_rows.data_ptr(),
+        None if into is None else into.data_ptr(),
         torch.get_num_threads(),
     )
     if status != 0:
@@ -286,7 +291,7 @@ LATENT_SCATTER_SUM_SIGNATURES = (
     (
         "latent_scatter_sum",
         ctypes.c_int64,
-        (*(ctypes.c_void_p,) * 5, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64),
+        (*(ctypes.c_void_p,) * 5, ctypes.c_int64, ctypes.c_int64, *(ctypes.c_void_p,) * 3, ctypes.c_int64),
     ),
 )
 """``latent_scatter_sum.c``'s function as ``ctypes`` declares it."""
@@ -296,11 +301,29 @@ def _latent_scatter_sum_library() -> ctypes.CDLL | None:
     return native_library("latent_scatter_sum", LATENT_SCATTER_SUM_SIGNATURES)
 
 
-def _latent_scatter_sum_implementation(device: torch.device) -> Callable[..., torch.Tensor]:
-    """The latents' segmented sums on ``device``: Triton, the C kernel (CPU), or the reference."""
-    if resolve_backend(device) == "triton":
-        return _segment_gather_sum_triton
-    return _latent_scatter_sum_native if c_kernel_allowed(device) else _latent_scatter_sum_reference
+def _segment_sums(
+    codes: SparseCodes,
+    offsets: torch.Tensor,
+    values: torch.Tensor,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The segments ``offsets`` of the latent-sorted view summed (``latent_scatter_sum``): Triton, the C kernel
+    (CPU, float32), or the reference; ``dots`` as ``latent_scatter_sum`` takes them."""
+    index, order = codes.rows_by_latent, codes.latent_order
+    if resolve_backend(codes.device) == "triton":
+        sums = _segment_gather_sum_triton(offsets, index, order, values, table, out)
+    else:
+        fused = None
+        if c_kernel_allowed(codes.device):
+            fused = _latent_scatter_sum_native(offsets, index, order, values, table, out, dots)
+        if fused is not None:
+            return fused
+        sums = _latent_scatter_sum_reference(offsets, index, order, values, table, out)
+    if dots is not None:
+        dots[1].copy_(entry_dot(codes, table, dots[0]))
+    return sums
 
 
 def _entry_dot_reference(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -342,14 +365,20 @@ def row_gather_sum(values: torch.Tensor, codes: SparseCodes, table: torch.Tensor
 
 
 def latent_scatter_sum(
-    values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, out: torch.Tensor | None = None
+    values: torch.Tensor,
+    codes: SparseCodes,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out[j] = Σ_{e: latents[e] = j} values[e] · table[rows[e]]. values (nnz,), table (B, D) → (F, D).
 
     A segmented sum over the latent-sorted view: deterministic, inactive latents get zero rows. ``∂W_dec``
     (table = ∂out) and ``∂W_enc`` (values = ∂pre-activations, table = x). ``out``: a contiguous (F, D) tensor of the
     table's dtype to write the sums into and return (what it held is ignored: a training step hands the previous
-    step's gradient, so that no fresh memory is paged in), or None for a new one.
+    step's gradient, so that no fresh memory is paged in), or None for a new one. ``dots``: (rows (F, D), into
+    (nnz,)) to also write ``entry_dot(codes, table, rows)`` into ``into`` — the decode backward's ``∂values`` beside
+    ``∂W_dec``, in the same sweep over the table's rows on the CPU's C kernel.
     """
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.batch_size, None), codes.device)
@@ -357,8 +386,11 @@ def latent_scatter_sum(
     if out is not None:
         check_float_tensor("out", out, (codes.dict_size, table.shape[1]), codes.device)
         check_same_dtype(out=out, table=table)
-    implementation = _latent_scatter_sum_implementation(codes.device)
-    return implementation(codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table, out)
+    if dots is not None:
+        check_float_tensor("dot rows", dots[0], (codes.dict_size, table.shape[1]), codes.device)
+        check_float_tensor("dots", dots[1], (codes.nnz,), codes.device)
+        check_same_dtype(dot_rows=dots[0], dots=dots[1], table=table)
+    return _segment_sums(codes, codes.latent_offsets, values, table, out, dots)
 
 
 def latent_scatter_rows(
@@ -373,8 +405,7 @@ def latent_scatter_rows(
     offsets = codes.latent_offsets
     latents = (offsets[1:] > offsets[:-1]).nonzero().squeeze(1)
     segments = torch.cat([offsets.index_select(0, latents), offsets[-1:]])  # their entries stay contiguous
-    implementation = _latent_scatter_sum_implementation(codes.device)
-    return latents, implementation(segments, codes.rows_by_latent, codes.latent_order, values, table)
+    return latents, _segment_sums(codes, segments, values, table)
 
 
 def latent_value_sums(values: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
@@ -397,11 +428,12 @@ def entry_dot(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-WeightGradient = Callable[[torch.Tensor, SparseCodes, torch.Tensor], torch.Tensor | None]
-"""How a sparse backward materialises its weight's gradient, ``latent_scatter_sum(values, codes, table)`` — the
-caller's choice (``crosscoder.step_buffers.SharedGradient``: into the previous step's gradient, or added to another
-backward's): called once with (values, codes, table), it returns that gradient, or None where it was added to
-another backward's gradient of the same weight. None in its place: a new tensor."""
+WeightGradient = Callable[..., torch.Tensor | None]
+"""How a sparse backward materialises its weight's gradient, ``latent_scatter_sum(values, codes, table, dots=...)``
+— the caller's choice (``crosscoder.step_buffers.SharedGradient``: into the previous step's gradient, or added to
+another backward's): called once with (values, codes, table) and ``dots`` (``latent_scatter_sum``'s, or None), it
+writes the dots and returns that gradient, or None where it was added to another backward's gradient of the same
+weight. None in its place: a new tensor."""
 
 
 class SparseDecode(torch.autograd.Function):
@@ -420,11 +452,15 @@ class SparseDecode(torch.autograd.Function):
         values, weight = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         grad_out = grad_out.contiguous().to(weight.dtype)
-        grad_values = entry_dot(codes, grad_out, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[2]:  # ∂values (if needed) in the same sweep over ∂out's rows
+            grad_values = grad_out.new_empty(codes.nnz) if ctx.needs_input_grad[0] else None
             materialise = latent_scatter_sum if ctx.weight_gradient is None else ctx.weight_gradient
-            grad_weight = materialise(values, codes, grad_out)
+            grad_weight = materialise(
+                values, codes, grad_out, dots=None if grad_values is None else (weight, grad_values)
+            )
+        elif ctx.needs_input_grad[0]:
+            grad_values = entry_dot(codes, grad_out, weight)
         return grad_values, None, grad_weight, None
 
 

@@ -2,7 +2,8 @@
 segmented sums equal the formula in float64 and MKL's reference to rounding, bit for bit whatever the thread count
 and in the portable (no AVX-512) build; every row of a given output is written (zero rows for latents without
 entries), through non-temporal stores where rows are 64-byte aligned and plain ones where not; the rows of latents
-with entries alone (AuxK's) come from the same kernel; other dtypes run the reference."""
+with entries alone (AuxK's) come from the same kernel; the entries' dot products it takes in the same sweep (the
+decode backward's ∂values) equal ``entry_dot``'s to rounding, on every path; other dtypes run the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from crosscoder.kernels import sparse_decode
 from crosscoder.kernels.backend import use_backend
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import latent_scatter_rows, latent_scatter_sum
+from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum
 
 
 def pattern(batch: int, dict_size: int, density: float, seed: int = 0) -> SparseCodes:
@@ -73,8 +74,14 @@ def test_the_sums_do_not_depend_on_the_thread_count(threads) -> None:
     out = torch.empty_like(expected)
     library = sparse_decode._latent_scatter_sum_library()
     pointers = (codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
-    status = library.latent_scatter_sum(*(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), threads)
-    assert status == 0 and torch.equal(out, expected)
+    dot_rows, dots = torch.randn(1100, 40), torch.empty(codes.nnz)
+    with use_backend("auto"):
+        expected_dots = torch.empty(codes.nnz)
+        latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
+    status = library.latent_scatter_sum(
+        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), threads
+    )
+    assert status == 0 and torch.equal(out, expected) and torch.equal(dots, expected_dots)
 
 
 def test_an_empty_pattern_gives_zero_rows() -> None:
@@ -99,8 +106,17 @@ def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(por
     expected = summed(codes, values, table, "auto")
     out = torch.empty_like(expected)
     pointers = (codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
-    assert portable.latent_scatter_sum(*(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), 2) == 0
-    assert torch.equal(out, expected)
+    dot_rows = torch.randn(50, 2320)
+    expected_dots, dots = torch.empty(codes.nnz), torch.empty(codes.nnz)
+    with use_backend("auto"):
+        latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
+    assert (
+        portable.latent_scatter_sum(
+            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 2
+        )
+        == 0
+    )
+    assert torch.equal(out, expected) and torch.equal(dots, expected_dots)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -108,3 +124,37 @@ def test_other_dtypes_run_the_reference(dtype) -> None:
     codes = pattern(40, 37, 0.2)
     values, table = inputs(codes, 24, dtype)
     assert torch.equal(summed(codes, values, table, "auto"), summed(codes, values, table, "reference"))
+
+
+@pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["C kernel", "reference"])
+def test_the_entries_dot_products_come_with_the_sums(batch, dict_size, density, width, backend) -> None:
+    codes = pattern(batch, dict_size, density)
+    values, table = inputs(codes, width)
+    dot_rows = torch.randn(dict_size, width, generator=torch.Generator().manual_seed(1))
+    dots = torch.full((codes.nnz,), float("nan"))
+    with use_backend(backend):
+        sums = latent_scatter_sum(values, codes, table, dots=(dot_rows, dots))
+    exact = codes.gather(table.double() @ dot_rows.double().T)
+    torch.testing.assert_close(dots, exact.float(), rtol=1e-5, atol=1e-4)  # sums of up to 2,309 products
+    with use_backend("reference"):
+        torch.testing.assert_close(dots, entry_dot(codes, table, dot_rows), rtol=1e-5, atol=1e-4)
+    assert torch.equal(sums, summed(codes, values, table, backend))  # the sums as without the dots
+
+
+def test_the_decode_backward_takes_both_gradients_from_one_sweep() -> None:
+    codes = pattern(40, 37, 0.2)
+    values, _ = inputs(codes, 48)
+    weight = torch.randn(37, 48, generator=torch.Generator().manual_seed(2))
+    target = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
+    gradients = {}
+    for backend in ("auto", "reference"):
+        leaves = values.clone().requires_grad_(), weight.clone().requires_grad_()
+        with use_backend(backend):
+            (sparse_decode.sparse_decode(leaves[0], codes, leaves[1]) - target).pow(2).sum().backward()
+        gradients[backend] = [leaf.grad for leaf in leaves]
+    dense_values, dense_weight = values.double().requires_grad_(), weight.double().requires_grad_()
+    (codes.to_dense(dense_values) @ dense_weight - target.double()).pow(2).sum().backward()
+    for found in gradients.values():
+        torch.testing.assert_close(found[0], dense_values.grad.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(found[1], dense_weight.grad.float(), rtol=1e-5, atol=1e-5)
