@@ -14,9 +14,10 @@ Three primitives do all the work, here and in the sparse encoder backward (``spa
 - ``entry_dot``: per active entry, a dot product of a row of one matrix with a latent row of another (``∂values``).
 
 Each has a Triton kernel and a plain-PyTorch reference (the CPU path, see ``backend.py``); both accumulate in
-float32 (float64 for float64 inputs) and return the input dtype. On CPU the latents' float32 sums run the C kernel
-``latent_scatter_sum.c`` (compiled by ``native``; the reference where it cannot), equal to the reference to
-rounding. Work is proportional to ``nnz · D``: no ``[B, F]`` matrix and no ``[nnz, D]`` temporary is ever formed.
+float32 (float64 for float64 inputs) and return the input dtype. On CPU the rows' and the latents' float32 sums (and
+the decode backward's entry dots beside the latents') run the C kernel ``segment_sums.c`` (compiled by ``native``; the
+references where it cannot), equal to the references to rounding. Work is proportional to ``nnz · D``: no ``[B, F]``
+matrix and no ``[nnz, D]`` temporary is ever formed.
 
 Triton designs (block sizes are module constants):
 
@@ -251,57 +252,68 @@ def _latent_scatter_sum_reference(
         return torch.addmm(out, segments, table, beta=0.0, out=out)
 
 
-def _latent_scatter_sum_native(
+def _segment_sums_native(
     offsets: torch.Tensor,
     index: torch.Tensor,
-    order: torch.Tensor,
+    order: torch.Tensor | None,
     values: torch.Tensor,
     table: torch.Tensor,
     out: torch.Tensor | None = None,
     dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stream: bool = False,
 ) -> torch.Tensor | None:
-    """The segments' sums by the C kernel ``latent_scatter_sum.c`` (float32 on CPU) into ``out`` (or a new tensor),
-    with ``dots`` (one row per segment, the entries' dot products written into the second) in the same sweep; None
-    where the kernel cannot run. At the paper's width (F = 73,728, D = 2 × 2,304, B = 1,024, k = 100) the sums took
-    51–58 ms against MKL's 95–98 (non-temporal stores of the mostly zero rows); at B = 4,096, F = 16,384, D = 1,024,
-    k = 64 both 18–19 ms."""
-    library = _latent_scatter_sum_library() if table.dtype == torch.float32 else None
-    indices = (offsets, index, order)
+    """The segments' sums by the C kernel ``segment_sums.c`` (float32 on CPU) into ``out`` (or a new tensor), with
+    ``dots`` (one row per segment, the entries' dot products written into the second) in the same sweep and
+    non-temporal stores with ``stream``; None where the kernel cannot run. At the paper's width (F = 73,728, D = 2 ×
+    2,304, B = 1,024, k = 100) the latents' sums (streamed) took 51–58 ms against MKL's 95–98, the rows' (the decode)
+    69 against ``embedding_bag``'s 88–93; at B = 4,096, F = 16,384, D = 1,024, k = 64 either as fast as its
+    reference."""
+    library = _segment_sums_library() if table.dtype == torch.float32 else None
+    indices = [tensor for tensor in (offsets, index, order) if tensor is not None]
     if library is None or any(tensor.dtype != torch.int64 for tensor in indices):
         return None
     if out is None:
         out = table.new_empty(len(offsets) - 1, table.shape[1])
-    offsets, index, order, values, table = (tensor.contiguous() for tensor in (*indices, values, table))
+    offsets, index, values, table = (tensor.contiguous() for tensor in (offsets, index, values, table))
+    order = None if order is None else order.contiguous()
     dot_rows, into = (None, None) if dots is None else dots
-    status = library.latent_scatter_sum(
-        *(tensor.data_ptr() for tensor in (offsets, index, order, values, table)),
+    status = library.segment_sums(
+        *(None if tensor is None else tensor.data_ptr() for tensor in (offsets, index, order, values, table)),
         len(offsets) - 1,
         table.shape[1],
         out.data_ptr(),
         None if dot_rows is None else dot_rows.data_ptr(),
         None if into is None else into.data_ptr(),
+        int(stream),
         torch.get_num_threads(),
     )
     if status != 0:
-        raise MemoryError(f"latent_scatter_sum could not allocate a row buffer of {table.shape[1]} floats per thread")
+        raise MemoryError(f"segment_sums could not allocate a row buffer of {table.shape[1]} floats per thread")
     return out
 
 
-LATENT_SCATTER_SUM_SIGNATURES = (
+SEGMENT_SUMS_SIGNATURES = (
     (
-        "latent_scatter_sum",
+        "segment_sums",
         ctypes.c_int64,
-        (*(ctypes.c_void_p,) * 5, ctypes.c_int64, ctypes.c_int64, *(ctypes.c_void_p,) * 3, ctypes.c_int64),
+        (
+            *(ctypes.c_void_p,) * 5,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            *(ctypes.c_void_p,) * 3,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ),
     ),
 )
-"""``latent_scatter_sum.c``'s function as ``ctypes`` declares it."""
+"""``segment_sums.c``'s function as ``ctypes`` declares it."""
 
 
-def _latent_scatter_sum_library() -> ctypes.CDLL | None:
-    return native_library("latent_scatter_sum", LATENT_SCATTER_SUM_SIGNATURES)
+def _segment_sums_library() -> ctypes.CDLL | None:
+    return native_library("segment_sums", SEGMENT_SUMS_SIGNATURES)
 
 
-def _segment_sums(
+def _latent_sums(
     codes: SparseCodes,
     offsets: torch.Tensor,
     values: torch.Tensor,
@@ -310,14 +322,14 @@ def _segment_sums(
     dots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The segments ``offsets`` of the latent-sorted view summed (``latent_scatter_sum``): Triton, the C kernel
-    (CPU, float32), or the reference; ``dots`` as ``latent_scatter_sum`` takes them."""
+    (CPU, float32; streamed), or the reference; ``dots`` as ``latent_scatter_sum`` takes them."""
     index, order = codes.rows_by_latent, codes.latent_order
     if resolve_backend(codes.device) == "triton":
         sums = _segment_gather_sum_triton(offsets, index, order, values, table, out)
     else:
         fused = None
         if c_kernel_allowed(codes.device):
-            fused = _latent_scatter_sum_native(offsets, index, order, values, table, out, dots)
+            fused = _segment_sums_native(offsets, index, order, values, table, out, dots, stream=True)
         if fused is not None:
             return fused
         sums = _latent_scatter_sum_reference(offsets, index, order, values, table, out)
@@ -358,10 +370,14 @@ def row_gather_sum(values: torch.Tensor, codes: SparseCodes, table: torch.Tensor
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.dict_size, None), codes.device)
     check_same_dtype(values=values, table=table)
-    implementation = (
-        _segment_gather_sum_triton if resolve_backend(codes.device) == "triton" else _segment_gather_sum_reference
-    )
-    return implementation(codes.row_offsets, codes.latents, None, values, table)
+    if resolve_backend(codes.device) == "triton":
+        return _segment_gather_sum_triton(codes.row_offsets, codes.latents, None, values, table)
+    summed = None
+    if c_kernel_allowed(codes.device):
+        summed = _segment_sums_native(codes.row_offsets, codes.latents, None, values, table)
+    if summed is None:
+        summed = _segment_gather_sum_reference(codes.row_offsets, codes.latents, None, values, table)
+    return summed
 
 
 def latent_scatter_sum(
@@ -390,7 +406,7 @@ def latent_scatter_sum(
         check_float_tensor("dot rows", dots[0], (codes.dict_size, table.shape[1]), codes.device)
         check_float_tensor("dots", dots[1], (codes.nnz,), codes.device)
         check_same_dtype(dot_rows=dots[0], dots=dots[1], table=table)
-    return _segment_sums(codes, codes.latent_offsets, values, table, out, dots)
+    return _latent_sums(codes, codes.latent_offsets, values, table, out, dots)
 
 
 def latent_scatter_rows(
@@ -405,7 +421,7 @@ def latent_scatter_rows(
     offsets = codes.latent_offsets
     latents = (offsets[1:] > offsets[:-1]).nonzero().squeeze(1)
     segments = torch.cat([offsets.index_select(0, latents), offsets[-1:]])  # their entries stay contiguous
-    return latents, _segment_sums(codes, segments, values, table)
+    return latents, _latent_sums(codes, segments, values, table)
 
 
 def latent_value_sums(values: torch.Tensor, codes: SparseCodes) -> torch.Tensor:

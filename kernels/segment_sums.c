@@ -1,22 +1,24 @@
-/* The latents' segmented sums of value-weighted table rows on the CPU, float32 (docs/methods.md §4.4): the sparse
- * backward's weight gradients dW_dec and dW_enc.
+/* Segmented sums of value-weighted table rows on the CPU, float32 (docs/methods.md §4.4): the sparse decode
+ * (segments: the codes' rows) and the sparse backward's weight gradients dW_dec and dW_enc (segments: the latents).
  *
- * crosscoder.kernels.sparse_decode compiles this file (native.py) and calls latent_scatter_sum() through ctypes; its
- * plain-PyTorch reference there (MKL's sparse x dense product) defines the result to rounding (the entries are
- * added in another order), and the tests compare the two.
+ * crosscoder.kernels.sparse_decode compiles this file (native.py) and calls segment_sums() through ctypes; its
+ * plain-PyTorch references there (embedding_bag for the rows, MKL's sparse x dense product for the latents, sampled
+ * products for the dots) define the results to rounding (the entries are added in another order), and the tests
+ * compare them.
  *
- * latent_scatter_sum: out[j, :] = sum over p in [offsets[j], offsets[j + 1]) of values[order[p]] * table[index[p], :]
- * for every segment j < n_segments; a segment without entries gets a zero row. Each row is summed in a buffer of its
- * thread's, the entries in order (acc = acc + v * t: the product rounded, then the sum; four entries per sweep over
- * the row), then stored. Where the output row is 64-byte aligned and the CPU has AVX-512 the stores are
- * non-temporal: the [F, D] output — 1.36 GB at the paper's width, mostly zero rows — is written without first being
- * read into the cache, which halved the time (95 -> 51 ms on the development machine's 2 cores). Segments are dealt
- * to OpenMP threads (torch's runtime, already loaded) in chunks. Plain arithmetic loops the compiler vectorises:
- * every build computes the same values. Returns 0, or -1 when a thread's buffer could not be allocated (nothing
- * written then).
- * With dot_rows [n_segments, width] (else NULL) the same sweep also writes each entry's dot product with its segment's
- * row, dots[order[p]] = <table[index[p], :], dot_rows[j, :]> (the sparse decode's backward: dvalues beside dW_dec,
- * the rows of dout read once for both): LANES partial sums with fmaf, summed in lane order.
+ * segment_sums: out[s, :] = sum over p in [offsets[s], offsets[s + 1]) of values[at(order, p)] * table[index[p], :]
+ * for every segment s < n_segments (order: NULL for entries in value order); a segment without entries gets a zero
+ * row. Each row is summed in a buffer of its thread's, the entries in order (acc = acc + v * t: the product rounded,
+ * then the sum; four entries per sweep over the row), then stored. With stream, where the output row is 64-byte
+ * aligned and the CPU has AVX-512, the stores are non-temporal: the latents' [F, D] output — 1.36 GB at the paper's
+ * width, mostly zero rows, read again only by the optimizer — is written without first being read into the cache,
+ * which halved the time (95 -> 51 ms on the development machine's 2 cores); a decode's output, read at once, is
+ * stored plainly. Segments are dealt to OpenMP threads (torch's runtime, already loaded) in chunks. Plain arithmetic
+ * loops the compiler vectorises: every build computes the same values. Returns 0, or -1 when a thread's buffer could
+ * not be allocated (nothing written then).
+ * With dot_rows [n_segments, width] (else NULL) the same sweep also writes each entry's dot product with its
+ * segment's row, dots[at(order, p)] = <table[index[p], :], dot_rows[s, :]> (the sparse decode's backward: dvalues
+ * beside dW_dec, the rows of dout read once for both): LANES partial sums with fmaf, summed in lane order.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,10 +30,10 @@
 
 enum { ALIGNMENT = 64, SEGMENTS_PER_CHUNK = 256 };
 
-static void store_row(float *out, const float *row, int64_t width) {
+static void store_row(float *out, const float *row, int64_t width, int64_t stream) {
     int64_t c = 0;
 #ifdef __AVX512F__
-    if (((uintptr_t)out % ALIGNMENT) == 0) {
+    if (stream && ((uintptr_t)out % ALIGNMENT) == 0) {
         for (; c + 16 <= width; c += 16) _mm512_stream_ps(out + c, row ? _mm512_load_ps(row + c) : _mm512_setzero_ps());
     }
 #endif
@@ -61,19 +63,22 @@ static float dot_lanes(const float *t, const float *w, int64_t width) {
     return lanes_total(lanes);
 }
 
+/* Where entry p's value (and dot product) sits: order[p], or p itself without an order. */
+static inline int64_t at(const int64_t *order, int64_t p) { return order ? order[p] : p; }
+
 static void sum_segment(float *acc, const int64_t *index, const int64_t *order, const float *values,
                         const float *table, int64_t start, int64_t end, int64_t width, const float *dot_row,
                         float *dots) {
     const float *t = table + index[start] * width;
-    float v = values[order[start]];
+    float v = values[at(order, start)];
     for (int64_t c = 0; c < width; ++c) acc[c] = v * t[c];
-    if (dot_row) dots[order[start]] = dot_lanes(t, dot_row, width);
+    if (dot_row) dots[at(order, start)] = dot_lanes(t, dot_row, width);
     int64_t p = start + 1;
     for (; p + 4 <= end; p += 4) {
         const float *t0 = table + index[p] * width, *t1 = table + index[p + 1] * width;
         const float *t2 = table + index[p + 2] * width, *t3 = table + index[p + 3] * width;
-        float v0 = values[order[p]], v1 = values[order[p + 1]];
-        float v2 = values[order[p + 2]], v3 = values[order[p + 3]];
+        float v0 = values[at(order, p)], v1 = values[at(order, p + 1)];
+        float v2 = values[at(order, p + 2)], v3 = values[at(order, p + 3)];
         if (!dot_row) {
             for (int64_t c = 0; c < width; ++c)
                 acc[c] = (((acc[c] + v0 * t0[c]) + v1 * t1[c]) + v2 * t2[c]) + v3 * t3[c];
@@ -99,22 +104,22 @@ static void sum_segment(float *acc, const int64_t *index, const int64_t *order, 
             l2[l] = fmaf(t2[c + l], w, l2[l]);
             l3[l] = fmaf(t3[c + l], w, l3[l]);
         }
-        dots[order[p]] = lanes_total(l0);
-        dots[order[p + 1]] = lanes_total(l1);
-        dots[order[p + 2]] = lanes_total(l2);
-        dots[order[p + 3]] = lanes_total(l3);
+        dots[at(order, p)] = lanes_total(l0);
+        dots[at(order, p + 1)] = lanes_total(l1);
+        dots[at(order, p + 2)] = lanes_total(l2);
+        dots[at(order, p + 3)] = lanes_total(l3);
     }
     for (; p < end; ++p) {
         t = table + index[p] * width;
-        v = values[order[p]];
+        v = values[at(order, p)];
         for (int64_t c = 0; c < width; ++c) acc[c] = acc[c] + v * t[c];
-        if (dot_row) dots[order[p]] = dot_lanes(t, dot_row, width);
+        if (dot_row) dots[at(order, p)] = dot_lanes(t, dot_row, width);
     }
 }
 
-int64_t latent_scatter_sum(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
-                           const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows,
-                           float *dots, int64_t n_threads) {
+int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
+                     const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows, float *dots,
+                     int64_t stream, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     size_t bytes = ((size_t)width * sizeof(float) + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     int failed = 0;
@@ -130,7 +135,7 @@ int64_t latent_scatter_sum(const int64_t *offsets, const int64_t *index, const i
                 int64_t start = offsets[j], end = offsets[j + 1];
                 const float *dot_row = dot_rows ? dot_rows + j * width : NULL;
                 if (start < end) sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
-                store_row(out + j * width, start < end ? acc : NULL, width);
+                store_row(out + j * width, start < end ? acc : NULL, width, stream);
             }
         }
         free(acc);

@@ -1,9 +1,10 @@
-"""``latent_scatter_sum``'s C kernel (``kernels/latent_scatter_sum.c``, the CPU's float32 path): the latents'
+"""The C kernel of the sparse sums (``kernels/segment_sums.c``, the CPU's float32 path): ``latent_scatter_sum``'s
 segmented sums equal the formula in float64 and MKL's reference to rounding, bit for bit whatever the thread count
 and in the portable (no AVX-512) build; every row of a given output is written (zero rows for latents without
 entries), through non-temporal stores where rows are 64-byte aligned and plain ones where not; the rows of latents
 with entries alone (AuxK's) come from the same kernel; the entries' dot products it takes in the same sweep (the
-decode backward's ∂values) equal ``entry_dot``'s to rounding, on every path; other dtypes run the reference."""
+decode backward's ∂values) equal ``entry_dot``'s to rounding, on every path; the decode's ``row_gather_sum`` (rows as
+segments, no order, plain stores) equals ``embedding_bag``'s to rounding; other dtypes run the reference."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from crosscoder.kernels import sparse_decode
 from crosscoder.kernels.backend import use_backend
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum
+from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum, row_gather_sum
 
 
 def pattern(batch: int, dict_size: int, density: float, seed: int = 0) -> SparseCodes:
@@ -42,7 +43,7 @@ SHAPES = [(40, 37, 0.2, 150), (9, 23, 0.3, 3), (64, 50, 0.5, 64), (30, 11, 0.9, 
 
 @pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
 def test_the_c_kernel_sums_each_latents_entries(batch, dict_size, density, width) -> None:
-    assert sparse_decode._latent_scatter_sum_library() is not None  # compiled here (CI installs a C compiler)
+    assert sparse_decode._segment_sums_library() is not None  # compiled here (CI installs a C compiler)
     codes = pattern(batch, dict_size, density)
     values, table = inputs(codes, width)
     exact = codes.to_dense(values.double()).T @ table.double()
@@ -72,14 +73,14 @@ def test_the_sums_do_not_depend_on_the_thread_count(threads) -> None:
     values, table = inputs(codes, 40)
     expected = summed(codes, values, table, "auto")
     out = torch.empty_like(expected)
-    library = sparse_decode._latent_scatter_sum_library()
+    library = sparse_decode._segment_sums_library()
     pointers = (codes.latent_offsets, codes.rows_by_latent, codes.latent_order, values, table)
     dot_rows, dots = torch.randn(1100, 40), torch.empty(codes.nnz)
     with use_backend("auto"):
         expected_dots = torch.empty(codes.nnz)
         latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
-    status = library.latent_scatter_sum(
-        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), threads
+    status = library.segment_sums(
+        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 1, threads
     )
     assert status == 0 and torch.equal(out, expected) and torch.equal(dots, expected_dots)
 
@@ -100,7 +101,7 @@ def test_auxks_rows_come_from_the_same_sums() -> None:
 
 
 def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(portable_build) -> None:
-    portable = portable_build("latent_scatter_sum", sparse_decode.LATENT_SCATTER_SUM_SIGNATURES)
+    portable = portable_build("segment_sums", sparse_decode.SEGMENT_SUMS_SIGNATURES)
     codes = pattern(64, 50, 0.5)
     values, table = inputs(codes, 2304 + 16)
     expected = summed(codes, values, table, "auto")
@@ -111,8 +112,8 @@ def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(por
     with use_backend("auto"):
         latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
     assert (
-        portable.latent_scatter_sum(
-            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 2
+        portable.segment_sums(
+            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 1, 2
         )
         == 0
     )
@@ -158,3 +159,26 @@ def test_the_decode_backward_takes_both_gradients_from_one_sweep() -> None:
     for found in gradients.values():
         torch.testing.assert_close(found[0], dense_values.grad.float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(found[1], dense_weight.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
+def test_the_decodes_row_sums_equal_embedding_bags(batch, dict_size, density, width) -> None:
+    codes = pattern(batch, dict_size, density)
+    codes = SparseCodes.from_mask(codes.to_dense(torch.ones(codes.nnz)).bool().index_fill_(0, torch.tensor([0]), False))
+    values, _ = inputs(codes, width)
+    weight = torch.randn(dict_size, width, generator=torch.Generator().manual_seed(4))
+    with use_backend("auto"):
+        found = row_gather_sum(values, codes, weight)
+    with use_backend("reference"):
+        reference = row_gather_sum(values, codes, weight)
+    exact = codes.to_dense(values.double()) @ weight.double()
+    torch.testing.assert_close(found, exact.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(found, reference, rtol=1e-5, atol=1e-4)
+    assert torch.equal(found[0], torch.zeros(width))  # a row without entries
+    library = sparse_decode._segment_sums_library()
+    for stream in (0, 1):  # the stores do not change the values
+        out = torch.empty_like(found)
+        pointers = (codes.row_offsets, codes.latents, None, values, weight)
+        arguments = (*(None if t is None else t.data_ptr() for t in pointers), batch, width, out.data_ptr())
+        assert library.segment_sums(*arguments, None, None, stream, 2) == 0
+        assert torch.equal(out, found)
