@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from crosscoder.kernels.row_projection import project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum
+from crosscoder.kernels.sparse_decode import AlongWeight, entry_dot, latent_scatter_rows, latent_scatter_sum
 
 
 class SharedGradient:
@@ -32,13 +33,9 @@ class SharedGradient:
         self._primary_done = False
 
     def primary(
-        self,
-        values: torch.Tensor,
-        codes: SparseCodes,
-        table: torch.Tensor,
-        dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor:
-        gradient = latent_scatter_sum(values, codes, table, self._storage(), dots)
+        gradient = latent_scatter_sum(values, codes, table, self._storage(), along)
         for latents, rows in self._rows:
             gradient.index_add_(0, latents, rows)
         self._rows.clear()
@@ -46,17 +43,16 @@ class SharedGradient:
         return gradient
 
     def secondary(
-        self,
-        values: torch.Tensor,
-        codes: SparseCodes,
-        table: torch.Tensor,
-        dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor | None:
         if self._primary_done:
-            return latent_scatter_sum(values, codes, table, dots=dots)
-        if dots is not None:
-            dots[1].copy_(entry_dot(codes, table, dots[0]))
-        self._rows.append(latent_scatter_rows(values, codes, table))
+            return latent_scatter_sum(values, codes, table, along=along)
+        if along is not None and along.dots is not None:
+            along.dots.copy_(entry_dot(codes, table, along.weight))
+        latents, rows = latent_scatter_rows(values, codes, table)
+        if along is not None and along.project:  # projected as the primary projects its sums
+            project_out_rows(along.weight.index_select(0, latents), rows)
+        self._rows.append((latents, rows))
         return None
 
     def check_complete(self) -> None:

@@ -16,9 +16,12 @@
  * stored plainly. Segments are dealt to OpenMP threads (torch's runtime, already loaded) in chunks. Plain arithmetic
  * loops the compiler vectorises: every build computes the same values. Returns 0, or -1 when a thread's buffer could
  * not be allocated (nothing written then).
- * With dot_rows [n_segments, width] (else NULL) the same sweep also writes each entry's dot product with its
- * segment's row, dots[at(order, p)] = <table[index[p], :], dot_rows[s, :]> (the sparse decode's backward: dvalues
- * beside dW_dec, the rows of dout read once for both): LANES partial sums with fmaf, summed in lane order.
+ * With dot_rows [n_segments, width] (else NULL): with dots (else NULL) the same sweep also writes each entry's dot
+ * product with its segment's row, dots[at(order, p)] = <table[index[p], :], dot_rows[s, :]> (the sparse decode's
+ * backward: dvalues beside dW_dec, the rows of dout read once for both; LANES partial sums with fmaf, summed in lane
+ * order); with project each sum is stored without its component along its row, out[s] -= <out[s], dot_rows[s]>
+ * dot_rows[s] (the unit-norm decoder's gradient projection, in row_projection.c's arithmetic, while the row is in
+ * the thread's buffer instead of in a pass of its own).
  */
 #include <math.h>
 #include <stdint.h>
@@ -72,14 +75,14 @@ static void sum_segment(float *acc, const int64_t *index, const int64_t *order, 
     const float *t = table + index[start] * width;
     float v = values[at(order, start)];
     for (int64_t c = 0; c < width; ++c) acc[c] = v * t[c];
-    if (dot_row) dots[at(order, start)] = dot_lanes(t, dot_row, width);
+    if (dots) dots[at(order, start)] = dot_lanes(t, dot_row, width);
     int64_t p = start + 1;
     for (; p + 4 <= end; p += 4) {
         const float *t0 = table + index[p] * width, *t1 = table + index[p + 1] * width;
         const float *t2 = table + index[p + 2] * width, *t3 = table + index[p + 3] * width;
         float v0 = values[at(order, p)], v1 = values[at(order, p + 1)];
         float v2 = values[at(order, p + 2)], v3 = values[at(order, p + 3)];
-        if (!dot_row) {
+        if (!dots) {
             for (int64_t c = 0; c < width; ++c)
                 acc[c] = (((acc[c] + v0 * t0[c]) + v1 * t1[c]) + v2 * t2[c]) + v3 * t3[c];
             continue;
@@ -113,13 +116,19 @@ static void sum_segment(float *acc, const int64_t *index, const int64_t *order, 
         t = table + index[p] * width;
         v = values[at(order, p)];
         for (int64_t c = 0; c < width; ++c) acc[c] = acc[c] + v * t[c];
-        if (dot_row) dots[at(order, p)] = dot_lanes(t, dot_row, width);
+        if (dots) dots[at(order, p)] = dot_lanes(t, dot_row, width);
     }
+}
+
+/* The segment's sum without its component along its row: acc -= <acc, row> row, as row_projection.c computes it. */
+static void project_off(float *acc, const float *row, int64_t width) {
+    float dot = dot_lanes(acc, row, width);
+    for (int64_t c = 0; c < width; ++c) acc[c] = fmaf(-dot, row[c], acc[c]);
 }
 
 int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
                      const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows, float *dots,
-                     int64_t stream, int64_t n_threads) {
+                     int64_t project, int64_t stream, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     size_t bytes = ((size_t)width * sizeof(float) + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     int failed = 0;
@@ -134,7 +143,10 @@ int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t
             for (int64_t j = 0; j < n_segments; ++j) {
                 int64_t start = offsets[j], end = offsets[j + 1];
                 const float *dot_row = dot_rows ? dot_rows + j * width : NULL;
-                if (start < end) sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
+                if (start < end) {
+                    sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
+                    if (project) project_off(acc, dot_row, width);
+                }
                 store_row(out + j * width, start < end ? acc : NULL, width, stream);
             }
         }

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from crosscoder.kernels.backend import (
     resolve_backend,
 )
 from crosscoder.kernels.native import native_library
+from crosscoder.kernels.row_projection import project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
 
 if HAS_TRITON:
@@ -252,6 +254,19 @@ def _latent_scatter_sum_reference(
         return torch.addmm(out, segments, table, beta=0.0, out=out)
 
 
+@dataclass
+class AlongWeight:
+    """What a decode's backward asks of the latents' sums beside them, with its weight's rows ``weight`` (F, D): the
+    entries' dot products with them written into ``dots`` (nnz,) — ∂values, ``entry_dot(codes, table, weight)`` —
+    and, with ``project``, each latent's sum without its component along its row, ``g_j − ⟨g_j, w_j⟩ w_j`` (the
+    unit-norm decoder's gradient projection, ``row_projection``). On the CPU's C kernel both come from the same sweep
+    as the sums."""
+
+    weight: torch.Tensor
+    dots: torch.Tensor | None = None
+    project: bool = False
+
+
 def _segment_sums_native(
     offsets: torch.Tensor,
     index: torch.Tensor,
@@ -259,15 +274,14 @@ def _segment_sums_native(
     values: torch.Tensor,
     table: torch.Tensor,
     out: torch.Tensor | None = None,
-    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    along: AlongWeight | None = None,
     stream: bool = False,
 ) -> torch.Tensor | None:
     """The segments' sums by the C kernel ``segment_sums.c`` (float32 on CPU) into ``out`` (or a new tensor), with
-    ``dots`` (one row per segment, the entries' dot products written into the second) in the same sweep and
-    non-temporal stores with ``stream``; None where the kernel cannot run. At the paper's width (F = 73,728, D = 2 ×
-    2,304, B = 1,024, k = 100) the latents' sums (streamed) took 51–58 ms against MKL's 95–98, the rows' (the decode)
-    69 against ``embedding_bag``'s 88–93; at B = 4,096, F = 16,384, D = 1,024, k = 64 either as fast as its
-    reference."""
+    ``along`` (one weight row per segment) in the same sweep and non-temporal stores with ``stream``; None where the
+    kernel cannot run. At the paper's width (F = 73,728, D = 2 × 2,304, B = 1,024, k = 100) the latents' sums
+    (streamed) took 51–58 ms against MKL's 95–98, the rows' (the decode) 69 against ``embedding_bag``'s 88–93; at B =
+    4,096, F = 16,384, D = 1,024, k = 64 either as fast as its reference."""
     library = _segment_sums_library() if table.dtype == torch.float32 else None
     indices = [tensor for tensor in (offsets, index, order) if tensor is not None]
     if library is None or any(tensor.dtype != torch.int64 for tensor in indices):
@@ -276,14 +290,16 @@ def _segment_sums_native(
         out = table.new_empty(len(offsets) - 1, table.shape[1])
     offsets, index, values, table = (tensor.contiguous() for tensor in (offsets, index, values, table))
     order = None if order is None else order.contiguous()
-    dot_rows, into = (None, None) if dots is None else dots
+    weight = None if along is None else along.weight.contiguous()
+    dots = None if along is None else along.dots
     status = library.segment_sums(
         *(None if tensor is None else tensor.data_ptr() for tensor in (offsets, index, order, values, table)),
         len(offsets) - 1,
         table.shape[1],
         out.data_ptr(),
-        None if dot_rows is None else dot_rows.data_ptr(),
-        None if into is None else into.data_ptr(),
+        None if weight is None else weight.data_ptr(),
+        None if dots is None else dots.data_ptr(),
+        int(along is not None and along.project),
         int(stream),
         torch.get_num_threads(),
     )
@@ -319,22 +335,24 @@ def _latent_sums(
     values: torch.Tensor,
     table: torch.Tensor,
     out: torch.Tensor | None = None,
-    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    along: AlongWeight | None = None,
 ) -> torch.Tensor:
     """The segments ``offsets`` of the latent-sorted view summed (``latent_scatter_sum``): Triton, the C kernel
-    (CPU, float32; streamed), or the reference; ``dots`` as ``latent_scatter_sum`` takes them."""
+    (CPU, float32; streamed), or the reference; ``along`` as ``latent_scatter_sum`` takes it."""
     index, order = codes.rows_by_latent, codes.latent_order
     if resolve_backend(codes.device) == "triton":
         sums = _segment_gather_sum_triton(offsets, index, order, values, table, out)
     else:
         fused = None
         if c_kernel_allowed(codes.device):
-            fused = _segment_sums_native(offsets, index, order, values, table, out, dots, stream=True)
+            fused = _segment_sums_native(offsets, index, order, values, table, out, along, stream=True)
         if fused is not None:
             return fused
         sums = _latent_scatter_sum_reference(offsets, index, order, values, table, out)
-    if dots is not None:
-        dots[1].copy_(entry_dot(codes, table, dots[0]))
+    if along is not None and along.dots is not None:
+        along.dots.copy_(entry_dot(codes, table, along.weight))
+    if along is not None and along.project:
+        project_out_rows(along.weight, sums)
     return sums
 
 
@@ -385,16 +403,15 @@ def latent_scatter_sum(
     codes: SparseCodes,
     table: torch.Tensor,
     out: torch.Tensor | None = None,
-    dots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    along: AlongWeight | None = None,
 ) -> torch.Tensor:
     """out[j] = Σ_{e: latents[e] = j} values[e] · table[rows[e]]. values (nnz,), table (B, D) → (F, D).
 
     A segmented sum over the latent-sorted view: deterministic, inactive latents get zero rows. ``∂W_dec``
     (table = ∂out) and ``∂W_enc`` (values = ∂pre-activations, table = x). ``out``: a contiguous (F, D) tensor of the
     table's dtype to write the sums into and return (what it held is ignored: a training step hands the previous
-    step's gradient, so that no fresh memory is paged in), or None for a new one. ``dots``: (rows (F, D), into
-    (nnz,)) to also write ``entry_dot(codes, table, rows)`` into ``into`` — the decode backward's ``∂values`` beside
-    ``∂W_dec``, in the same sweep over the table's rows on the CPU's C kernel.
+    step's gradient, so that no fresh memory is paged in), or None for a new one. ``along``: the decode backward's
+    requests beside the sums (``AlongWeight``: ∂values, the SAE's projection).
     """
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.batch_size, None), codes.device)
@@ -402,11 +419,13 @@ def latent_scatter_sum(
     if out is not None:
         check_float_tensor("out", out, (codes.dict_size, table.shape[1]), codes.device)
         check_same_dtype(out=out, table=table)
-    if dots is not None:
-        check_float_tensor("dot rows", dots[0], (codes.dict_size, table.shape[1]), codes.device)
-        check_float_tensor("dots", dots[1], (codes.nnz,), codes.device)
-        check_same_dtype(dot_rows=dots[0], dots=dots[1], table=table)
-    return _latent_sums(codes, codes.latent_offsets, values, table, out, dots)
+    if along is not None:
+        check_float_tensor("weight", along.weight, (codes.dict_size, table.shape[1]), codes.device)
+        check_same_dtype(weight=along.weight, table=table)
+        if along.dots is not None:
+            check_float_tensor("dots", along.dots, (codes.nnz,), codes.device)
+            check_same_dtype(dots=along.dots, table=table)
+    return _latent_sums(codes, codes.latent_offsets, values, table, out, along)
 
 
 def latent_scatter_rows(
@@ -445,10 +464,10 @@ def entry_dot(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> to
 
 # ---------------------------------------------------------------------------------------------- autograd
 WeightGradient = Callable[..., torch.Tensor | None]
-"""How a sparse backward materialises its weight's gradient, ``latent_scatter_sum(values, codes, table, dots=...)``
+"""How a sparse backward materialises its weight's gradient, ``latent_scatter_sum(values, codes, table, along=...)``
 — the caller's choice (``crosscoder.step_buffers.SharedGradient``: into the previous step's gradient, or added to
-another backward's): called once with (values, codes, table) and ``dots`` (``latent_scatter_sum``'s, or None), it
-writes the dots and returns that gradient, or None where it was added to another backward's gradient of the same
+another backward's): called once with (values, codes, table) and ``along`` (an ``AlongWeight``, or None), it does
+what ``along`` asks and returns that gradient, or None where it was added to another backward's gradient of the same
 weight. None in its place: a new tensor."""
 
 
@@ -457,14 +476,19 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: WeightGradient | None
+        ctx,
+        values: torch.Tensor,
+        codes: SparseCodes,
+        weight: torch.Tensor,
+        weight_gradient: WeightGradient | None,
+        project_gradient: bool,
     ) -> torch.Tensor:
-        ctx.codes, ctx.weight_gradient = codes, weight_gradient
+        ctx.codes, ctx.weight_gradient, ctx.project_gradient = codes, weight_gradient, project_gradient
         ctx.save_for_backward(values, weight)
         return row_gather_sum(values, codes, weight)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:  # type: ignore[override]
         values, weight = ctx.saved_tensors
         codes: SparseCodes = ctx.codes
         grad_out = grad_out.contiguous().to(weight.dtype)
@@ -472,27 +496,31 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # ∂values (if needed) in the same sweep over ∂out's rows
             grad_values = grad_out.new_empty(codes.nnz) if ctx.needs_input_grad[0] else None
             materialise = latent_scatter_sum if ctx.weight_gradient is None else ctx.weight_gradient
-            grad_weight = materialise(
-                values, codes, grad_out, dots=None if grad_values is None else (weight, grad_values)
-            )
+            along = AlongWeight(weight, grad_values, ctx.project_gradient)
+            grad_weight = materialise(values, codes, grad_out, along=along)
         elif ctx.needs_input_grad[0]:
             grad_values = entry_dot(codes, grad_out, weight)
-        return grad_values, None, grad_weight, None
+        return grad_values, None, grad_weight, None, None
 
 
 def sparse_decode(
-    values: torch.Tensor, codes: SparseCodes, weight: torch.Tensor, weight_gradient: WeightGradient | None = None
+    values: torch.Tensor,
+    codes: SparseCodes,
+    weight: torch.Tensor,
+    weight_gradient: WeightGradient | None = None,
+    project_gradient: bool = False,
 ) -> torch.Tensor:
     """Decode sparse codes: out[b] = Σ_{e in row b} values[e] · weight[latents[e]].
 
     values: (nnz,) code values aligned with ``codes``' entries; weight: (F, D) contiguous decoder
     (``W_dec.flatten(1)``), same dtype as values. Returns (B, D) in that dtype (float32 accumulation for
     half types). Differentiable in values and weight; both gradients cost O(nnz · D). ``weight_gradient``: how the
-    backward materialises ∂weight (``WeightGradient``; None: a new tensor).
+    backward materialises ∂weight (``WeightGradient``; None: a new tensor); ``project_gradient``: ∂weight's rows
+    without their components along the weight's rows (``AlongWeight.project``: the SAE's unit-norm decoder).
     """
     if not isinstance(codes, SparseCodes):
         raise TypeError(f"codes must be SparseCodes, got {type(codes).__name__}: build with SparseCodes.from_mask")
-    return SparseDecode.apply(values, codes, weight, weight_gradient)
+    return SparseDecode.apply(values, codes, weight, weight_gradient, project_gradient)
 
 
 def prefix_decode(
@@ -501,6 +529,7 @@ def prefix_decode(
     weight: torch.Tensor,
     prefix_sizes: tuple[int, ...],
     weight_gradient: WeightGradient | None = None,
+    project_gradient: bool = False,
 ) -> torch.Tensor:
     """Decodes of nested prefixes of the latents (Matryoshka, docs/methods.md §12.1):
     ``out[i, b] = Σ_{e in row b, latents[e] < prefix_sizes[i]} values[e] · weight[latents[e]]``.
@@ -509,10 +538,11 @@ def prefix_decode(
     (not a view: the training step turns it into the reconstruction errors in place). Each entry is decoded once,
     into the block of latents ``[prefix_sizes[i-1], prefix_sizes[i])`` it falls in (one ``sparse_decode`` over
     ``n_prefixes · B`` block rows), and the block decodes are summed cumulatively: O(nnz · D + n_prefixes · B · D),
-    no (B, F) matrix. One prefix is the plain decode. ``weight_gradient`` as for ``sparse_decode``.
+    no (B, F) matrix. One prefix is the plain decode. ``weight_gradient`` and ``project_gradient`` as for
+    ``sparse_decode``.
     """
     if len(prefix_sizes) == 1:
-        return sparse_decode(values, codes, weight, weight_gradient).unsqueeze_(0)
+        return sparse_decode(values, codes, weight, weight_gradient, project_gradient).unsqueeze_(0)
     boundaries = torch.tensor(prefix_sizes[:-1], dtype=codes.latents.dtype, device=codes.device)
     blocks = torch.bucketize(codes.latents, boundaries, right=True)  # entry e lies in block i: m_{i-1} ≤ j_e < m_i
     blocks, order = torch.sort(blocks, stable=True)  # (block, row, latent) order: the block rows' CSR
@@ -522,5 +552,5 @@ def prefix_decode(
         len(prefix_sizes) * codes.batch_size,
         codes.dict_size,
     )
-    partial = sparse_decode(values.index_select(0, order), block_codes, weight, weight_gradient)
+    partial = sparse_decode(values.index_select(0, order), block_codes, weight, weight_gradient, project_gradient)
     return partial.view(len(prefix_sizes), codes.batch_size, -1).cumsum(dim=0)

@@ -469,13 +469,28 @@ def test_the_reconstruction_is_unavailable_once_the_errors_were_formed_over_its_
 
 
 def _sae_after_backward_on_random_loss() -> BatchTopKSAE:
+    """An SAE whose decoder gradient comes from the dense decode (not projected, unlike the training decode's)."""
     torch.manual_seed(0)
     sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
     x = torch.randn(BATCH * 4, D_MODEL)
-    output = sae.training_forward(sae.normalize(x))
-    loss = (output.reconstruction * torch.randn_like(output.reconstruction)).sum()
+    reconstruction = sae.decode_normalized(sae.activations_normalized(sae.normalize(x)))
+    loss = (reconstruction * torch.randn_like(reconstruction)).sum()
     loss.backward()
     return sae
+
+
+def test_the_saes_training_decode_hands_back_its_decoder_gradient_projected() -> None:
+    """``training_decode_projects_gradient``: the training forward's backward projects the decoder's gradient off its
+    rows, so that the step tells ``before_optimizer_step`` to leave it as it is."""
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(D_MODEL, DICT_SIZE, K)
+    output = sae.training_forward(sae.normalize(torch.randn(BATCH * 4, D_MODEL)))
+    (output.reconstruction * torch.randn_like(output.reconstruction)).sum().backward()
+    rows, gradient = sae.W_dec.detach().flatten(1), sae.W_dec.grad.clone()
+    assert sae.training_decode_projects_gradient and gradient.abs().max() > 1e-2
+    torch.testing.assert_close((gradient.flatten(1) * rows).sum(-1), torch.zeros(DICT_SIZE), rtol=0, atol=1e-5)
+    sae.before_optimizer_step(decoder_gradient_projected=True)
+    assert torch.equal(sae.W_dec.grad, gradient)
 
 
 def test_sae_before_optimizer_step_removes_decoder_parallel_gradient() -> None:

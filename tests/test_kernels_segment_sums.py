@@ -3,7 +3,9 @@ segmented sums equal the formula in float64 and MKL's reference to rounding, bit
 and in the portable (no AVX-512) build; every row of a given output is written (zero rows for latents without
 entries), through non-temporal stores where rows are 64-byte aligned and plain ones where not; the rows of latents
 with entries alone (AuxK's) come from the same kernel; the entries' dot products it takes in the same sweep (the
-decode backward's ∂values) equal ``entry_dot``'s to rounding, on every path; the decode's ``row_gather_sum`` (rows as
+decode backward's ∂values) equal ``entry_dot``'s to rounding, on every path, and the sums it projects off the
+weight's rows (the SAE's constraint) are ``project_out_rows`` of the sums, bit for bit on the C path and AuxK's rows
+projected too; the decode's ``row_gather_sum`` (rows as
 segments, no order, plain stores) equals ``embedding_bag``'s to rounding; other dtypes run the reference."""
 
 from __future__ import annotations
@@ -13,8 +15,16 @@ import torch
 
 from crosscoder.kernels import sparse_decode
 from crosscoder.kernels.backend import use_backend
+from crosscoder.kernels.row_projection import project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import entry_dot, latent_scatter_rows, latent_scatter_sum, row_gather_sum
+from crosscoder.kernels.sparse_decode import (
+    AlongWeight,
+    entry_dot,
+    latent_scatter_rows,
+    latent_scatter_sum,
+    row_gather_sum,
+)
+from crosscoder.step_buffers import SharedGradient
 
 
 def pattern(batch: int, dict_size: int, density: float, seed: int = 0) -> SparseCodes:
@@ -78,9 +88,9 @@ def test_the_sums_do_not_depend_on_the_thread_count(threads) -> None:
     dot_rows, dots = torch.randn(1100, 40), torch.empty(codes.nnz)
     with use_backend("auto"):
         expected_dots = torch.empty(codes.nnz)
-        latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
+        latent_scatter_sum(values, codes, table, along=AlongWeight(dot_rows, expected_dots))
     status = library.segment_sums(
-        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 1, threads
+        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 0, 1, threads
     )
     assert status == 0 and torch.equal(out, expected) and torch.equal(dots, expected_dots)
 
@@ -110,10 +120,10 @@ def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(por
     dot_rows = torch.randn(50, 2320)
     expected_dots, dots = torch.empty(codes.nnz), torch.empty(codes.nnz)
     with use_backend("auto"):
-        latent_scatter_sum(values, codes, table, dots=(dot_rows, expected_dots))
+        latent_scatter_sum(values, codes, table, along=AlongWeight(dot_rows, expected_dots))
     assert (
         portable.segment_sums(
-            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 1, 2
+            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 0, 1, 2
         )
         == 0
     )
@@ -135,7 +145,7 @@ def test_the_entries_dot_products_come_with_the_sums(batch, dict_size, density, 
     dot_rows = torch.randn(dict_size, width, generator=torch.Generator().manual_seed(1))
     dots = torch.full((codes.nnz,), float("nan"))
     with use_backend(backend):
-        sums = latent_scatter_sum(values, codes, table, dots=(dot_rows, dots))
+        sums = latent_scatter_sum(values, codes, table, along=AlongWeight(dot_rows, dots))
     exact = codes.gather(table.double() @ dot_rows.double().T)
     torch.testing.assert_close(dots, exact.float(), rtol=1e-5, atol=1e-4)  # sums of up to 2,309 products
     with use_backend("reference"):
@@ -180,5 +190,35 @@ def test_the_decodes_row_sums_equal_embedding_bags(batch, dict_size, density, wi
         out = torch.empty_like(found)
         pointers = (codes.row_offsets, codes.latents, None, values, weight)
         arguments = (*(None if t is None else t.data_ptr() for t in pointers), batch, width, out.data_ptr())
-        assert library.segment_sums(*arguments, None, None, stream, 2) == 0
+        assert library.segment_sums(*arguments, None, None, 0, stream, 2) == 0
         assert torch.equal(out, found)
+
+
+@pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["C kernel", "reference"])
+def test_projected_sums_are_the_sums_projected_off_the_weights_rows(batch, dict_size, density, width, backend) -> None:
+    codes = pattern(batch, dict_size, density)
+    values, table = inputs(codes, width)
+    weight = torch.randn(dict_size, width, generator=torch.Generator().manual_seed(5))
+    weight /= weight.norm(dim=1, keepdim=True)
+    with use_backend(backend):
+        expected = latent_scatter_sum(values, codes, table)
+        project_out_rows(weight, expected)
+        projected = latent_scatter_sum(values, codes, table, along=AlongWeight(weight, project=True))
+    assert torch.equal(projected, expected)  # the same arithmetic as the projection's own pass
+    torch.testing.assert_close((projected * weight).sum(1), torch.zeros(dict_size), rtol=0, atol=1e-4)
+    assert torch.equal(projected[2:5], torch.zeros(3, width))
+
+
+def test_auxks_rows_are_projected_before_they_join_the_primarys_sums() -> None:
+    codes, aux_codes = pattern(40, 37, 0.2), pattern(40, 37, 0.05, seed=1)
+    values, table = inputs(codes, 48)
+    aux_values = torch.randn(aux_codes.nnz, generator=torch.Generator().manual_seed(6))
+    weight = torch.randn(37, 48, generator=torch.Generator().manual_seed(7))
+    weight /= weight.norm(dim=1, keepdim=True)
+    shared = SharedGradient(lambda: None)
+    assert shared.secondary(aux_values, aux_codes, table, along=AlongWeight(weight, project=True)) is None
+    total = shared.primary(values, codes, table, along=AlongWeight(weight, project=True))
+    expected = latent_scatter_sum(values, codes, table) + latent_scatter_sum(aux_values, aux_codes, table)
+    project_out_rows(weight, expected)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)

@@ -214,6 +214,34 @@ def test_trainee_step_is_the_training_step_plus_bookkeeping():
     assert float(dictionary.threshold) == pytest.approx(float(expected.min_kept_score))
 
 
+@pytest.mark.parametrize("with_dead", [False, True], ids=["none_dead", "dead"])
+@pytest.mark.parametrize("kind", ["sae", "matryoshka_sae"])
+def test_the_saes_decode_backward_projects_its_gradient_as_the_step_would(kind, with_dead, monkeypatch):
+    """The SAE's training decode hands back the decoder's gradient projected off its rows (in the C sweep of its
+    sums), and the step then skips ``before_optimizer_step``'s own projection: the same step as projecting there —
+    bit for bit without dead latents (the same arithmetic), to rounding with AuxK's rows (projected before they are
+    added)."""
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = with_dead
+    trained = {}
+    for projects in (True, False):
+        dictionary, x = make(kind)
+        if not projects:
+            monkeypatch.setattr(type(dictionary), "training_decode_projects_gradient", False)
+        optimizer = torch.optim.SGD(dictionary.parameters(), lr=0.5)
+        buffers = StepBuffers()
+        for step in range(2):
+            x_normalized = dictionary.normalize(dictionary.input_from_pair(x[step:]))
+            training_step(dictionary, optimizer, x_normalized, step=step, dead=dead, config=CONFIG, buffers=buffers)
+        trained[projects] = {name: p.detach().clone() for name, p in dictionary.named_parameters()}
+        monkeypatch.undo()
+    for name, parameter in trained[True].items():
+        if with_dead:
+            torch.testing.assert_close(parameter, trained[False][name], rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(parameter, trained[False][name]), name
+
+
 @pytest.mark.parametrize("kind", ["batchtopk", "sae"])
 def test_a_trainee_forms_each_steps_input_in_one_buffer_which_the_sae_overwrites_with_its_encoder_input(kind):
     """``Trainee.step`` normalises (the SAE: chat − base, normalised, − b_dec) into one buffer kept between steps:

@@ -126,9 +126,10 @@ def training_step(
     if buffers is not None and dictionary.keeps_gradients_between_steps:
         buffers.keep_gradients(dictionary.parameters())
     optimizer.zero_grad(set_to_none=True)
+    projected = dictionary.training_decode_projects_gradient  # the backward projects the decoder's gradient
     if context.data_parallel:  # the sum of the processes' gradients of loss / N is the average gradient
         (loss / context.world_size).backward()
-        dictionary.before_optimizer_step()  # linear in the gradient: the same on the local gradients before the sum
+        dictionary.before_optimizer_step(projected)  # linear in the gradient: the same on the local ones before the sum
         if isinstance(optimizer, ShardedAdam):
             optimizer.reduce_gradients()
             clip = optimizer.clip_factor(config.grad_clip)
@@ -139,7 +140,7 @@ def training_step(
             clip = clip_gradients(dictionary, config.grad_clip, context)
     else:
         loss.backward()
-        dictionary.before_optimizer_step()
+        dictionary.before_optimizer_step(projected)
         clip = clip_gradients(dictionary, config.grad_clip, context)
     for shared in (shared_gradients or {}).values():
         shared.check_complete()
