@@ -1,8 +1,9 @@
 """The shared-memory exchange (crosscoder.training.shared_memory_exchange) among three real gloo processes: the
 reduce-scatter gives each process its chunk of the sum in rank order, step after step (each followed by an
-all-gather through the same rows); the all-gather fills in the other processes' chunks; the segment's file is gone
-once every process has mapped it; and where the segment cannot be made every process falls back (None) with one
-warning that names the folder and the fix."""
+all-gather through the same rows), whether the gradients were formed elsewhere or in the process's own row; the
+all-gather fills in the other processes' chunks; the segment's file is gone once every process has mapped it; and
+where the segment cannot be made every process falls back (None) with one warning that names the folder and the
+fix."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from crosscoder.training.shared_memory_exchange import open_exchange
 
 WORLD = 3
 SHAPES = [(6, 4), (3,), (9, 2)]  # each splits evenly over 3 processes
-STEPS = 2
+STEPS = 3
 
 
 def local_gradients(step: int, rank: int) -> list[torch.Tensor | None]:
@@ -44,7 +45,13 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
             sums = []
             for step in range(STEPS):  # as a training step: the gradients summed, then the updated slices shared
                 into = [None if shape == (3,) else torch.empty(torch.Size(shape).numel() // WORLD) for shape in SHAPES]
-                exchange.reduce_scatter(local_gradients(step, rank), into)
+                gradients = local_gradients(step, rank)
+                if step % 2:  # formed in the process's own row (the next backward's storage): read there, not copied
+                    gradients = [
+                        None if gradient is None else exchange.storage(index).view_as(gradient).copy_(gradient)
+                        for index, gradient in enumerate(gradients)
+                    ]
+                exchange.reduce_scatter(gradients, into)
                 sums.append(into)
                 pieces = [torch.full((torch.Size(shape).numel() // WORLD,), 10.0 * step + rank) for shape in SHAPES]
                 exchange.all_gather(pieces, parameters)

@@ -44,7 +44,10 @@ class ShardedAdam:
     """Adam over ``parameters`` (each on every process, equal there), sharded over the processes of ``context``.
 
     Call ``reduce_gradients`` after the backward (local gradients of loss / N), then ``clip_factor`` and ``step``.
-    ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it)."""
+    ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it). Past
+    ``reduce_gradients`` a sharded parameter's ``grad`` is storage for the next backward (``StepBuffers`` lends it),
+    not a gradient: its place in the shared-memory exchange's row, where the next reduce-scatter reads it without a
+    copy, or the local gradient (gloo)."""
 
     def __init__(
         self, parameters: list[torch.nn.Parameter], context: Distributed, lr: float, betas: tuple[float, float]
@@ -89,13 +92,19 @@ class ShardedAdam:
                 piece.grad = None if parameter.grad is None else reduced
                 if parameter.grad is not None and self.exchange is None:
                     handles.append(self.context.reduce_scatter_into(piece.grad, parameter.grad.view(-1), async_op=True))
-                parameter.grad = None  # past the reduction only the slice's sum is needed
+                parameter.grad = None  # past the reduction only the slice's sum is a gradient (storage: below)
             elif parameter.grad is not None:
                 handles.append(self.context.all_reduce_async(parameter.grad))
         if self.exchange is not None:
             self.exchange.reduce_scatter(local, [self.slices[index].grad for index in self.split])
         for handle in handles:
             handle.wait()
+        # the storage the next backward writes the local gradients into (StepBuffers takes each parameter's grad):
+        # their places in the exchange's row, read there by the next reduce-scatter, or the local gradients
+        for place, (index, gradient) in enumerate(zip(self.split, local, strict=True)):
+            if gradient is not None:
+                parameter = self.parameters[index]
+                parameter.grad = gradient if self.exchange is None else self.exchange.storage(place).view_as(parameter)
 
     def clip_factor(self, max_norm: float) -> torch.Tensor | None:
         """The factor that scales the reduced gradients to a global norm of at most ``max_norm`` (``clipping``'s:

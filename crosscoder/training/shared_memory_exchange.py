@@ -41,14 +41,22 @@ class SharedMemoryExchange:
     def __init__(self, segment: torch.Tensor, sizes: list[int], context: Distributed) -> None:
         self.context, self.rows = context, segment
         self.chunks = [_chunks(sum(sizes[:index]), size, context.world_size) for index, size in enumerate(sizes)]
+        self.places = [slice(sum(sizes[:index]), sum(sizes[: index + 1])) for index in range(len(sizes))]
+
+    def storage(self, index: int) -> torch.Tensor:
+        """Parameter ``index``'s place in this process's row [size_index]: where a local gradient can be formed so
+        that ``reduce_scatter`` reads it there instead of copying it in (the next backward's storage; what it holds
+        between steps is no gradient: ``all_gather`` passes the updated slice through this process's own chunk)."""
+        return self.rows[self.context.rank, self.places[index]]
 
     def reduce_scatter(self, gradients: list[torch.Tensor | None], into: list[torch.Tensor | None]) -> None:
         """``into[i]`` [size_i / N] ← this process's chunk of the sum over processes of ``gradients[i]`` [any shape,
-        size_i values], added in rank order; both None for a parameter without a gradient (on every process alike).
-        Each process writes to its row only the chunks the others sum."""
+        size_i values, contiguous], added in rank order; both None for a parameter without a gradient (on every process
+        alike). Each process writes to its row only the chunks the others sum, and nothing where the gradient was
+        formed in its place in the row (``storage``)."""
         rank, row = self.context.rank, self.rows[self.context.rank]
-        for chunks, gradient in zip(self.chunks, gradients, strict=True):
-            if gradient is not None:
+        for index, (chunks, gradient) in enumerate(zip(self.chunks, gradients, strict=True)):
+            if gradient is not None and gradient.data_ptr() != self.storage(index).data_ptr():  # else already there
                 for peer, (shared, local) in enumerate(chunks):
                     if peer != rank:
                         row[shared].copy_(gradient.reshape(-1)[local])
