@@ -66,6 +66,20 @@ static float dot_lanes(const float *t, const float *w, int64_t width) {
     return lanes_total(lanes);
 }
 
+/* Columns [c, c + n) of a sweep over four entries' rows t0..t3 (values v0..v3): their products added to acc in entry
+ * order, and each row's products with the dot row w into its lanes l0..l3 (column c + l to lane l, n <= LANES). */
+static inline void sweep_four(float *acc, const float *t0, const float *t1, const float *t2, const float *t3, float v0,
+                              float v1, float v2, float v3, const float *w, int64_t c, int n, float *l0, float *l1,
+                              float *l2, float *l3) {
+    for (int l = 0; l < n; ++l) {
+        acc[c + l] = (((acc[c + l] + v0 * t0[c + l]) + v1 * t1[c + l]) + v2 * t2[c + l]) + v3 * t3[c + l];
+        l0[l] = fmaf(t0[c + l], w[c + l], l0[l]);
+        l1[l] = fmaf(t1[c + l], w[c + l], l1[l]);
+        l2[l] = fmaf(t2[c + l], w[c + l], l2[l]);
+        l3[l] = fmaf(t3[c + l], w[c + l], l3[l]);
+    }
+}
+
 /* Where entry p's value (and dot product) sits: order[p], or p itself without an order. */
 static inline int64_t at(const int64_t *order, int64_t p) { return order ? order[p] : p; }
 
@@ -89,24 +103,9 @@ static void sum_segment(float *acc, const int64_t *index, const int64_t *order, 
         }
         float l0[LANES] = {0}, l1[LANES] = {0}, l2[LANES] = {0}, l3[LANES] = {0};
         int64_t c = 0;
-        for (; c + LANES <= width; c += LANES) {
-            for (int l = 0; l < LANES; ++l) {
-                float w = dot_row[c + l];
-                acc[c + l] = (((acc[c + l] + v0 * t0[c + l]) + v1 * t1[c + l]) + v2 * t2[c + l]) + v3 * t3[c + l];
-                l0[l] = fmaf(t0[c + l], w, l0[l]);
-                l1[l] = fmaf(t1[c + l], w, l1[l]);
-                l2[l] = fmaf(t2[c + l], w, l2[l]);
-                l3[l] = fmaf(t3[c + l], w, l3[l]);
-            }
-        }
-        for (int l = 0; c + l < width; ++l) {
-            float w = dot_row[c + l];
-            acc[c + l] = (((acc[c + l] + v0 * t0[c + l]) + v1 * t1[c + l]) + v2 * t2[c + l]) + v3 * t3[c + l];
-            l0[l] = fmaf(t0[c + l], w, l0[l]);
-            l1[l] = fmaf(t1[c + l], w, l1[l]);
-            l2[l] = fmaf(t2[c + l], w, l2[l]);
-            l3[l] = fmaf(t3[c + l], w, l3[l]);
-        }
+        for (; c + LANES <= width; c += LANES)
+            sweep_four(acc, t0, t1, t2, t3, v0, v1, v2, v3, dot_row, c, LANES, l0, l1, l2, l3);
+        sweep_four(acc, t0, t1, t2, t3, v0, v1, v2, v3, dot_row, c, (int)(width - c), l0, l1, l2, l3);
         dots[at(order, p)] = lanes_total(l0);
         dots[at(order, p + 1)] = lanes_total(l1);
         dots[at(order, p + 2)] = lanes_total(l2);
@@ -127,8 +126,8 @@ static void project_off(float *acc, const float *row, int64_t width) {
 }
 
 int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
-                     const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows, float *dots,
-                     int64_t project, int64_t stream, int64_t n_threads) {
+                     const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows,
+                     float *dots, int64_t project, int64_t stream, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     size_t bytes = ((size_t)width * sizeof(float) + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     int failed = 0;
