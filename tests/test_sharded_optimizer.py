@@ -46,12 +46,20 @@ def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size
         choices = [shards_optimizer(TrainConfig(shard_optimizer=choice), context) for choice in ("auto", "yes", "no")]
         params = parameters()
         optimizer = ShardedAdam(params, context, lr=0.1, betas=(0.9, 0.999))
-        history = []
+        history, stored = [], []
         for step in range(STEPS):
             optimizer.zero_grad()
             for parameter, gradient in zip(params, local_gradients(step, rank), strict=True):
                 parameter.grad = gradient.clone()
+            local = [parameter.grad for parameter in params]
             optimizer.reduce_gradients()
+            # past the reduction each sharded parameter's grad is the next backward's storage: with the exchange, its
+            # place in this process's row (where the next reduce-scatter reads it), else the local gradient
+            exchange = optimizer.exchange
+            stored += [
+                params[index].grad.data_ptr() == (exchange.storage(place) if exchange else local[index]).data_ptr()
+                for place, index in enumerate(optimizer.split)
+            ]
             optimizer.step(optimizer.clip_factor(max_norm))
             renormalise(params)
             history.append([parameter.detach().clone() for parameter in params])
@@ -67,6 +75,7 @@ def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size
                 "reloaded": reloaded.state_dict(),
                 "choices": choices,
                 "shared_memory": optimizer.exchange is not None,
+                "stored": stored,
             },
             Path(folder) / f"rank{rank}.pt",
         )
@@ -113,6 +122,7 @@ def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradien
     one_host = local_world_size == 2
     assert [rank["choices"] for rank in ranks] == [[one_host, True, False]] * 2
     assert [rank["shared_memory"] for rank in ranks] == [one_host] * 2
+    assert all(all(rank["stored"]) and len(rank["stored"]) == 2 * STEPS for rank in ranks)
     # each process holds half of each evenly split parameter's moments, all of the other one's
     assert [rank["moments"] for rank in ranks] == [[24, 3, 15], [24, 3, 15]]
     for rank in ranks:  # saved in one process's layout: the one-process Adam's state

@@ -47,7 +47,7 @@ class ShardedAdam:
     ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it). Past
     ``reduce_gradients`` a sharded parameter's ``grad`` is storage for the next backward (``StepBuffers`` lends it),
     not a gradient: its place in the shared-memory exchange's row, where the next reduce-scatter reads it without a
-    copy, or the local gradient (gloo)."""
+    copy, or, without the exchange (NCCL; gloo across hosts), the local gradient."""
 
     def __init__(
         self, parameters: list[torch.nn.Parameter], context: Distributed, lr: float, betas: tuple[float, float]
