@@ -25,6 +25,7 @@ from crosscoder.distributed import Distributed
 from crosscoder.errors import ConfigError, DictionaryFormatError
 from crosscoder.eval.exclusivity import class_counts, latent_classes, relative_norm_difference
 from crosscoder.eval.recovery import exclusive_recovery, planted_recovery
+from crosscoder.kernels.backend import use_backend
 from crosscoder.sharding import shards_latents
 from crosscoder.synthetic import PlantedActivations
 from crosscoder.training.trainee import Trainee, new_dictionary
@@ -191,15 +192,19 @@ def test_a_format_2_dedicated_crosscoder_loads_into_per_model_decoders_and_a_wro
         crosscoder.load_dictionary(tmp_path / "old")
 
 
-def test_each_model_decodes_only_its_own_latents_and_matches_the_dense_decode():
+@pytest.mark.parametrize("backend", ["reference", "auto"], ids=["reference", "C kernels"])
+def test_each_model_decodes_only_its_own_latents_and_matches_the_dense_decode(backend):
     """The training decode reads each model's rows for its own latents only (an exclusive latent's entries never meet
-    the other model's half), and equals the dense decode with the assembled W_dec — values and gradients to fp32
-    rounding (the CPU's C kernels add the entries in another order than the dense GEMM), as does the inference decode
-    (two dense GEMMs of other shapes, whose BLAS sums in its own order)."""
+    the other model's half), and equals the dense decode with the assembled W_dec — values bitwise and gradients to
+    1e-6 on the reference path, both to fp32 rounding with the CPU's C kernels (they add the entries in another order
+    than the dense GEMM) — as does the inference decode (two dense GEMMs of other shapes, whose BLAS sums in its own
+    order)."""
+    exact = backend == "reference"
     torch.manual_seed(3)
     dictionary = DedicatedCrossCoder(6, 40, 5, [7, 9], exclusive_encoder="both")
     x = dictionary.normalize(torch.randn(48, 2, 6))
-    out = dictionary.training_forward(x)
+    with use_backend(backend):
+        out = dictionary.training_forward(x)
     latents = out.codes.latents
     assert ((latents >= 24) & (latents < 31)).any() and (latents >= 31).any()  # both exclusive partitions decoded
     (base_taken, base_codes), (chat_taken, chat_codes) = dictionary._model_codes(out.codes)
@@ -209,17 +214,22 @@ def test_each_model_decodes_only_its_own_latents_and_matches_the_dense_decode():
     assert base_codes.dict_size == 31 and chat_codes.dict_size == 33
     assert len(base_taken) + len(chat_taken) == out.codes.nnz + int((latents < 24).sum())
     target = torch.randn_like(out.reconstruction)
-    (out.reconstruction - target).pow(2).sum().backward()
+    with use_backend(backend):
+        (out.reconstruction - target).pow(2).sum().backward()
     sparse_gradients = [p.grad.clone() for p in (dictionary.W_dec_base, dictionary.W_dec_chat)]
     dictionary.zero_grad()
     values = out.values.detach().requires_grad_()
     dense = dictionary.W_dec  # assembled, differentiable
     codes = out.codes.to_dense(values)
     reconstruction = (codes @ dense.flatten(1)).view_as(target) + dictionary.b_dec
-    torch.testing.assert_close(reconstruction, out.reconstruction, rtol=1e-5, atol=1e-5)
+    if exact:
+        assert torch.equal(reconstruction, out.reconstruction)
+    else:
+        torch.testing.assert_close(reconstruction, out.reconstruction, rtol=1e-5, atol=1e-5)
     (reconstruction - target).pow(2).sum().backward()
+    tolerance = 1e-6 if exact else 1e-5
     for parameter, gradient in zip((dictionary.W_dec_base, dictionary.W_dec_chat), sparse_gradients, strict=True):
-        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parameter.grad, gradient, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(
         dictionary.decode_normalized(codes.detach()), reconstruction.detach(), rtol=1e-6, atol=1e-6
     )
