@@ -3,7 +3,9 @@
 Times, on one ``[B, F]`` score matrix with ``n_keep = k · B``:
 - ``torch.topk`` over the flattened matrix (what the peers do) and ``torch.kthvalue`` (quickselect);
 - ``batch_topk_threshold`` and ``batch_topk`` with 2 digits of (15, 16) bits and 4 of (7, 8, 8, 8);
-- the pieces of the radix path: one full histogram pass, the value check, the candidate compaction.
+- the pieces of the radix path: one full histogram pass, the value check;
+- on CPU, ``batch_topk`` and the histogram pass also on the ``reference`` backend (torch ops instead of the C passes
+  of ``radix_select.c``).
 Two score distributions: ``relu-gaussian`` (ReLU of N(0, 1): about half zeros) and ``trained-like`` (about 9%
 positive, heavy-tailed per-latent scales, as in a trained dictionary). Reports the median of ``--repeats`` runs and
 the peak memory growth, and checks that every method finds the same threshold.
@@ -21,6 +23,7 @@ import time
 import torch
 
 from crosscoder.kernels import batch_topk as bt
+from crosscoder.kernels.backend import use_backend
 
 
 def make_scores(distribution: str, batch: int, dict_size: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -49,6 +52,11 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], result
+
+
+def on_reference(fn):
+    with use_backend("reference"):
+        return fn()
 
 
 def main() -> None:
@@ -85,6 +93,13 @@ def main() -> None:
             "piece: one full histogram pass (7 bits)": lambda s=scores: bt.radix_histogram(s, 0, 0, 7),
             "piece: value check (aminmax)": lambda flat=flat: torch.aminmax(flat),
         }
+        if torch.device(args.device).type == "cpu":  # the same on the torch-op reference, without the C passes
+            methods["batch_topk (15, 16), reference backend"] = lambda s=scores: on_reference(
+                lambda: bt.batch_topk(s, n_keep, digit_bits=(15, 16)).threshold
+            )
+            methods["piece: one full histogram pass (15 bits), reference backend"] = lambda s=scores: on_reference(
+                lambda: bt.radix_histogram(s, 0, 0, 15)
+            )
         thresholds = set()
         for name, fn in methods.items():
             seconds, result = timed(fn, args.device, args.repeats)

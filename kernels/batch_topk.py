@@ -73,13 +73,15 @@ three more passes over them).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from crosscoder.kernels.backend import HAS_TRITON, resolve_backend
+from crosscoder.kernels.backend import HAS_TRITON, c_kernel_allowed, resolve_backend
+from crosscoder.kernels.native import native_library
 
 if HAS_TRITON:
     import triton
@@ -238,7 +240,39 @@ def radix_histogram(
     """
     if resolve_backend(scores.device) == "triton":
         return radix_histogram_triton(scores, prefix, prefix_bits, digit_bits)
-    return radix_histogram_reference(scores, prefix, prefix_bits, digit_bits)
+    return _radix_histogram_cpu(scores, prefix, prefix_bits, digit_bits)
+
+
+def _radix_histogram_cpu(
+    scores: torch.Tensor, prefix: int | torch.Tensor, prefix_bits: int, digit_bits: int
+) -> torch.Tensor:
+    """``radix_histogram`` off Triton: the C pass (float32 on CPU) where it runs, else the reference."""
+    library = _native_selection(scores)
+    if library is None:
+        return radix_histogram_reference(scores, prefix, prefix_bits, digit_bits)
+    return _native_histogram(library, scores, prefix, prefix_bits, digit_bits)[0]
+
+
+def _native_histogram(
+    library: ctypes.CDLL, scores: torch.Tensor, prefix: int | torch.Tensor, prefix_bits: int, digit_bits: int
+) -> tuple[torch.Tensor, bool]:
+    """``radix_histogram`` by the C pass, and whether it read an entry that is not a score (NaN, ±inf, negative)."""
+    _check_scores(scores)
+    _check_digits(prefix_bits, digit_bits)
+    counts = torch.zeros(1 << digit_bits, dtype=torch.int64)
+    flat = scores.reshape(-1)
+    found = library.radix_histogram(
+        flat.data_ptr(),
+        flat.numel(),
+        _check_prefix(prefix, prefix_bits),
+        prefix_bits,
+        digit_bits,
+        counts.data_ptr(),
+        _threads_for(flat.numel()),
+    )
+    if found < 0:
+        raise MemoryError(f"radix_histogram: no memory for {torch.get_num_threads()} × 2 × {1 << digit_bits} counts")
+    return counts, found == 1
 
 
 # ---------------------------------------------------------------------------------------- reference histogram
@@ -376,13 +410,20 @@ def _radix_select(
     backend = resolve_backend(flat.device)
     schedule = _digit_schedule(digit_bits, backend)
     histogram = radix_histogram_triton if backend == "triton" else radix_histogram_reference
-    check_score_values(flat)
+    library = None if backend == "triton" else _native_selection(flat)
+    if library is None:
+        check_score_values(flat)
     source, candidates, candidate_scores = flat, None, None
     prefix = torch.zeros((), dtype=torch.int64, device=flat.device)
     prefix_bits = 0
     n_greater = torch.zeros((), dtype=torch.int64, device=flat.device)
     for pass_index, bits in enumerate(schedule):
-        counts = histogram(source, prefix, prefix_bits, bits)
+        if library is None:
+            counts = histogram(source, prefix, prefix_bits, bits)
+        else:  # the C pass also looks at every value it reads: the check costs no pass of its own
+            counts, invalid = _native_histogram(library, source, prefix, prefix_bits, bits)
+            if invalid:
+                check_score_values(source)  # names the value
         if all_reduce is not None:
             counts = all_reduce(counts)
         if pass_index == 0:
@@ -395,8 +436,8 @@ def _radix_select(
         remaining = remaining - n_above
         if pass_index == 0 and backend == "reference":
             # Every entry that can still be kept has a first digit ≥ the chosen one: compact them once.
-            candidates = _indices_at_least(flat, prefix << (KEY_BITS - prefix_bits))
-            source = candidate_scores = flat.index_select(0, candidates).float()
+            candidates, candidate_scores = _entries_at_least(flat, prefix << (KEY_BITS - prefix_bits))
+            source = candidate_scores
     value = prefix.to(torch.int32).view(torch.float32).to(flat.dtype)
     return _Search(TopKThreshold(value, n_greater, n_selected), prefix, remaining, candidates, candidate_scores)
 
@@ -413,27 +454,56 @@ def _kept_entries(
     contiguous scores), and the search that chose them."""
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
     if search.candidates is None:
-        candidates = _indices_at_least(flat, search.key)
-        candidate_scores = flat.index_select(0, candidates)
+        candidates, candidate_scores = _entries_at_least(flat, search.key)
     else:
         candidates, candidate_scores = search.candidates, search.candidate_scores
-    keys = _keys(candidate_scores)
-    greater = keys > search.key
-    equal = keys == search.key
-    ties_before = torch.zeros((), dtype=torch.int64, device=flat.device)
-    if all_reduce is not None:  # ties of lower ranks come first
+    library = _native_selection(candidate_scores)
+    if library is not None:
+        key, n_ties = int(search.key), ctypes.c_int64()
+        n_greater = library.kept_entries(
+            candidate_scores.data_ptr(), None, len(candidate_scores), key, 0, None, ctypes.byref(n_ties)
+        )
+        ties_here = torch.tensor(n_ties.value)
+    else:
+        keys = _keys(candidate_scores)
+        greater = keys > search.key
+        equal = keys == search.key
         ties_here = equal.sum()
-        ties_per_rank = torch.zeros(world_size, dtype=torch.int64, device=flat.device)
-        ties_per_rank[rank] = ties_here
-        ties_per_rank = all_reduce(ties_per_rank)
-        ties_before = ties_per_rank[:rank].sum()
-        if world_size == 1:
-            _check_single_rank(ties_per_rank[0] == ties_here)
-    # a tie is kept when ties_before + its rank among this process's ties < ties_left (the limit clamped to what the
-    # cumulative count can reach, so that it fits its dtype)
-    ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
-    limit = (search.ties_left - ties_before).clamp(0, len(equal))
-    return candidates[greater | (equal & (ties_up_to_here <= limit))], search
+    # a tie is kept when ties_before + its rank among this process's ties < ties_left (the limit clamped to what this
+    # process holds, so that it fits a cumulative count's dtype)
+    ties_before = _ties_before(ties_here, all_reduce, rank, world_size)
+    limit = (search.ties_left - ties_before).clamp(0, len(candidate_scores))
+    if library is None:
+        ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
+        return candidates[greater | (equal & (ties_up_to_here <= limit))], search
+    limit = int(limit)
+    kept = torch.empty(n_greater + min(limit, n_ties.value), dtype=torch.int64)
+    found = library.kept_entries(
+        candidate_scores.data_ptr(),
+        candidates.data_ptr(),
+        len(candidate_scores),
+        key,
+        limit,
+        kept.data_ptr(),
+        ctypes.byref(n_ties),
+    )
+    assert found == len(kept)
+    return kept, search
+
+
+def _ties_before(
+    ties_here: torch.Tensor, all_reduce: AllReduce | None, rank: int, world_size: int
+) -> torch.Tensor | int:
+    """How many ties at the threshold the ranks before ``rank`` hold (0-d int64; 0 without ``all_reduce``): they
+    are kept first."""
+    if all_reduce is None:
+        return 0
+    ties_per_rank = torch.zeros(world_size, dtype=torch.int64, device=ties_here.device)
+    ties_per_rank[rank] = ties_here
+    ties_per_rank = all_reduce(ties_per_rank)
+    if world_size == 1:
+        _check_single_rank(ties_per_rank[0] == ties_here)
+    return ties_per_rank[:rank].sum()
 
 
 def _choose_digit(counts: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,14 +517,25 @@ def _choose_digit(counts: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.
     return digit, (at_least - counts).gather(0, digit.view(1)).squeeze(0)
 
 
-def _indices_at_least(flat: torch.Tensor, min_key: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices of the entries whose key is ≥ ``min_key`` and non-zero (``nonzero``: a host sync)."""
+def _entries_at_least(flat: torch.Tensor, min_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending flat indices [n] of the entries whose key is ≥ ``min_key`` and non-zero, and their scores [n] as
+    float32 (a host sync: their number)."""
     bound = min_key.clamp(min=1).to(torch.int32).view(torch.float32)  # a float32 compare is exact for any dtype
+    library = _native_selection(flat)
+    if library is not None:
+        threads = _threads_for(flat.numel())
+        share_counts = torch.empty(threads, dtype=torch.int64)
+        n = library.count_at_least(flat.data_ptr(), flat.numel(), float(bound), share_counts.data_ptr(), threads)
+        positions, scores = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
+        pointers = (share_counts.data_ptr(), positions.data_ptr(), scores.data_ptr())
+        library.write_at_least(flat.data_ptr(), flat.numel(), float(bound), *pointers, threads)
+        return positions, scores
     parts, start = [], 0
     for chunk in _chunks(flat):
         parts.append((chunk.float() >= bound).nonzero().squeeze(1) + start)
         start += chunk.numel()
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=flat.device)
+    indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=flat.device)
+    return indices, flat.index_select(0, indices).float()
 
 
 def _split_flat_indices_(flat_indices: torch.Tensor, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,6 +556,31 @@ def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
 def _keys(values: torch.Tensor) -> torch.Tensor:
     """Radix keys (int32, ``KEY_BITS`` bits) of float scores: the float32 bits without the sign."""
     return values.float().view(torch.int32) & _KEY_MASK
+
+
+# ------------------------------------------------------------------------------------------------- C passes
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+RADIX_SELECT_SIGNATURES = (
+    ("radix_histogram", _SIZE, (_POINTER, _SIZE, _SIZE, _SIZE, _SIZE, _POINTER, _SIZE)),
+    ("count_at_least", _SIZE, (_POINTER, _SIZE, ctypes.c_float, _POINTER, _SIZE)),
+    ("write_at_least", None, (_POINTER, _SIZE, ctypes.c_float, _POINTER, _POINTER, _POINTER, _SIZE)),
+    ("kept_entries", _SIZE, (_POINTER, _POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER)),
+)
+"""``radix_select.c``'s functions as ``ctypes`` declares them."""
+ENTRIES_PER_THREAD = 1 << 16
+"""The C passes use one more of torch's threads per this many entries (a thread's start costs more than a few)."""
+
+
+def _native_selection(scores: torch.Tensor) -> ctypes.CDLL | None:
+    """``radix_select.c``, loaded, where it may read ``scores`` (contiguous float32 on the CPU, backend not
+    ``"reference"``, a compiler at hand); else None."""
+    if not (c_kernel_allowed(scores.device) and scores.dtype == torch.float32 and scores.is_contiguous()):
+        return None
+    return native_library("radix_select", RADIX_SELECT_SIGNATURES)
+
+
+def _threads_for(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // ENTRIES_PER_THREAD))
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -1,5 +1,6 @@
-"""BatchTopK by radix select (``crosscoder.kernels.batch_topk``): histogram kernel against its reference, exact
-thresholds, tie-breaking, the zero rule, the distributed ``all_reduce`` hook, and input errors.
+"""BatchTopK by radix select (``crosscoder.kernels.batch_topk``): the histogram's Triton kernel and C pass against
+its reference, exact thresholds, tie-breaking, the zero rule, the distributed ``all_reduce`` hook, and input errors —
+on each path: ``"reference"`` (plain PyTorch), ``"auto"`` on CPU (the C passes of ``radix_select.c``) and Triton.
 
 The Triton kernel runs under the interpreter on CPU: ``TRITON_INTERPRET=1`` must be set before
 ``crosscoder.kernels`` is first imported (``conftest.py`` does; so does this module, when imported first). With
@@ -19,7 +20,7 @@ import torch
 from crosscoder.kernels import backend
 from crosscoder.kernels import batch_topk as bt
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "auto", "triton"]
 triton_ready = pytest.mark.skipif(
     not (torch.cuda.is_available() or backend.TRITON_INTERPRETED),
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before crosscoder.kernels is imported",
@@ -37,14 +38,15 @@ TRITON_DEVICE = torch.device("cpu" if backend.TRITON_INTERPRETED or not torch.cu
 
 @pytest.fixture
 def backend_name(request):
-    """Runs the test with the kernel backend forced to the parameter ("reference" or "triton")."""
+    """Runs the test with the kernel backend forced to the parameter ("reference", "auto": the C passes on CPU, or
+    "triton")."""
     with backend.use_backend(request.param):
         yield request.param
 
 
 @pytest.fixture
 def device(backend_name) -> torch.device:
-    """The device of the test's scores: the Triton kernel's (``TRITON_DEVICE``) or, for the reference, the CPU."""
+    """The device of the test's scores: the Triton kernel's (``TRITON_DEVICE``) or, for the others, the CPU."""
     return TRITON_DEVICE if backend_name == "triton" else torch.device("cpu")
 
 
@@ -133,6 +135,45 @@ def test_radix_histogram_reference_chunks_and_lanes_count_every_entry_once(monke
 def test_radix_histogram_counts_neither_zero_nor_negative_zero() -> None:
     scores = torch.tensor([[0.0, -0.0, 1.0, 2.0]])
     assert int(bt.radix_histogram_reference(scores, 0, 0, 15).sum()) == 2
+    assert int(bt.radix_histogram(scores, 0, 0, 15).sum()) == 2  # the C pass
+
+
+@pytest.fixture
+def c_shares(monkeypatch):
+    """The C passes split their entries into 3 threads' shares from 7 entries on (not only past 65,536 each)."""
+    assert bt._native_selection(torch.zeros(1)) is not None, "the C passes did not compile: see the warning"
+    monkeypatch.setattr(bt, "ENTRIES_PER_THREAD", 7)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(previous_threads)
+
+
+@pytest.mark.parametrize("scores", histogram_inputs())
+@pytest.mark.parametrize("prefix_bits, digit_bits", [(0, 15), (0, 16), (0, 7), (15, 16), (7, 8), (23, 8), (30, 1)])
+def test_radix_histogram_c_pass_equals_the_definition_in_threads_shares(c_shares, scores, prefix_bits, digit_bits):
+    """float32 scores take the C pass (3 threads' shares of uneven sizes); bfloat16/float16 the reference."""
+    keys = scores.float().view(torch.int32).flatten() & 0x7FFFFFFF
+    busiest = int(torch.mode(keys[keys != 0] >> (31 - prefix_bits)).values) if prefix_bits and keys.any() else 0
+    assert (bt._native_selection(scores) is not None) == (scores.dtype == torch.float32)
+    for prefix in {0, busiest}:
+        counts = bt.radix_histogram(scores, prefix, prefix_bits, digit_bits)
+        assert counts.dtype == torch.int64
+        assert torch.equal(counts, histogram_by_definition(scores, prefix, prefix_bits, digit_bits))
+
+
+@pytest.mark.parametrize("bound", [1.0, 0.5, 1e-30, 3.0])
+def test_entries_at_least_c_pass_equals_the_reference_in_threads_shares(c_shares, bound) -> None:
+    scores = relu_gaussian(13, 51, seed=5)
+    scores.view(-1)[::17] = 1.0  # ties at the bound
+    scores[4] = -0.0
+    min_key = torch.tensor(bound).view(torch.int32).long()
+    positions, values = bt._entries_at_least(scores.view(-1), min_key)
+    with backend.use_backend("reference"):
+        expected_positions, expected_values = bt._entries_at_least(scores.view(-1), min_key)
+    assert positions.dtype == torch.int64 and values.dtype == torch.float32
+    assert torch.equal(positions, expected_positions) and torch.equal(values, expected_values)
+    assert torch.equal(positions, ((scores.view(-1) >= bound) & (scores.view(-1) > 0)).nonzero().squeeze(1))
 
 
 # ------------------------------------------------------------------------------------------------ threshold
@@ -220,8 +261,9 @@ def candidates_at_least(scores: torch.Tensor, bound: float) -> tuple[torch.Tenso
     return positions, flat[positions]
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "auto"], indirect=True)
 @pytest.mark.parametrize("relative_bound", [1e-6, 0.8, 0.99, 1.0, 1.01, 2.0])
-def test_the_selection_among_candidates_is_the_whole_selection_or_declines(relative_bound) -> None:
+def test_the_selection_among_candidates_is_the_whole_selection_or_declines(backend_name, relative_bound) -> None:
     """Bounds below the threshold (the candidates hold every kept entry), at it (ties at the bound) and above it
     (too few candidates: None, the whole matrix must decide): the same entries, threshold and count as
     ``batch_topk`` on the whole matrix, and the kept entries' positions among the candidates."""
@@ -326,8 +368,9 @@ def test_two_ranks_with_all_reduce_select_what_one_process_selects_on_the_whole_
     assert calls == [n_passes + 1] * 2  # one all_reduce per histogram pass, one for the tie counts
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "auto"], indirect=True)
 @pytest.mark.parametrize("relative_bound", [0.9, 1.5])
-def test_two_ranks_select_among_their_candidates_what_one_process_selects(relative_bound) -> None:
+def test_two_ranks_select_among_their_candidates_what_one_process_selects(backend_name, relative_bound) -> None:
     """The candidate count is global: both ranks select among their candidates (0.9 θ) or both decline (1.5 θ)."""
     scores = torch.randint(0, 50, (12, 40), generator=torch.Generator().manual_seed(2)).float() / 7  # ties
     single = bt.batch_topk(scores, 150)
@@ -402,6 +445,20 @@ def test_all_reduce_without_rank_and_world_size_is_an_error_when_ranks_share_tie
 def test_invalid_scores_are_rejected_with_a_clear_error(scores, message) -> None:
     with pytest.raises(ValueError, match=message):
         bt.batch_topk(scores, 2)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "auto"], indirect=True)
+@pytest.mark.parametrize("value, message", [(float("nan"), "NaN"), (-2.0, "negative value"), (float("inf"), "inf")])
+@pytest.mark.parametrize("position", [0, 15, 16, 40, 63, 64])
+def test_a_value_that_is_not_a_score_anywhere_is_named(backend_name, value, message, position) -> None:
+    """The C histogram looks at every value it counts (16 lanes at a time, then the tail; 2 threads' shares): one bad
+    value anywhere among 65 is an error naming it; -0.0 is a zero, not a negative score."""
+    scores = relu_gaussian(5, 13, seed=6) + 0.5
+    scores.view(-1)[[3, 33]] = -0.0
+    assert bt.batch_topk(scores, 10).rows.numel() == 10
+    scores.view(-1)[position] = value
+    with pytest.raises(ValueError, match=message):
+        bt.batch_topk(scores, 10)
 
 
 def test_invalid_arguments_are_rejected_with_a_clear_error() -> None:
