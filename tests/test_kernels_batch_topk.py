@@ -176,6 +176,20 @@ def test_entries_at_least_c_pass_equals_the_reference_in_threads_shares(c_shares
     assert torch.equal(positions, ((scores.view(-1) >= bound) & (scores.view(-1) > 0)).nonzero().squeeze(1))
 
 
+def test_the_portable_c_build_without_avx512_counts_selects_and_checks_the_same(portable_build, monkeypatch) -> None:
+    portable = portable_build("radix_select", bt.RADIX_SELECT_SIGNATURES)
+    monkeypatch.setattr(bt, "_native_selection", lambda scores: portable if scores.dtype == torch.float32 else None)
+    scores = torch.randint(0, 50, (13, 41), generator=torch.Generator().manual_seed(7)).float() / 7  # ties
+    for prefix_bits, digit_bits in [(0, 15), (15, 16), (3, 8)]:
+        prefix = int(scores.max().view(torch.int32)) >> (31 - prefix_bits) if prefix_bits else 0
+        expected = histogram_by_definition(scores, prefix, prefix_bits, digit_bits)
+        assert torch.equal(bt.radix_histogram(scores, prefix, prefix_bits, digit_bits), expected)
+    assert torch.equal(kept_flat(bt.batch_topk(scores, 200)), expected_kept(scores, 200))
+    scores[12, 40] = float("nan")  # in the tail after the last 16 lanes
+    with pytest.raises(ValueError, match="NaN"):
+        bt.batch_topk(scores, 200)
+
+
 # ------------------------------------------------------------------------------------------------ threshold
 @backends
 @pytest.mark.parametrize("n_keep", [1, 7, 300, 2047])
