@@ -110,6 +110,11 @@ _CHUNK = 1 << 18
 """Entries per chunk of the reference path on CPU: its int32 keys and int64 digits (3 MB) stay in cache, also with
 one process per core (``2**20`` was 15% slower there, ``2**17`` no faster alone)."""
 _KEY_MASK = (1 << KEY_BITS) - 1
+COMPACTED_FROM = 8
+"""The C passes compact the entries that can still be kept after the first digit only where the entries outnumber
+``n_keep`` this many times (a whole score matrix). Among the training step's candidates (about twice ``n_keep``)
+the later passes read them all: cheaper than a compacted copy in fresh memory, which on the development machine took
+3 ms a step to page in."""
 
 
 class TopKThreshold(NamedTuple):
@@ -434,7 +439,7 @@ def _radix_select(
         prefix_bits += bits
         n_greater = n_greater + n_above
         remaining = remaining - n_above
-        if pass_index == 0 and backend == "reference":
+        if pass_index == 0 and backend == "reference" and (library is None or len(flat) > COMPACTED_FROM * n_keep):
             # Every entry that can still be kept has a first digit ≥ the chosen one: compact them once.
             candidates, candidate_scores = _entries_at_least(flat, prefix << (KEY_BITS - prefix_bits))
             source = candidate_scores
@@ -453,42 +458,46 @@ def _kept_entries(
     """The ascending flat indices [n_selected] of the entries ``batch_topk`` keeps of ``flat`` [n] (checked
     contiguous scores), and the search that chose them."""
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
+    library = _native_selection(flat)
+    if library is not None:  # the C pass: over the candidates compacted after the first digit, or every entry
+        if search.candidates is None:
+            return _kept_native(library, flat, None, search, all_reduce, rank, world_size), search
+        kept = _kept_native(library, search.candidate_scores, search.candidates, search, all_reduce, rank, world_size)
+        return kept, search
     if search.candidates is None:
         candidates, candidate_scores = _entries_at_least(flat, search.key)
     else:
         candidates, candidate_scores = search.candidates, search.candidate_scores
-    library = _native_selection(candidate_scores)
-    if library is not None:
-        key, n_ties = int(search.key), ctypes.c_int64()
-        n_greater = library.kept_entries(
-            candidate_scores.data_ptr(), None, len(candidate_scores), key, 0, None, ctypes.byref(n_ties)
-        )
-        ties_here = torch.tensor(n_ties.value)
-    else:
-        keys = _keys(candidate_scores)
-        greater = keys > search.key
-        equal = keys == search.key
-        ties_here = equal.sum()
+    keys = _keys(candidate_scores)
+    greater = keys > search.key
+    equal = keys == search.key
     # a tie is kept when ties_before + its rank among this process's ties < ties_left (the limit clamped to what this
     # process holds, so that it fits a cumulative count's dtype)
-    ties_before = _ties_before(ties_here, all_reduce, rank, world_size)
-    limit = (search.ties_left - ties_before).clamp(0, len(candidate_scores))
-    if library is None:
-        ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
-        return candidates[greater | (equal & (ties_up_to_here <= limit))], search
-    limit = int(limit)
-    kept = torch.empty(n_greater + min(limit, n_ties.value), dtype=torch.int64)
-    found = library.kept_entries(
-        candidate_scores.data_ptr(),
-        candidates.data_ptr(),
-        len(candidate_scores),
-        key,
-        limit,
-        kept.data_ptr(),
-        ctypes.byref(n_ties),
-    )
+    limit = (search.ties_left - _ties_before(equal.sum(), all_reduce, rank, world_size)).clamp(0, len(equal))
+    ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
+    return candidates[greater | (equal & (ties_up_to_here <= limit))], search
+
+
+def _kept_native(
+    library: ctypes.CDLL,
+    scores: torch.Tensor,
+    labels: torch.Tensor | None,
+    search: _Search,
+    all_reduce: AllReduce | None,
+    rank: int,
+    world_size: int,
+) -> torch.Tensor:
+    """``_kept_entries``' last step by the C pass over ``scores`` [n] float32: the kept entries' ``labels`` [n] (None:
+    their positions), ascending — one pass counts the entries above the threshold and its ties, the next writes."""
+    key, n_ties = int(search.key), ctypes.c_int64()
+    n_greater = library.kept_entries(scores.data_ptr(), None, len(scores), key, 0, None, ctypes.byref(n_ties))
+    ties_before = _ties_before(torch.tensor(n_ties.value), all_reduce, rank, world_size)
+    limit = int((search.ties_left - ties_before).clamp(0, n_ties.value))
+    kept = torch.empty(n_greater + limit, dtype=torch.int64)
+    pointers = (None if labels is None else labels.data_ptr(), len(scores), key, limit, kept.data_ptr())
+    found = library.kept_entries(scores.data_ptr(), *pointers, ctypes.byref(n_ties))
     assert found == len(kept)
-    return kept, search
+    return kept
 
 
 def _ties_before(

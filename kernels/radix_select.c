@@ -14,7 +14,7 @@
  * before it.
  *
  * kept_entries: of the entries of scores[n], those whose key is greater than key and the first ties_limit (in
- * index order) whose key equals it; each written as labels[i] (labels NULL: i), ascending (kept NULL: only
+ * index order) whose non-zero key equals it; each written as labels[i] (labels NULL: i), ascending (kept NULL: only
  * counted). Returns how many; *n_ties: how many entries have the key (all of them, kept or not).
  *
  * The histogram and the entries split [0, n) into n_threads contiguous shares run by OpenMP threads (torch's own
@@ -30,6 +30,9 @@
 #define KEY_BITS 31
 #define KEY_MASK 0x7FFFFFFFu
 #define BLOCK 512
+/* A thread counts in uint32 (its histograms, 512 KB at 16 bits, then come from the heap, not a fresh mapping) and
+ * adds them into the int64 counts at least this often, before a count can overflow. */
+#define FLUSHED_EVERY ((int64_t)1 << 31)
 #define INFINITY_KEY 0x7F800000u /* the key of +inf; NaNs' are above it */
 
 static inline uint32_t key_of(float value) {
@@ -45,7 +48,7 @@ static inline int64_t share_start(int64_t n, int64_t shares, int64_t share) { re
  * then counted alternately into the two, so that runs of one digit (ties) do not wait on each other's increments.
  * With AVX-512, 16 keys at a time: one compare, one compress store of their digits. */
 static int count_share(const float *scores, int64_t begin, int64_t end, int64_t prefix, int64_t prefix_bits,
-                       int shift, uint32_t digit_mask, int64_t n_bins, int64_t *local) {
+                       int shift, uint32_t digit_mask, int64_t n_bins, uint32_t *local) {
     uint32_t digits[BLOCK];
     int invalid = 0;
     int prefix_shift = (int)(KEY_BITS - prefix_bits);
@@ -83,6 +86,13 @@ static int count_share(const float *scores, int64_t begin, int64_t end, int64_t 
     return invalid != 0;
 }
 
+/* Adds a thread's two histograms into counts and clears them. */
+static void add_counts(int64_t *counts, uint32_t *local, int64_t n_bins) {
+#pragma omp critical
+    for (int64_t bin = 0; bin < n_bins; ++bin) counts[bin] += (int64_t)local[bin] + local[n_bins + bin];
+    memset(local, 0, (size_t)(2 * n_bins) * sizeof(uint32_t));
+}
+
 int64_t radix_histogram(const float *scores, int64_t n, int64_t prefix, int64_t prefix_bits, int64_t digit_bits,
                         int64_t *counts, int64_t n_threads) {
     int64_t n_bins = (int64_t)1 << digit_bits;
@@ -91,17 +101,21 @@ int64_t radix_histogram(const float *scores, int64_t n, int64_t prefix, int64_t 
     int failed = 0, invalid = 0;
 #pragma omp parallel num_threads(n_threads) reduction(| : invalid)
     {
-        int64_t *local = calloc((size_t)(2 * n_bins), sizeof(int64_t));
+        uint32_t *local = calloc((size_t)(2 * n_bins), sizeof(uint32_t));
 #pragma omp atomic
         failed += local == NULL;
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
-            for (int64_t share = 0; share < n_threads; ++share)
-                invalid |= count_share(scores, share_start(n, n_threads, share), share_start(n, n_threads, share + 1),
-                                       prefix, prefix_bits, shift, (uint32_t)(n_bins - 1), n_bins, local);
-#pragma omp critical
-            for (int64_t bin = 0; bin < n_bins; ++bin) counts[bin] += local[bin] + local[n_bins + bin];
+            for (int64_t share = 0; share < n_threads; ++share) {
+                int64_t end = share_start(n, n_threads, share + 1);
+                for (int64_t from = share_start(n, n_threads, share); from < end; from += FLUSHED_EVERY) {
+                    int64_t to = end - from < FLUSHED_EVERY ? end : from + FLUSHED_EVERY;
+                    invalid |= count_share(scores, from, to, prefix, prefix_bits, shift, (uint32_t)(n_bins - 1),
+                                           n_bins, local);
+                    add_counts(counts, local, n_bins);
+                }
+            }
         }
         free(local);
     }
@@ -163,7 +177,7 @@ int64_t kept_entries(const float *scores, const int64_t *labels, int64_t n, int6
     for (int64_t i = 0; i < n; ++i) {
         int64_t entry_key = key_of(scores[i]);
         int keep = entry_key > key;
-        if (entry_key == key) keep = ties++ < ties_limit;
+        if (entry_key == key && entry_key != 0) keep = ties++ < ties_limit;
         if (keep && kept) kept[count] = labels ? labels[i] : i;
         count += keep;
     }
