@@ -1,7 +1,8 @@
 """The training forward's BatchTopK without the whole ``[batch, dict_size]`` score matrix (CPU; docs/methods.md §4.2).
 
 The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer of
-pre-activations. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate bound β are kept — the pre-activations
+products ``x @ W_enc.T``. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate bound β are kept — the
+pre-activations (the products plus the bias, added by the scan as it reads them: ``pre_activations``' floats)
 compared with a per-latent bound just under β / c_j, and only those that pass scaled into scores and compared with β
 (``crosscoder.kernels.block_candidates``: a C scan of each block on CPU) — and the dead latents' columns (AuxK ranks
 them); a counting sort by row puts the candidates in ascending flat order. β is the previous step's threshold ×
@@ -29,6 +30,7 @@ from crosscoder.kernels.batch_topk import (
     check_score_values,
 )
 from crosscoder.kernels.block_candidates import CandidateScan, scores_from_pre_activations
+from crosscoder.kernels.sparse_encoder import pre_activations
 from crosscoder.step_buffers import StepBuffers
 
 CANDIDATE_MARGIN = 0.9
@@ -88,7 +90,7 @@ def select_in_latent_blocks(
     scores = None
     if found is None:  # the whole matrix decides
         scores = buffers.get("scores", (batch, dict_size), encoder)
-        for latents, block in blocks(encoder_input):
+        for latents, block in blocks(encoder_input, with_bias=True):
             _keep_dead_columns(block, latents, dead_latents, dead_scores)
             scores[:, latents].copy_(blocks.scores(block, latents))
         if dead_scores is not None:
@@ -105,7 +107,8 @@ def select_in_latent_blocks(
 
 
 class _ScoreBlocks:
-    """The encoder's pre-activations ``x @ encoder.T + encoder_bias`` one block of ``LATENT_BLOCK`` latents at a time,
+    """The encoder's pre-activations ``x @ encoder.T + encoder_bias`` (or the products alone, for a scan that adds the
+    bias) one block of ``LATENT_BLOCK`` latents at a time,
     into one buffer reused for every block of one pass, and the scores ``ReLU(pre) · c`` formed from them (``scores``):
     the code norms scale the scores, not the encoder's rows, so no scaled copy of the encoder is read or written (at
     the paper's width, d = 2 × 2,304 and a batch of 1,024, scaling each block's rows took 107 ms a step). The buffer
@@ -132,16 +135,20 @@ class _ScoreBlocks:
             bound *= 1.0 if scale <= 1.0 else scale  # NaN stays NaN
         return math.isfinite(bound) and bound < torch.finfo(self.encoder.dtype).max / 2
 
-    def __call__(self, x: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """For each block: its latents (a slice) and its pre-activations [batch, block size] (overwritten by the
-        next)."""
+    def __call__(self, x: torch.Tensor, with_bias: bool) -> Iterator[tuple[slice, torch.Tensor]]:
+        """For each block: its latents (a slice) and its pre-activations [batch, block size] (``pre_activations``'
+        floats), or without ``with_bias`` the products ``x @ encoder.T`` only, which the candidates' scan adds the
+        bias to (overwritten by the next block)."""
         dict_size = self.encoder.shape[0]
         size = min(LATENT_BLOCK, dict_size)
         buffer = self.encoder.new_empty(x.shape[0] * size)
         for start in range(0, dict_size, size):
             latents = slice(start, min(dict_size, start + size))
             block = buffer[: x.shape[0] * (latents.stop - start)].view(x.shape[0], latents.stop - start)
-            yield latents, torch.addmm(self.bias[latents], x, self.encoder[latents].T, out=block)
+            if with_bias:
+                yield latents, pre_activations(x, self.encoder[latents], self.bias[latents], out=block)
+            else:
+                yield latents, torch.mm(x, self.encoder[latents].T, out=block)
 
     def scores(self, pre: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
         """``ReLU(pre) · c`` of pre-activations [rows, n] of ``latents``, in place (returned)."""
@@ -175,16 +182,17 @@ def _candidates(
     # where the scan does not look for values that are not finite: a proof that there are none, which reads the input
     # and the encoder once, or where the encoder is larger than the batch of scores (a wide input), each block's sum
     checked = not scan.sees_non_finite and (encoder_input.shape[1] > batch or not blocks.provably_finite(encoder_input))
-    for block_latents, block in blocks(encoder_input):
+    for block_latents, block in blocks(encoder_input, with_bias=False):
         code_norms = None if blocks.code_norms is None else blocks.code_norms[block_latents]
         bounds = blocks.candidate_bounds(block_latents, bound)
-        scores, non_finite = scan(block, block_latents.start, bounds, code_norms, bound)
+        bias = blocks.bias[block_latents]
+        _keep_dead_columns(block, block_latents, dead_latents, dead_scores)  # products: their bias is added below
+        scores, non_finite = scan(block, block_latents.start, bounds, code_norms, bound, bias)
         if checked or non_finite:
-            _check_finite(block.view(-1))
+            _check_finite(block.view(-1) if not scan.native else block.add_(bias).view(-1))  # the reference added it
             check_score_values(scores)  # a finite pre-activation times c may still overflow
-        _keep_dead_columns(block, block_latents, dead_latents, dead_scores)
     if dead_scores is not None:
-        blocks.scores(dead_scores, dead_latents)
+        blocks.scores(dead_scores.add_(blocks.bias[dead_latents]), dead_latents)
     del block  # the last block too: before the merged candidates are allocated
     return scan.candidates(dict_size)
 
@@ -213,7 +221,7 @@ def _sampled_threshold(encoder_input: torch.Tensor, blocks: _ScoreBlocks, n_keep
     batch = encoder_input.shape[0]
     sample = encoder_input[:: max(1, batch // SAMPLE_ROWS)].contiguous()
     scores = sample.new_empty(sample.shape[0], blocks.encoder.shape[0])
-    for latents, block in blocks(sample):
+    for latents, block in blocks(sample, with_bias=True):
         scores[:, latents] = blocks.scores(block, latents)
     per_row = n_keep / batch
     return float(batch_topk_threshold(scores, max(1, round(per_row * sample.shape[0]))).value)

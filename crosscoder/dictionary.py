@@ -37,7 +37,7 @@ from crosscoder.kernels.batch_topk import batch_topk
 from crosscoder.kernels.row_projection import project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import WeightGradient, prefix_decode, sparse_decode
-from crosscoder.kernels.sparse_encoder import gather_active
+from crosscoder.kernels.sparse_encoder import gather_active, pre_activations
 from crosscoder.model_card import MODEL_CARD_TEMPLATE, model_card_fields
 from crosscoder.step_buffers import SharedGradient, StepBuffers
 
@@ -301,7 +301,7 @@ class SparseDictionary(
 
     def activations_normalized(self, x_normalized: torch.Tensor) -> torch.Tensor:
         """ReLU activations before any selection. x_normalized: [batch, n_sources, d_model] → [batch, dict_size]."""
-        return F.relu(torch.addmm(self.b_enc, self.encoder_input(x_normalized), self.W_enc.flatten(1).T))
+        return F.relu(pre_activations(self.encoder_input(x_normalized), self.W_enc.flatten(1), self.b_enc))
 
     def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [batch, dict_size] → reconstruction [batch, n_sources, d_model] in training space."""
@@ -401,7 +401,7 @@ class SparseDictionary(
                 else:
                     shape = (encoder_input.shape[0], W_enc.shape[0])
                     scores = None if buffers is None else buffers.get("scores", shape, W_enc)
-                    scores = torch.addmm(self.b_enc, encoder_input, W_enc.T, out=scores).relu_()
+                    scores = pre_activations(encoder_input, W_enc, self.b_enc, out=scores).relu_()
                     if c is not None:
                         scores.mul_(c)
                     codes, min_kept = self._select(scores, k or self.k, context)
@@ -409,7 +409,7 @@ class SparseDictionary(
                 if c is not None:
                     kept = kept / c.index_select(0, codes.latents)
             else:
-                pre = torch.addmm(self.b_enc, encoder_input, W_enc.T)
+                pre = pre_activations(encoder_input, W_enc, self.b_enc)
                 codes = SparseCodes.from_mask(pre > 0)
                 kept = codes.gather(pre)
         # with buffers the backward writes ∂W_enc and the decoders' gradients into the previous step's, if the step

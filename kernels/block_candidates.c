@@ -4,8 +4,9 @@
  * crosscoder.kernels.block_candidates compiles this file (native.py) and calls it through ctypes; its plain-PyTorch
  * reference there defines the results, and the tests compare the two.
  *
- * block_candidates: for a block pre[rows, width] (row-major float32), per-column bounds (or one scalar bound),
- * per-column code norms c (or none: c = 1) and a threshold t > 0, the candidates are the entries with
+ * block_candidates: for a block of products[rows, width] (row-major float32), per-column biases (or none), bounds
+ * (or one scalar bound) and code norms c (or none: c = 1) and a threshold t > 0, the pre-activations are
+ * pre[r, j] = products[r, j] + bias_j (one float32 sum, as torch adds them) and the candidates the entries with
  *     pre[r, j] >= bound_j   and   score = ReLU(pre[r, j]) * c_j >= t,
  * in row-major order: their flat positions r * width + j (int32), their scores, and each row's count (int64).
  * Comparisons are IEEE (NaN passes none); the score is one float32 product, as torch forms it. *non_finite is set
@@ -31,7 +32,8 @@
 #endif
 
 typedef struct {
-    const float *pre;
+    const float *pre; /* the products; the bias is added as they are read */
+    const float *bias; /* [width], or NULL: none */
     int64_t width, row_begin, row_end;
     const float *bounds; /* [width], or NULL: scalar_bound for every column */
     float scalar_bound;
@@ -47,6 +49,7 @@ typedef struct {
 
 static inline int64_t keep_if_reaching(Share *s, int64_t row, int64_t column, int64_t n) {
     float value = s->pre[row * s->width + column];
+    if (s->bias) value += s->bias[column];
     float score = value > 0.0f ? value : 0.0f;
     if (s->norms) score *= s->norms[column];
     if (!(score >= s->threshold)) return n;
@@ -69,6 +72,7 @@ static void scan_rows(Share *s) {
         for (; column + 16 <= s->width; column += 16) {
             __m512 bound = s->bounds ? _mm512_loadu_ps(s->bounds + column) : scalar;
             __m512 value = _mm512_loadu_ps(values + column);
+            if (s->bias) value = _mm512_add_ps(value, _mm512_loadu_ps(s->bias + column));
             not_finite |= _mm512_cmp_ps_mask(value, infinity, _CMP_NLT_UQ); /* NaN or +inf */
             __mmask16 passed = _mm512_cmp_ps_mask(value, bound, _CMP_GE_OQ);
             while (passed) {
@@ -81,15 +85,17 @@ static void scan_rows(Share *s) {
 #endif
         for (; column < s->width; ++column) {
             float bound = s->bounds ? s->bounds[column] : s->scalar_bound;
-            if (!(values[column] < __builtin_inff())) s->non_finite = 1;
-            if (values[column] >= bound) n = keep_if_reaching(s, row, column, n);
+            float value = s->bias ? values[column] + s->bias[column] : values[column];
+            if (!(value < __builtin_inff())) s->non_finite = 1;
+            if (value >= bound) n = keep_if_reaching(s, row, column, n);
         }
         s->row_counts[row] = n - before;
     }
     s->found = n;
 }
 
-int64_t block_candidates(const float *pre, int64_t rows, int64_t width, const float *bounds, float scalar_bound,
+int64_t block_candidates(const float *pre, const float *bias, int64_t rows, int64_t width, const float *bounds,
+                         float scalar_bound,
                          const float *norms, float threshold, int32_t *positions, float *scores, int64_t capacity,
                          int64_t *row_counts, int64_t n_threads, int32_t *non_finite) {
     enum { MAX_THREADS = 64 };
@@ -102,6 +108,7 @@ int64_t block_candidates(const float *pre, int64_t rows, int64_t width, const fl
     for (int64_t t = 0; t < n_threads; ++t) {
         Share *s = &shares[t];
         s->pre = pre;
+        s->bias = bias;
         s->width = width;
         s->row_begin = rows * t / n_threads;
         s->row_end = rows * (t + 1) / n_threads;

@@ -68,12 +68,15 @@ class CandidateScan:
         bounds: float | torch.Tensor,
         code_norms: torch.Tensor | None,
         threshold: float,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Scan ``block`` [rows, width] (contiguous) of the latents from ``first_latent`` on, after the blocks before
         it (ascending latents). ``bounds``: a number or [width]; ``code_norms``: [width] or None; ``threshold`` > 0
-        (a score ≥ it has a pre-activation ≥ its bound: the bounds are the caller's promise). Returns the block's
-        candidates' scores [n] and whether the scan saw a NaN or +inf pre-activation or an infinite score (always
-        False where it does not look, ``sees_non_finite``)."""
+        (a score ≥ it has a pre-activation ≥ its bound: the bounds are the caller's promise); ``bias``: [width] or
+        None, added to the block's values to form the pre-activations (one float sum each: the C scan adds it as it
+        reads them, the reference into the block). Returns the block's candidates' scores [n] and whether the scan
+        saw a NaN or +inf pre-activation or an infinite score (always False where it does not look,
+        ``sees_non_finite``)."""
         if self.ended:
             raise RuntimeError("this scan's pass has ended (candidates() was called): start a new CandidateScan")
         if block.dim() != 2 or block.shape[0] != self.rows or block.shape[1] > self.width:
@@ -81,9 +84,11 @@ class CandidateScan:
                 f"block has shape {list(block.shape)} but the scan was made for [{self.rows}, ≤ {self.width}]"
             )
         if self.native:
-            positions, scores, counts, non_finite = self._native(block, bounds, code_norms, threshold)
+            positions, scores, counts, non_finite = self._native(block, bounds, code_norms, threshold, bias)
         else:
-            positions, scores, counts = self._reference(block, bounds, code_norms, threshold)
+            positions, scores, counts = self._reference(
+                block if bias is None else block.add_(bias), bounds, code_norms, threshold
+            )
             non_finite = False
         self.blocks.append((first_latent, block.shape[1], positions, scores, counts))
         return scores, non_finite
@@ -110,7 +115,7 @@ class CandidateScan:
         counts = torch.bincount(within.div(width, rounding_mode="floor"), minlength=rows)
         return within.to(self.position_dtype), scores, counts
 
-    def _native(self, block, bounds, code_norms, threshold):
+    def _native(self, block, bounds, code_norms, threshold, bias):
         rows, width = block.shape
         if not block.is_contiguous():
             raise ValueError(f"block has strides {block.stride()}: the kernel reads a contiguous [rows, width] block")
@@ -119,6 +124,7 @@ class CandidateScan:
             ("block", block, (rows, width)),
             ("bounds", bounds if per_column else None, (width,)),
             ("code_norms", code_norms, (width,)),
+            ("bias", bias, (width,)),
         ):
             if tensor is not None and (tensor.shape != shape or tensor.dtype != torch.float32 or tensor.is_cuda):
                 raise ValueError(
@@ -127,12 +133,13 @@ class CandidateScan:
                 )
         scalar_bound = 0.0 if per_column else float(bounds)
         bounds = bounds.contiguous() if per_column else None
-        code_norms = None if code_norms is None else code_norms.contiguous()
+        code_norms, bias = (None if t is None else t.contiguous() for t in (code_norms, bias))
         counts = torch.empty(rows, dtype=torch.int64)
         non_finite = ctypes.c_int32(0)
         while True:
             found = self.library.block_candidates(
                 block.data_ptr(),
+                None if bias is None else bias.data_ptr(),
                 rows,
                 width,
                 None if bounds is None else bounds.data_ptr(),
@@ -201,7 +208,8 @@ SIGNATURES = (
         "block_candidates",
         _SIZE,
         (
-            *(_POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_float, _POINTER, _POINTER),
+            *(_POINTER, _POINTER, _SIZE, _SIZE, _POINTER, ctypes.c_float, _POINTER, ctypes.c_float, _POINTER),
+            _POINTER,
             *(_SIZE, _POINTER, _SIZE, ctypes.POINTER(ctypes.c_int32)),
         ),
     ),

@@ -37,6 +37,20 @@ from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import WeightGradient, latent_scatter_sum, latent_value_sums, row_gather_sum
 
 
+def pre_activations(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The encoder's pre-activations ``x @ weight.T + bias`` [batch, n] (x: [batch, width], weight: [n, width], bias:
+    [n]; ``out``: where to write them, without autograd). On CPU the product, then the bias added to it — one float
+    sum per entry, which the blocked selection's C scan adds as it reads a block of products (``block_candidates``),
+    so every CPU path forms the same floats (an ``addmm`` rounds differently: MKL adds the bias inside the GEMM;
+    with the bias in the scan, a training step at B = 4,096, F = 16,384 writes and reads no [B, F] bias copy);
+    elsewhere one ``addmm`` (the bias in the GEMM's epilogue)."""
+    if x.device.type == "cpu":
+        return torch.mm(x, weight.T, out=out).add_(bias)
+    return torch.addmm(bias, x, weight.T, out=out)
+
+
 class GatherActive(torch.autograd.Function):
     """values (nnz,) = pre_active_values, differentiable as ``(x @ W_enc.T + b_enc)[rows, latents]``, with
     ``x = x₀ − center`` for a constant x₀ when ``center`` is given."""

@@ -15,6 +15,7 @@ from crosscoder.distributed import Distributed
 from crosscoder.kernels import block_candidates
 from crosscoder.kernels.backend import use_backend
 from crosscoder.kernels.batch_topk import batch_topk
+from crosscoder.kernels.sparse_encoder import pre_activations
 from crosscoder.step_buffers import StepBuffers
 
 BATCH, WIDTH, DICT_SIZE, N_KEEP = 22, 6, 30, 70
@@ -46,7 +47,7 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, sca
     x, weight, bias = integer_encoder()
     code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
     c = 1 if code_norms is None else code_norms
-    scores = torch.addmm(bias, x, weight.T).relu_() * c
+    scores = pre_activations(x, weight, bias).relu_() * c
     exact = batch_topk(scores, N_KEEP)
     buffers = StepBuffers()
     if relative_bound is not None:
@@ -80,8 +81,7 @@ def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_i
     code_norms = torch.rand(DICT_SIZE, generator=generator) * 2.7 + 0.3
     code_norms[11] = 0
     x, weight, bias, code_norms = (tensor.to(dtype) for tensor in (x, weight, bias, code_norms))
-    scores = torch.cat([torch.addmm(bias[j : j + 8], x, weight[j : j + 8].T) for j in range(0, DICT_SIZE, 8)], dim=1)
-    scores = scores.relu_() * code_norms  # as the blocks compute them
+    scores = pre_activations(x, weight, bias).relu_() * code_norms  # the blocks' floats: the product, then the bias
     exact = batch_topk(scores, N_KEEP)
     ranked = scores.flatten().sort(descending=True).values
     for bound in (exact.threshold.item(), ranked[N_KEEP].item(), ranked[N_KEEP + 5].item()):
@@ -116,7 +116,7 @@ def test_negative_infinity_and_a_sum_that_overflows_are_not_refused(monkeypatch)
     monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)
     x, weight, bias = integer_encoder()
     bias[3], bias[5], bias[6] = float("-inf"), 3e38, 3e38
-    scores = torch.addmm(bias, x, weight.T).relu_()
+    scores = pre_activations(x, weight, bias).relu_()
     exact = batch_topk(scores, N_KEEP)
     for bound in (None, 0.5 * exact.threshold.item()):
         buffers = StepBuffers()

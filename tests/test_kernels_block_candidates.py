@@ -34,9 +34,10 @@ def adversarial_block(rows: int, width: int, seed: int) -> tuple[torch.Tensor, t
     return pre, code_norms, threshold
 
 
-def scanned(backend: str, pre, bounds, code_norms, threshold, widths=None, rows_cap=None, width_cap=None):
-    """Scan ``pre`` [rows, F] in blocks of ``widths`` (default: one block) with one backend: each block's scores and
-    non-finite flag, and the merged candidates (flat indices, scores)."""
+def scanned(backend: str, pre, bounds, code_norms, threshold, widths=None, rows_cap=None, width_cap=None, bias=None):
+    """Scan ``pre`` [rows, F] (the products, ``bias`` [F] or None added by the scan) in blocks of ``widths`` (default:
+    one block) with one backend: each block's scores and non-finite flag, and the merged candidates (flat indices,
+    scores)."""
     widths = widths or [pre.shape[1]]
     with use_backend(backend):
         scan = CandidateScan(pre.shape[0], width_cap or max(widths), pre)
@@ -46,13 +47,17 @@ def scanned(backend: str, pre, bounds, code_norms, threshold, widths=None, rows_
             latents = slice(start, start + width)
             block_bounds = bounds[latents].clone() if isinstance(bounds, torch.Tensor) else bounds
             norms = None if code_norms is None else code_norms[latents].clone()
-            per_block.append(scan(pre[:, latents].contiguous(), start, block_bounds, norms, threshold))
+            block_bias = None if bias is None else bias[latents].clone()
+            block = pre[:, latents].clone(memory_format=torch.contiguous_format)  # the reference adds the bias in place
+            per_block.append(scan(block, start, block_bounds, norms, threshold, block_bias))
             start += width
         return per_block, scan.candidates(pre.shape[1])
 
 
-def expected_candidates(pre, bounds, code_norms, threshold) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition, on the whole matrix: flat indices and scores of ``pre ≥ bound`` and ``ReLU(pre) · c ≥ t``."""
+def expected_candidates(pre, bounds, code_norms, threshold, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, on the whole matrix: flat indices and scores of ``pre ≥ bound`` and ``ReLU(pre) · c ≥ t``
+    (``pre`` plus ``bias`` first, one float sum each)."""
+    pre = pre if bias is None else pre + bias
     scores = pre.relu() * (1 if code_norms is None else code_norms)
     flat = ((pre >= bounds) & (scores >= threshold)).view(-1).nonzero().squeeze(1)
     return flat, scores.view(-1)[flat]
@@ -89,6 +94,30 @@ def test_the_c_scan_of_one_block_finds_what_the_reference_finds(rows, width, sca
         assert_same(found[1], reference[1])
         assert torch.equal(found[0][0][0], reference[0][0][0])  # the block's scores
         assert found[0][0][1]  # NaN and +inf seen (the reference does not look)
+
+
+def adversarial_bias(width: int, seed: int) -> torch.Tensor:
+    """Biases [width] that move products onto the threshold's grid (1.5 − 0.25 + 0.25), by an ulp, by a whole unit,
+    to ±inf (a NaN where the product is −inf or +inf), or not at all."""
+    values = torch.tensor([0.25, -0.25, 2**-23, 0.0, 1.0, -1.0, float("inf"), -float("inf")])
+    return values[torch.randint(0, len(values), (width,), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("rows", "width"), [(37, 53), (5, 7)])
+@pytest.mark.parametrize("scaled", [True, False], ids=["code norms, bound per column", "c = 1, one bound"])
+def test_the_c_scan_adds_the_bias_as_it_reads_as_the_reference_adds_it_first(rows, width, scaled, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pre, bounds, code_norms, threshold = case(rows, width, scaled, seed=rows + threads)
+    pre = pre - torch.tensor([0.25, 0.0])[torch.randint(0, 2, pre.shape, generator=torch.Generator().manual_seed(9))]
+    bias = adversarial_bias(width, seed=threads)
+    expected = expected_candidates(pre, bounds, code_norms, threshold, bias)
+    reference = scanned("reference", pre, bounds, code_norms, threshold, bias=bias)
+    found = scanned("auto", pre, bounds, code_norms, threshold, bias=bias)
+    assert 0 < len(expected[0]) < pre.numel()
+    assert_same(reference[1], expected)
+    assert_same(found[1], expected)
+    assert torch.equal(found[0][0][0], reference[0][0][0]) and found[0][0][1]  # the scores; NaN and ±inf seen
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -142,6 +171,9 @@ def test_the_portable_build_without_avx512_finds_the_same(portable_build, monkey
     found = scanned("auto", pre, bounds, code_norms, threshold, widths=[20, 25])
     assert_same(found[1], expected_candidates(pre, bounds, code_norms, threshold))
     assert all(non_finite for _, non_finite in found[0])  # each block has a NaN or +inf
+    bias = adversarial_bias(45, seed=4)
+    found = scanned("auto", pre, bounds, code_norms, threshold, widths=[20, 25], bias=bias)
+    assert_same(found[1], expected_candidates(pre, bounds, code_norms, threshold, bias))
 
 
 def test_without_a_c_compiler_the_reference_runs_after_a_warning(tmp_path, monkeypatch) -> None:
