@@ -32,7 +32,7 @@ With ``torch.distributed`` (data parallel, each rank its block of rows)::
 
     selection = batch_topk(scores, k * global_batch, all_reduce, rank=dist.get_rank(), world_size=dist.get_world_size())
 
-Two implementations of the histogram, compared exactly in the tests (``backend.py`` picks one):
+Three implementations of the passes, compared exactly in the tests (``backend.py`` picks one):
 
 - **Triton** (CUDA): ``_radix_histogram_kernel``, grid ``(min(cdiv(n, BLOCK), MAX_PROGRAMS),)``; each program walks
   ``BLOCK``-entry tiles with a stride, adds ``tl.histogram`` of each tile into a ``[2**digit_bits]`` int32
@@ -42,33 +42,36 @@ Two implementations of the histogram, compared exactly in the tests (``backend.p
   choices, ``all_reduce``) runs without a host sync; ``batch_topk`` syncs once, in the ``nonzero`` that lists the
   kept entries. Digits of ``TRITON_DIGIT_BITS = (7, 8, 8, 8)``: four full passes with small histograms
   (``tl.histogram``'s warp-ballot lowering costs O(bins) per element).
-- **Reference** (plain PyTorch, the CPU production path): ``2**18``-entry chunks (cache-resident) of keys are
-  shifted to digits and counted by ``scatter_add_`` into a ``[threads, bins]`` table (parallel over its rows;
-  ``torch.bincount`` and ``index_add_`` are single-threaded). Digits of ``REFERENCE_DIGIT_BITS = (15, 16)``: after
-  the first pass only the entries whose first digit is at least the chosen one can be kept (``n_keep`` plus at most
-  one bucket, a relative width of 2⁻⁷); they are compacted once (``nonzero``) and the second pass, the tie
-  resolution and the output only touch them.
+- **C** (float32 on CPU, the production path there; ``radix_select.c``, compiled by ``native``): the histogram reads
+  16 keys per AVX-512 compare, compacts the digits of those it counts and adds them into two interleaved per-thread
+  histograms, and flags any value that is not a score, so the value check needs no pass of its own; the compaction
+  and the kept entries count per share of the entries, then write. Digits of ``REFERENCE_DIGIT_BITS``; the entries
+  that can still be kept are compacted after the first digit only out of a whole matrix (``COMPACTED_FROM``).
+- **Reference** (plain PyTorch: other dtypes, the ``reference`` backend, no C compiler): ``2**18``-entry chunks
+  (cache-resident) of keys are shifted to digits and counted by ``scatter_add_`` into a ``[threads, bins]`` table
+  (parallel over its rows; ``torch.bincount`` and ``index_add_`` are single-threaded). Digits of
+  ``REFERENCE_DIGIT_BITS = (15, 16)``: after the first pass only the entries whose first digit is at least the
+  chosen one can be kept (``n_keep`` plus at most one bucket, a relative width of 2⁻⁷); they are compacted once
+  (``nonzero``) and the second pass, the tie resolution and the output only touch them.
 
 Measured on the development machine's 2-core CPU (torch 2.13), scores [4096, 16384] float32, n_keep = 100 · 4096,
-median of 5 (``python bench/selection.py``); the trained-like scores are 9% positive with heavy-tailed
-per-latent scales:
+median of 5 (``python bench/selection.py``; the C passes unless the row says the reference); the trained-like scores
+are 9% positive with heavy-tailed per-latent scales:
 
 =============================================  ============  ============
 method                                         ReLU(N(0,1))  trained-like
 =============================================  ============  ============
-``torch.topk`` over the flattened matrix          1137 ms        959 ms
-``torch.kthvalue``                                1152 ms        653 ms
-``batch_topk_threshold``, digits (15, 16)          166 ms        166 ms
-``batch_topk_threshold``, digits (7, 8, 8, 8)      205 ms        219 ms
-``batch_topk`` (rows, latents), (15, 16)           161 ms        181 ms
-``batch_topk_mask`` (adds a [B, F] bool mask)      223 ms        237 ms
-one full histogram pass (15 or 7 bits)              87 ms         90 ms
-value check (``aminmax``)                            8 ms          8 ms
+``torch.topk`` over the flattened matrix            1026 ms        909 ms
+``torch.kthvalue``                                  1000 ms        548 ms
+``batch_topk_threshold``, digits (15, 16)             45 ms         42 ms
+``batch_topk_threshold``, digits (7, 8, 8, 8)         52 ms         50 ms
+``batch_topk`` (rows, latents), (15, 16)              48 ms         45 ms
+``batch_topk_mask`` (adds a [B, F] bool mask)        117 ms        129 ms
+one full histogram pass (15 or 7 bits)                24 ms         20 ms
+value check (``aminmax``)                             12 ms         13 ms
+``batch_topk`` on the reference                      202 ms        222 ms
+one histogram pass on the reference                   98 ms        130 ms
 =============================================  ============  ============
-
-Of the (15, 16) path's time, ~90 ms is the full histogram pass and ~50 ms the compaction (compare + ``nonzero``);
-(7, 8, 8, 8) is slower on CPU because its first digit is coarse (a whole octave of candidates to compact and
-three more passes over them).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The CPU training forward's BatchTopK candidates, block by block of latents (``crosscoder.blocked_selection``;
 docs/methods.md §4.2).
 
-For a block ``pre`` [rows, width] of encoder pre-activations, per-column bounds (or one number), the block's code
-norms c [width] (None: c ≡ 1) and a threshold t > 0, the candidates are the entries with ``pre ≥ bound`` and
-``score = ReLU(pre) · c ≥ t``. A pass scans its blocks as they come and then merges their candidates into the
-whole [rows, dict_size] matrix's row-major order (flat indices and scores).
+For a block [rows, width] of encoder pre-activations ``pre`` (or of the products ``x @ W_enc.T``, with the block's
+biases [width], which the scan adds: ``pre = product + bias``, one float sum each), per-column bounds (or one
+number), the block's code norms c [width] (None: c ≡ 1) and a threshold t > 0, the candidates are the entries with
+``pre ≥ bound`` and ``score = ReLU(pre) · c ≥ t``. A pass scans its blocks as they come and then merges their
+candidates into the whole [rows, dict_size] matrix's row-major order (flat indices and scores).
 
 Two implementations: the C kernels of ``block_candidates.c`` (float32 on CPU: one pass over each block with
 AVX-512 compares, torch's threads on shares of its rows; a counting sort by row in one pass; compiled by
