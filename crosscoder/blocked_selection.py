@@ -99,8 +99,7 @@ def select_in_latent_blocks(
         kept_scores = scores[selection.rows, selection.latents]
         buffers.release("scores")  # rarely needed: not kept between steps (the step's output holds it meanwhile)
     else:
-        selection, positions = found
-        kept_scores = candidate_scores.index_select(0, positions)
+        selection, kept_scores = found
     buffers.candidate_bound = CANDIDATE_MARGIN * float(selection.threshold)
     dead_columns = None if dead_latents is None else (dead_latents, dead_scores)
     return BlockedSelection(selection, kept_scores, scores, dead_columns)

@@ -174,10 +174,10 @@ def batch_topk(
     _check_scores(scores, dims=2)
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
-    kept, search = _kept_entries(scores.reshape(-1), n_keep, all_reduce, rank, world_size, digit_bits)
     batch_size, dict_size = scores.shape
-    rows, latents = _split_flat_indices_(kept, dict_size)
-    return BatchTopKSelection(rows, latents, search.threshold.value, search.threshold.n_selected, batch_size, dict_size)
+    kept, search = _kept_entries(scores.reshape(-1), n_keep, all_reduce, rank, world_size, digit_bits, dict_size)
+    threshold = search.threshold
+    return BatchTopKSelection(kept.rows, kept.latents, threshold.value, threshold.n_selected, batch_size, dict_size)
 
 
 def batch_topk_among_candidates(
@@ -196,8 +196,8 @@ def batch_topk_among_candidates(
     on every rank), and ``candidate_scores`` [n] those scores (checked here). When at least ``n_keep`` candidates
     exist over all ranks (one ``all_reduce`` of the count), the ``n_keep``-th largest score is ≥ β, every kept entry is
     a candidate and ties break in the same flat order: returns the selection ``batch_topk`` makes on the whole matrix
-    and the kept entries' positions among the candidates [n_kept]. Otherwise None: the kept entries may lie below
-    β, and only the whole matrix decides (docs/methods.md §4.2)."""
+    and the kept entries' scores [n_kept]. Otherwise None: the kept entries may lie below β, and only the whole
+    matrix decides (docs/methods.md §4.2)."""
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
     check_score_values(candidate_scores)
@@ -206,10 +206,12 @@ def batch_topk_among_candidates(
         count = all_reduce(count)
     if int(count) < n_keep:
         return None
-    positions, search = _kept_entries(candidate_scores, n_keep, all_reduce, rank, world_size, None)
-    rows, latents = _split_flat_indices_(candidates.index_select(0, positions), dict_size)
-    threshold = search.threshold
-    return BatchTopKSelection(rows, latents, threshold.value, threshold.n_selected, batch_size, dict_size), positions
+    kept, search = _kept_entries(
+        candidate_scores, n_keep, all_reduce, rank, world_size, None, dict_size, labels=candidates, with_scores=True
+    )
+    found = search.threshold
+    selection = BatchTopKSelection(kept.rows, kept.latents, found.value, found.n_selected, batch_size, dict_size)
+    return selection, kept.scores
 
 
 def batch_topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -450,6 +452,14 @@ def _radix_select(
     return _Search(TopKThreshold(value, n_greater, n_selected), prefix, remaining, candidates, candidate_scores)
 
 
+class _Kept(NamedTuple):
+    """The kept entries, ascending: rows and latents [n_kept] int64 of the score matrix, and their scores (or None)."""
+
+    rows: torch.Tensor
+    latents: torch.Tensor
+    scores: torch.Tensor | None
+
+
 def _kept_entries(
     flat: torch.Tensor,
     n_keep: int,
@@ -457,16 +467,21 @@ def _kept_entries(
     rank: int,
     world_size: int,
     digit_bits: Sequence[int] | None,
-) -> tuple[torch.Tensor, _Search]:
-    """The ascending flat indices [n_selected] of the entries ``batch_topk`` keeps of ``flat`` [n] (checked
-    contiguous scores), and the search that chose them."""
+    dict_size: int,
+    labels: torch.Tensor | None = None,
+    with_scores: bool = False,
+) -> tuple[_Kept, _Search]:
+    """The entries ``batch_topk`` keeps of ``flat`` [n] (checked contiguous scores) — each labelled by its flat index
+    in a [*, dict_size] matrix, ``labels[i]`` (None: i) — as rows and latents, ascending, with their scores if
+    ``with_scores``; and the search that chose them."""
     search = _radix_select(flat, n_keep, all_reduce, digit_bits)
     library = _native_selection(flat)
     if library is not None:  # the C pass: over the candidates compacted after the first digit, or every entry
-        if search.candidates is None:
-            return _kept_native(library, flat, None, search, all_reduce, rank, world_size), search
-        kept = _kept_native(library, search.candidate_scores, search.candidates, search, all_reduce, rank, world_size)
-        return kept, search
+        scores, at = (flat, labels) if search.candidates is None else (search.candidate_scores, search.candidates)
+        if search.candidates is not None and labels is not None:
+            at = labels.index_select(0, search.candidates)
+        ranks = (all_reduce, rank, world_size)
+        return _kept_native(library, scores, at, search, *ranks, dict_size, with_scores), search
     if search.candidates is None:
         candidates, candidate_scores = _entries_at_least(flat, search.key)
     else:
@@ -478,7 +493,10 @@ def _kept_entries(
     # process holds, so that it fits a cumulative count's dtype)
     limit = (search.ties_left - _ties_before(equal.sum(), all_reduce, rank, world_size)).clamp(0, len(equal))
     ties_up_to_here = equal.cumsum(0, dtype=torch.int32 if len(equal) < 2**31 else torch.int64)
-    return candidates[greater | (equal & (ties_up_to_here <= limit))], search
+    kept = greater | (equal & (ties_up_to_here <= limit))
+    positions = candidates[kept]
+    rows, latents = _split_flat_indices_(positions if labels is None else labels.index_select(0, positions), dict_size)
+    return _Kept(rows, latents, candidate_scores[kept] if with_scores else None), search
 
 
 def _kept_native(
@@ -489,18 +507,33 @@ def _kept_native(
     all_reduce: AllReduce | None,
     rank: int,
     world_size: int,
-) -> torch.Tensor:
-    """``_kept_entries``' last step by the C pass over ``scores`` [n] float32: the kept entries' ``labels`` [n] (None:
-    their positions), ascending — one pass counts the entries above the threshold and its ties, the next writes."""
+    dict_size: int,
+    with_scores: bool,
+) -> _Kept:
+    """``_kept_entries``' last step by the C pass over ``scores`` [n] float32 labelled ``labels`` [n] (None: their
+    positions): one pass counts the entries above the threshold and its ties, the next writes the kept ones' rows,
+    latents and (``with_scores``) scores."""
     key, n_ties = int(search.key), ctypes.c_int64()
-    n_greater = library.kept_entries(scores.data_ptr(), None, len(scores), key, 0, None, ctypes.byref(n_ties))
+    counting = (None, None, None, ctypes.byref(n_ties))
+    n_greater = library.kept_entries(scores.data_ptr(), None, len(scores), key, 0, dict_size, *counting)
     ties_before = _ties_before(torch.tensor(n_ties.value), all_reduce, rank, world_size)
     limit = int((search.ties_left - ties_before).clamp(0, n_ties.value))
-    kept = torch.empty(n_greater + limit, dtype=torch.int64)
-    pointers = (None if labels is None else labels.data_ptr(), len(scores), key, limit, kept.data_ptr())
-    found = library.kept_entries(scores.data_ptr(), *pointers, ctypes.byref(n_ties))
-    assert found == len(kept)
-    return kept
+    rows, latents = (torch.empty(n_greater + limit, dtype=torch.int64) for _ in range(2))
+    kept_scores = torch.empty(len(rows), dtype=torch.float32) if with_scores else None
+    found = library.kept_entries(
+        scores.data_ptr(),
+        None if labels is None else labels.data_ptr(),
+        len(scores),
+        key,
+        limit,
+        dict_size,
+        rows.data_ptr(),
+        latents.data_ptr(),
+        None if kept_scores is None else kept_scores.data_ptr(),
+        ctypes.byref(n_ties),
+    )
+    assert found == len(rows)
+    return _Kept(rows, latents, kept_scores)
 
 
 def _ties_before(
@@ -576,7 +609,7 @@ RADIX_SELECT_SIGNATURES = (
     ("radix_histogram", _SIZE, (_POINTER, _SIZE, _SIZE, _SIZE, _SIZE, _POINTER, _SIZE)),
     ("count_at_least", _SIZE, (_POINTER, _SIZE, ctypes.c_float, _POINTER, _SIZE)),
     ("write_at_least", None, (_POINTER, _SIZE, ctypes.c_float, _POINTER, _POINTER, _POINTER, _SIZE)),
-    ("kept_entries", _SIZE, (_POINTER, _POINTER, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER)),
+    ("kept_entries", _SIZE, (_POINTER, _POINTER, _SIZE, _SIZE, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _POINTER)),
 )
 """``radix_select.c``'s functions as ``ctypes`` declares them."""
 ENTRIES_PER_THREAD = 1 << 16

@@ -14,8 +14,10 @@
  * before it.
  *
  * kept_entries: of the entries of scores[n], those whose key is greater than key and the first ties_limit (in
- * index order) whose non-zero key equals it; each written as labels[i] (labels NULL: i), ascending (kept NULL: only
- * counted). Returns how many; *n_ties: how many entries have the key (all of them, kept or not).
+ * index order) whose non-zero key equals it, ascending: each one's label (labels[i], or i where labels is NULL) as
+ * the row and the latent of a [*, dict_size] matrix, label = row * dict_size + latent, and its score where
+ * kept_scores is not NULL (rows NULL: only counted). Returns how many; *n_ties: how many entries have the key (all
+ * of them, kept or not).
  *
  * The histogram and the entries split [0, n) into n_threads contiguous shares run by OpenMP threads (torch's own
  * runtime, already loaded: native.py); the shares' histograms are added. */
@@ -172,13 +174,18 @@ void write_at_least(const float *scores, int64_t n, float bound, const int64_t *
 }
 
 int64_t kept_entries(const float *scores, const int64_t *labels, int64_t n, int64_t key, int64_t ties_limit,
-                     int64_t *kept, int64_t *n_ties) {
+                     int64_t dict_size, int64_t *rows, int64_t *latents, float *kept_scores, int64_t *n_ties) {
     int64_t count = 0, ties = 0;
     for (int64_t i = 0; i < n; ++i) {
         int64_t entry_key = key_of(scores[i]);
         int keep = entry_key > key;
         if (entry_key == key && entry_key != 0) keep = ties++ < ties_limit;
-        if (keep && kept) kept[count] = labels ? labels[i] : i;
+        if (keep && rows) {
+            int64_t label = labels ? labels[i] : i, row = label / dict_size;
+            rows[count] = row;
+            latents[count] = label - row * dict_size;
+            if (kept_scores) kept_scores[count] = scores[i];
+        }
         count += keep;
     }
     *n_ties = ties;

@@ -280,7 +280,7 @@ def candidates_at_least(scores: torch.Tensor, bound: float) -> tuple[torch.Tenso
 def test_the_selection_among_candidates_is_the_whole_selection_or_declines(backend_name, relative_bound) -> None:
     """Bounds below the threshold (the candidates hold every kept entry), at it (ties at the bound) and above it
     (too few candidates: None, the whole matrix must decide): the same entries, threshold and count as
-    ``batch_topk`` on the whole matrix, and the kept entries' positions among the candidates."""
+    ``batch_topk`` on the whole matrix, and the kept entries' scores."""
     scores = torch.randint(0, 40, (16, 64), generator=torch.Generator().manual_seed(4)).float() / 5  # many ties
     n_keep = 100
     exact = bt.batch_topk(scores, n_keep)
@@ -290,10 +290,10 @@ def test_the_selection_among_candidates_is_the_whole_selection_or_declines(backe
         assert candidates.numel() < n_keep and found is None
         return
     assert n_keep <= candidates.numel() < scores.numel()
-    selection, positions = found
+    selection, kept_scores = found
     assert torch.equal(selection.rows, exact.rows) and torch.equal(selection.latents, exact.latents)
     assert selection.threshold.item() == exact.threshold.item() and selection.n_selected.item() == n_keep
-    assert torch.equal(values[positions], scores[selection.rows, selection.latents])
+    assert torch.equal(kept_scores, scores[selection.rows, selection.latents])
 
 
 def test_candidates_that_are_not_finite_or_fewer_than_n_keep_are_refused_or_declined() -> None:
