@@ -31,10 +31,11 @@ class SharedGradient:
         self._storage = storage
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._primary_done = False
-        self.gradient: torch.Tensor | None = None
-        """The gradient the primary returned (None before it ran)."""
+        self.gradient_address: int | None = None
+        """Where the gradient the primary returned starts (``data_ptr``; None before it ran): no reference to it is
+        held, so that autograd may take it as the parameter's ``grad`` without a copy."""
         self.row_squares: torch.Tensor | None = None
-        """On CPU, [rows] float64: each row's squared L2 norm of ``gradient`` as the primary left it, summed in the
+        """On CPU, [rows] float64: each row's squared L2 norm of the primary's gradient as it left it, summed in the
         C sweep that formed it (``latent_scatter_sum``'s ``squares``) — for the clipping norm; None where unknown (off
         CPU, before the primary, or after a secondary added a dense gradient of its own)."""
 
@@ -51,7 +52,7 @@ class SharedGradient:
             squares.index_copy_(0, latents, norms.square_())
         self._rows.clear()
         self._primary_done = True
-        self.gradient, self.row_squares = gradient, squares
+        self.gradient_address, self.row_squares = gradient.data_ptr(), squares
         return gradient
 
     def secondary(

@@ -200,6 +200,8 @@ def batch_topk_among_candidates(
     matrix decides (docs/methods.md §4.2)."""
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
+    if batch_size < 0 or dict_size < 1:
+        raise ValueError(f"batch_size={batch_size}, dict_size={dict_size}: need batch_size >= 0 and dict_size >= 1")
     check_score_values(candidate_scores)
     count = torch.tensor(candidates.numel(), dtype=torch.int64, device=candidates.device)
     if all_reduce is not None:

@@ -302,6 +302,8 @@ def test_candidates_that_are_not_finite_or_fewer_than_n_keep_are_refused_or_decl
     assert (
         bt.batch_topk_among_candidates(candidates, values, candidates.numel() + 1, batch_size=8, dict_size=20) is None
     )
+    with pytest.raises(ValueError, match="dict_size=0: need"):
+        bt.batch_topk_among_candidates(candidates, values, 5, batch_size=8, dict_size=0)
     values[3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         bt.batch_topk_among_candidates(candidates, values, 5, batch_size=8, dict_size=20)

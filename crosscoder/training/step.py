@@ -192,8 +192,8 @@ def known_row_squares(
         return known
     for parameter in dictionary.parameters():
         shared = (shared_gradients or {}).get(id(parameter))
-        if shared is None or shared.row_squares is None or shared.gradient is None or parameter.grad is None:
+        if shared is None or shared.row_squares is None or parameter.grad is None:
             continue
-        if parameter.grad.data_ptr() == shared.gradient.data_ptr():
+        if parameter.grad.data_ptr() == shared.gradient_address:
             known[id(parameter)] = shared.row_squares
     return known
