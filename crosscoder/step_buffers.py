@@ -31,35 +31,21 @@ class SharedGradient:
         self._storage = storage
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._primary_done = False
-        self.gradient_address: int | None = None
-        """Where the gradient the primary returned starts (``data_ptr``; None before it ran): no reference to it is
-        held, so that autograd may take it as the parameter's ``grad`` without a copy."""
-        self.row_squares: torch.Tensor | None = None
-        """On CPU, [rows] float64: each row's squared L2 norm of the primary's gradient as it left it, summed in the
-        C sweep that formed it (``latent_scatter_sum``'s ``squares``) — for the clipping norm; None where unknown (off
-        CPU, before the primary, or after a secondary added a dense gradient of its own)."""
 
     def primary(
         self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor:
-        squares = table.new_empty(codes.dict_size, dtype=torch.float64) if table.device.type == "cpu" else None
-        gradient = latent_scatter_sum(values, codes, table, self._storage(), along, squares)
+        gradient = latent_scatter_sum(values, codes, table, self._storage(), along)
         for latents, rows in self._rows:
             gradient.index_add_(0, latents, rows)
-        if squares is not None and self._rows:  # the rows AuxK added to: their squares again
-            latents = torch.cat([latents for latents, _ in self._rows]).unique()
-            norms = torch.linalg.vector_norm(gradient.index_select(0, latents), dim=1).double()
-            squares.index_copy_(0, latents, norms.square_())
         self._rows.clear()
         self._primary_done = True
-        self.gradient_address, self.row_squares = gradient.data_ptr(), squares
         return gradient
 
     def secondary(
         self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor | None:
         if self._primary_done:
-            self.row_squares = None  # autograd adds this dense gradient to the primary's
             return latent_scatter_sum(values, codes, table, along=along)
         if along is not None and along.dots is not None:
             along.dots.copy_(entry_dot(codes, table, along.weight))

@@ -22,8 +22,6 @@
  * order); with project each sum is stored without its component along its row, out[s] -= <out[s], dot_rows[s]>
  * dot_rows[s] (the unit-norm decoder's gradient projection, in row_projection.c's arithmetic, while the row is in
  * the thread's buffer instead of in a pass of its own).
- * With squares [n_segments] (else NULL), squares[s] = <out[s], out[s]> as stored (in dot_lanes' arithmetic, widened
- * to double): the gradient norm clipping needs, without a pass over the gradient of its own.
  */
 #include <math.h>
 #include <stdint.h>
@@ -129,7 +127,7 @@ static void project_off(float *acc, const float *row, int64_t width) {
 
 int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t *order, const float *values,
                      const float *table, int64_t n_segments, int64_t width, float *out, const float *dot_rows,
-                     float *dots, int64_t project, int64_t stream, double *squares, int64_t n_threads) {
+                     float *dots, int64_t project, int64_t stream, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     size_t bytes = ((size_t)width * sizeof(float) + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     int failed = 0;
@@ -148,7 +146,6 @@ int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t
                     sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
                     if (project) project_off(acc, dot_row, width);
                 }
-                if (squares) squares[j] = start < end ? (double)dot_lanes(acc, acc, width) : 0.0;
                 store_row(out + j * width, start < end ? acc : NULL, width, stream);
             }
         }

@@ -44,21 +44,16 @@ def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def global_norm(
-    sharded: list[torch.Tensor],
-    whole: list[torch.Tensor],
-    context: Distributed | None = None,
-    square_sums: list[torch.Tensor] | None = None,
+    sharded: list[torch.Tensor], whole: list[torch.Tensor], context: Distributed | None = None
 ) -> torch.Tensor:
     """The L2 norm (0-d) of gradients of which ``sharded`` are this process's parts of gradients split over the
     processes of ``context`` (their squares summed over processes) and ``whole`` gradients every process holds alike
-    (counted once), as one process holding them all would compute it (``l2_norm`` of each); ``square_sums``: the
-    squared norms (0-d, the gradients' dtype) of further whole gradients, known without reading them."""
-    known = list(square_sums or [])
-    zero = (sharded + whole + known)[0].new_zeros(())
+    (counted once), as one process holding them all would compute it (``l2_norm`` of each)."""
+    zero = (sharded + whole)[0].new_zeros(())
     split = sum((l2_norm(grad).square() for grad in sharded), zero)
     if context is not None:
         split = context.all_reduce(split)
-    return (split + sum(known, zero) + sum((l2_norm(grad).square() for grad in whole), zero)).sqrt()
+    return (split + sum((l2_norm(grad).square() for grad in whole), zero)).sqrt()
 
 
 def step_clipped(optimizer: torch.optim.Optimizer, factor: torch.Tensor | None) -> None:
