@@ -46,7 +46,7 @@ static inline uint32_t key_of(float value) {
 static inline int64_t share_start(int64_t n, int64_t shares, int64_t share) { return n * share / shares; }
 
 /* One share's counts into two interleaved histograms (local[2 * n_bins]): blocks of BLOCK entries are compacted to
- * the digits of the entries counted (a branch-free pass the compiler vectorises; zeros and other prefixes dropped),
+ * the digits of the entries counted (a branch-free pass; zeros and other prefixes dropped),
  * then counted alternately into the two, so that runs of one digit (ties) do not wait on each other's increments.
  * With AVX-512, 16 keys at a time: one compare, one compress store of their digits. */
 static int count_share(const float *scores, int64_t begin, int64_t end, int64_t prefix, int64_t prefix_bits,
