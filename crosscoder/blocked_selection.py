@@ -188,7 +188,7 @@ def _candidates(
         _keep_dead_columns(block, block_latents, dead_latents, dead_scores)  # products: their bias is added below
         scores, non_finite = scan(block, block_latents.start, bounds, code_norms, bound, bias)
         if checked or non_finite:
-            _check_finite(block.view(-1) if not scan.native else block.add_(bias).view(-1))  # the reference added it
+            _check_finite(scan.scanned_pre_activations(block, bias).view(-1))
             check_score_values(scores)  # a finite pre-activation times c may still overflow
     if dead_scores is not None:
         blocks.scores(dead_scores.add_(blocks.bias[dead_latents]), dead_latents)

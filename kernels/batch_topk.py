@@ -193,16 +193,15 @@ def batch_topk_among_candidates(
 ) -> tuple[BatchTopKSelection, torch.Tensor] | None:
     """``batch_topk`` of a ``[batch_size, dict_size]`` score matrix that was never formed whole, from its candidates:
     ``candidates`` [n] int64, the ascending flat indices of this rank's positive scores ≥ some bound ``β`` (the same
-    on every rank), and ``candidate_scores`` [n] those scores (checked here). When at least ``n_keep`` candidates
-    exist over all ranks (one ``all_reduce`` of the count), the ``n_keep``-th largest score is ≥ β, every kept entry is
-    a candidate and ties break in the same flat order: returns the selection ``batch_topk`` makes on the whole matrix
-    and the kept entries' scores [n_kept]. Otherwise None: the kept entries may lie below β, and only the whole
-    matrix decides (docs/methods.md §4.2)."""
+    on every rank), and ``candidate_scores`` [n] those scores (checked once, by the search that runs on them). When
+    at least ``n_keep`` candidates exist over all ranks (one ``all_reduce`` of the count), the ``n_keep``-th largest
+    score is ≥ β, every kept entry is a candidate and ties break in the same flat order: returns the selection
+    ``batch_topk`` makes on the whole matrix and the kept entries' scores [n_kept]. Otherwise None: the kept entries
+    may lie below β, and only the whole matrix decides (it is checked then; docs/methods.md §4.2)."""
     _check_n_keep(n_keep)
     _check_ranks(all_reduce, rank, world_size)
     if batch_size < 0 or dict_size < 1:
         raise ValueError(f"batch_size={batch_size}, dict_size={dict_size}: need batch_size >= 0 and dict_size >= 1")
-    check_score_values(candidate_scores)
     count = torch.tensor(candidates.numel(), dtype=torch.int64, device=candidates.device)
     if all_reduce is not None:
         count = all_reduce(count)

@@ -94,6 +94,11 @@ class CandidateScan:
         self.blocks.append((first_latent, block.shape[1], positions, scores, counts))
         return scores, non_finite
 
+    def scanned_pre_activations(self, block: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The pre-activations of a block this scan has just scanned with ``bias``, in the block (returned): the
+        reference added the bias there already, the C scan only read it."""
+        return block.add_(bias) if self.native and bias is not None else block
+
     def candidates(self, dict_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every scanned block's candidates in the row-major order of the whole [rows, dict_size] matrix: flat
         indices (int64) [n] and scores [n]. Ends the pass: the scan's buffers are released first."""
