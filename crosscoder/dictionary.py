@@ -550,9 +550,10 @@ class SparseDictionary(
     """Whether the training forward's sparse decode (``_decode_entries``) hands back the decoder's gradient already
     projected as ``before_optimizer_step`` projects it (the SAE: in the same sweep as its sums on CPU)."""
 
-    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> None:
+    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> list[nn.Parameter]:
         """Adjust gradients before the optimizer step (the SAE removes the decoder-parallel component, unless
-        ``decoder_gradient_projected``: the training decode did)."""
+        ``decoder_gradient_projected``: the training decode did); returns the parameters whose gradients it changed."""
+        return []
 
     def after_optimizer_step(self) -> None:
         """Re-impose constraints after the optimizer step (the SAE renormalises its decoder)."""
@@ -750,14 +751,16 @@ class BatchTopKSAE(SparseDictionary):
     training_decode_projects_gradient = True
 
     @torch.no_grad()
-    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> None:
+    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> list[nn.Parameter]:
         """Remove the gradient component parallel to each decoder row (keeps rows on the unit sphere), in place:
         ``g_j ← g_j − ⟨g_j, w_j⟩ w_j`` (``crosscoder.kernels.row_projection``) — unless
         ``decoder_gradient_projected``: the training decode's backward projected each row as it summed it
         (``training_decode_projects_gradient``; a pass over the decoder and its gradient saved: 50 ms a step at
         73,728 × 2,304 on CPU)."""
-        if self.W_dec.grad is not None and not decoder_gradient_projected:
-            project_out_rows(self.W_dec.detach().flatten(1), self.W_dec.grad.flatten(1))
+        if self.W_dec.grad is None or decoder_gradient_projected:
+            return []
+        project_out_rows(self.W_dec.detach().flatten(1), self.W_dec.grad.flatten(1))
+        return [self.W_dec]
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -1024,12 +1027,14 @@ class DedicatedCrossCoder(BatchTopKCrossCoder):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> None:
+    def before_optimizer_step(self, decoder_gradient_projected: bool = False) -> list[nn.Parameter]:
         """With ``exclusive_encoder="own"``: remove the gradient of the encoder's structural zeros, so that no
         optimizer moves them (Adam's moments stay 0)."""
-        if self.exclusive_encoder == "own" and self.W_enc.grad is not None:
-            for latents, sources in self.structural_zeros():
-                self.W_enc.grad[latents, sources] = 0
+        if self.exclusive_encoder != "own" or self.W_enc.grad is None:
+            return []
+        for latents, sources in self.structural_zeros():
+            self.W_enc.grad[latents, sources] = 0
+        return [self.W_enc]
 
     @property
     def selects_in_latent_blocks(self) -> bool:  # type: ignore[override]

@@ -15,7 +15,13 @@ import torch
 
 from crosscoder.kernels.row_projection import project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
-from crosscoder.kernels.sparse_decode import AlongWeight, entry_dot, latent_scatter_rows, latent_scatter_sum
+from crosscoder.kernels.sparse_decode import (
+    AlongWeight,
+    entry_dot,
+    latent_scatter_rows,
+    latent_scatter_sum,
+    row_squared_norms,
+)
 
 
 class SharedGradient:
@@ -31,21 +37,34 @@ class SharedGradient:
         self._storage = storage
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._primary_done = False
+        self.gradient_address: int | None = None
+        """Where the gradient the primary returned starts (``data_ptr``; None before it ran): no reference to it is
+        held, so that autograd may take it as the parameter's ``grad`` without a copy."""
+        self.row_squares: torch.Tensor | None = None
+        """On CPU, [rows] float64: each row's squared L2 norm of the primary's gradient as it left it, summed in the
+        C sweep that formed it (``latent_scatter_sum``'s ``squares``) — for the clipping norm; None where unknown (off
+        CPU, before the primary, or after a secondary added a dense gradient of its own)."""
 
     def primary(
         self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor:
-        gradient = latent_scatter_sum(values, codes, table, self._storage(), along)
+        squares = table.new_empty(codes.dict_size, dtype=torch.float64) if table.device.type == "cpu" else None
+        gradient = latent_scatter_sum(values, codes, table, self._storage(), along, squares)
         for latents, rows in self._rows:
             gradient.index_add_(0, latents, rows)
+        if squares is not None and self._rows:  # the rows AuxK added to: their squares again
+            latents = torch.cat([latents for latents, _ in self._rows]).unique()
+            squares.index_copy_(0, latents, row_squared_norms(gradient.index_select(0, latents)))
         self._rows.clear()
         self._primary_done = True
+        self.gradient_address, self.row_squares = gradient.data_ptr(), squares
         return gradient
 
     def secondary(
         self, values: torch.Tensor, codes: SparseCodes, table: torch.Tensor, along: AlongWeight | None = None
     ) -> torch.Tensor | None:
         if self._primary_done:
+            self.row_squares = None  # autograd adds this dense gradient to the primary's
             return latent_scatter_sum(values, codes, table, along=along)
         if along is not None and along.dots is not None:
             along.dots.copy_(entry_dot(codes, table, along.weight))

@@ -276,12 +276,14 @@ def _segment_sums_native(
     out: torch.Tensor | None = None,
     along: AlongWeight | None = None,
     stream: bool = False,
+    squares: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The segments' sums by the C kernel ``segment_sums.c`` (float32 on CPU) into ``out`` (or a new tensor), with
-    ``along`` (one weight row per segment) in the same sweep and non-temporal stores with ``stream``; None where the
-    kernel cannot run. At the paper's width (F = 73,728, D = 2 × 2,304, B = 1,024, k = 100) the latents' sums
-    (streamed) took 51–58 ms against MKL's 95–98, the rows' (the decode) 69 against ``embedding_bag``'s 88–93; at B =
-    4,096, F = 16,384, D = 1,024, k = 64 either as fast as its reference."""
+    ``along`` (one weight row per segment) and each sum's squared norm into ``squares`` (float64 [n_segments], or
+    None) in the same sweep, and non-temporal stores with ``stream``; None where the kernel cannot run. At the
+    paper's width (F = 73,728, D = 2 × 2,304, B = 1,024, k = 100) the latents' sums (streamed) took 51–58 ms against
+    MKL's 95–98, the rows' (the decode) 69 against ``embedding_bag``'s 88–93; at B = 4,096, F = 16,384, D = 1,024,
+    k = 64 either as fast as its reference."""
     library = _segment_sums_library() if table.dtype == torch.float32 else None
     indices = [tensor for tensor in (offsets, index, order) if tensor is not None]
     if library is None or any(tensor.dtype != torch.int64 for tensor in indices):
@@ -301,6 +303,7 @@ def _segment_sums_native(
         None if dots is None else dots.data_ptr(),
         int(along is not None and along.project),
         int(stream),
+        None if squares is None else squares.data_ptr(),
         torch.get_num_threads(),
     )
     if status != 0:
@@ -319,10 +322,13 @@ SEGMENT_SUMS_SIGNATURES = (
             *(ctypes.c_void_p,) * 3,
             ctypes.c_int64,
             ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
         ),
     ),
+    ("row_squares", None, (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)),
 )
-"""``segment_sums.c``'s function as ``ctypes`` declares it."""
+"""``segment_sums.c``'s functions as ``ctypes`` declares them."""
 
 
 def _segment_sums_library() -> ctypes.CDLL | None:
@@ -336,16 +342,17 @@ def _latent_sums(
     table: torch.Tensor,
     out: torch.Tensor | None = None,
     along: AlongWeight | None = None,
+    squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The segments ``offsets`` of the latent-sorted view summed (``latent_scatter_sum``): Triton, the C kernel
-    (CPU, float32; streamed), or the reference; ``along`` as ``latent_scatter_sum`` takes it."""
+    (CPU, float32; streamed), or the reference; ``along`` and ``squares`` as ``latent_scatter_sum`` takes them."""
     index, order = codes.rows_by_latent, codes.latent_order
     if resolve_backend(codes.device) == "triton":
         sums = _segment_gather_sum_triton(offsets, index, order, values, table, out)
     else:
         fused = None
         if c_kernel_allowed(codes.device):
-            fused = _segment_sums_native(offsets, index, order, values, table, out, along, stream=True)
+            fused = _segment_sums_native(offsets, index, order, values, table, out, along, True, squares)
         if fused is not None:
             return fused
         sums = _latent_scatter_sum_reference(offsets, index, order, values, table, out)
@@ -353,7 +360,24 @@ def _latent_sums(
         along.dots.copy_(entry_dot(codes, table, along.weight))
     if along is not None and along.project:
         project_out_rows(along.weight, sums)
+    if squares is not None:  # a pass of its own here
+        squares.copy_(row_squared_norms(sums))
     return sums
+
+
+def row_squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's squared L2 norm, float64 [n_rows], of ``rows`` [n_rows, width]: a float32 dot product (on CPU the C
+    kernel's, ``segment_sums.c``'s ``row_squares``: the same doubles the weight gradients' sweep sums beside the rows it
+    writes, ``latent_scatter_sum``'s ``squares``), widened. Elsewhere torch's ``vecdot``, equal to rounding."""
+    if rows.dim() != 2 or not rows.dtype.is_floating_point:
+        raise ValueError(f"rows has shape {list(rows.shape)}, dtype {rows.dtype}: need a [n_rows, width] float matrix")
+    library = _segment_sums_library() if rows.dtype == torch.float32 and c_kernel_allowed(rows.device) else None
+    if library is None or rows.shape[1] == 1:  # one value a row: its square, widened (the kernel's too)
+        return torch.linalg.vecdot(rows, rows).double()
+    rows = rows.contiguous()
+    out = torch.empty(len(rows), dtype=torch.float64)
+    library.row_squares(rows.data_ptr(), len(rows), rows.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _entry_dot_reference(codes: SparseCodes, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -404,6 +428,7 @@ def latent_scatter_sum(
     table: torch.Tensor,
     out: torch.Tensor | None = None,
     along: AlongWeight | None = None,
+    squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[j] = Σ_{e: latents[e] = j} values[e] · table[rows[e]]. values (nnz,), table (B, D) → (F, D).
 
@@ -411,7 +436,9 @@ def latent_scatter_sum(
     (table = ∂out) and ``∂W_enc`` (values = ∂pre-activations, table = x). ``out``: a contiguous (F, D) tensor of the
     table's dtype to write the sums into and return (what it held is ignored: a training step hands the previous
     step's gradient, so that no fresh memory is paged in), or None for a new one. ``along``: the decode backward's
-    requests beside the sums (``AlongWeight``: ∂values, the SAE's projection).
+    requests beside the sums (``AlongWeight``: ∂values, the SAE's projection). ``squares``: a float64 (F,) tensor
+    that gets each returned row's squared L2 norm (the C kernel sums them in the same sweep, the others in a pass of
+    their own), or None.
     """
     check_float_tensor("values", values, (codes.nnz,), codes.device)
     check_float_tensor("table", table, (codes.batch_size, None), codes.device)
@@ -425,7 +452,11 @@ def latent_scatter_sum(
         if along.dots is not None:
             check_float_tensor("dots", along.dots, (codes.nnz,), codes.device)
             check_same_dtype(dots=along.dots, table=table)
-    return _latent_sums(codes, codes.latent_offsets, values, table, out, along)
+    if squares is not None and (squares.shape != (codes.dict_size,) or squares.dtype != torch.float64):
+        raise ValueError(
+            f"squares has shape {list(squares.shape)}, dtype {squares.dtype}: need [{codes.dict_size}] float64"
+        )
+    return _latent_sums(codes, codes.latent_offsets, values, table, out, along, squares)
 
 
 def latent_scatter_rows(

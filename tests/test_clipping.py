@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosscoder.training.clipping import NORM_SPAN, clip_factor, global_norm, l2_norm, step_clipped
+from crosscoder.kernels import use_backend
+from crosscoder.training.clipping import clip_factor, global_norm, squared_norm, step_clipped
 
 
 def parameters_with_gradients(nan: bool = False) -> list[torch.nn.Parameter]:
@@ -74,12 +75,29 @@ def test_the_factor_is_clip_grad_norms_and_none_where_it_is_one() -> None:
     assert clip_factor(torch.tensor(float("nan")), 1.0).isnan()
 
 
-@pytest.mark.parametrize("size", [NORM_SPAN // 3, 5 * NORM_SPAN, 513 * NORM_SPAN + 77], ids=["short", "spans", "tail"])
-def test_the_norm_is_the_exact_norm_to_float32_rounding(size) -> None:
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["C kernel", "reference"])
+@pytest.mark.parametrize("shape", [(5000,), (4099, 2048), (3, 2_800_001)], ids=["1-d", "rows", "long rows"])
+def test_the_norm_is_the_exact_norm_to_float32_rounding(shape, backend) -> None:
+    """Over millions of values with a large mean (where one float32 sum drifts), in rows of any width."""
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(size, generator=generator) + 3.0  # 8.4 M values, a large mean: one float32 sum drifts
+    values = torch.randn(shape, generator=generator) + 3.0
     exact = values.double().norm()
-    assert abs(float(l2_norm(values)) / float(exact) - 1) < 2e-6
-    assert abs(float(l2_norm(values.view(-1, 1) if size % 2 else values.view(2, -1))) / float(exact) - 1) < 2e-6
-    halves = values.chunk(2)
-    assert abs(float(global_norm([halves[0]], [halves[1]])) / float(exact) - 1) < 2e-6
+    with use_backend(backend):
+        assert squared_norm(values).dtype == torch.float64
+        assert abs(float(squared_norm(values).sqrt()) / float(exact) - 1) < 2e-6
+        assert abs(float(global_norm([], [values])) / float(exact) - 1) < 2e-6
+        assert float(squared_norm(torch.tensor(2.0))) == 4.0 and float(squared_norm(torch.empty(0, 3))) == 0.0
+
+
+def test_the_norm_of_a_gradient_split_along_its_rows_is_the_whole_ones() -> None:
+    """Latent sharding and a sharded Adam hold rows of a gradient: summed over the parts (here in one process), the
+    norm is the whole gradient's, to float32 rounding of a float64 sum — the same float here."""
+    generator = torch.Generator().manual_seed(1)
+    gradient, bias = torch.randn(6000, 2, 300, generator=generator), torch.randn(6000, generator=generator)
+    whole = global_norm([], [gradient, bias])
+    assert whole.dtype == torch.float32
+    assert torch.equal(global_norm([*gradient.chunk(2), *bias.chunk(2)], []), whole)
+    assert torch.equal(global_norm([gradient[:2500], bias[:2500]], [gradient[2500:], bias[2500:]]), whole)
+    assert torch.equal(
+        global_norm([], [gradient[:100]], known_squares=[squared_norm(gradient[100:]), squared_norm(bias)]), whole
+    )

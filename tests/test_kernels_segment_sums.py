@@ -23,6 +23,7 @@ from crosscoder.kernels.sparse_decode import (
     latent_scatter_rows,
     latent_scatter_sum,
     row_gather_sum,
+    row_squared_norms,
 )
 from crosscoder.step_buffers import SharedGradient
 
@@ -90,7 +91,16 @@ def test_the_sums_do_not_depend_on_the_thread_count(threads) -> None:
         expected_dots = torch.empty(codes.nnz)
         latent_scatter_sum(values, codes, table, along=AlongWeight(dot_rows, expected_dots))
     status = library.segment_sums(
-        *(t.data_ptr() for t in pointers), 1100, 40, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 0, 1, threads
+        *(t.data_ptr() for t in pointers),
+        1100,
+        40,
+        out.data_ptr(),
+        dot_rows.data_ptr(),
+        dots.data_ptr(),
+        0,
+        1,
+        None,
+        threads,
     )
     assert status == 0 and torch.equal(out, expected) and torch.equal(dots, expected_dots)
 
@@ -123,7 +133,16 @@ def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(por
         latent_scatter_sum(values, codes, table, along=AlongWeight(dot_rows, expected_dots))
     assert (
         portable.segment_sums(
-            *(t.data_ptr() for t in pointers), 50, 2320, out.data_ptr(), dot_rows.data_ptr(), dots.data_ptr(), 0, 1, 2
+            *(t.data_ptr() for t in pointers),
+            50,
+            2320,
+            out.data_ptr(),
+            dot_rows.data_ptr(),
+            dots.data_ptr(),
+            0,
+            1,
+            None,
+            2,
         )
         == 0
     )
@@ -190,7 +209,7 @@ def test_the_decodes_row_sums_equal_embedding_bags(batch, dict_size, density, wi
         out = torch.empty_like(found)
         pointers = (codes.row_offsets, codes.latents, None, values, weight)
         arguments = (*(None if t is None else t.data_ptr() for t in pointers), batch, width, out.data_ptr())
-        assert library.segment_sums(*arguments, None, None, 0, stream, 2) == 0
+        assert library.segment_sums(*arguments, None, None, 0, stream, None, 2) == 0
         assert torch.equal(out, found)
 
 
@@ -222,3 +241,54 @@ def test_auxks_rows_are_projected_before_they_join_the_primarys_sums() -> None:
     expected = latent_scatter_sum(values, codes, table) + latent_scatter_sum(aux_values, aux_codes, table)
     project_out_rows(weight, expected)
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "dict_size", "density", "width"), SHAPES)
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["C kernel", "reference"])
+@pytest.mark.parametrize("project", [False, True], ids=["sums", "projected sums"])
+def test_each_rows_squared_norm_comes_with_the_sums(batch, dict_size, density, width, backend, project) -> None:
+    """``squares`` gets each returned row's squared norm (as stored: after the projection), in the C sweep or a pass
+    of the reference's own; zero for a latent without entries."""
+    codes = pattern(batch, dict_size, density)
+    values, table = inputs(codes, width)
+    weight = torch.randn(dict_size, width, generator=torch.Generator().manual_seed(5))
+    weight /= weight.norm(dim=1, keepdim=True)
+    squares = torch.full((dict_size,), float("nan"), dtype=torch.float64)
+    with use_backend(backend):
+        sums = latent_scatter_sum(values, codes, table, along=AlongWeight(weight, project=project), squares=squares)
+    torch.testing.assert_close(squares, sums.double().square().sum(1), rtol=1e-5, atol=0)
+    with use_backend(backend):  # the clipping norm of a gradient no sweep formed: the same doubles
+        assert torch.equal(row_squared_norms(sums), squares)
+    assert torch.equal(squares[2:5], torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float64"):
+        latent_scatter_sum(values, codes, table, squares=squares.float())
+
+
+def test_a_shared_gradients_row_squares_cover_auxks_rows_and_are_dropped_when_it_comes_late() -> None:
+    codes, aux_codes = pattern(40, 37, 0.2), pattern(40, 37, 0.05, seed=1)
+    values, table = inputs(codes, 48)
+    aux_values = torch.randn(aux_codes.nnz, generator=torch.Generator().manual_seed(6))
+    early = SharedGradient(lambda: None)
+    early.secondary(aux_values, aux_codes, table)
+    total = early.primary(values, codes, table)
+    assert early.gradient_address == total.data_ptr()
+    torch.testing.assert_close(early.row_squares, total.double().square().sum(1), rtol=1e-5, atol=0)
+    late = SharedGradient(lambda: None)
+    late.primary(values, codes, table)
+    assert late.row_squares is not None
+    late.secondary(aux_values, aux_codes, table)  # a dense gradient autograd adds: the squares no longer hold
+    assert late.row_squares is None
+
+
+@pytest.mark.parametrize("width", [1, 15, 64, 200, 2320])
+def test_row_squared_norms_are_each_rows_float32_dot_widened(width) -> None:
+    rows = torch.randn(301, width, generator=torch.Generator().manual_seed(7))
+    found = row_squared_norms(rows)
+    assert found.dtype == torch.float64 and found.shape == (301,)
+    torch.testing.assert_close(found, torch.linalg.vecdot(rows, rows).double(), rtol=2e-6, atol=0)
+    with use_backend("reference"):
+        torch.testing.assert_close(row_squared_norms(rows), found, rtol=2e-6, atol=0)
+    torch.testing.assert_close(row_squared_norms(rows.double()), rows.double().square().sum(1))
+    assert row_squared_norms(rows[:0]).shape == (0,)
+    with pytest.raises(ValueError, match=r"\[n_rows, width\]"):
+        row_squared_norms(rows.view(-1))

@@ -17,7 +17,8 @@ from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import latent_scatter_sum
 from crosscoder.metrics import ReconstructionStats
 from crosscoder.step_buffers import SharedGradient, StepBuffers
-from crosscoder.training import Trainee, training_step
+from crosscoder.training import Trainee, clipping, training_step
+from crosscoder.training import step as step_module
 
 CONFIG = crosscoder.TrainConfig(
     k=3, aux_k=4, aux_coefficient=0.25, l1_coefficient=0.1, grad_clip=1e9, dead_tokens=100, loss="mse"
@@ -73,6 +74,10 @@ def make(kind):
         dictionary = crosscoder.MatryoshkaSAE(d_model=12, dict_size=40, k=3, prefix_sizes=[7, 40])
     elif kind == "dedicated":
         dictionary = crosscoder.DedicatedCrossCoder(d_model=12, dict_size=40, k=3, exclusive_sizes=[5, 6])
+    elif kind == "dedicated_both":  # no structural zeros in the encoder (the default's step zeroes their gradient)
+        dictionary = crosscoder.DedicatedCrossCoder(
+            d_model=12, dict_size=40, k=3, exclusive_sizes=[5, 6], exclusive_encoder="both"
+        )
     else:
         dictionary = crosscoder.L1CrossCoder(d_model=12, dict_size=40, init_decoder_norm=0.3)
     with torch.no_grad():
@@ -162,6 +167,40 @@ def test_a_step_with_buffers_writes_the_decoder_and_encoder_gradients_into_the_p
             assert len(storage[0]) == 2 + (kind == "dedicated") and reused
             assert all(storage[0][name] == storage[1][name] == storage[2][name] for name in reused)
         trained.append(dict(dictionary.named_parameters()))
+    for name, parameter in trained[0].items():
+        torch.testing.assert_close(parameter, trained[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["none_dead", "dead"])
+@pytest.mark.parametrize("kind", ["batchtopk", "sae", "dedicated", "dedicated_both", "l1"])
+def test_clipping_takes_the_norms_of_the_gradients_the_backward_summed_as_it_wrote_them(kind, with_dead, monkeypatch):
+    """With buffers on CPU the sparse backward sums each weight gradient's rows' squares as it writes them, and
+    clipping adds those instead of reading the weights' gradients again (not an L1 dictionary's decoder, which also
+    gets the penalty's dense gradient, nor a gradient ``before_optimizer_step`` changed since): the same clipped steps
+    as without buffers, and without dead latents (no AuxK rows added in another order) the same clipping factors."""
+    config = dataclasses.replace(CONFIG, grad_clip=0.05)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = with_dead
+    read, factors = [], []
+    real_norm, real_factor = clipping.squared_norm, step_module.clip_factor
+    monkeypatch.setattr(clipping, "squared_norm", lambda tensor: read.append(tensor.numel()) or real_norm(tensor))
+    monkeypatch.setattr(step_module, "clip_factor", lambda *a: factors.append(real_factor(*a)) or factors[-1])
+    trained, weights_read = [], []
+    for buffers in (StepBuffers(), None):
+        dictionary, x = make(kind)
+        optimizer = torch.optim.SGD(dictionary.parameters(), lr=0.5)
+        read.clear()
+        for step in range(3):
+            x_normalized = dictionary.normalize(dictionary.input_from_pair(x[step:]))
+            training_step(dictionary, optimizer, x_normalized, step=step, dead=dead, config=config, buffers=buffers)
+        weights_read.append(sum(size > 40 for size in read))  # the weights' gradients read (biases: 40, 24 values)
+        trained.append(dict(dictionary.named_parameters()))
+    assert all(factor is not None and 0 < float(factor) < 1 for factor in factors)  # every step was clipped
+    n_weights = 3 if kind.startswith("dedicated") else 2
+    read_with_buffers = {"l1": n_weights, "dedicated": 1}.get(kind, 0)  # L1: ∂W_enc, ∂W_dec; dedicated: ∂W_enc
+    assert weights_read == [3 * read_with_buffers, 3 * n_weights]
+    if not with_dead:
+        assert [float(factor) for factor in factors[:3]] == [float(factor) for factor in factors[3:]]
     for name, parameter in trained[0].items():
         torch.testing.assert_close(parameter, trained[1][name], rtol=1e-5, atol=1e-6, msg=name)
 

@@ -1,5 +1,6 @@
-"""Gradient clipping to a global norm (docs/methods.md §3.6): the norm (``l2_norm``: accurate where torch's one
-reduction is not), the factor, and the optimizer step that applies the factor where it costs least.
+"""Gradient clipping to a global norm (docs/methods.md §3.6): the norm (``global_norm``: accurate where torch's one
+reduction is not, and the same whether a backward summed a gradient's rows or a pass reads them), the factor, and
+the optimizer step that applies the factor where it costs least.
 
 ``torch.nn.utils.clip_grad_norm_`` multiplies every gradient by the factor, a pass over all of them (read and write)
 before Adam reads them again. A fused torch Adam can take the factor instead: it divides each gradient by its
@@ -11,9 +12,12 @@ an ulp or two), not bit for bit. Other optimizers get the multiply.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from crosscoder.distributed import Distributed
+from crosscoder.kernels.sparse_decode import row_squared_norms
 
 
 def clip_factor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
@@ -26,34 +30,35 @@ def clip_factor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor | Non
     return factor
 
 
-NORM_SPAN = 1 << 14
-"""``l2_norm`` sums the squares of this many consecutive values at a time."""
-
-
-def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """The L2 norm (0-d) of all of ``tensor``'s values: the norm of the norms of its spans of ``NORM_SPAN`` values.
-    One float32 reduction over all of them, as ``torch.linalg.vector_norm`` runs on CPU, loses precision with their
-    number: over the 170 M values of a [73,728, 2,304] gradient it came out 2.3% low (0.07% over the 16.8 M of a
-    [16,384, 1,024] one), and took twice as long (43 vs 21 ms; 3.3 vs 1.3 ms)."""
-    flat = tensor.reshape(-1)
-    whole = len(flat) - len(flat) % NORM_SPAN
-    parts = [torch.linalg.vector_norm(flat[:whole].view(-1, NORM_SPAN), dim=1)] if whole else []
-    if whole < len(flat):
-        parts.append(torch.linalg.vector_norm(flat[whole:]).unsqueeze(0))
-    return torch.linalg.vector_norm(torch.cat(parts))
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The squared L2 norm (0-d, float64) of ``tensor``'s values, summed over its rows (along the first dimension; a
+    1-d tensor's rows are its values): each row's squares in float32 (``row_squared_norms``: the arithmetic in which
+    the sparse backward's sweep sums a weight gradient's rows as it writes them), the rows' sums in float64. One
+    float32 reduction over all values, as ``torch.linalg.vector_norm`` runs on CPU, loses precision with their number:
+    over the 170 M values of a [73,728, 2,304] gradient it came out 2.3% low (0.07% over the 16.8 M of a [16,384,
+    1,024] one). A split along the rows (latent sharding, a sharded Adam's slices) sums the same rows' squares."""
+    rows = tensor.reshape(len(tensor), math.prod(tensor.shape[1:])) if tensor.dim() else tensor.reshape(1, 1)
+    return row_squared_norms(rows).sum()
 
 
 def global_norm(
-    sharded: list[torch.Tensor], whole: list[torch.Tensor], context: Distributed | None = None
+    sharded: list[torch.Tensor],
+    whole: list[torch.Tensor],
+    context: Distributed | None = None,
+    known_squares: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The L2 norm (0-d) of gradients of which ``sharded`` are this process's parts of gradients split over the
-    processes of ``context`` (their squares summed over processes) and ``whole`` gradients every process holds alike
-    (counted once), as one process holding them all would compute it (``l2_norm`` of each)."""
-    zero = (sharded + whole)[0].new_zeros(())
-    split = sum((l2_norm(grad).square() for grad in sharded), zero)
+    """The L2 norm (0-d, the gradients' dtype) of gradients of which ``sharded`` are this process's rows of gradients
+    split over the processes of ``context`` (their squares summed over processes) and ``whole`` gradients every process
+    holds alike (counted once), as one process holding them all computes it (``squared_norm`` of each, summed in
+    float64); ``known_squares``: the float64 squared norms (0-d) of further whole gradients, known without reading
+    them."""
+    known = list(known_squares or [])
+    dtype = (sharded + whole)[0].dtype if sharded or whole else torch.float32
+    zero = (sharded + whole + known)[0].new_zeros((), dtype=torch.float64)
+    split = sum((squared_norm(grad) for grad in sharded), zero)
     if context is not None:
         split = context.all_reduce(split)
-    return (split + sum((l2_norm(grad).square() for grad in whole), zero)).sqrt()
+    return (split + sum(known, zero) + sum((squared_norm(grad) for grad in whole), zero)).sqrt().to(dtype)
 
 
 def step_clipped(optimizer: torch.optim.Optimizer, factor: torch.Tensor | None) -> None:

@@ -110,7 +110,11 @@ class ShardedAdam:
         """The factor that scales the reduced gradients to a global norm of at most ``max_norm`` (``clipping``'s:
         the slices' squares summed over processes, the whole parameters' counted once); None: nothing to scale."""
         pieces = [(piece.grad, sharded) for piece, sharded in zip(self.slices, self.sharded, strict=True)]
-        sliced = [grad for grad, sharded in pieces if grad is not None and sharded]
+        sliced = [
+            _as_rows(grad, parameter)
+            for (grad, sharded), parameter in zip(pieces, self.parameters, strict=True)
+            if grad is not None and sharded
+        ]
         whole = [grad for grad, sharded in pieces if grad is not None and not sharded]
         if not sliced and not whole:
             return None
@@ -161,3 +165,10 @@ class ShardedAdam:
 
     def _slice(self, whole: torch.Tensor) -> torch.Tensor:
         return whole.reshape(-1).chunk(self.context.world_size)[self.context.rank].clone()
+
+
+def _as_rows(piece: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A slice of ``parameter``'s flattened values (``piece``, 1-d) as the rows of ``parameter`` it holds, where it
+    holds whole rows (the clipping norm sums each row's squares in float32: the same rows as one process's)."""
+    width = parameter[0].numel() if parameter.dim() > 1 else 1
+    return piece.view(-1, width) if piece.numel() % width == 0 else piece
