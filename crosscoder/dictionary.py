@@ -34,7 +34,7 @@ from crosscoder.distributed import Distributed, SumGradientsOverProcesses, SumOv
 from crosscoder.errors import ConfigError, DataError, DictionaryFormatError
 from crosscoder.kernels.backend import resolve_backend
 from crosscoder.kernels.batch_topk import batch_topk
-from crosscoder.kernels.row_projection import project_out_rows
+from crosscoder.kernels.row_projection import normalise_rows, project_out_rows
 from crosscoder.kernels.sparse_codes import SparseCodes
 from crosscoder.kernels.sparse_decode import WeightGradient, prefix_decode, sparse_decode
 from crosscoder.kernels.sparse_encoder import gather_active, pre_activations
@@ -764,8 +764,8 @@ class BatchTopKSAE(SparseDictionary):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Renormalise decoder rows to unit norm, in place (only the [dict_size] norms are allocated)."""
-        self.W_dec.div_(self.W_dec.flatten(1).norm(dim=-1).clamp_min_(1e-12)[:, None, None])
+        """Renormalise decoder rows to unit norm, in place (``crosscoder.kernels.row_projection.normalise_rows``)."""
+        normalise_rows(self.W_dec.detach().flatten(1))
 
     def describe(self) -> str:
         """One sentence for the model card."""

@@ -1,6 +1,7 @@
-"""``crosscoder.kernels.row_projection``: ``g_j ← g_j − ⟨g_j, w_j⟩ w_j`` in place — the C kernel and the reference
-(one block of rows and several, the last short) give the formula's values; the C kernel's portable (no AVX-512)
-build gives its values bit for bit; other dtypes run the reference; mismatched inputs are refused."""
+"""``crosscoder.kernels.row_projection``: ``g_j ← g_j − ⟨g_j, w_j⟩ w_j`` and ``w_j ← w_j / max(‖w_j‖, ε)`` in place —
+the C kernel and the reference (one block of rows and several, the last short) give the formulas' values; the C
+kernel's portable (no AVX-512) build gives its values bit for bit; other dtypes run the reference; mismatched inputs
+are refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from crosscoder.kernels import row_projection
 from crosscoder.kernels.backend import use_backend
-from crosscoder.kernels.row_projection import project_out_rows
+from crosscoder.kernels.row_projection import normalise_rows, project_out_rows
 
 
 def rows_and_gradient(n_rows: int, width: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,12 +47,37 @@ def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(por
     found = grad.clone()
     portable.project_out_rows(rows.data_ptr(), found.data_ptr(), *rows.shape, 2)
     assert torch.equal(found, expected)
+    expected = normalised("auto", grad)
+    portable.normalise_rows(grad.data_ptr(), *grad.shape, 1e-12, 2)
+    assert torch.equal(grad, expected)
+
+
+def normalised(backend: str, rows: torch.Tensor, min_norm: float = 1e-12) -> torch.Tensor:
+    rows = rows.clone()
+    with use_backend(backend):
+        normalise_rows(rows, min_norm)
+    return rows
+
+
+@pytest.mark.parametrize(("n_rows", "width"), [(37, 53), (300, 64), (5, 7), (3, 2304 + 13)])
+@pytest.mark.parametrize("backend", ["auto", "reference"], ids=["C kernel", "reference"])
+def test_each_row_is_scaled_to_unit_norm_and_a_zero_row_stays_zero(n_rows, width, backend) -> None:
+    _, weights = rows_and_gradient(n_rows, width)
+    weights[0] = 0.0
+    weights[-1] *= 1e-14  # below min_norm: divided by min_norm, not by its own norm
+    expected = weights.double() / weights.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    found = normalised(backend, weights)
+    torch.testing.assert_close(found, expected.float(), rtol=4e-7, atol=0)  # three roundings
+    torch.testing.assert_close(found[1:-1].double().norm(dim=1), torch.ones(n_rows - 2, dtype=torch.float64))
+    assert torch.equal(found[0], torch.zeros(width))
+    torch.testing.assert_close(normalised("auto", weights), normalised("reference", weights), rtol=4e-7, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_other_dtypes_run_the_reference(dtype) -> None:
     rows, grad = rows_and_gradient(20, 24, dtype)
     assert torch.equal(projected("auto", rows, grad), projected("reference", rows, grad))
+    assert torch.equal(normalised("auto", grad), normalised("reference", grad))
 
 
 def test_mismatched_inputs_are_refused() -> None:
@@ -62,3 +88,5 @@ def test_mismatched_inputs_are_refused() -> None:
         project_out_rows(rows, grad.double())
     with pytest.raises(ValueError, match="not contiguous"):
         project_out_rows(rows, grad.T.contiguous().T)
+    with pytest.raises(ValueError, match="not contiguous"):
+        normalise_rows(grad.T)
