@@ -2,14 +2,14 @@
 
 A kernel's C source ships next to this module. On first use in a process it is compiled with the system's C compiler
 (``$CC``, else ``cc``; ``-O3 -march=native``, no fast-math, no contraction of products into FMAs, OpenMP) into
-``<user cache>/native/<name>-<digest>.so`` — the digest covers the source, the compiler's version, the flags and the
-CPU's feature flags, so a changed source or another machine compiles anew — and loaded with ``ctypes``, its functions
-declared with the caller's signatures. Only these sources are compiled and only the files this module names are
-loaded. OpenMP: torch's CPU wheels load GNU OpenMP (``libgomp.so.1``), which a kernel built by gcc then shares (its
-threads are torch's); another runtime (clang's ``libomp``) would run threads of its own beside torch's — slower, not
-wrong. Without a compiler, or if compiling or loading fails, a warning says why and how to fix it, and the callers
-run their plain-PyTorch references (the same results, or — where a kernel sums in another order — the same to
-rounding).
+``<user cache>/native/<name>-<digest>.so`` — the digest covers the source, the headers beside it (``*.h``, which
+a source may include), the compiler's version, the flags and the CPU's feature flags, so a changed source or another
+machine compiles anew — and loaded with ``ctypes``, its functions declared with the caller's signatures. Only these
+sources are compiled and only the files this module names are loaded. OpenMP: torch's CPU wheels load GNU OpenMP
+(``libgomp.so.1``), which a kernel built by gcc then shares (its threads are torch's); another runtime (clang's
+``libomp``) would run threads of its own beside torch's — slower, not wrong. Without a compiler, or if compiling or
+loading fails, a warning says why and how to fix it, and the callers run their plain-PyTorch references (the same
+results, or — where a kernel sums in another order — the same to rounding).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def native_library(name: str, signatures: Signatures) -> ctypes.CDLL | None:
         return _unavailable(name, f"no C compiler {compiler!r} on PATH: install one (apt-get install gcc) or set CC")
     try:
         finished = subprocess.run([compiler, "--version"], capture_output=True, timeout=60)
-        identity = [source.read_bytes(), finished.stdout, " ".join(FLAGS).encode(), platform.machine().encode()]
+        headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]  # what a source may include
+        build = [finished.stdout, " ".join(FLAGS).encode(), platform.machine().encode()]
+        identity = [source.read_bytes(), *headers, *build]
         digest = hashlib.sha256(b"\0".join([*identity, _cpu_flags().encode()])).hexdigest()[:16]
         with _building:
             library = _loaded(source, compiler, f"{name}-{digest}.so")

@@ -22,7 +22,7 @@
  * order); with project each sum is stored without its component along its row, out[s] -= <out[s], dot_rows[s]>
  * dot_rows[s] (the unit-norm decoder's gradient projection, in row_projection.c's arithmetic, while the row is in
  * the thread's buffer instead of in a pass of its own).
- * With squares [n_segments] (else NULL), squares[s] = <out[s], out[s]> as stored (square_sum's float32 arithmetic,
+ * With squares [n_segments] (else NULL), squares[s] = <out[s], out[s]> as stored (square_sum.h's float32 arithmetic,
  * widened to double): the gradient norm clipping needs, without a pass over the gradient of its own.
  *
  * row_squares: out[r] = <rows[r], rows[r]> in the same arithmetic, for n_rows rows of width values (the clipping
@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "square_sum.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -69,22 +71,6 @@ static float dot_lanes(const float *t, const float *w, int64_t width) {
         for (int l = 0; l < LANES; ++l) lanes[l] = fmaf(t[c + l], w[c + l], lanes[l]);
     for (int l = 0; c + l < width; ++l) lanes[l] = fmaf(t[c + l], w[c + l], lanes[l]);
     return lanes_total(lanes);
-}
-
-/* A row's sum of squares, widened to double: SQUARE_LANES partial sums (column c to lane c % SQUARE_LANES) with fmaf —
- * four independent vectors of a pass bound by memory, not by one accumulator's latency — then halved: lane l gets lane
- * l + half added, for half = 32, 16, ..., 1 (a fixed order; a vector add per step, not 64 dependent ones). */
-enum { SQUARE_LANES = 4 * LANES };
-
-static double square_sum(const float *t, int64_t width) {
-    float lanes[SQUARE_LANES] = {0};
-    int64_t c = 0;
-    for (; c + SQUARE_LANES <= width; c += SQUARE_LANES)
-        for (int l = 0; l < SQUARE_LANES; ++l) lanes[l] = fmaf(t[c + l], t[c + l], lanes[l]);
-    for (int l = 0; c + l < width; ++l) lanes[l] = fmaf(t[c + l], t[c + l], lanes[l]);
-    for (int half = SQUARE_LANES / 2; half > 0; half /= 2)
-        for (int l = 0; l < half; ++l) lanes[l] += lanes[l + half];
-    return (double)lanes[0];
 }
 
 /* Columns [c, c + n) of a sweep over four entries' rows t0..t3 (values v0..v3): their products added to acc in entry
@@ -167,7 +153,7 @@ int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t
                     sum_segment(acc, index, order, values, table, start, end, width, dot_row, dots);
                     if (project) project_off(acc, dot_row, width);
                 }
-                if (squares) squares[j] = start < end ? square_sum(acc, width) : 0.0;
+                if (squares) squares[j] = start < end ? (double)square_sum(acc, width) : 0.0;
                 store_row(out + j * width, start < end ? acc : NULL, width, stream);
             }
         }
@@ -182,5 +168,5 @@ int64_t segment_sums(const int64_t *offsets, const int64_t *index, const int64_t
 void row_squares(const float *rows, int64_t n_rows, int64_t width, double *out, int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t r = 0; r < n_rows; ++r) out[r] = square_sum(rows + r * width, width);
+    for (int64_t r = 0; r < n_rows; ++r) out[r] = (double)square_sum(rows + r * width, width);
 }

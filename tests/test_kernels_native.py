@@ -34,6 +34,21 @@ def test_the_compiled_kernel_is_cached_and_reused(fresh_cache) -> None:
     assert built.stat().st_mtime_ns == stamp and list(fresh_cache.iterdir()) == [built]  # no partial file left
 
 
+def test_a_changed_header_builds_the_kernel_anew(fresh_cache, tmp_path, monkeypatch) -> None:
+    """The digest covers the headers beside the sources (``square_sum.h``, which ``row_projection.c`` includes)."""
+    package = tmp_path / "package"
+    package.mkdir()
+    for file in (f"{NAME}.c", "square_sum.h"):
+        shutil.copy(native.Path(native.__file__).with_name(file), package / file)
+    monkeypatch.setattr(native, "__file__", str(package / "native.py"))
+    assert native.native_library(NAME, SIGNATURES) is not None
+    with open(package / "square_sum.h", "a") as header:
+        header.write("/* changed */\n")
+    native.native_library.cache_clear()
+    assert native.native_library(NAME, SIGNATURES) is not None
+    assert len(list(fresh_cache.glob(f"{NAME}-*.so"))) == 2
+
+
 def test_a_cached_file_that_does_not_load_is_built_again(fresh_cache) -> None:
     assert native.native_library(NAME, SIGNATURES) is not None
     (built,) = fresh_cache.glob(f"{NAME}-*.so")
