@@ -26,7 +26,6 @@ every step, so that AuxK runs, as late in a run; the other steps have none dead)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import resource
@@ -38,7 +37,7 @@ import crosscoder  # before torch, as in training: it turns on huge pages for to
 import torch
 from timing import timed
 
-from crosscoder.host_memory import large_blocks_returned_to_the_system
+from crosscoder.host_memory import freed_blocks_kept
 
 # isort: on
 
@@ -148,12 +147,8 @@ VARIANTS = {
 
 def run_variant(args) -> dict:
     """Time one variant in this process: median of ``--repeats`` steps after warm-up, and peak memory."""
-    # our steps run as crosscoder.train runs them: freed large blocks returned to the system where the dictionary is
-    # wide enough (host_memory)
-    ours = args.variant.startswith("ours")
-    returned = large_blocks_returned_to_the_system(torch.device(args.device).type, args.dict_size)
-    with returned if ours else contextlib.nullcontext():
-        return _timed_variant(args)
+    freed_blocks_kept(torch.device(args.device).type)  # as crosscoder.train runs (host_memory), for every variant
+    return _timed_variant(args)
 
 
 def _timed_variant(args) -> dict:

@@ -1,7 +1,6 @@
 """``crosscoder.host_memory``: importing crosscoder before torch backs torch's large CPU blocks with huge pages (and
-leaves a process's own choice alone); while a run of a wide dictionary trains, glibc's mmap threshold is fixed and a
-freed [4,096, 1,024] temporary leaves the process, where glibc's default (kept for a narrow dictionary) keeps it
-resident, and after the run it stays resident again.
+leaves a process's own choice alone); once training sets glibc's thresholds (``freed_blocks_kept``) a freed
+[4,096, 1,024] temporary stays resident for reuse, while the run trains and after it, whatever the dictionary's width.
 Each case in a fresh interpreter, since the settings are the process's."""
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import pytest
 THRESHOLD_PROBE = """
 import json, sys, tempfile
 import torch
-from crosscoder.host_memory import RETURNED_FROM_LATENTS, large_blocks_returned_to_the_system
+from crosscoder.host_memory import freed_blocks_kept
 
 def resident_mb():
     with open("/proc/self/status") as status:
@@ -30,17 +29,13 @@ def released_mb():
     del temporary
     return during - resident_mb()
 
-latents = RETURNED_FROM_LATENTS - (sys.argv[2] == "narrow")
-warm = torch.ones(6 << 20)  # 24 MB, mapped; freeing it raises glibc's own threshold to 24 MB
-del warm
 released = {}
-if sys.argv[1] == "default":
+if sys.argv[1] == "default":  # glibc's own policy in a fresh process: a 16 MB block is mapped for its own
     released["default"] = released_mb()
-elif sys.argv[1] == "scope":
-    with large_blocks_returned_to_the_system("cpu", latents) as fixed:
-        released["inside"] = released_mb()
-    released["fixed"] = fixed
-else:  # the scope as the training loop opens it: measured while the loop reads its batches
+elif sys.argv[1] == "kept":
+    released["kept"] = freed_blocks_kept("cpu")
+    released["inside"] = released_mb()
+else:  # as the training loop sets it: measured while the loop reads its batches, and after the run
     import crosscoder
     from crosscoder.synthetic import PlantedActivations, PlantedDictionary
 
@@ -52,13 +47,12 @@ else:  # the scope as the training loop opens it: measured while the loop reads 
                 yield batch
 
     config = crosscoder.TrainConfig(
-        architectures=("batchtopk",), k=2, dict_size=latents, batch_size=64, num_tokens=64 * 10, warmup_steps=1,
-        threshold_start_step=2, threshold_beta=0.5, normalization_tokens=64, validation_tokens=0, checkpoint_every=0,
-        output_dir=tempfile.mkdtemp(), progress=False, device="cpu",
+        architectures=("batchtopk",), k=2, dict_size=int(sys.argv[2]), batch_size=64, num_tokens=64 * 10,
+        warmup_steps=1, threshold_start_step=2, threshold_beta=0.5, normalization_tokens=64, validation_tokens=0,
+        checkpoint_every=0, output_dir=tempfile.mkdtemp(), progress=False, device="cpu",
     )
     planted = PlantedDictionary.random(d_model=8, n_shared=8, n_base_only=2, n_chat_only=2, active_per_token=2.0)
     crosscoder.train(config, Measuring(planted, config.batch_size))
-if sys.argv[1] != "default":
     released["after"] = released_mb()
 print(json.dumps(released))
 """
@@ -103,23 +97,18 @@ def transparent_huge_pages_mode() -> str | None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("opened_by", ["scope", "training"])
-def test_freed_temporaries_leave_the_process_while_a_wide_dictionary_trains_and_stay_for_what_runs_after(opened_by):
-    assert probe(THRESHOLD_PROBE, "default", "wide")["default"] < 2  # glibc's policy keeps a freed temporary resident
-    released = probe(THRESHOLD_PROBE, opened_by, "wide")
-    assert released["inside"] > 14  # the fixed threshold gives it back
-    assert released["after"] < 2  # and after the run the heap keeps it again, for reuse without page faults
-    assert released.get("fixed", True) is True
+def test_a_freed_temporary_stays_resident_once_the_thresholds_are_set() -> None:
+    """In a fresh process glibc maps a 16 MB block for its own and unmaps it when freed (its sliding threshold starts
+    at 128 KiB); with ``KEPT_THRESHOLDS`` it comes from the heap, which keeps it for the next step to reuse."""
+    assert probe(THRESHOLD_PROBE, "default")["default"] > 14
+    assert probe(THRESHOLD_PROBE, "kept") == {"kept": True, "inside": pytest.approx(0, abs=2)}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("opened_by", ["scope", "training"])
-def test_a_narrow_dictionary_trains_under_glibcs_own_policy(opened_by):
-    """Below ``RETURNED_FROM_LATENTS`` the page-ins would cost more than the step (the demo's training took twice as
-    long): freed temporaries stay resident while it trains."""
-    released = probe(THRESHOLD_PROBE, opened_by, "narrow")
+@pytest.mark.parametrize("latents", ["16", "8192"], ids=["narrow", "wide"])
+def test_training_keeps_freed_temporaries_resident_while_it_runs_and_after(latents) -> None:
+    released = probe(THRESHOLD_PROBE, "training", latents)
     assert released["inside"] < 2 and released["after"] < 2
-    assert released.get("fixed", False) is False
 
 
 def test_importing_crosscoder_before_torch_turns_on_huge_pages_and_respects_a_choice_made_before():

@@ -23,7 +23,7 @@ from crosscoder.config import TrainConfig
 from crosscoder.dictionary import SparseDictionary
 from crosscoder.distributed import init_distributed, rank_device
 from crosscoder.errors import ConfigError
-from crosscoder.host_memory import large_blocks_returned_to_the_system
+from crosscoder.host_memory import freed_blocks_kept
 from crosscoder.models import resolve_device
 from crosscoder.progress import progress_bar
 from crosscoder.sharding import check_shardable, shards_latents
@@ -105,8 +105,9 @@ def train(
 
     stream = PositionedBatches(source)
     stop = StopRequests(abort_on_repeat=not context.enabled, announce=context.is_main)
-    # closing stops a prefetching source's thread; the host memory policy is entered once the dictionaries exist
-    with stop, contextlib.ExitStack() as host_memory, contextlib.closing(iter(stream)) as positioned:
+    freed_blocks_kept(device.type)  # a step's temporaries reuse the last step's memory (host_memory)
+    # closing stops a prefetching source's thread
+    with stop, contextlib.closing(iter(stream)) as positioned:
         if checkpoint is not None:
             saved_size = next(iter(checkpoint["dictionaries"].values()))["config"]["dict_size"]
             context = dataclasses.replace(context, shard_latents=shards_latents(config, context.world_size, saved_size))
@@ -126,8 +127,6 @@ def train(
             iterator = itertools.chain(first, positioned)
             step, tokens = 0, 0
         shapes = accepted_shapes([trainee.dictionary for trainee in trainees])
-        widest = max(trainee.dictionary.dict_size for trainee in trainees)  # this process's latents
-        host_memory.enter_context(large_blocks_returned_to_the_system(device.type, widest))
 
         logger = RunLogger(config, run_dir, context.is_main, checkpoint)
         guard = FiniteGuard(device, context, config)
