@@ -37,8 +37,9 @@ void project_out_rows(const float *rows, float *grad, int64_t n_rows, int64_t wi
 
 /* normalise_rows: rows[j, :] *= 1 / max(||rows[j, :]||, min_norm) for every row j, in place, one visit per row (its
  * squares summed, then its scaling while it is in cache); the norm: sqrtf of square_sum.h's float sum of squares. A
- * multiply by the reciprocal, not a division per value: at 73,728 rows of 2,304 on the development machine 28 ms against 42-45 ms dividing (and
- * 48-60 ms for torch's norm then div_); the rows' norms are 1 to float32 rounding either way. */
+ * multiply by the reciprocal, not a division per value: at 73,728 rows of 2,304 on the development machine 28 ms
+ * against 42-45 ms dividing (and 48-60 ms for torch's norm then div_); the rows' norms are 1 to float32 rounding
+ * either way. */
 void normalise_rows(float *rows, int64_t n_rows, int64_t width, float min_norm, int64_t n_threads) {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t j = 0; j < n_rows; ++j) {

@@ -366,9 +366,10 @@ def _latent_sums(
 
 
 def row_squared_norms(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's squared L2 norm, float64 [n_rows], of ``rows`` [n_rows, width]: a float32 dot product (on CPU the C
-    kernel's, ``segment_sums.c``'s ``row_squares``: the same doubles the weight gradients' sweep sums beside the rows it
-    writes, ``latent_scatter_sum``'s ``squares``), widened. Elsewhere torch's ``vecdot``, equal to rounding."""
+    """Each row's squared L2 norm, float64 [n_rows], of ``rows`` [n_rows, width]: a float32 sum of squares (on CPU
+    ``segment_sums.c``'s ``row_squares``, ``square_sum.h``'s 64 lanes: the same doubles the weight gradients' sweep sums
+    beside the rows it writes, ``latent_scatter_sum``'s ``squares``), widened. Elsewhere torch's ``vecdot``, equal to
+    rounding."""
     if rows.dim() != 2 or not rows.dtype.is_floating_point:
         raise ValueError(f"rows has shape {list(rows.shape)}, dtype {rows.dtype}: need a [n_rows, width] float matrix")
     library = _segment_sums_library() if rows.dtype == torch.float32 and c_kernel_allowed(rows.device) else None
