@@ -5,6 +5,7 @@ Each case in a fresh interpreter, since the settings are the process's."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 THRESHOLD_PROBE = """
 import json, sys, tempfile
@@ -79,8 +81,38 @@ print(json.dumps({"variable": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_mb":
 """
 
 
+GEMM_BUFFERS_PROBE = """
+import ctypes, json, os, sys
+if sys.argv[1] == "torch first":
+    import torch
+import crosscoder
+import torch
+
+
+class MallocStatistics(ctypes.Structure):  # glibc's struct mallinfo2
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallocStatistics
+
+
+def in_use() -> int:
+    statistics = mallinfo2()
+    return statistics.uordblks + statistics.hblkhd
+
+
+x, weight, out = torch.randn(4096, 512), torch.randn(512, 512), torch.empty(4096, 512)
+before = in_use()
+torch.mm(x, weight, out=out)
+print(json.dumps({"variable": os.environ.get("MKL_DISABLE_FAST_MM"), "kept_mb": (in_use() - before) / 2**20}))
+"""
+
+
 def probe(code: str, *arguments: str, **environment: str) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"} | environment
+    chosen = ("THP_MEM_ALLOC_ENABLE", "MKL_DISABLE_FAST_MM")
+    env = {key: value for key, value in os.environ.items() if key not in chosen} | environment
     finished = subprocess.run(
         [sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120, env=env
     )
@@ -121,3 +153,25 @@ def test_importing_crosscoder_before_torch_turns_on_huge_pages_and_respects_a_ch
 def test_torchs_large_blocks_get_huge_pages_once_crosscoder_is_imported_first():
     assert probe(HUGE_PAGES_PROBE, "crosscoder first")["huge_mb"] >= 32
     assert probe(HUGE_PAGES_PROBE, "torch first")["huge_mb"] == 0
+
+
+def glibc_with_mallinfo2() -> bool:
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 - glibc >= 2.33
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc's malloc statistics")
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's memory manager")
+def test_importing_crosscoder_before_torch_has_gemm_buffers_freed_after_each_product():
+    """MKL keeps ~10 MB of a [4,096, 512] × [512, 512] product's buffers for the life of the process unless the
+    variable is set before torch loads it; an empty value (a choice made before) keeps them, as does importing torch
+    first."""
+    freed = probe(GEMM_BUFFERS_PROBE, "crosscoder first")
+    assert freed["variable"] == "1" and abs(freed["kept_mb"]) < 1
+    cached = probe(GEMM_BUFFERS_PROBE, "crosscoder first", MKL_DISABLE_FAST_MM="")
+    assert cached["variable"] == "" and cached["kept_mb"] > 4
+    too_late = probe(GEMM_BUFFERS_PROBE, "torch first")
+    assert too_late["variable"] is None and too_late["kept_mb"] > 4
