@@ -1,16 +1,16 @@
 """The training forward's BatchTopK without the whole ``[batch, dict_size]`` score matrix (CPU; docs/methods.md §4.2).
 
-The encoder GEMM runs in blocks of ``LATENT_BLOCK`` latents into one reused ``[batch, LATENT_BLOCK]`` buffer of
-products ``x @ W_enc.T``. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate bound β are kept — the
-pre-activations (the products plus the bias, added by the scan as it reads them: ``pre_activations``' floats)
-compared with a per-latent bound just under β / c_j, and only those that pass scaled into scores and compared with β
-(``crosscoder.kernels.block_candidates``: a C scan of each block on CPU) — and the dead latents' columns (AuxK ranks
-them); a counting sort by row puts the candidates in ascending flat order. β is the previous step's threshold ×
-``CANDIDATE_MARGIN``; on a first step in one process, a sample of rows estimates it (``SAMPLED_MARGIN`` lower). When
-at least ``k · B`` candidates exist over all processes, ``batch_topk_among_candidates`` selects exactly what
-``batch_topk`` selects on the whole matrix; otherwise (β too high, or none on a distributed first step) the matrix
-is formed whole, block by block with the same arithmetic, and selected in full: the same selection either way,
-tested against it.
+The encoder GEMM runs in blocks of latents (``latents_per_block``: ``BLOCK_ENTRIES`` products each) into one reused
+``[batch, block]`` buffer of products ``x @ W_enc.T``. Of each block only the scores ``ReLU(pre) · c ≥`` a candidate
+bound β are kept — the pre-activations (the products plus the bias, added by the scan as it reads them:
+``pre_activations``' floats) compared with a per-latent bound just under β / c_j, and only those that pass scaled into
+scores and compared with β (``crosscoder.kernels.block_candidates``: a C scan of each block on CPU) — and the dead
+latents' columns (AuxK ranks them); a counting sort by row puts the candidates in ascending flat order. β is the
+previous step's threshold × ``CANDIDATE_MARGIN``; on a first step in one process, a sample of rows estimates it
+(``SAMPLED_MARGIN`` lower). When at least ``k · B`` candidates exist over all processes, ``batch_topk_among_candidates``
+selects exactly what ``batch_topk`` selects on the whole matrix; otherwise (β too high, or none on a distributed first
+step) the matrix is formed whole, block by block with the same arithmetic, and selected in full: the same selection
+either way, tested against it.
 """
 
 from __future__ import annotations
@@ -39,10 +39,18 @@ below it between steps (else the whole matrix is formed), high enough to leave a
 SAMPLED_MARGIN = 0.8
 """A first step's bound: the threshold estimated on ``SAMPLE_ROWS`` rows, × 0.8 (the estimate is noisier)."""
 SAMPLE_ROWS = 256
-LATENT_BLOCK = 512
-"""Latents per block of the encoder GEMM: a [batch, 512] block of pre-activations at a time (8 MB at a batch of
-4,096). On the development CPU the blocked GEMM is as fast as the whole one, and bitwise equal to it; blocks of 256
-rows (the previous layout) were 20% slower."""
+BLOCK_ENTRIES = 1 << 21
+"""Products per block of the encoder GEMM (8 MB of float32): 512 latents at a batch of 4,096, 2,048 at the paper's
+1,024. On the development CPU the blocked GEMM is as fast as the whole one; blocks of 256 latents at a batch of 4,096
+were 20% slower, and at a batch of 1,024 (d = 2,304, F = 73,728) 144 blocks of 512 latents took 1,261 ms against
+1,224 ms for 36 of 2,048 (the whole GEMM: 1,241 ms), the diff-SAE step 1.56–1.72× its floor against 1.44–1.49×
+(docs/methods.md §4.2)."""
+
+
+def latents_per_block(batch: int, dict_size: int) -> int:
+    """The latents of one block of the encoder GEMM for ``batch`` rows: ``BLOCK_ENTRIES`` products, at least one
+    latent, at most all."""
+    return max(1, min(dict_size, BLOCK_ENTRIES // max(1, batch)))
 
 
 @dataclass
@@ -107,7 +115,7 @@ def select_in_latent_blocks(
 
 class _ScoreBlocks:
     """The encoder's pre-activations ``x @ encoder.T + encoder_bias`` (or the products alone, for a scan that adds the
-    bias) one block of ``LATENT_BLOCK`` latents at a time,
+    bias) one block of ``latents_per_block`` latents at a time,
     into one buffer reused for every block of one pass, and the scores ``ReLU(pre) · c`` formed from them (``scores``):
     the code norms scale the scores, not the encoder's rows, so no scaled copy of the encoder is read or written (at
     the paper's width, d = 2 × 2,304 and a batch of 1,024, scaling each block's rows took 107 ms a step). The buffer
@@ -139,7 +147,7 @@ class _ScoreBlocks:
         floats), or without ``with_bias`` the products ``x @ encoder.T`` only, which the candidates' scan adds the
         bias to (overwritten by the next block)."""
         dict_size = self.encoder.shape[0]
-        size = min(LATENT_BLOCK, dict_size)
+        size = latents_per_block(x.shape[0], dict_size)
         buffer = self.encoder.new_empty(x.shape[0] * size)
         for start in range(0, dict_size, size):
             latents = slice(start, min(dict_size, start + size))
@@ -175,7 +183,7 @@ def _candidates(
     ``candidate_bounds`` (no ReLU, no scaling: a score ≥ ``bound`` > 0 has a positive pre-activation above its
     latent's bound), and only the few that pass are scaled into scores and kept if those are ≥ ``bound``."""
     batch, dict_size = encoder_input.shape[0], blocks.encoder.shape[0]
-    block_size = min(LATENT_BLOCK, dict_size)
+    block_size = latents_per_block(batch, dict_size)
     # one scan for every block: fresh buffers per block would be paged in afresh each time
     scan = CandidateScan(batch, block_size, blocks.encoder)
     # where the scan does not look for values that are not finite: a proof that there are none, which reads the input

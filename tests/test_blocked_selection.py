@@ -42,7 +42,7 @@ def integer_encoder() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("scaled", [False, True], ids=["unit code norms", "code norms 1 to 3"])
 @pytest.mark.parametrize("relative_bound", [None, 0.5, 1.0, 1.5])
 def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, scaled, monkeypatch) -> None:
-    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)  # eight blocks, the last one short
+    monkeypatch.setattr(blocked_selection, "BLOCK_ENTRIES", 4 * BATCH)  # eight blocks, the last one short
     monkeypatch.setattr(block_candidates, "COMPARE_CHUNK", 7)  # the reference compares a block in 13 parts
     x, weight, bias = integer_encoder()
     code_norms = torch.arange(DICT_SIZE).remainder(3).float() + 1 if scaled else None
@@ -74,7 +74,7 @@ def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_i
     """Floats and code norms from 0.3 to 3 (and one 0): the bound set to the exact threshold (a score, tied at β) and
     to scores just below it — each latent's pre-activations compared with β / c_j, lowered, then the passing ones
     scaled — finds exactly the scores ≥ β, so the selection is the whole matrix's."""
-    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 8)
+    monkeypatch.setattr(blocked_selection, "BLOCK_ENTRIES", 8 * BATCH)
     generator = torch.Generator().manual_seed(seed)
     x, weight = torch.randn(BATCH, WIDTH, generator=generator), torch.randn(DICT_SIZE, WIDTH, generator=generator)
     bias = torch.randn(DICT_SIZE, generator=generator)
@@ -113,7 +113,7 @@ def test_scores_that_are_not_finite_are_refused(bad) -> None:
 def test_negative_infinity_and_a_sum_that_overflows_are_not_refused(monkeypatch) -> None:
     """Before the ReLU, −inf is a score of zero, and scores near the float32 maximum are valid though their sum
     overflows: the blocked selection takes both, as ``batch_topk`` does on the whole matrix."""
-    monkeypatch.setattr(blocked_selection, "LATENT_BLOCK", 4)
+    monkeypatch.setattr(blocked_selection, "BLOCK_ENTRIES", 4 * BATCH)
     x, weight, bias = integer_encoder()
     bias[3], bias[5], bias[6] = float("-inf"), 3e38, 3e38
     scores = pre_activations(x, weight, bias).relu_()
@@ -164,3 +164,10 @@ def test_a_score_that_overflows_its_dtype_is_refused_though_its_pre_activation_i
             select_in_latent_blocks(x, weight, bias, code_norms, 4, Distributed(), buffers)
     code_norms[3] = fine  # every score ≤ 2 · 1 · large · fine: provably finite
     assert blocked_selection._ScoreBlocks(weight, bias, code_norms).provably_finite(x)
+
+
+def test_a_block_holds_block_entries_products_of_at_least_one_latent_and_at_most_all() -> None:
+    assert blocked_selection.latents_per_block(4096, 16384) == 512
+    assert blocked_selection.latents_per_block(1024, 73728) == 2048
+    assert blocked_selection.latents_per_block(22, 30) == 30  # the whole dictionary in one block
+    assert blocked_selection.latents_per_block(2**22, 16384) == 1  # more rows than a block's products
