@@ -53,8 +53,9 @@ def use_huge_pages() -> None:
 def gemm_buffers_from_malloc() -> None:
     """Have MKL take its GEMM buffers from ``malloc`` and free them after each product, in this process and the ones it
     starts, unless torch is already imported (too late: MKL read the environment when torch loaded it) or the
-    environment already says (an empty value keeps MKL's cache). Measured with ``bench/step.py`` at ``B = 4,096``,
-    ``F = 16,384``: the diff-SAE step's peak 305–306 MB against 316–319 MB with the cache, in the same time."""
+    environment already says (an empty value keeps MKL's cache). Measured over 14 diff-SAE steps at ``B = 4,096``,
+    ``F = 16,384`` (the growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against 316–319 MB with the
+    cache, in the same time."""
     if "torch" not in sys.modules:
         os.environ.setdefault(GEMM_BUFFERS_VARIABLE, "1")
 
