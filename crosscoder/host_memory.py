@@ -3,7 +3,8 @@ blocks kept for reuse.
 
 A training step on CPU allocates and frees tens to hundreds of MB of temporaries. Each fresh page of a new mapping is
 a page fault, and on a virtual machine a fault costs microseconds: on the development machine a fresh 268 MB tensor
-took 100 ms to fill with 4 KiB pages, 16 ms with 2 MiB pages. Two settings make the temporaries cheap:
+took 100 ms to fill with 4 KiB pages, 16 ms with 2 MiB pages. Two settings make the temporaries cheap, and a
+third keeps the BLAS from holding memory of its own:
 
 - ``use_huge_pages``: torch's CPU allocator aligns each block of ≥ 2 MiB to 2 MiB and advises the kernel to back it
   with transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``. It reads the variable once, at its first allocation,
