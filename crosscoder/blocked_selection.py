@@ -43,8 +43,8 @@ BLOCK_ENTRIES = 1 << 21
 """Products per block of the encoder GEMM (8 MB of float32): 512 latents at a batch of 4,096, 2,048 at the paper's
 1,024. On the development CPU the blocked GEMM is as fast as the whole one; blocks of 256 latents at a batch of 4,096
 were 20% slower, and at a batch of 1,024 (d = 2,304, F = 73,728) 144 blocks of 512 latents took 1,261 ms against
-1,224 ms for 36 of 2,048 (the whole GEMM: 1,241 ms), the diff-SAE step 1.56–1.72× its floor against 1.44–1.49×
-(docs/methods.md §4.2)."""
+1,224 ms for 36 of 2,048 (the whole GEMM: 1,241 ms), the diff-SAE step 1.50× and 1.72× its floor (medians of two
+runs) against 1.44× and 1.49× (docs/methods.md §4.2)."""
 
 
 def latents_per_block(batch: int, dict_size: int) -> int:
