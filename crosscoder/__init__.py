@@ -4,11 +4,9 @@ and difference SAEs.
 The parts and how data flows between them: docs/architecture.md; every formula: docs/methods.md.
 """
 
-from crosscoder.host_memory import gemm_buffers_from_malloc, use_huge_pages
+from crosscoder.host_memory import set_before_torch
 
-# before torch is imported: its CPU allocator and its BLAS read these settings once (docs/methods.md §4.2)
-use_huge_pages()
-gemm_buffers_from_malloc()
+set_before_torch()  # before torch is imported: its CPU allocator and its BLAS read these once (docs/methods.md §4.2)
 
 from crosscoder.activations import PairedActivationStream
 from crosscoder.cache import ActivationCache

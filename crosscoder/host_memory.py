@@ -6,15 +6,15 @@ a page fault, and on a virtual machine a fault costs microseconds: on the develo
 took 100 ms to fill with 4 KiB pages, 16 ms with 2 MiB pages. Two settings make the temporaries cheap, and a
 third keeps the BLAS from holding memory of its own:
 
-- ``use_huge_pages``: torch's CPU allocator aligns each block of ≥ 2 MiB to 2 MiB and advises the kernel to back it
-  with transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``. It reads the variable once, at its first allocation,
-  so ``crosscoder`` sets it on import, before it imports torch; a process that imported torch first (or set the
-  variable itself) keeps what it had.
-- ``gemm_buffers_from_malloc``: MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a memory manager of its
-  own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB beside a diff-SAE
-  step at ``B = 4,096``, ``F = 16,384``) unless ``MKL_DISABLE_FAST_MM`` is set, which it reads when torch loads it;
-  ``crosscoder`` sets it on import too. The buffers then come from ``malloc`` and go back to it after each product,
-  where the rest of the step reuses them.
+- huge pages (``set_before_torch``): torch's CPU allocator aligns each block of ≥ 2 MiB to 2 MiB and advises the kernel
+  to back it with transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``. It reads the variable once, at its first
+  allocation, so ``crosscoder`` sets it on import, before it imports torch; a process that imported torch first (or set
+  the variable itself) keeps what it had.
+- GEMM buffers from malloc (``set_before_torch``): MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a
+  memory manager of its own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB
+  beside a diff-SAE step at ``B = 4,096``, ``F = 16,384``) unless ``MKL_DISABLE_FAST_MM`` is set, which it reads when
+  torch loads it; ``crosscoder`` sets it on import too. The buffers then come from ``malloc`` and go back to it after
+  each product, where the rest of the step reuses them.
 - ``freed_blocks_kept``: glibc's ``malloc`` serves blocks below ``KEPT_THRESHOLDS``' 32 MiB from its heap and keeps
   up to 64 MiB of freed heap resident — the ceiling its own sliding policy climbs to, there from the first step — so a
   step's temporaries (the decode's output, the selection's blocks and candidates, the codes) reuse the memory the last
@@ -44,21 +44,16 @@ time a step (412 against 319 ms; docs/methods.md §4.2)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def use_huge_pages() -> None:
-    """Turn on huge pages for torch's CPU allocator in this process and the processes it starts, unless torch is
-    already imported (too late to take effect) or the environment already says (``0`` opts out)."""
+def set_before_torch() -> None:
+    """Set ``HUGE_PAGES_VARIABLE`` and ``GEMM_BUFFERS_VARIABLE`` to ``1`` in this process and the processes it starts,
+    unless torch is already imported (too late: torch's allocator and MKL read them when torch loads) or the
+    environment already says (``THP_MEM_ALLOC_ENABLE=0`` opts out of huge pages, an empty ``MKL_DISABLE_FAST_MM`` keeps
+    MKL's cache). MKL's buffers from ``malloc``, measured over 14 diff-SAE steps at ``B = 4,096``, ``F = 16,384`` (the
+    growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against 316–319 MB with the cache, in the same
+    time."""
     if "torch" not in sys.modules:
-        os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
-
-
-def gemm_buffers_from_malloc() -> None:
-    """Have MKL take its GEMM buffers from ``malloc`` and free them after each product, in this process and the ones it
-    starts, unless torch is already imported (too late: MKL read the environment when torch loaded it) or the
-    environment already says (an empty value keeps MKL's cache). Measured over 14 diff-SAE steps at ``B = 4,096``,
-    ``F = 16,384`` (the growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against 316–319 MB with the
-    cache, in the same time."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault(GEMM_BUFFERS_VARIABLE, "1")
+        for variable in (HUGE_PAGES_VARIABLE, GEMM_BUFFERS_VARIABLE):
+            os.environ.setdefault(variable, "1")
 
 
 def freed_blocks_kept(device_type: str) -> bool:
