@@ -33,7 +33,7 @@ import subprocess
 import sys
 
 # isort: off
-import crosscoder  # before torch, as in training: it turns on huge pages for torch's CPU allocator (host_memory)
+import crosscoder  # before torch, as in training: MKL takes its GEMM buffers from malloc (host_memory)
 import torch
 from timing import timed
 

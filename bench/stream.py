@@ -21,7 +21,7 @@ import json
 import time
 
 # isort: off
-import crosscoder  # noqa: F401  (first, as in training: huge pages for torch's CPU allocator, host_memory)
+import crosscoder  # noqa: F401  (first, as in training: MKL's GEMM buffers from malloc, host_memory)
 import datasets
 import torch
 from timing import synchronize, timed

@@ -6,7 +6,7 @@ The parts and how data flows between them: docs/architecture.md; every formula: 
 
 from crosscoder.host_memory import set_before_torch
 
-set_before_torch()  # before torch is imported: its CPU allocator and its BLAS read these once (docs/methods.md §4.2)
+set_before_torch()  # before torch is imported: its BLAS reads the setting when torch loads it (docs/methods.md §4.2)
 
 from crosscoder.activations import PairedActivationStream
 from crosscoder.cache import ActivationCache

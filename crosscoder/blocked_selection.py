@@ -26,8 +26,9 @@ from crosscoder.kernels.batch_topk import (
     BatchTopKSelection,
     batch_topk,
     batch_topk_among_candidates,
-    batch_topk_threshold,
     check_score_values,
+    radix_histogram,
+    threshold_floor,
 )
 from crosscoder.kernels.block_candidates import CandidateScan, scores_from_pre_activations
 from crosscoder.kernels.sparse_encoder import pre_activations
@@ -39,6 +40,8 @@ below it between steps (else the whole matrix is formed), high enough to leave a
 SAMPLED_MARGIN = 0.8
 """A first step's bound: the threshold estimated on ``SAMPLE_ROWS`` rows, × 0.8 (the estimate is noisier)."""
 SAMPLE_ROWS = 256
+SAMPLE_DIGIT_BITS = 15
+"""The sampled threshold's resolution: the radix key's first 15 bits (exponent and 7 mantissa bits)."""
 BLOCK_ENTRIES = 1 << 21
 """Products per block of the encoder GEMM (8 MB of float32): 512 latents at a batch of 4,096, 2,048 at the paper's
 1,024. On the development CPU the blocked GEMM is as fast as the whole one; blocks of 256 latents at a batch of 4,096
@@ -142,12 +145,15 @@ class _ScoreBlocks:
             bound *= 1.0 if scale <= 1.0 else scale  # NaN stays NaN
         return math.isfinite(bound) and bound < torch.finfo(self.encoder.dtype).max / 2
 
-    def __call__(self, x: torch.Tensor, with_bias: bool) -> Iterator[tuple[slice, torch.Tensor]]:
-        """For each block: its latents (a slice) and its pre-activations [batch, block size] (``pre_activations``'
-        floats), or without ``with_bias`` the products ``x @ encoder.T`` only, which the candidates' scan adds the
-        bias to (overwritten by the next block)."""
+    def __call__(
+        self, x: torch.Tensor, with_bias: bool, size: int | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """For each block of ``size`` latents (default: ``latents_per_block`` for ``x``'s rows): its latents (a slice)
+        and its pre-activations [batch, block size] (``pre_activations``' floats), or without ``with_bias`` the
+        products ``x @ encoder.T`` only, which the candidates' scan adds the bias to (overwritten by the next
+        block)."""
         dict_size = self.encoder.shape[0]
-        size = latents_per_block(x.shape[0], dict_size)
+        size = size or latents_per_block(x.shape[0], dict_size)
         buffer = self.encoder.new_empty(x.shape[0] * size)
         for start in range(0, dict_size, size):
             latents = slice(start, min(dict_size, start + size))
@@ -224,11 +230,15 @@ def _keep_dead_columns(
 
 
 def _sampled_threshold(encoder_input: torch.Tensor, blocks: _ScoreBlocks, n_keep: int) -> float:
-    """The BatchTopK threshold of ``SAMPLE_ROWS`` evenly spaced rows with the batch's budget per row."""
+    """The BatchTopK threshold of ``SAMPLE_ROWS`` evenly spaced rows with the batch's budget per row, rounded down to
+    its radix bucket (``threshold_floor``: under 1% lower) from the histograms of their scores block by block, so that
+    the sample's scores [SAMPLE_ROWS, dict_size] are never held whole: at ``B = 4,096``, ``F = 16,384`` they and
+    their search held 28 MB, the first step's largest temporaries (docs/methods.md §4.2)."""
     batch = encoder_input.shape[0]
     sample = encoder_input[:: max(1, batch // SAMPLE_ROWS)].contiguous()
-    scores = sample.new_empty(sample.shape[0], blocks.encoder.shape[0])
-    for latents, block in blocks(sample, with_bias=True):
-        scores[:, latents] = blocks.scores(block, latents)
+    counts = torch.zeros(1 << SAMPLE_DIGIT_BITS, dtype=torch.int64, device=sample.device)
+    # the batch's blocks, not the sample's: wider ones grew MKL's GEMM buffers to 12 MB, the step's largest temporary
+    for latents, block in blocks(sample, with_bias=True, size=latents_per_block(batch, blocks.encoder.shape[0])):
+        counts += radix_histogram(blocks.scores(block, latents), 0, 0, SAMPLE_DIGIT_BITS)
     per_row = n_keep / batch
-    return float(batch_topk_threshold(scores, max(1, round(per_row * sample.shape[0]))).value)
+    return threshold_floor(counts, max(1, round(per_row * sample.shape[0])))

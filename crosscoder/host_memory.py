@@ -1,24 +1,26 @@
-"""Host memory on CPU (docs/methods.md §4.2): huge pages for torch's large blocks, GEMM buffers from malloc, and freed
-blocks kept for reuse.
+"""Host memory on CPU (docs/methods.md §4.2): GEMM buffers from malloc, freed blocks kept for reuse, and torch's
+blocks left unaligned (no huge pages).
 
 A training step on CPU allocates and frees tens to hundreds of MB of temporaries. Each fresh page of a new mapping is
-a page fault, and on a virtual machine a fault costs microseconds: on the development machine a fresh 268 MB tensor
-took 100 ms to fill with 4 KiB pages, 16 ms with 2 MiB pages. Two settings make the temporaries cheap, and a
-third keeps the BLAS from holding memory of its own:
+a page fault, and on a virtual machine a fault costs microseconds (on the development machine a fresh 268 MB tensor
+took 100 ms to fill with 4 KiB pages), so the step's temporaries are served from the heap and reused; and memory that
+nothing holds should not stay resident:
 
-- huge pages (``set_before_torch``): torch's CPU allocator aligns each block of ≥ 2 MiB to 2 MiB and advises the kernel
-  to back it with transparent huge pages when ``THP_MEM_ALLOC_ENABLE=1``. It reads the variable once, at its first
-  allocation, so ``crosscoder`` sets it on import, before it imports torch; a process that imported torch first (or set
-  the variable itself) keeps what it had.
 - GEMM buffers from malloc (``set_before_torch``): MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a
   memory manager of its own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB
   beside a diff-SAE step at ``B = 4,096``, ``F = 16,384``) unless ``MKL_DISABLE_FAST_MM`` is set, which it reads when
-  torch loads it; ``crosscoder`` sets it on import too. The buffers then come from ``malloc`` and go back to it after
+  torch loads it; ``crosscoder`` sets it on import. The buffers then come from ``malloc`` and go back to it after
   each product, where the rest of the step reuses them.
 - ``freed_blocks_kept``: glibc's ``malloc`` serves blocks below ``KEPT_THRESHOLDS``' 32 MiB from its heap and keeps
   up to 64 MiB of freed heap resident — the ceiling its own sliding policy climbs to, there from the first step — so a
   step's temporaries (the decode's output, the selection's blocks and candidates, the codes) reuse the memory the last
   step freed instead of being paged in afresh. ``crosscoder.train`` sets it when it trains on CPU.
+- No huge pages: ``THP_MEM_ALLOC_ENABLE=1`` has torch's CPU allocator align each block of ≥ 2 MiB to 2 MiB (and ask
+  for transparent huge pages). ``crosscoder`` set it until 2026-12-05; but from the heap each such block is carved
+  out of 2 MiB more, and the pieces left around it, taken by smaller blocks, split the heap's free memory until the
+  next step's blocks no longer fit: over 100 steps at ``B = 4,096``, ``F = 16,384`` the peak RSS grew from 1.09 to
+  1.25× the state (crosscoder) and from 1.15 to 1.24× (diff-SAE), where without it the peak was the first step's,
+  1.10–1.11 and 1.14–1.15×. It is no longer set; a process that sets it keeps it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import os
 import sys
 from collections.abc import Callable
 
-HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
-"""torch's switch for transparent huge pages in its CPU allocator (blocks of ≥ 2 MiB)."""
 GEMM_BUFFERS_VARIABLE = "MKL_DISABLE_FAST_MM"
 """MKL's switch for its own memory manager: any non-empty value turns it off (an empty one leaves it on)."""
 KEPT_THRESHOLDS = (32 << 20, 64 << 20)
@@ -45,15 +45,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def set_before_torch() -> None:
-    """Set ``HUGE_PAGES_VARIABLE`` and ``GEMM_BUFFERS_VARIABLE`` to ``1`` in this process and the processes it starts,
-    unless torch is already imported (too late: torch's allocator and MKL read them when torch loads) or the
-    environment already says (``THP_MEM_ALLOC_ENABLE=0`` opts out of huge pages, an empty ``MKL_DISABLE_FAST_MM`` keeps
-    MKL's cache). MKL's buffers from ``malloc``, measured over 14 diff-SAE steps at ``B = 4,096``, ``F = 16,384`` (the
-    growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against 316–319 MB with the cache, in the same
-    time."""
+    """Set ``GEMM_BUFFERS_VARIABLE`` to ``1`` in this process and the processes it starts, unless torch is already
+    imported (too late: MKL reads it when torch loads it) or the environment already says (an empty
+    ``MKL_DISABLE_FAST_MM`` keeps MKL's cache). MKL's buffers from ``malloc``, measured over 14 diff-SAE steps at
+    ``B = 4,096``, ``F = 16,384`` (the growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against
+    316–319 MB with the cache, in the same time."""
     if "torch" not in sys.modules:
-        for variable in (HUGE_PAGES_VARIABLE, GEMM_BUFFERS_VARIABLE):
-            os.environ.setdefault(variable, "1")
+        os.environ.setdefault(GEMM_BUFFERS_VARIABLE, "1")
 
 
 def freed_blocks_kept(device_type: str) -> bool:

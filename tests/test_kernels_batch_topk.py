@@ -218,6 +218,34 @@ def test_bfloat16_threshold_is_a_bfloat16_score(device) -> None:
     assert threshold.value.item() == scores.flatten().sort(descending=True).values[49].item()
 
 
+@backends
+@pytest.mark.parametrize("n_keep", [1, 300, 2047, 10**6])
+@pytest.mark.parametrize("digit_bits", [15, 8])
+def test_threshold_floor_from_histograms_summed_over_blocks_is_the_threshold_s_bucket(
+    backend_name, device, n_keep, digit_bits
+) -> None:
+    """Over a matrix seen in blocks of columns (its histograms summed), the floor is the smallest value whose key
+    shares the threshold's first digit: ≤ the exact threshold, and the threshold's bucket (also with fewer positive
+    scores than n_keep: the smallest positive one's)."""
+    if backend_name == "triton" and digit_bits > bt.TRITON_MAX_DIGIT_BITS:
+        pytest.skip(f"the Triton histogram takes at most {bt.TRITON_MAX_DIGIT_BITS} bits a digit")
+    scores = relu_gaussian(33, 129).to(device)
+    scores[:, 5] = 0.75  # ties inside one block
+    counts = sum(bt.radix_histogram(block.contiguous(), 0, 0, digit_bits) for block in scores.split(40, dim=1))
+    floor = bt.threshold_floor(counts, n_keep)
+    threshold = bt.batch_topk_threshold(scores, n_keep).value.item()
+    shift = bt.KEY_BITS - digit_bits
+    key = lambda value: torch.tensor(value, dtype=torch.float32).view(torch.int32).item()  # noqa: E731
+    assert 0 < floor <= threshold
+    assert key(floor) >> shift == key(threshold) >> shift and key(floor) % (1 << shift) == 0
+
+
+def test_threshold_floor_of_no_positive_score_is_zero_and_bad_histograms_are_named() -> None:
+    assert bt.threshold_floor(bt.radix_histogram(torch.zeros(4, 6), 0, 0, 15), 3) == 0.0
+    with pytest.raises(ValueError, match="2\\*\\*digit_bits"):
+        bt.threshold_floor(torch.zeros(100, dtype=torch.int64), 3)
+
+
 # ------------------------------------------------------------------------------------------------ selection
 @backends
 @pytest.mark.parametrize("n_keep", [1, 64, 500])
