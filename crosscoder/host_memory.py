@@ -19,8 +19,8 @@ nothing holds should not stay resident:
   for transparent huge pages). ``crosscoder`` set it until 2026-12-05; but from the heap each such block is carved
   out of 2 MiB more, and the pieces left around it, taken by smaller blocks, split the heap's free memory until the
   next step's blocks no longer fit: over 100 steps at ``B = 4,096``, ``F = 16,384`` the peak RSS grew from 1.09 to
-  1.25× the state (crosscoder) and from 1.15 to 1.24× (diff-SAE), where without it the peak was the first step's,
-  1.10–1.11 and 1.14–1.15×. It is no longer set; a process that sets it keeps it.
+  1.25× the state (crosscoder), and the diff-SAE's ended at 1.14–1.34× (1.19–1.21 typical), where without it the
+  peak stayed near the first step's, 1.09–1.12 and 1.15×. It is no longer set; a process that sets it keeps it.
 """
 
 from __future__ import annotations
