@@ -118,7 +118,7 @@ def select_in_latent_blocks(
 
 class _ScoreBlocks:
     """The encoder's pre-activations ``x @ encoder.T + encoder_bias`` (or the products alone, for a scan that adds the
-    bias) one block of ``latents_per_block`` latents at a time,
+    bias) one block of latents at a time (``latents_per_block`` for the rows, unless a pass says),
     into one buffer reused for every block of one pass, and the scores ``ReLU(pre) · c`` formed from them (``scores``):
     the code norms scale the scores, not the encoder's rows, so no scaled copy of the encoder is read or written (at
     the paper's width, d = 2 × 2,304 and a batch of 1,024, scaling each block's rows took 107 ms a step). The buffer
@@ -232,8 +232,9 @@ def _keep_dead_columns(
 def _sampled_threshold(encoder_input: torch.Tensor, blocks: _ScoreBlocks, n_keep: int) -> float:
     """The BatchTopK threshold of ``SAMPLE_ROWS`` evenly spaced rows with the batch's budget per row, rounded down to
     its radix bucket (``threshold_floor``: under 1% lower) from the histograms of their scores block by block, so that
-    the sample's scores [SAMPLE_ROWS, dict_size] are never held whole: at ``B = 4,096``, ``F = 16,384`` they and
-    their search held 28 MB, the first step's largest temporaries (docs/methods.md §4.2)."""
+    the sample's scores [SAMPLE_ROWS, dict_size] are never held whole: at ``B = 4,096``, ``F = 16,384`` they, their
+    block of products and MKL's buffers for it held 36 MB, the first step's largest temporaries (docs/methods.md
+    §4.2)."""
     batch = encoder_input.shape[0]
     sample = encoder_input[:: max(1, batch // SAMPLE_ROWS)].contiguous()
     counts = torch.zeros(1 << SAMPLE_DIGIT_BITS, dtype=torch.int64, device=sample.device)

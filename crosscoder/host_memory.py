@@ -3,8 +3,7 @@ blocks left unaligned (no huge pages).
 
 A training step on CPU allocates and frees tens to hundreds of MB of temporaries. Each fresh page of a new mapping is
 a page fault, and on a virtual machine a fault costs microseconds (on the development machine a fresh 268 MB tensor
-took 100 ms to fill with 4 KiB pages), so the step's temporaries are served from the heap and reused; and memory that
-nothing holds should not stay resident:
+took 100 ms to fill with 4 KiB pages), so the step's temporaries come from the heap and are reused there:
 
 - GEMM buffers from malloc (``set_before_torch``): MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a
   memory manager of its own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB
@@ -15,12 +14,10 @@ nothing holds should not stay resident:
   up to 64 MiB of freed heap resident — the ceiling its own sliding policy climbs to, there from the first step — so a
   step's temporaries (the decode's output, the selection's blocks and candidates, the codes) reuse the memory the last
   step freed instead of being paged in afresh. ``crosscoder.train`` sets it when it trains on CPU.
-- No huge pages: ``THP_MEM_ALLOC_ENABLE=1`` has torch's CPU allocator align each block of ≥ 2 MiB to 2 MiB (and ask
-  for transparent huge pages). ``crosscoder`` set it until 2026-12-05; but from the heap each such block is carved
-  out of 2 MiB more, and the pieces left around it, taken by smaller blocks, split the heap's free memory until the
-  next step's blocks no longer fit: over 100 steps at ``B = 4,096``, ``F = 16,384`` the peak RSS grew from 1.09 to
-  1.25× the state (crosscoder), and the diff-SAE's ended at 1.14–1.34× (1.19–1.21 typical), where without it the
-  peak stayed near the first step's, 1.09–1.12 and 1.15×. It is no longer set; a process that sets it keeps it.
+- No huge pages: ``crosscoder`` no longer sets ``THP_MEM_ALLOC_ENABLE=1`` (until 2026-12-05 it did), with which
+  torch aligns each block of ≥ 2 MiB to 2 MiB: carved from the heap, such blocks split its free memory, and the peak
+  grew over a run (to 1.25× the state over 100 crosscoder steps at ``F = 16,384``, against 1.09–1.12 unaligned). A
+  process that sets the variable itself keeps it.
 """
 
 from __future__ import annotations

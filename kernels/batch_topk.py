@@ -258,11 +258,15 @@ def threshold_floor(counts: torch.Tensor, n_keep: int) -> float:
     """The smallest value of the first-digit bucket that holds the threshold ``batch_topk_threshold`` would find for
     ``n_keep``, from ``counts`` [2**digit_bits], a ``radix_histogram`` without prefix (``prefix_bits = 0``) of the
     scores, which may be summed over parts of them (blocks of a matrix never held whole): ≤ that threshold, and
-    within one bucket of it (with 15 bits, a relative 2⁻⁷ below a normal float32). 0 when no score is positive."""
+    within one bucket of it (with 15 bits, a relative 2⁻⁷ below a normal float32). 0 when no score is positive or
+    the threshold lies in the first bucket (with 15 bits: a subnormal). The histogram does not check values: counts
+    of NaN, ±inf or negative entries give a meaningless floor (NaN or inf among them)."""
     _check_n_keep(n_keep)
-    digit_bits = len(counts).bit_length() - 1
+    digit_bits = max(0, len(counts).bit_length() - 1)
     if len(counts) != 1 << digit_bits or not 0 < digit_bits <= MAX_DIGIT_BITS:
-        raise ValueError(f"counts has {len(counts)} bins: a radix histogram has 2**digit_bits, 1 ≤ digit_bits ≤ 16")
+        raise ValueError(
+            f"counts has {len(counts)} bins: a radix histogram has 2**digit_bits, 1 ≤ digit_bits ≤ {MAX_DIGIT_BITS}"
+        )
     digit, _ = _choose_digit(counts, counts.sum().clamp(max=n_keep))
     key = int(digit) << (KEY_BITS - digit_bits)
     return float(torch.tensor(key, dtype=torch.int32).view(torch.float32))

@@ -68,6 +68,37 @@ def test_the_blocked_selection_is_the_whole_matrix_selection(relative_bound, sca
     assert buffers.candidate_bound == CANDIDATE_MARGIN * exact.threshold.item()
 
 
+def test_a_first_step_samples_its_bound_from_every_few_rows_in_the_batch_s_blocks(monkeypatch) -> None:
+    """A first step's bound: the threshold of evenly spaced rows (here 6 of 22, in blocks of the batch's 4 latents,
+    not the sample's 14) rounded down to its radix bucket, times ``SAMPLED_MARGIN``; enough candidates then, and the
+    exact selection."""
+    monkeypatch.setattr(blocked_selection, "BLOCK_ENTRIES", 4 * BATCH)
+    monkeypatch.setattr(blocked_selection, "SAMPLE_ROWS", 5)
+    x, weight, bias = integer_encoder()
+    scores = pre_activations(x, weight, bias).relu_()
+    sampled, widths = [], []
+    blocks_call = blocked_selection._ScoreBlocks.__call__
+
+    def recorded(self, rows, with_bias, size=None):
+        for latents, block in blocks_call(self, rows, with_bias, size):
+            if len(rows) < BATCH:
+                widths.append(block.shape[1])
+            yield latents, block
+
+    monkeypatch.setattr(blocked_selection._ScoreBlocks, "__call__", recorded)
+    sample_threshold = blocked_selection._sampled_threshold
+    monkeypatch.setattr(
+        blocked_selection, "_sampled_threshold", lambda *args: sampled.append(sample_threshold(*args)) or sampled[-1]
+    )
+    found = select_in_latent_blocks(x, weight, bias, None, N_KEEP, Distributed(), StepBuffers())
+    exact = batch_topk(scores, N_KEEP)
+    assert torch.equal(found.selection.rows, exact.rows) and torch.equal(found.selection.latents, exact.latents)
+    assert found.scores is None  # the sampled bound left enough candidates
+    sample = scores[::4].contiguous()
+    assert len(sample) == 6 and set(widths) == {4, 2}  # 7 blocks of 4 latents and one of 2
+    budget = round(N_KEEP / BATCH * len(sample))
+    assert sampled == [batch_topk(sample, budget).threshold.item()]  # integer scores: each a bucket's first value
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seed", range(4))
 def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_it(seed, dtype, monkeypatch) -> None:
