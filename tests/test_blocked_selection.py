@@ -99,6 +99,7 @@ def test_a_first_step_samples_its_bound_from_every_few_rows_in_the_batch_s_block
     budget = round(N_KEEP / BATCH * len(sample))
     assert sampled == [batch_topk(sample, budget).threshold.item()]  # integer scores: each a bucket's first value
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seed", range(4))
 def test_a_bound_at_a_score_of_uneven_code_norms_keeps_every_score_at_or_above_it(seed, dtype, monkeypatch) -> None:
