@@ -4,9 +4,9 @@ and difference SAEs.
 The parts and how data flows between them: docs/architecture.md; every formula: docs/methods.md.
 """
 
-from crosscoder.host_memory import set_before_torch
+from crosscoder.host_memory import gemm_buffers_from_malloc
 
-set_before_torch()  # before torch is imported: its BLAS reads the setting when torch loads it (docs/methods.md §4.2)
+gemm_buffers_from_malloc()  # before torch is imported: MKL reads it when torch loads it (docs/methods.md §4.2)
 
 from crosscoder.activations import PairedActivationStream
 from crosscoder.cache import ActivationCache

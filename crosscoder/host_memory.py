@@ -5,11 +5,11 @@ A training step on CPU allocates and frees tens to hundreds of MB of temporaries
 a page fault, and on a virtual machine a fault costs microseconds (on the development machine a fresh 268 MB tensor
 took 100 ms to fill with 4 KiB pages), so the step's temporaries come from the heap and are reused there:
 
-- GEMM buffers from malloc (``set_before_torch``): MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a
-  memory manager of its own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB
-  beside a diff-SAE step at ``B = 4,096``, ``F = 16,384``) unless ``MKL_DISABLE_FAST_MM`` is set, which it reads when
-  torch loads it; ``crosscoder`` sets it on import. The buffers then come from ``malloc`` and go back to it after
-  each product, where the rest of the step reuses them.
+- ``gemm_buffers_from_malloc``: MKL, torch's BLAS on x86, keeps each thread's GEMM buffers in a memory manager of
+  its own for the life of the process (9.8 MB after one ``[4,096, 512] × [512, 512]`` product, 19 MB beside a
+  diff-SAE step at ``B = 4,096``, ``F = 16,384``) unless ``MKL_DISABLE_FAST_MM`` is set, which it reads when torch
+  loads it; ``crosscoder`` sets it on import. The buffers then come from ``malloc`` and go back to it after each
+  product, where the rest of the step reuses them.
 - ``freed_blocks_kept``: glibc's ``malloc`` serves blocks below ``KEPT_THRESHOLDS``' 32 MiB from its heap and keeps
   up to 64 MiB of freed heap resident — the ceiling its own sliding policy climbs to, there from the first step — so a
   step's temporaries (the decode's output, the selection's blocks and candidates, the codes) reuse the memory the last
@@ -41,12 +41,12 @@ time a step (412 against 319 ms; docs/methods.md §4.2)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def set_before_torch() -> None:
-    """Set ``GEMM_BUFFERS_VARIABLE`` to ``1`` in this process and the processes it starts, unless torch is already
-    imported (too late: MKL reads it when torch loads it) or the environment already says (an empty
-    ``MKL_DISABLE_FAST_MM`` keeps MKL's cache). MKL's buffers from ``malloc``, measured over 14 diff-SAE steps at
-    ``B = 4,096``, ``F = 16,384`` (the growth of the peak RSS, as ``bench/step.py`` reads it): 305–306 MB against
-    316–319 MB with the cache, in the same time."""
+def gemm_buffers_from_malloc() -> None:
+    """Have MKL take its GEMM buffers from ``malloc`` and free them after each product: ``GEMM_BUFFERS_VARIABLE`` set
+    to ``1`` in this process and the processes it starts, unless torch is already imported (too late: MKL reads it
+    when torch loads it) or the environment already says (an empty ``MKL_DISABLE_FAST_MM`` keeps MKL's cache).
+    Measured over 14 diff-SAE steps at ``B = 4,096``, ``F = 16,384`` (the growth of the peak RSS, as ``bench/step.py``
+    reads it): 305–306 MB against 316–319 MB with the cache, in the same time."""
     if "torch" not in sys.modules:
         os.environ.setdefault(GEMM_BUFFERS_VARIABLE, "1")
 
