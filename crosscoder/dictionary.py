@@ -555,8 +555,9 @@ class SparseDictionary(
         ``decoder_gradient_projected``: the training decode did); returns the parameters whose gradients it changed."""
         return []
 
-    def after_optimizer_step(self) -> None:
-        """Re-impose constraints after the optimizer step (the SAE renormalises its decoder)."""
+    def after_optimizer_step(self, latents: slice | None = None) -> None:
+        """Re-impose constraints after the optimizer step (the SAE renormalises its decoder) on ``latents`` (default:
+        all; a sharded optimizer's processes that share the parameters each constrain the latents they updated)."""
 
     # ------------------------------------------------------------------ saving
     def config(self) -> dict[str, Any]:
@@ -763,9 +764,10 @@ class BatchTopKSAE(SparseDictionary):
         return [self.W_dec]
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Renormalise decoder rows to unit norm, in place (``crosscoder.kernels.row_projection.normalise_rows``)."""
-        normalise_rows(self.W_dec.detach().flatten(1))
+    def after_optimizer_step(self, latents: slice | None = None) -> None:
+        """Renormalise the decoder rows of ``latents`` (default: all) to unit norm, in place
+        (``crosscoder.kernels.row_projection.normalise_rows``)."""
+        normalise_rows(self.W_dec.detach()[slice(None) if latents is None else latents].flatten(1))
 
     def describe(self) -> str:
         """One sentence for the model card."""

@@ -117,7 +117,7 @@ def test_two_processes_train_the_same_variants_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_the_sharded_optimizer_train_as_one_and_resume_bitwise(tmp_path):
-    """``--shard-optimizer yes`` on gloo (``auto`` shards on NCCL only): each process updates half of every
+    """``--shard-optimizer yes`` (on one host, as ``auto``: through shared memory): each process updates half of every
     parameter; the dictionaries equal one process's (the SAE's renormalised decoder and the dedicated crosscoder's
     per-model decoders included), and a resume from the middle checkpoint ends bitwise where the run ended."""
     names = ("batchtopk_crosscoder", "diff_sae", "dedicated_crosscoder")

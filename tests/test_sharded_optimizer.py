@@ -33,10 +33,10 @@ def local_gradients(step: int, rank: int) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator) for shape in SHAPES]
 
 
-def renormalise(params: list[torch.nn.Parameter]) -> None:
-    """A constraint applied between steps, in place (as the SAE renormalises its decoder rows)."""
+def renormalise(params: list[torch.nn.Parameter], rows: slice = slice(None)) -> None:
+    """A constraint applied between steps, in place, to ``rows`` (as the SAE renormalises its decoder rows)."""
     with torch.no_grad():
-        params[0].div_(params[0].norm(dim=-1, keepdim=True))
+        params[0][rows].div_(params[0][rows].norm(dim=-1, keepdim=True))
 
 
 def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size: int) -> None:
@@ -60,11 +60,18 @@ def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size
                 params[index].grad.data_ptr() == (exchange.storage(place) if exchange else local[index]).data_ptr()
                 for place, index in enumerate(optimizer.split)
             ]
-            optimizer.step(optimizer.clip_factor(max_norm))
-            renormalise(params)
+            # processes sharing the parameters each renormalise the rows they wrote (read-modify-write in place)
+            rows = optimizer.written_rows(len(params[0]))
+            optimizer.step(optimizer.clip_factor(max_norm), lambda rows=rows: renormalise(params, rows))
             history.append([parameter.detach().clone() for parameter in params])
         moments = [optimizer.inner.state[piece]["exp_avg"].numel() for piece in optimizer.slices]
+        in_segment = exchange is not None and params[0].data_ptr() == exchange.parameter(0).data_ptr()
         state = optimizer.state_dict()
+        optimizer.unshare()  # after training: a change one process makes is its own
+        with torch.no_grad():
+            params[0].add_(float(rank))
+        dist.barrier()
+        private = torch.equal(params[0], history[-1][0] + rank)
         reloaded = ShardedAdam(parameters(), context, lr=0.1, betas=(0.9, 0.999))
         reloaded.load_state_dict(state)
         torch.save(
@@ -74,7 +81,10 @@ def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size
                 "state": state,
                 "reloaded": reloaded.state_dict(),
                 "choices": choices,
-                "shared_memory": optimizer.exchange is not None,
+                "shared_memory": exchange is not None,
+                "in_segment": in_segment,
+                "written": (rows.start, rows.stop),
+                "private": private,
                 "stored": stored,
             },
             Path(folder) / f"rank{rank}.pt",
@@ -122,6 +132,10 @@ def test_sharded_adam_on_two_processes_updates_as_one_adam_on_the_summed_gradien
     one_host = local_world_size == 2
     assert [rank["choices"] for rank in ranks] == [[one_host, True, False]] * 2
     assert [rank["shared_memory"] for rank in ranks] == [one_host] * 2
+    # sharing a host, the processes train one copy of the split parameters, each writing its own rows, until unshared
+    assert [rank["in_segment"] for rank in ranks] == [one_host] * 2
+    assert [rank["written"] for rank in ranks] == ([(0, 3), (3, 6)] if one_host else [(0, 6), (0, 6)])
+    assert all(rank["private"] for rank in ranks)
     assert all(all(rank["stored"]) and len(rank["stored"]) == 2 * STEPS for rank in ranks)
     # each process holds half of each evenly split parameter's moments, all of the other one's
     assert [rank["moments"] for rank in ranks] == [[24, 3, 15], [24, 3, 15]]

@@ -1,9 +1,9 @@
 """The shared-memory exchange (crosscoder.training.shared_memory_exchange) among three real gloo processes: the
-reduce-scatter gives each process its chunk of the sum in rank order, step after step (each followed by an
-all-gather through the same rows), whether the gradients were formed elsewhere or in the process's own row; the
-all-gather fills in the other processes' chunks; the segment's file is gone once every process has mapped it; and
-where the segment cannot be made every process falls back (None) with one warning that names the folder and the
-fix."""
+shared parameters start as process 0's; the reduce-scatter gives each process its chunk of the sum in rank order,
+step after step (each followed by every process writing its chunk of the shared parameters), whether the gradients
+were formed elsewhere or in the process's own row; once published, every process reads every process's chunks; the
+segment's file is gone once every process has mapped it; and where the segment cannot be made every process falls
+back (None) with one warning that names the folder and the fix."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         context = Distributed(rank=rank, world_size=WORLD, local_world_size=WORLD)
-        parameters = [torch.full(shape, -1.0) for shape in SHAPES]
+        parameters = [torch.full(shape, -1.0 - rank) for shape in SHAPES]  # equal in training; here told apart
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             exchange = open_exchange(parameters, context, Path(directory))
@@ -42,7 +42,9 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
         left_behind = sorted(path.name for path in Path(directory).glob("*")) if Path(directory).is_dir() else []
         result = {"warnings": [str(warning.message) for warning in caught], "left_behind": left_behind}
         if exchange is not None:
-            sums = []
+            shared = [exchange.parameter(index).view(shape) for index, shape in enumerate(SHAPES)]
+            result["initial"] = [parameter.clone() for parameter in shared]
+            sums, seen = [], []
             for step in range(STEPS):  # as a training step: the gradients summed, then the updated slices shared
                 into = [None if shape == (3,) else torch.empty(torch.Size(shape).numel() // WORLD) for shape in SHAPES]
                 gradients = local_gradients(step, rank)
@@ -53,9 +55,11 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
                     ]
                 exchange.reduce_scatter(gradients, into)
                 sums.append(into)
-                pieces = [torch.full((torch.Size(shape).numel() // WORLD,), 10.0 * step + rank) for shape in SHAPES]
-                exchange.all_gather(pieces, parameters)
-            result.update(sums=sums, parameters=parameters)
+                for parameter in shared:  # the update: this process's chunk only
+                    parameter.view(-1).chunk(WORLD)[rank].fill_(10.0 * step + rank)
+                exchange.published()
+                seen.append([parameter.clone() for parameter in shared])
+            result.update(sums=sums, seen=seen)
         result["exchange"] = exchange is not None
         torch.save(result, Path(folder) / f"rank{rank}.pt")
         dist.barrier()  # every process done with the group before any leaves it (else, rarely, gloo aborts)
@@ -71,7 +75,7 @@ def run(folder: Path, directory: Path) -> list[dict]:
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
-def test_the_exchange_reduce_scatters_and_all_gathers_among_three_processes(tmp_path):
+def test_the_exchange_shares_parameters_and_reduce_scatters_among_three_processes(tmp_path):
     segments = tmp_path / "segments"
     segments.mkdir()
     ranks = run(tmp_path, segments)
@@ -87,12 +91,12 @@ def test_the_exchange_reduce_scatters_and_all_gathers_among_three_processes(tmp_
             chunks = total.reshape(-1).chunk(WORLD)
             for number, rank in enumerate(ranks):
                 assert torch.equal(rank["sums"][step][index], chunks[number]), (step, index, number)
-    last = 10.0 * (STEPS - 1)
-    for number, rank in enumerate(ranks):  # every chunk holds its process's last slice; this process's own as it was
-        for parameter in rank["parameters"]:
-            chunks = parameter.reshape(-1).chunk(WORLD)
-            for peer, chunk in enumerate(chunks):
-                assert torch.all(chunk == (-1.0 if peer == number else last + peer)), (number, peer)
+    for rank in ranks:
+        assert all(torch.all(parameter == -1.0) for parameter in rank["initial"])  # process 0's values
+        for step in range(STEPS):  # every process's chunk, as written before the publication
+            for parameter in rank["seen"][step]:
+                for peer, chunk in enumerate(parameter.reshape(-1).chunk(WORLD)):
+                    assert torch.all(chunk == 10.0 * step + peer), (step, peer)
 
 
 def test_without_room_for_the_segment_every_process_falls_back_with_one_warning(tmp_path):

@@ -202,6 +202,8 @@ def train(
         guard.check(last_checkpoint)
         if step != checkpointed_step:
             last_checkpoint = write_checkpoint(config, trainees, step, tokens, position, logger, context, run_facts)
+        for trainee in trainees:  # the dictionaries returned are each process's own (no memory shared)
+            trainee.finish_training()
         if interrupted is not None:
             logger.finish()
             raise RunInterrupted(

@@ -1,18 +1,19 @@
 """Adam sharded over data-parallel processes (docs/architecture.md §7, ZeRO stage 2): each of N processes keeps
-Adam's moments for, and updates, 1/N of every parameter whose size splits evenly (a contiguous slice of its
-flattened values); the gradients are reduce-scattered (each process receives the sum of its slice only) and the
-updated slices all-gathered into every process's parameters. The other parameters (a size that does not split) are
-all-reduced and updated whole on every process, as before.
+Adam's moments for, and updates, 1/N of every parameter whose rows split evenly (its rows — the latents of a
+latent-major parameter — in rank order); the gradients are reduce-scattered (each process receives the sum of its
+rows only) and the updated rows all-gathered into every process's parameters. The other parameters (rows that do not
+split) are all-reduced and updated whole on every process, as before.
 
 Per step and process this moves the same bytes as all-reducing every gradient (an all-reduce is a reduce-scatter
 then an all-gather) but runs Adam over 1/N of the parameters and holds 1/N of its moments. The collectives of all
 parameters are issued together and awaited once, so they overlap one another (and, on a GPU, the update).
 
-On gloo with every process on one host, the sharded parameters' gradients and slices go through shared memory
-instead (``crosscoder.training.shared_memory_exchange``): gloo's own reduce-scatter and all-gather took 3.1× its
-all-reduce on this project's CPU machine, more than the halved Adam saves, while the shared-memory exchange takes
-less than the all-reduce alone. Used under data parallelism when ``TrainConfig.shard_optimizer`` says so
-(``shards_optimizer``): by default on NCCL, and on gloo when the processes share a host.
+On gloo with every process on one host, the processes share the split parameters and exchange their gradients
+through shared memory instead (``crosscoder.training.shared_memory_exchange``): each updates its rows of the one
+copy in place, so nothing is all-gathered. gloo's own reduce-scatter and all-gather took 3.1× its all-reduce on this
+project's CPU machine, more than the halved Adam saves, while the shared memory takes less than the all-reduce
+alone. Used under data parallelism when ``TrainConfig.shard_optimizer`` says so (``shards_optimizer``): by default
+on NCCL, and on gloo when the processes share a host.
 
 Checkpoints hold Adam's state in the layout of one process (``state_dict`` gathers it; ``load_state_dict`` takes
 this process's slices), so a checkpoint does not depend on how its run was parallelised.
@@ -20,6 +21,7 @@ this process's slices), so a checkpoint does not depend on how its run was paral
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,14 +49,21 @@ class ShardedAdam:
     ``inner`` is the torch Adam over this process's slices (the learning-rate schedule drives it). Past
     ``reduce_gradients`` a sharded parameter's ``grad`` is storage for the next backward (``StepBuffers`` lends it),
     not a gradient: its place in the shared-memory exchange's row, where the next reduce-scatter reads it without a
-    copy, or, without the exchange (NCCL; gloo across hosts), the local gradient."""
+    copy, or, without the exchange (NCCL; gloo across hosts), the local gradient. With the exchange the sharded
+    parameters' values live in shared memory from construction on (``shared``), until ``unshare``."""
 
     def __init__(
         self, parameters: list[torch.nn.Parameter], context: Distributed, lr: float, betas: tuple[float, float]
     ) -> None:
         self.parameters, self.context = list(parameters), context
         world = context.world_size
-        self.sharded = [parameter.numel() % world == 0 for parameter in self.parameters]
+        self.sharded = [parameter.dim() > 0 and len(parameter) % world == 0 for parameter in self.parameters]
+        self.split = [index for index, sharded in enumerate(self.sharded) if sharded]  # the sharded ones' positions
+        shared = torch.distributed.get_backend() == "gloo" and bool(self.split)
+        self.exchange = open_exchange([self.parameters[index] for index in self.split], context) if shared else None
+        if self.exchange is not None:  # every process trains the one copy (process 0's values)
+            for place, index in enumerate(self.split):
+                self.parameters[index].data = self.exchange.parameter(place).view_as(self.parameters[index])
         # views into the parameters: a change the dictionary makes to them (the SAE's renormalisation) is Adam's too
         self.slices = [
             parameter.detach().view(-1).chunk(world)[context.rank] if sharded else parameter
@@ -67,10 +76,31 @@ class ShardedAdam:
             torch.empty_like(piece) if sharded else None
             for piece, sharded in zip(self.slices, self.sharded, strict=True)
         ]
-        self.split = [index for index, sharded in enumerate(self.sharded) if sharded]  # the sharded ones' positions
-        on_gloo = torch.distributed.get_backend() == "gloo"
-        shared = on_gloo and bool(self.split)
-        self.exchange = open_exchange([self.parameters[index] for index in self.split], context) if shared else None
+
+    @property
+    def shared(self) -> bool:
+        """Whether the processes share the sharded parameters' memory (the shared-memory exchange)."""
+        return self.exchange is not None
+
+    def written_rows(self, count: int) -> slice:
+        """The rows of a parameter of ``count`` rows that this process's ``step`` writes where the processes share
+        the parameters and its rows split: its own, in rank order; else all of them (each process updates its own
+        copy whole, or all-gathers the others' rows into it)."""
+        if not self.shared or count % self.context.world_size:
+            return slice(0, count)
+        size = count // self.context.world_size
+        return slice(self.context.rank * size, (self.context.rank + 1) * size)
+
+    def unshare(self) -> None:
+        """Give every parameter memory of its own again (a copy of the shared values) and drop the exchange: for use
+        after training (a process that then changes a dictionary in place changes its own). Stepping ends here."""
+        if self.exchange is None:
+            return
+        for index in self.split:
+            parameter = self.parameters[index]
+            parameter.data = parameter.data.clone()
+            parameter.grad = None  # its storage was in the segment
+        self.exchange = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -121,22 +151,27 @@ class ShardedAdam:
         return clip_factor(global_norm(sliced, whole, self.context), max_norm)
 
     @torch.no_grad()
-    def step(self, clip: torch.Tensor | None = None) -> None:
+    def step(self, clip: torch.Tensor | None = None, constraint: Callable[[], None] | None = None) -> None:
         """Adam on this process's slices (and the whole parameters) with their gradients scaled by ``clip`` (see
-        ``clipping.step_clipped``), then every process's slices all-gathered into the parameters."""
+        ``clipping.step_clipped``), then ``constraint`` (the dictionary's ``after_optimizer_step`` on the rows
+        ``written_rows`` names), then every process's slices in every process's parameters: shared, once every
+        process has written its own; else all-gathered (before the constraint, which then sees whole parameters)."""
         step_clipped(self.inner, clip)
-        parameters = [self.parameters[index].detach() for index in self.split]
-        pieces = [self.slices[index] for index in self.split]
         if self.exchange is not None:
-            self.exchange.all_gather(pieces, parameters)
+            if constraint is not None:
+                constraint()
+            self.exchange.published()
             return
-        inputs = [piece.clone() for piece in pieces]  # an input must not alias its output; referenced until done
+        parameters = [self.parameters[index].detach() for index in self.split]
+        inputs = [self.slices[index].clone() for index in self.split]  # an input must not alias its output
         handles = [
             self.context.all_gather_into(parameter.view(-1), piece, async_op=True)
             for parameter, piece in zip(parameters, inputs, strict=True)
         ]
-        for handle in handles:
+        for handle in handles:  # the inputs stay referenced until done
             handle.wait()
+        if constraint is not None:
+            constraint()
 
     def state_dict(self) -> dict[str, Any]:
         """Adam's state as one process's Adam over the whole parameters would hold it (a collective call)."""
@@ -168,7 +203,6 @@ class ShardedAdam:
 
 
 def _as_rows(piece: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-    """A slice of ``parameter``'s flattened values (``piece``, 1-d) as the rows of ``parameter`` it holds, where it
-    holds whole rows (the clipping norm sums each row's squares in float32: the same rows as one process's)."""
-    width = parameter[0].numel() if parameter.dim() > 1 else 1
-    return piece.view(-1, width) if piece.numel() % width == 0 else piece
+    """This process's slice of ``parameter``'s flattened values (``piece``, 1-d: whole rows) as those rows (the
+    clipping norm sums each row's squares in float32: the same rows as one process's)."""
+    return piece.view(-1, *parameter.shape[1:])

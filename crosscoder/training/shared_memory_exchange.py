@@ -1,18 +1,23 @@
-"""The sharded optimizer's two collectives through one shared-memory segment, for data-parallel processes on one host
-over gloo (docs/architecture.md §7): the gradients' reduce-scatter and the updated slices' all-gather.
+"""The sharded optimizer's parameters and gradient reduce-scatter in one shared-memory segment, for data-parallel
+processes on one host over gloo (docs/architecture.md §7).
 
 gloo moves every byte through a local TCP socket: on this project's 2-core CPU machine its all-reduce of 134 MB of
 gradients took 81-118 ms of CPU and its reduce-scatter plus all-gather 3.1× that. Processes on one host can instead
-read one another's memory: each forms its gradients in its own row of a shared segment (the storage its next
-backward writes into, ``storage``; gradients formed elsewhere are copied in), and after a barrier sums its own 1/N
-chunk of every parameter, its gradient's and the others' rows' (the reduce-scatter, in rank order: the additions of
-one process summing the N gradients); after Adam each writes its updated slices into the one place of its row no
-other process reads (its own chunks) and, after a barrier, copies the other processes' slices from their rows into
-its parameters (the all-gather). The segment holds N rows of the parameters' size: as many values as the N
-processes' gradients, which then take no memory of their own. Timed inside the training step there, with the
-gradients copied in, the two took 16-24 ms and 13-18 ms, barriers included; formed in place (no copy, and no fresh
-gradient memory paged in each step), the sharded optimizer's 2-process scaling rose from 1.65 to 1.75 (README,
-bench/scaling.py).
+read one another's memory. The segment holds N rows of gradients (one per process) and one copy of the parameters,
+which every process trains in place of its own:
+
+- each process forms its gradients in its own row (the storage its next backward writes into, ``storage``;
+  gradients formed elsewhere are copied in) and, after a barrier, sums its own 1/N chunk of every parameter, its
+  gradient's and the others' rows' (the reduce-scatter, in rank order: the additions of one process summing the N
+  gradients), then updates that chunk of the shared parameters in place;
+- a second barrier (``published``) then leaves every process the whole updated parameters — nothing is copied back
+  (the all-gather is gone) — and frees the rows for the next backward.
+
+The segment holds N + 1 parameters' worth of values: as many as the N processes' gradients plus one copy of the
+parameters, which then take no memory of their own (N − 1 copies fewer than private parameters). Timed inside the
+training step at B = 4,096, F = 16,384 (2 processes of one thread), the sum took 12-19 ms and the private
+parameters' all-gather 20-22 ms (writing this process's slice into its row, then copying the other's out), barriers
+included, which the shared parameters save.
 
 The segment is a file in ``/dev/shm`` that every process maps and process 0 unlinks as soon as all have mapped it,
 so nothing is left behind once training runs, however it ends. Its pages are reserved when it is created
@@ -37,26 +42,33 @@ SHARED_MEMORY = Path("/dev/shm")
 
 
 class SharedMemoryExchange:
-    """Reduce-scatter and all-gather of parameters of ``sizes`` values (each divisible by N) among the N processes of
-    ``context``, all on this host, through ``segment`` [N, sum(sizes)] (one row per process) of their dtype. Build
-    it with ``open_exchange``; each method is a collective call (every process calls it, in the same order)."""
+    """Parameters of ``sizes`` values (each divisible by N) shared by the N processes of ``context``, all on this host,
+    and their gradients' reduce-scatter, through ``segment`` [N + 1, sum(sizes)] of their dtype: one row of gradients
+    per process, then the parameters. Build it with ``open_exchange``; ``reduce_scatter`` and ``published`` are
+    collective calls (every process calls them, in the same order, alternately)."""
 
     def __init__(self, segment: torch.Tensor, sizes: list[int], context: Distributed) -> None:
-        self.context, self.rows = context, segment
+        self.context, self.rows, self.shared = context, segment[:-1], segment[-1]
         self.chunks = [_chunks(sum(sizes[:index]), size, context.world_size) for index, size in enumerate(sizes)]
         self.places = [slice(sum(sizes[:index]), sum(sizes[: index + 1])) for index in range(len(sizes))]
 
+    def parameter(self, index: int) -> torch.Tensor:
+        """Parameter ``index``'s values [size_index], the same memory in every process: a process writes only its own
+        chunk of them, between ``reduce_scatter`` and ``published``; every process reads them whole after."""
+        return self.shared[self.places[index]]
+
     def storage(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s place in this process's row [size_index]: where a local gradient can be formed so
-        that ``reduce_scatter`` reads it there instead of copying it in (the next backward's storage; what it holds
-        between steps is no gradient: ``all_gather`` passes the updated slice through this process's own chunk)."""
+        that ``reduce_scatter`` reads it there instead of copying it in (the next backward's storage, writable again
+        once ``published`` returns)."""
         return self.rows[self.context.rank, self.places[index]]
 
     def reduce_scatter(self, gradients: list[torch.Tensor | None], into: list[torch.Tensor | None]) -> None:
         """``into[i]`` [size_i / N] ← this process's chunk of the sum over processes of ``gradients[i]`` [any shape,
         size_i values, contiguous], added in rank order; both None for a parameter without a gradient (on every process
         alike). Each process writes to its row only the chunks the others sum, and nothing where the gradient was
-        formed in its place in the row (``storage``)."""
+        formed in its place in the row (``storage``). The rows are read until every process has called
+        ``published``: no process writes them again before."""
         rank, row = self.context.rank, self.rows[self.context.rank]
         for index, (chunks, gradient) in enumerate(zip(self.chunks, gradients, strict=True)):
             if gradient is not None and gradient.data_ptr() != self.storage(index).data_ptr():  # else already there
@@ -74,21 +86,11 @@ class SharedMemoryExchange:
                 torch.add(terms[0], terms[1], out=out)
                 for term in terms[2:]:
                     out.add_(term)
-        dist.barrier()  # every chunk read: the rows may be written again
 
-    def all_gather(self, pieces: list[torch.Tensor], parameters: list[torch.Tensor]) -> None:
-        """Every process's ``pieces[i]`` [size_i / N] into its chunk of ``parameters[i]`` (size_i values, contiguous;
-        this process's own chunk is left as it is), through each process's own chunks of its row (which
-        ``reduce_scatter`` leaves unused)."""
-        rank = self.context.rank
-        for chunks, piece in zip(self.chunks, pieces, strict=True):
-            self.rows[rank, chunks[rank][0]].copy_(piece)
-        dist.barrier()  # every slice written
-        for chunks, parameter in zip(self.chunks, parameters, strict=True):
-            for peer, (shared, local) in enumerate(chunks):
-                if peer != rank:
-                    parameter.view(-1)[local].copy_(self.rows[peer, shared])
-        dist.barrier()  # every slice read: the rows may be written again
+    def published(self) -> None:
+        """Wait until every process has updated its chunks of the parameters (and read the rows it sums): then the
+        parameters are whole in every process, and the rows free for the next backward."""
+        dist.barrier()
 
 
 def _chunks(start: int, size: int, world: int) -> list[tuple[slice, slice]]:
@@ -102,13 +104,14 @@ def _chunks(start: int, size: int, world: int) -> list[tuple[slice, slice]]:
 def open_exchange(
     parameters: list[torch.Tensor], context: Distributed, directory: Path = SHARED_MEMORY
 ) -> SharedMemoryExchange | None:
-    """The exchange for ``parameters`` (on the CPU, of one dtype, each splitting evenly over the processes) when
-    every process of ``context`` runs on this host and ``directory`` holds its segment; else None (a warning says
-    why). A collective call: every process gets the same answer."""
+    """The exchange for ``parameters`` (on the CPU, of one dtype, each splitting evenly over the processes; equal in
+    every process) when every process of ``context`` runs on this host and ``directory`` holds its segment, its
+    shared parameters holding process 0's values; else None (a warning says why). A collective call: every process
+    gets the same answer."""
     if not context.single_host:
         return None
     sizes, dtype = [parameter.numel() for parameter in parameters], parameters[0].dtype
-    nbytes = context.world_size * sum(sizes) * dtype.itemsize
+    nbytes = (context.world_size + 1) * sum(sizes) * dtype.itemsize
     name, problem = None, None
     if context.rank == 0:
         name, problem = _create(directory, nbytes)
@@ -119,6 +122,9 @@ def open_exchange(
             segment = _map(directory / name, nbytes, dtype)
         except OSError as error:
             problem = f"process {context.rank} could not map {directory / name}: {error}"
+    if segment is not None and context.rank == 0:  # before the check below, which every process passes after
+        shared = segment[-sum(sizes) :]
+        torch.cat([parameter.detach().reshape(-1) for parameter in parameters], out=shared)
     everyone = context.every_process(segment is not None)  # every process has mapped it (or given up)
     if context.rank == 0 and name is not None:
         (directory / name).unlink()
@@ -132,7 +138,7 @@ def open_exchange(
                 stacklevel=2,
             )
         return None
-    return SharedMemoryExchange(segment.view(context.world_size, sum(sizes)), sizes, context)
+    return SharedMemoryExchange(segment.view(context.world_size + 1, sum(sizes)), sizes, context)
 
 
 def _create(directory: Path, nbytes: int) -> tuple[str | None, str | None]:

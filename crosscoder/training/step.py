@@ -147,11 +147,12 @@ def training_step(
         shared.check_complete()
     if buffers is not None:
         buffers.drop_gradients()  # any kept that no backward wrote into
-    if isinstance(optimizer, ShardedAdam):
-        optimizer.step(clip)
+    if isinstance(optimizer, ShardedAdam):  # processes sharing the parameters each constrain the latents they wrote
+        written = optimizer.written_rows(dictionary.dict_size)
+        optimizer.step(clip, lambda: dictionary.after_optimizer_step(written))
     else:
         step_clipped(optimizer, clip)  # the clipping's multiply, or a fused Adam's unscaling
-    dictionary.after_optimizer_step()
+        dictionary.after_optimizer_step()
     return StepResult(loss.detach(), {name: value.detach() for name, value in losses.items()}, active, min_kept_score)
 
 

@@ -99,6 +99,12 @@ class Trainee:
                 self.loss_sums[name] = self.loss_sums.get(name, 0) + value
         return result.loss
 
+    def finish_training(self) -> None:
+        """End the stepping: the dictionary's parameters become this process's own again where a sharded optimizer
+        shared them between processes (``ShardedAdam.unshare``)."""
+        if isinstance(self.optimizer, ShardedAdam):
+            self.optimizer.unshare()
+
     @torch.no_grad()
     def scores_finite(self, x: torch.Tensor) -> bool:
         """Whether the scores f·c the dictionary ranks are finite on raw x: [batch, n_sources, d_model] (one host
