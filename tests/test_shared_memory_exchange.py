@@ -1,9 +1,9 @@
 """The shared-memory exchange (crosscoder.training.shared_memory_exchange) among three real gloo processes: the
 shared parameters start as process 0's; the reduce-scatter gives each process its chunk of the sum in rank order,
-step after step (each followed by every process writing its chunk of the shared parameters), whether the gradients
-were formed elsewhere or in the process's own row; once published, every process reads every process's chunks; the
-segment's file is gone once every process has mapped it; and where the segment cannot be made every process falls
-back (None) with one warning that names the folder and the fix."""
+with the squared norms of the summed rows, step after step (each followed by every process writing its chunk of the
+shared parameters), whether the gradients were formed elsewhere or in the process's own row; once published, every
+process reads every process's chunks; the segment's file is gone once every process has mapped it; and where the
+segment cannot be made every process falls back (None) with one warning that names the folder and the fix."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from crosscoder.distributed import Distributed
+from crosscoder.kernels.sparse_decode import row_squared_norms
 from crosscoder.training.shared_memory_exchange import open_exchange
 
 WORLD = 3
@@ -44,7 +45,7 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
         if exchange is not None:
             shared = [exchange.parameter(index).view(shape) for index, shape in enumerate(SHAPES)]
             result["initial"] = [parameter.clone() for parameter in shared]
-            sums, seen = [], []
+            sums, seen, squares = [], [], []
             for step in range(STEPS):  # as a training step: the gradients summed, then the updated slices shared
                 into = [None if shape == (3,) else torch.empty(torch.Size(shape).numel() // WORLD) for shape in SHAPES]
                 gradients = local_gradients(step, rank)
@@ -53,13 +54,13 @@ def _worker(rank: int, folder: str, port: int, directory: str) -> None:
                         None if gradient is None else exchange.storage(index).view_as(gradient).copy_(gradient)
                         for index, gradient in enumerate(gradients)
                     ]
-                exchange.reduce_scatter(gradients, into)
+                squares.append(exchange.reduce_scatter(gradients, into))
                 sums.append(into)
                 for parameter in shared:  # the update: this process's chunk only
                     parameter.view(-1).chunk(WORLD)[rank].fill_(10.0 * step + rank)
                 exchange.published()
                 seen.append([parameter.clone() for parameter in shared])
-            result.update(sums=sums, seen=seen)
+            result.update(sums=sums, seen=seen, squares=squares)
         result["exchange"] = exchange is not None
         torch.save(result, Path(folder) / f"rank{rank}.pt")
         dist.barrier()  # every process done with the group before any leaves it (else, rarely, gloo aborts)
@@ -85,12 +86,13 @@ def test_the_exchange_shares_parameters_and_reduce_scatters_among_three_processe
         gradients = [local_gradients(step, rank) for rank in range(WORLD)]
         for index in range(len(SHAPES)):
             if gradients[0][index] is None:
-                assert all(rank["sums"][step][index] is None for rank in ranks)
+                assert all(rank["sums"][step][index] is None and rank["squares"][step][index] is None for rank in ranks)
                 continue
             total = gradients[0][index] + gradients[1][index] + gradients[2][index]  # in rank order
-            chunks = total.reshape(-1).chunk(WORLD)
-            for number, rank in enumerate(ranks):
-                assert torch.equal(rank["sums"][step][index], chunks[number]), (step, index, number)
+            for number, (rank, rows) in enumerate(zip(ranks, total.chunk(WORLD), strict=True)):
+                assert torch.equal(rank["sums"][step][index], rows.reshape(-1)), (step, index, number)
+                # the clipping norm's squares of the summed rows, formed with the sum
+                assert torch.equal(rank["squares"][step][index], row_squared_norms(rows.reshape(len(rows), -1)))
     for rank in ranks:
         assert all(torch.all(parameter == -1.0) for parameter in rank["initial"])  # process 0's values
         for step in range(STEPS):  # every process's chunk, as written before the publication

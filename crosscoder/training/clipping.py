@@ -46,16 +46,17 @@ def global_norm(
     whole: list[torch.Tensor],
     context: Distributed | None = None,
     known_squares: list[torch.Tensor] | None = None,
+    known_sharded_squares: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The L2 norm (0-d, the gradients' dtype) of gradients of which ``sharded`` are this process's rows of gradients
     split over the processes of ``context`` (their squares summed over processes) and ``whole`` gradients every process
     holds alike (counted once), as one process holding them all computes it (``squared_norm`` of each, summed in
-    float64); ``known_squares``: the float64 squared norms (0-d) of further whole gradients, known without reading
-    them."""
-    known = list(known_squares or [])
+    float64); ``known_squares`` and ``known_sharded_squares``: the float64 squared norms (0-d) of further whole
+    gradients and of this process's rows of further split ones, known without reading them."""
+    known, known_split = list(known_squares or []), list(known_sharded_squares or [])
     dtype = (sharded + whole)[0].dtype if sharded or whole else torch.float32
-    zero = (sharded + whole + known)[0].new_zeros((), dtype=torch.float64)
-    split = sum((squared_norm(grad) for grad in sharded), zero)
+    zero = (sharded + whole + known + known_split)[0].new_zeros((), dtype=torch.float64)
+    split = sum((squared_norm(grad) for grad in sharded), sum(known_split, zero))
     if context is not None:
         split = context.all_reduce(split)
     return (split + sum(known, zero) + sum((squared_norm(grad) for grad in whole), zero)).sqrt().to(dtype)

@@ -76,6 +76,8 @@ class ShardedAdam:
             torch.empty_like(piece) if sharded else None
             for piece, sharded in zip(self.slices, self.sharded, strict=True)
         ]
+        # by position in ``split``: the squared norms of the summed rows, where the exchange formed them with the sum
+        self.row_squares: list[torch.Tensor | None] = [None] * len(self.split)
 
     @property
     def shared(self) -> bool:
@@ -126,7 +128,7 @@ class ShardedAdam:
             elif parameter.grad is not None:
                 handles.append(self.context.all_reduce_async(parameter.grad))
         if self.exchange is not None:
-            self.exchange.reduce_scatter(local, [self.slices[index].grad for index in self.split])
+            self.row_squares = self.exchange.reduce_scatter(local, [self.slices[index].grad for index in self.split])
         for handle in handles:
             handle.wait()
         # the storage the next backward writes the local gradients into (StepBuffers takes each parameter's grad):
@@ -138,17 +140,22 @@ class ShardedAdam:
 
     def clip_factor(self, max_norm: float) -> torch.Tensor | None:
         """The factor that scales the reduced gradients to a global norm of at most ``max_norm`` (``clipping``'s:
-        the slices' squares summed over processes, the whole parameters' counted once); None: nothing to scale."""
-        pieces = [(piece.grad, sharded) for piece, sharded in zip(self.slices, self.sharded, strict=True)]
-        sliced = [
-            _as_rows(grad, parameter)
-            for (grad, sharded), parameter in zip(pieces, self.parameters, strict=True)
-            if grad is not None and sharded
-        ]
-        whole = [grad for grad, sharded in pieces if grad is not None and not sharded]
-        if not sliced and not whole:
+        the slices' squares summed over processes — their rows' squares from the reduce-scatter where it formed them
+        — the whole parameters' counted once); None: nothing to scale."""
+        known = dict(zip(self.split, self.row_squares, strict=True))
+        sliced, summed, whole = [], [], []
+        for index, (piece, sharded) in enumerate(zip(self.slices, self.sharded, strict=True)):
+            if piece.grad is None:
+                continue
+            if not sharded:
+                whole.append(piece.grad)
+            elif known[index] is not None:
+                summed.append(known[index].sum())
+            else:
+                sliced.append(_as_rows(piece.grad, self.parameters[index]))
+        if not sliced and not summed and not whole:
             return None
-        return clip_factor(global_norm(sliced, whole, self.context), max_norm)
+        return clip_factor(global_norm(sliced, whole, self.context, known_sharded_squares=summed), max_norm)
 
     @torch.no_grad()
     def step(self, clip: torch.Tensor | None = None, constraint: Callable[[], None] | None = None) -> None:

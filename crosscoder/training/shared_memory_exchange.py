@@ -37,18 +37,20 @@ import torch
 import torch.distributed as dist
 
 from crosscoder.distributed import Distributed
+from crosscoder.kernels.row_sums import sum_rows
 
 SHARED_MEMORY = Path("/dev/shm")
 
 
 class SharedMemoryExchange:
-    """Parameters of ``sizes`` values (each divisible by N) shared by the N processes of ``context``, all on this host,
-    and their gradients' reduce-scatter, through ``segment`` [N + 1, sum(sizes)] of their dtype: one row of gradients
-    per process, then the parameters. Build it with ``open_exchange``; ``reduce_scatter`` and ``published`` are
-    collective calls (every process calls them, in the same order, alternately)."""
+    """Parameters of ``sizes`` values in rows of ``widths`` values (the rows of each divisible by N) shared by the N
+    processes of ``context``, all on this host, and their gradients' reduce-scatter, through ``segment`` [N + 1,
+    sum(sizes)] of their dtype: one row of gradients per process, then the parameters. Build it with
+    ``open_exchange``; ``reduce_scatter`` and ``published`` are collective calls (every process calls them, in the
+    same order, alternately)."""
 
-    def __init__(self, segment: torch.Tensor, sizes: list[int], context: Distributed) -> None:
-        self.context, self.rows, self.shared = context, segment[:-1], segment[-1]
+    def __init__(self, segment: torch.Tensor, sizes: list[int], widths: list[int], context: Distributed) -> None:
+        self.context, self.rows, self.shared, self.widths = context, segment[:-1], segment[-1], widths
         self.chunks = [_chunks(sum(sizes[:index]), size, context.world_size) for index, size in enumerate(sizes)]
         self.places = [slice(sum(sizes[:index]), sum(sizes[: index + 1])) for index in range(len(sizes))]
 
@@ -63,12 +65,15 @@ class SharedMemoryExchange:
         once ``published`` returns)."""
         return self.rows[self.context.rank, self.places[index]]
 
-    def reduce_scatter(self, gradients: list[torch.Tensor | None], into: list[torch.Tensor | None]) -> None:
+    def reduce_scatter(
+        self, gradients: list[torch.Tensor | None], into: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
         """``into[i]`` [size_i / N] ← this process's chunk of the sum over processes of ``gradients[i]`` [any shape,
         size_i values, contiguous], added in rank order; both None for a parameter without a gradient (on every process
-        alike). Each process writes to its row only the chunks the others sum, and nothing where the gradient was
-        formed in its place in the row (``storage``). The rows are read until every process has called
-        ``published``: no process writes them again before."""
+        alike). Returns each sum's rows' squared norms (float64 [rows], ``row_sums.sum_rows``: formed in the same pass;
+        None for None), which the clipping norm sums. Each process writes to its row only the chunks the others sum,
+        and nothing where the gradient was formed in its place in the row (``storage``). The rows are read until
+        every process has called ``published``: no process writes them again before."""
         rank, row = self.context.rank, self.rows[self.context.rank]
         for index, (chunks, gradient) in enumerate(zip(self.chunks, gradients, strict=True)):
             if gradient is not None and gradient.data_ptr() != self.storage(index).data_ptr():  # else already there
@@ -76,16 +81,18 @@ class SharedMemoryExchange:
                     if peer != rank:
                         row[shared].copy_(gradient.reshape(-1)[local])
         dist.barrier()  # every row written
-        for chunks, gradient, out in zip(self.chunks, gradients, into, strict=True):
-            if out is not None:
-                shared, local = chunks[rank]
-                terms = [
-                    gradient.reshape(-1)[local] if peer == rank else self.rows[peer, shared]
-                    for peer in range(self.context.world_size)
-                ]
-                torch.add(terms[0], terms[1], out=out)
-                for term in terms[2:]:
-                    out.add_(term)
+        squares: list[torch.Tensor | None] = []
+        for chunks, gradient, out, width in zip(self.chunks, gradients, into, self.widths, strict=True):
+            if out is None:
+                squares.append(None)
+                continue
+            shared, local = chunks[rank]
+            terms = [
+                gradient.reshape(-1)[local] if peer == rank else self.rows[peer, shared]
+                for peer in range(self.context.world_size)
+            ]
+            squares.append(sum_rows([term.view(-1, width) for term in terms], out.view(-1, width)))
+        return squares
 
     def published(self) -> None:
         """Wait until every process has updated its chunks of the parameters (and read the rows it sums): then the
@@ -104,8 +111,8 @@ def _chunks(start: int, size: int, world: int) -> list[tuple[slice, slice]]:
 def open_exchange(
     parameters: list[torch.Tensor], context: Distributed, directory: Path = SHARED_MEMORY
 ) -> SharedMemoryExchange | None:
-    """The exchange for ``parameters`` (on the CPU, of one dtype, each splitting evenly over the processes; equal in
-    every process) when every process of ``context`` runs on this host and ``directory`` holds its segment, its
+    """The exchange for ``parameters`` (on the CPU, of one dtype, the rows of each splitting evenly over the processes;
+    equal in every process) when every process of ``context`` runs on this host and ``directory`` holds its segment, its
     shared parameters holding process 0's values; else None (a warning says why). A collective call: every process
     gets the same answer."""
     if not context.single_host:
@@ -138,7 +145,8 @@ def open_exchange(
                 stacklevel=2,
             )
         return None
-    return SharedMemoryExchange(segment.view(context.world_size + 1, sum(sizes)), sizes, context)
+    widths = [parameter[0].numel() if parameter.dim() > 1 else 1 for parameter in parameters]
+    return SharedMemoryExchange(segment.view(context.world_size + 1, sum(sizes)), sizes, widths, context)
 
 
 def _create(directory: Path, nbytes: int) -> tuple[str | None, str | None]:
