@@ -161,12 +161,13 @@ def glibc_with_mallinfo2() -> bool:
 @pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc's malloc statistics")
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's memory manager")
 def test_importing_crosscoder_before_torch_has_gemm_buffers_freed_after_each_product():
-    """MKL keeps ~10 MB of a [4,096, 512] × [512, 512] product's buffers for the life of the process unless the
-    variable is set before torch loads it; an empty value (a choice made before) keeps them, as does importing torch
+    """MKL keeps a [4,096, 512] × [512, 512] product's buffers (~10 MB on an Intel Xeon, ~2 MB on an AMD EPYC, this
+    project's two kinds of machine; 0.01 MB freed) for the life of the process unless the variable is set before torch
+    loads it; an empty value (a choice made before) keeps them, as does importing torch
     first."""
     freed = probe(GEMM_BUFFERS_PROBE, "crosscoder first")
-    assert freed["variable"] == "1" and abs(freed["kept_mb"]) < 1
+    assert freed["variable"] == "1" and abs(freed["kept_mb"]) < 0.5
     cached = probe(GEMM_BUFFERS_PROBE, "crosscoder first", MKL_DISABLE_FAST_MM="")
-    assert cached["variable"] == "" and cached["kept_mb"] > 4
+    assert cached["variable"] == "" and cached["kept_mb"] > 1
     too_late = probe(GEMM_BUFFERS_PROBE, "torch first")
-    assert too_late["variable"] is None and too_late["kept_mb"] > 4
+    assert too_late["variable"] is None and too_late["kept_mb"] > 1
