@@ -64,7 +64,7 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:09d}.pt"
     temporary = folder / f".{path.name}.tmp"
-    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state}
+    payload = _with_own_storage({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state})
     with open(temporary, "wb") as handle:
         writer = _HashingWriter(handle)
         torch.save(payload, writer)
@@ -76,6 +76,20 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
         old.unlink()
         checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def _with_own_storage(value: Any) -> Any:
+    """``value`` (dicts, lists and tuples of tensors and plain values) with every tensor that views part of a larger
+    storage replaced by a copy: ``torch.save`` writes a tensor's whole storage, and a data-parallel run's parameters
+    on one host are views into one segment that also holds every process's gradients (3× their bytes with 2
+    processes)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() > value.numel() * value.element_size() else value
+    if isinstance(value, dict):
+        return {key: _with_own_storage(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_with_own_storage(item) for item in value)
+    return value
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

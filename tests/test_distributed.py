@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import crosscoder
 from crosscoder import TrainConfig
+from crosscoder.checkpoint import load_checkpoint
 from crosscoder.distributed import Distributed
 from crosscoder.sharding import shards_latents
 from crosscoder.training.batches import default_batches
@@ -124,6 +125,11 @@ def test_two_processes_with_the_sharded_optimizer_train_as_one_and_resume_bitwis
     arguments = [*ARGS, "--architectures", "batchtopk", "diff_sae", "dedicated", "--shard-optimizer", "yes"]
     arguments += ["--keep-checkpoints", "3"]
     assert_two_processes_train_as_one(tmp_path, arguments, names)
+    # the parameters the processes shared are checkpointed as themselves, not with the segment they were views into
+    saved = load_checkpoint(tmp_path / "two" / "synthetic" / "checkpoints" / "step_000000020.pt")
+    for name in names:
+        for key, tensor in saved["dictionaries"][name]["state_dict"].items():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), f"{name}.{key}"
     command = [*torchrun(), str(TRAIN), *arguments, "--output-dir", str(tmp_path / "two")]
     assert_resuming_from_the_middle_ends_bitwise_equal(command, tmp_path / "two" / "synthetic", names, tmp_path)
 

@@ -33,6 +33,7 @@ def test_the_sum_and_its_row_squares_are_torchs_add_and_row_squared_norms(count,
         squares, expected_squares = sum_rows(parts, out), row_squared_norms(expected)
     assert torch.equal(out, expected)
     assert squares.dtype == torch.float64 and torch.equal(squares, expected_squares)
+    torch.testing.assert_close(squares, expected.double().pow(2).sum(1), rtol=1e-5, atol=0)  # the rows' own squares
 
 
 def test_the_portable_build_without_avx512_gives_the_same_values_bit_for_bit(portable_build) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import crosscoder
 from crosscoder.cache import ActivationCache
-from crosscoder.checkpoint import checksum_path, list_checkpoints, load_checkpoint
+from crosscoder.checkpoint import checksum_path, list_checkpoints, load_checkpoint, save_checkpoint
 from crosscoder.chunks import ActivationChunk
 from crosscoder.errors import CheckpointError, ConfigError, CrosscoderError, NonFiniteError, OutputExistsError
 from crosscoder.synthetic import PlantedActivations
@@ -385,6 +385,17 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_and_the_previous_one_is_named
     follow_the_advice(str(error.value))
     crosscoder.train(config, planted())
     assert crosscoder.load_dictionary(config.run_dir / "batchtopk_crosscoder").metadata["training_steps"] == 40
+
+
+def test_a_view_into_a_larger_tensor_is_checkpointed_as_its_own_values(tmp_path):
+    """torch.save writes a tensor's whole storage: a view (a data-parallel run's parameters in the segment they share
+    with every process's gradients) is saved as a copy, and the file holds its values only."""
+    segment = torch.arange(3_000, dtype=torch.float32)
+    view = segment[1_000:1_010].view(2, 5)
+    path = save_checkpoint({"dictionaries": {"a": {"state_dict": {"W": view}}}}, tmp_path, step=1, keep=1)
+    saved = load_checkpoint(path)["dictionaries"]["a"]["state_dict"]["W"]
+    assert torch.equal(saved, view)
+    assert saved.untyped_storage().nbytes() == 10 * 4 and path.stat().st_size < 3_000 * 4
 
 
 def test_checkpoints_written_before_checksums_are_read(tmp_path):

@@ -34,9 +34,11 @@ def local_gradients(step: int, rank: int) -> list[torch.Tensor]:
 
 
 def renormalise(params: list[torch.nn.Parameter], rows: slice = slice(None)) -> None:
-    """A constraint applied between steps, in place, to ``rows`` (as the SAE renormalises its decoder rows)."""
+    """A constraint applied between steps, in place, to ``rows`` (where the SAE renormalises its decoder rows): halving
+    them — unlike a renormalisation, not idempotent, so a row of the shared parameters that both processes constrained
+    would show."""
     with torch.no_grad():
-        params[0][rows].div_(params[0][rows].norm(dim=-1, keepdim=True))
+        params[0][rows].mul_(0.5)
 
 
 def _worker(rank: int, folder: str, port: int, max_norm: float, local_world_size: int) -> None:

@@ -102,7 +102,7 @@ class ShardedAdam:
             parameter = self.parameters[index]
             parameter.data = parameter.data.clone()
             parameter.grad = None  # its storage was in the segment
-        self.exchange = None
+        self.exchange, self.row_squares = None, [None] * len(self.split)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
