@@ -29,7 +29,7 @@ def sum_rows(terms: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     library = None
     if out.dtype == torch.float32 and c_kernel_allowed(out.device) and out.is_contiguous() and out.shape[1] > 1:
         library = _row_sums_library()
-    if library is None:  # one value a row: row_squared_norms squares it, as the kernel would
+    if library is None:  # the reference (and rows of one value, which row_squared_norms squares as the kernel would)
         torch.add(terms[0], terms[1], out=out)
         for term in terms[2:]:
             out.add_(term)

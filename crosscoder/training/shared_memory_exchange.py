@@ -53,14 +53,14 @@ class SharedMemoryExchange:
     same order, alternately)."""
 
     def __init__(self, segment: torch.Tensor, sizes: list[int], widths: list[int], context: Distributed) -> None:
-        self.context, self.rows, self.shared, self.widths = context, segment[:-1], segment[-1], widths
+        self.context, self.rows, self.values, self.widths = context, segment[:-1], segment[-1], widths
         self.chunks = [_chunks(sum(sizes[:index]), size, context.world_size) for index, size in enumerate(sizes)]
         self.places = [slice(sum(sizes[:index]), sum(sizes[: index + 1])) for index in range(len(sizes))]
 
     def parameter(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s values [size_index], the same memory in every process: a process writes only its own
         chunk of them, between ``reduce_scatter`` and ``published``; every process reads them whole after."""
-        return self.shared[self.places[index]]
+        return self.values[self.places[index]]
 
     def storage(self, index: int) -> torch.Tensor:
         """Parameter ``index``'s place in this process's row [size_index]: where a local gradient can be formed so
